@@ -1,0 +1,561 @@
+//! Configuration: one TOML file plus environment overrides.
+//!
+//! The file defines the agents, their tools, model prices and the connection settings. The official
+//! SDKs' variable names override the file (`AMQP_URL`, `REDIS_URL`, `ANTHROPIC_API_KEY`,
+//! `ANTHROPIC_BASE_URL`), so the same file works locally and in Kubernetes. Parsing takes the
+//! environment as a lookup function, so tests never touch the process environment.
+//!
+//! Every error names the file, the field and the problem: `config error in agentfleet.toml: field
+//! `agents.support.model`: no price for model ...`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::domain::{MicroUsd, Name};
+
+/// A config file that cannot be used, with where and why.
+#[derive(Debug, Error)]
+#[error("config error in {}: field `{field}`: {problem}", file.display())]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: PathBuf,
+    /// The dotted path of the offending field (`agents.support.tools[2]`), or `(file)`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// The whole configuration of a worker or a dispatcher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// RabbitMQ settings.
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    /// Redis settings.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Anthropic Messages API settings.
+    #[serde(default)]
+    pub anthropic: AnthropicConfig,
+    /// Worker settings.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    /// Dispatcher settings.
+    #[serde(default)]
+    pub dispatcher: DispatcherConfig,
+    /// Prices per model in USD per million tokens; merged over the built-in defaults.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+    /// Tools that agents may use, by name.
+    #[serde(default)]
+    pub tools: BTreeMap<Name, ToolConfig>,
+    /// The agents, by name.
+    pub agents: BTreeMap<Name, AgentConfig>,
+}
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URL. Env `AMQP_URL`. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Prefix of every exchange and queue name. Default `agentfleet`; tests use their own.
+    pub prefix: String,
+    /// Deliveries of one step message before it is dead-lettered. Default 20.
+    pub delivery_limit: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(), prefix: "agentfleet".into(), delivery_limit: 20 }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Redis URL. Env `REDIS_URL`. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key. Default `af`; tests use their own.
+    pub key_prefix: String,
+    /// How long to wait for a reply before the outcome counts as unknown. Default 10000 ms, far
+    /// above tail latency under load (see DESIGN §3).
+    pub response_timeout_ms: u64,
+    /// How long to wait for a connection. Default 5000 ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "af".into(),
+            response_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// How the API key is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthStyle {
+    /// `x-api-key: <key>`, as documented.
+    #[default]
+    XApiKey,
+    /// `Authorization: Bearer <key>`, as the late-2026 SDKs send it.
+    Bearer,
+}
+
+/// Anthropic Messages API settings.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnthropicConfig {
+    /// API base URL. Env `ANTHROPIC_BASE_URL`. Default `https://api.anthropic.com`.
+    pub base_url: String,
+    /// The API key. Env `ANTHROPIC_API_KEY` (never put it in the file).
+    #[serde(skip)]
+    pub api_key: Option<SecretString>,
+    /// Header style for the key. Default `x-api-key`.
+    pub auth: AuthStyle,
+    /// The `anthropic-version` header. Default `2023-06-01`.
+    pub version: String,
+    /// Request timeout. Default 120000 ms.
+    pub timeout_ms: u64,
+}
+
+impl fmt::Debug for AnthropicConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnthropicConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("auth", &self.auth)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.anthropic.com".into(),
+            api_key: None,
+            auth: AuthStyle::XApiKey,
+            version: "2023-06-01".into(),
+            timeout_ms: 120_000,
+        }
+    }
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Steps run at once by one worker (also the AMQP prefetch). Default 64.
+    pub concurrency: u16,
+    /// The pools this worker consumes. Default `["default"]`.
+    pub pools: Vec<Name>,
+    /// Lease time-to-live; renewed at a third of it while a step runs. Default 15000 ms.
+    pub lease_ms: u64,
+    /// How long in-flight steps may take to finish after SIGTERM. Default 25000 ms (under the
+    /// pod's default 30 s grace).
+    pub shutdown_grace_ms: u64,
+    /// Where `/metrics` is served. Default `0.0.0.0:9090`.
+    pub metrics_listen: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            pools: vec![default_pool()],
+            lease_ms: 15_000,
+            shutdown_grace_ms: 25_000,
+            metrics_listen: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+/// Dispatcher settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Where the HTTP API (and `/metrics`) is served. Default `0.0.0.0:8080`.
+    pub listen: String,
+    /// Largest accepted `input`, in bytes. Default 65536.
+    pub max_input_bytes: usize,
+    /// Largest accepted request body, in bytes. Default 262144.
+    pub max_body_bytes: usize,
+    /// How long an `idempotency_key` is remembered. Default 86400 s.
+    pub idempotency_ttl_s: u64,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_input_bytes: 64 * 1024,
+            max_body_bytes: 256 * 1024,
+            idempotency_ttl_s: 86_400,
+        }
+    }
+}
+
+/// A model's prices in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Input tokens.
+    pub input: f64,
+    /// Output tokens.
+    pub output: f64,
+    /// Cache-write input tokens. Default 1.25 × input.
+    pub cache_write: Option<f64>,
+    /// Cache-read input tokens. Default 0.1 × input.
+    pub cache_read: Option<f64>,
+}
+
+/// Prices of the current Anthropic models and of the ids the seed design used.
+pub fn default_prices() -> BTreeMap<String, Price> {
+    let p = |input, output| Price { input, output, cache_write: None, cache_read: None };
+    [
+        ("claude-haiku-4-20250514", p(0.80, 4.0)),
+        ("claude-sonnet-4-20250514", p(3.0, 15.0)),
+        ("claude-opus-4-20250514", p(15.0, 75.0)),
+        ("claude-haiku-4-5", p(1.0, 5.0)),
+        ("claude-sonnet-4-5", p(3.0, 15.0)),
+        ("claude-opus-4-1", p(15.0, 75.0)),
+        ("claude-opus-4-5", p(5.0, 25.0)),
+    ]
+    .into_iter()
+    .map(|(m, p)| (m.to_owned(), p))
+    .collect()
+}
+
+/// A tool: what the model sees (name, description, schema) and how it runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// What the tool does, written as a directive for the model.
+    pub description: String,
+    /// JSON Schema of the input; must be an object schema.
+    pub input_schema: serde_json::Value,
+    /// How the tool runs.
+    pub handler: HandlerConfig,
+}
+
+/// How a tool runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HandlerConfig {
+    /// An HTTP endpoint. The URL comes from here, never from the model.
+    Http {
+        /// Endpoint URL.
+        url: String,
+        /// HTTP method. Default `POST`.
+        #[serde(default = "default_method")]
+        method: String,
+        /// Per-call timeout. Default 10000 ms.
+        #[serde(default = "default_tool_timeout_ms")]
+        timeout_ms: u64,
+        /// Header name → the environment variable holding its value (read at start).
+        #[serde(default)]
+        headers_from_env: BTreeMap<String, String>,
+    },
+    /// A tool built into the worker (`escalate_to_human`).
+    Builtin,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+fn default_tool_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_pool() -> Name {
+    Name::parse("default").unwrap_or_else(|_| unreachable!("`default` is a valid name"))
+}
+
+/// An agent: a model, a system prompt and a set of tools, run in one pool under one budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The model id, e.g. `claude-sonnet-4-5`. Must have a price.
+    pub model: String,
+    /// The system prompt.
+    pub system_prompt: String,
+    /// Names of the tools (from `[tools]`) this agent may call.
+    #[serde(default)]
+    pub tools: Vec<Name>,
+    /// The worker pool (AMQP routing key). Default `default`.
+    #[serde(default = "default_pool")]
+    pub pool: Name,
+    /// `max_tokens` of each model call. Default 1024.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Budget limits.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+fn default_max_tokens() -> u32 {
+    1024
+}
+
+/// Per-session budget limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Model calls per session. Default 25.
+    pub max_steps: u32,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self { max_steps: 25 }
+    }
+}
+
+/// The name of the built-in escalation tool.
+pub const ESCALATE_TO_HUMAN: &str = "escalate_to_human";
+
+impl Config {
+    /// Reads and validates `path`, then applies the environment through `env`.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            field: "(file)".into(),
+            problem: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses and validates the text of a config file named `file`.
+    pub fn parse(text: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let err = |field: String, problem: String| ConfigError { file: file.to_owned(), field, problem };
+        let de = toml::Deserializer::parse(text).map_err(|e| err("(file)".into(), e.to_string().trim().to_owned()))?;
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            err(field, e.into_inner().message().trim().to_owned())
+        })?;
+        cfg.apply_env(env);
+        cfg.prices = default_prices().into_iter().chain(std::mem::take(&mut cfg.prices)).collect();
+        cfg.validate().map_err(|(field, problem)| err(field, problem))?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        let set = |slot: &mut String, var: &str| {
+            if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+                *slot = v;
+            }
+        };
+        set(&mut self.amqp.url, "AMQP_URL");
+        set(&mut self.redis.url, "REDIS_URL");
+        set(&mut self.anthropic.base_url, "ANTHROPIC_BASE_URL");
+        self.anthropic.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        check_url(&self.amqp.url, &["amqp", "amqps"]).map_err(|p| ("amqp.url".into(), p))?;
+        check_url(&self.redis.url, &["redis", "rediss"]).map_err(|p| ("redis.url".into(), p))?;
+        check_url(&self.anthropic.base_url, &["http", "https"]).map_err(|p| ("anthropic.base_url".into(), p))?;
+        Name::parse(&self.amqp.prefix).map_err(|e| ("amqp.prefix".into(), e.to_string()))?;
+        Name::parse(&self.redis.key_prefix).map_err(|e| ("redis.key_prefix".into(), e.to_string()))?;
+        if self.worker.concurrency == 0 {
+            return Err(("worker.concurrency".into(), "must be at least 1".into()));
+        }
+        if self.worker.lease_ms < 1_000 {
+            return Err(("worker.lease_ms".into(), "must be at least 1000".into()));
+        }
+        for (name, price) in &self.prices {
+            check_price(price).map_err(|p| (format!("prices.{name}"), p))?;
+        }
+        for (name, tool) in &self.tools {
+            validate_tool(tool).map_err(|(f, p)| (format!("tools.{name}.{f}"), p))?;
+        }
+        if self.agents.is_empty() {
+            return Err(("agents".into(), "at least one agent is required".into()));
+        }
+        for (name, agent) in &self.agents {
+            self.validate_agent(agent).map_err(|(f, p)| (format!("agents.{name}.{f}"), p))?;
+        }
+        Ok(())
+    }
+
+    fn validate_agent(&self, agent: &AgentConfig) -> Result<(), (String, String)> {
+        if !self.prices.contains_key(&agent.model) {
+            let problem = format!("no price for model `{}`: add `[prices.\"{}\"]`", agent.model, agent.model);
+            return Err(("model".into(), problem));
+        }
+        for (i, tool) in agent.tools.iter().enumerate() {
+            if !self.tools.contains_key(tool) && tool.as_str() != ESCALATE_TO_HUMAN {
+                return Err((format!("tools[{i}]"), format!("no tool named `{tool}` in [tools]")));
+            }
+        }
+        if agent.max_tokens == 0 {
+            return Err(("max_tokens".into(), "must be at least 1".into()));
+        }
+        if agent.budget.max_steps == 0 {
+            return Err(("budget.max_steps".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The agent named `name`.
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|(n, _)| n.as_str() == name).map(|(_, a)| a)
+    }
+
+    /// The price of `model`; config validation guarantees one for every agent's model.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model)
+    }
+}
+
+impl Price {
+    /// The cost of a call's usage, rounded up to the micro-dollar.
+    pub fn cost(&self, usage: &crate::llm::Usage) -> MicroUsd {
+        let per_token = |usd_per_mtok: f64, tokens: u64| usd_per_mtok * tokens as f64; // micro-USD
+        let total = per_token(self.input, usage.input_tokens)
+            + per_token(self.output, usage.output_tokens)
+            + per_token(self.cache_write.unwrap_or(self.input * 1.25), usage.cache_creation_input_tokens)
+            + per_token(self.cache_read.unwrap_or(self.input * 0.1), usage.cache_read_input_tokens);
+        MicroUsd(total.ceil() as u64)
+    }
+}
+
+fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if schemes.contains(&parsed.scheme()) {
+        Ok(())
+    } else {
+        Err(format!("`{url}` must use one of the schemes {schemes:?}"))
+    }
+}
+
+fn check_price(price: &Price) -> Result<(), String> {
+    let all = [Some(price.input), Some(price.output), price.cache_write, price.cache_read];
+    if all.into_iter().flatten().all(|p| p.is_finite() && p >= 0.0) {
+        Ok(())
+    } else {
+        Err("prices must be non-negative numbers of USD per million tokens".into())
+    }
+}
+
+fn validate_tool(tool: &ToolConfig) -> Result<(), (String, String)> {
+    if tool.input_schema.get("type").and_then(|t| t.as_str()) != Some("object") {
+        return Err(("input_schema".into(), "must be a JSON Schema with `type = \"object\"`".into()));
+    }
+    jsonschema::validator_for(&tool.input_schema)
+        .map_err(|e| ("input_schema".into(), format!("not a valid JSON Schema: {e}")))?;
+    match &tool.handler {
+        HandlerConfig::Http { url, method, timeout_ms, .. } => {
+            check_url(url, &["http", "https"]).map_err(|p| ("handler.url".into(), p))?;
+            reqwest::Method::from_bytes(method.as_bytes())
+                .map_err(|_| ("handler.method".into(), format!("`{method}` is not an HTTP method")))?;
+            if *timeout_ms == 0 {
+                return Err(("handler.timeout_ms".into(), "must be at least 1".into()));
+            }
+            Ok(())
+        }
+        HandlerConfig::Builtin => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tools.lookup]
+        description = "Use this to look a customer up."
+        input_schema = { type = "object", properties = { email = { type = "string" } }, required = ["email"] }
+        handler = { kind = "http", url = "http://127.0.0.1:1/tools/lookup" }
+
+        [agents.support]
+        model = "claude-sonnet-4-5"
+        system_prompt = "You help."
+        tools = ["lookup", "escalate_to_human"]
+    "#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &no_env)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_safe_defaults() {
+        let cfg = parse(MINIMAL).expect("valid");
+        let agent = cfg.agent("support").expect("agent");
+        assert_eq!(agent.pool.as_str(), "default");
+        assert_eq!(agent.budget.max_steps, 25);
+        assert_eq!(cfg.anthropic.version, "2023-06-01");
+        assert_eq!(cfg.anthropic.auth, AuthStyle::XApiKey);
+        assert!(cfg.anthropic.api_key.is_none());
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = |k: &str| match k {
+            "AMQP_URL" => Some("amqp://u:p@rabbit:5672/%2f".to_owned()),
+            "REDIS_URL" => Some("redis://cache:6379".to_owned()),
+            "ANTHROPIC_BASE_URL" => Some("http://127.0.0.1:9".to_owned()),
+            "ANTHROPIC_API_KEY" => Some("sk-test".to_owned()),
+            _ => None,
+        };
+        let cfg = Config::parse(MINIMAL, Path::new("t.toml"), &env).expect("valid");
+        assert_eq!(cfg.amqp.url, "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(cfg.redis.url, "redis://cache:6379");
+        assert_eq!(cfg.anthropic.base_url, "http://127.0.0.1:9");
+        assert!(cfg.anthropic.api_key.is_some());
+        assert!(!format!("{:?}", cfg.anthropic).contains("sk-test"));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_problem() {
+        let bad_type = MINIMAL.replace("system_prompt = \"You help.\"", "system_prompt = 3");
+        let e = parse(&bad_type).expect_err("wrong type");
+        assert_eq!(e.field, "agents.support.system_prompt");
+        assert!(e.to_string().starts_with("config error in test.toml: field `agents.support.system_prompt`"), "{e}");
+
+        let unknown_tool = MINIMAL.replace("\"lookup\", ", "\"lookup\", \"nope\", ");
+        let e = parse(&unknown_tool).expect_err("unknown tool");
+        assert_eq!(e.field, "agents.support.tools[1]");
+
+        let no_price = MINIMAL.replace("claude-sonnet-4-5", "gpt-imaginary");
+        let e = parse(&no_price).expect_err("no price");
+        assert_eq!(e.field, "agents.support.model");
+        assert!(e.problem.contains("no price"));
+
+        let typo = MINIMAL.replace("system_prompt", "sytem_prompt");
+        let e = parse(&typo).expect_err("unknown field");
+        assert!(e.problem.contains("unknown field"), "{e}");
+
+        let bad_schema = MINIMAL.replace("type = \"object\", properties", "type = \"array\", properties");
+        assert_eq!(parse(&bad_schema).expect_err("schema").field, "tools.lookup.input_schema");
+
+        let e = parse("this is = = not toml").expect_err("syntax");
+        assert_eq!(e.field, "(file)");
+    }
+
+    #[test]
+    fn cost_is_rounded_up_micro_usd() {
+        let sonnet = default_prices()["claude-sonnet-4-20250514"];
+        let usage = crate::llm::Usage { input_tokens: 1_000, output_tokens: 100, ..Default::default() };
+        // 1000 × 3 + 100 × 15 = 4500 micro-USD
+        assert_eq!(sonnet.cost(&usage), MicroUsd(4_500));
+    }
+}

@@ -1,0 +1,320 @@
+//! Domain types, validated once at the edge.
+//!
+//! Everything stored in Redis or carried on the wire has a type here with a `parse`/`FromStr` and a
+//! `Display`, so the rest of the code never handles a raw string that might be malformed.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A value did not have the shape its type requires.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{what}: {problem}")]
+pub struct ParseError {
+    what: &'static str,
+    problem: String,
+}
+
+impl ParseError {
+    fn new(what: &'static str, problem: impl Into<String>) -> Self {
+        Self { what, problem: problem.into() }
+    }
+}
+
+/// A session's id: `s_` followed by a ULID, e.g. `s_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// A new, time-ordered id.
+    pub fn generate() -> Self {
+        Self(format!("s_{}", ulid::Ulid::new()))
+    }
+
+    /// Checks the `s_<ULID>` shape.
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let ulid = s.strip_prefix("s_").ok_or_else(|| ParseError::new("session id", "must start with `s_`"))?;
+        ulid::Ulid::from_string(ulid).map_err(|e| ParseError::new("session id", format!("invalid ULID: {e}")))?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for SessionId {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<SessionId> for String {
+    fn from(id: SessionId) -> Self {
+        id.0
+    }
+}
+
+/// Names of agents, tools and pools: 1–64 of `[A-Za-z0-9_-]` (the Messages API's rule for tool
+/// names, which also keeps them safe in AMQP routing keys and Redis keys).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+impl Name {
+    /// Checks the name's length and characters.
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let ok_len = (1..=64).contains(&s.len());
+        let ok_chars = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok_len && ok_chars {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ParseError::new("name", format!("`{s}` must be 1-64 characters of A-Z a-z 0-9 _ -")))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> Self {
+        n.0
+    }
+}
+
+/// Money as integer micro-USD: no float ever accumulates a rounding error in a budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MicroUsd(pub u64);
+
+impl MicroUsd {
+    /// From dollars, rounded to the nearest micro-dollar; negative or non-finite values are an error.
+    pub fn from_usd(usd: f64) -> Result<Self, ParseError> {
+        if !usd.is_finite() || usd < 0.0 {
+            return Err(ParseError::new("amount", format!("{usd} is not a non-negative number of USD")));
+        }
+        Ok(Self((usd * 1_000_000.0).round() as u64))
+    }
+
+    /// As dollars, for display.
+    pub fn as_usd(self) -> f64 {
+        self.0 as f64 / 1_000_000.0
+    }
+}
+
+/// Where a session is in its life. Stored in Redis as its `Display` text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Created; its first step is queued.
+    Queued,
+    /// A step has run or is running.
+    Running,
+    /// Paused by `escalate_to_human` until a human replies.
+    AwaitingHuman,
+    /// Paused before a tool that needs approval.
+    AwaitingApproval,
+    /// The agent finished (`end_turn`).
+    Completed,
+    /// Ended by an error it could not recover from.
+    Failed,
+    /// Ended by a budget limit.
+    BudgetExhausted,
+    /// Ended by a cancel request.
+    Cancelled,
+}
+
+impl SessionStatus {
+    const ALL: [SessionStatus; 8] = [
+        Self::Queued,
+        Self::Running,
+        Self::AwaitingHuman,
+        Self::AwaitingApproval,
+        Self::Completed,
+        Self::Failed,
+        Self::BudgetExhausted,
+        Self::Cancelled,
+    ];
+
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::AwaitingHuman => "awaiting_human",
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::BudgetExhausted => "budget_exhausted",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// True once nothing more will happen to the session.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::BudgetExhausted | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SessionStatus {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| ParseError::new("session status", format!("unknown status `{s}`")))
+    }
+}
+
+/// Which half of a step the session is in: the model call, or the tool calls it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The next thing to do is call the model.
+    Llm,
+    /// The model's `tool_use` blocks are stored; the next thing is to run them.
+    Tools,
+    /// The session has ended.
+    Done,
+}
+
+impl Phase {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llm => "llm",
+            Self::Tools => "tools",
+            Self::Done => "done",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "llm" => Ok(Self::Llm),
+            "tools" => Ok(Self::Tools),
+            "done" => Ok(Self::Done),
+            other => Err(ParseError::new("phase", format!("unknown phase `{other}`"))),
+        }
+    }
+}
+
+/// The body of a step message: run step `step` of `session_id`. Steps count from 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepMessage {
+    /// The session to advance.
+    pub session_id: SessionId,
+    /// The step to run.
+    pub step: u32,
+    /// How many times this step has been sent back through a delay tier (0 on the first try).
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+impl StepMessage {
+    /// Parses and validates a message body.
+    pub fn parse(body: &[u8]) -> Result<Self, ParseError> {
+        let msg: Self = serde_json::from_slice(body).map_err(|e| ParseError::new("step message", e.to_string()))?;
+        if msg.step == 0 {
+            return Err(ParseError::new("step message", "`step` counts from 1"));
+        }
+        Ok(msg)
+    }
+
+    /// The AMQP `message_id`: `<session>:<step>`, the same for every copy of this step.
+    pub fn message_id(&self) -> String {
+        format!("{}:{}", self.session_id, self.step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_round_trip_and_reject_garbage() {
+        let id = SessionId::generate();
+        assert_eq!(SessionId::parse(id.as_str()), Ok(id.clone()));
+        assert!(SessionId::parse("x_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M").is_err());
+        assert!(SessionId::parse("s_notaulid").is_err());
+        assert!(SessionId::parse("s_").is_err());
+    }
+
+    #[test]
+    fn names_follow_the_tool_name_rule() {
+        assert!(Name::parse("search_knowledge_base").is_ok());
+        assert!(Name::parse("").is_err());
+        assert!(Name::parse("a b").is_err());
+        assert!(Name::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn statuses_round_trip_through_text() {
+        for st in SessionStatus::ALL {
+            assert_eq!(st.as_str().parse::<SessionStatus>(), Ok(st));
+        }
+        assert!("nope".parse::<SessionStatus>().is_err());
+    }
+
+    #[test]
+    fn step_messages_are_strict() {
+        let id = SessionId::generate();
+        let body = format!(r#"{{"session_id":"{id}","step":3,"attempt":1}}"#);
+        let msg = StepMessage::parse(body.as_bytes()).expect("valid");
+        assert_eq!(msg.message_id(), format!("{id}:3"));
+        assert!(StepMessage::parse(b"{").is_err());
+        assert!(StepMessage::parse(br#"{"session_id":"s_x","step":1}"#).is_err());
+        let zero = format!(r#"{{"session_id":"{id}","step":0}}"#);
+        assert!(StepMessage::parse(zero.as_bytes()).is_err());
+        let extra = format!(r#"{{"session_id":"{id}","step":1,"evil":true}}"#);
+        assert!(StepMessage::parse(extra.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn money_is_integer_micro_usd() {
+        assert_eq!(MicroUsd::from_usd(1.5), Ok(MicroUsd(1_500_000)));
+        assert!(MicroUsd::from_usd(-1.0).is_err());
+        assert!(MicroUsd::from_usd(f64::NAN).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! agentfleet: a durable, queue-driven fleet of stateless workers that runs LLM agents.
+//!
+//! This crate is the library both binaries are thin shells around: domain types, configuration,
+//! the Redis session store, the RabbitMQ topology and publisher, the Anthropic client, tools, the
+//! step engine and telemetry. See `docs/ARCHITECTURE.md` for how the parts fit.
+
+pub mod amqp;
+pub mod config;
+pub mod domain;
+pub mod llm;
+pub mod shutdown;
+pub mod step;
+pub mod store;
+pub mod telemetry;
+pub mod tools;

@@ -1,0 +1,272 @@
+//! The Anthropic Messages API client (`POST /v1/messages`).
+//!
+//! Authentication and version headers are configurable: the documented pair is `x-api-key` with
+//! `anthropic-version: 2023-06-01`; late-2026 SDKs send `Authorization: Bearer` and a newer version.
+//! Unknown response fields are ignored; content blocks are kept raw (see [`super`]).
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+use super::{ModelReply, RawBlock, StopReason, Usage};
+use crate::config::{AnthropicConfig, AuthStyle};
+
+/// A failed model call, classified so the step can decide: retry later, or fail the session.
+#[derive(Debug, Error)]
+pub enum LlmError {
+    /// The API answered with an error status and its error shape.
+    #[error("model API error {status} {kind}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error's `type` (`rate_limit_error`, `overloaded_error`, …).
+        kind: String,
+        /// The API's own message.
+        message: String,
+        /// The `retry-after` header, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// No answer: timeout, refused connection, reset.
+    #[error("model API unreachable: {0}")]
+    Transport(String),
+    /// A 2xx answer that is not a Messages API response.
+    #[error("model API sent an unreadable response: {0}")]
+    Decode(String),
+    /// The request could not be built (no API key, bad header value).
+    #[error("model request could not be built: {0}")]
+    Request(String),
+}
+
+impl LlmError {
+    /// True for errors that may pass: 408, 429, 5xx, 529, transport failures.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Api { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Self::Transport(_) => true,
+            Self::Decode(_) | Self::Request(_) => false,
+        }
+    }
+
+    /// The server's `retry-after`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// What one model call sends, besides the conversation.
+#[derive(Debug, Clone, Copy)]
+pub struct CallSpec<'a> {
+    /// Model id.
+    pub model: &'a str,
+    /// System prompt (empty for none).
+    pub system: &'a str,
+    /// Output token cap.
+    pub max_tokens: u32,
+    /// The tool definitions as one JSON array, prepared once per agent; `None` for a tool-less call.
+    pub tools: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    system: &'a str,
+    messages: &'a [Box<RawValue>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ResponseBody {
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    content: Vec<RawBlock>,
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: String,
+    message: String,
+}
+
+/// A Messages API client. Cheap to clone; one per process.
+#[derive(Clone)]
+pub struct AnthropicClient {
+    http: reqwest::Client,
+    url: String,
+    auth: AuthStyle,
+    version: HeaderValue,
+    key: Option<SecretString>,
+}
+
+impl AnthropicClient {
+    /// A client for the configured endpoint.
+    pub fn new(cfg: &AnthropicConfig) -> Result<Self, LlmError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()
+            .map_err(|e| LlmError::Request(e.to_string()))?;
+        let version = HeaderValue::from_str(&cfg.version)
+            .map_err(|_| LlmError::Request(format!("invalid anthropic version `{}`", cfg.version)))?;
+        Ok(Self {
+            http,
+            url: format!("{}/v1/messages", cfg.base_url.trim_end_matches('/')),
+            auth: cfg.auth,
+            version,
+            key: cfg.api_key.clone(),
+        })
+    }
+
+    /// Sends the conversation and returns the model's reply.
+    pub async fn create_message(
+        &self,
+        spec: &CallSpec<'_>,
+        messages: &[Box<RawValue>],
+    ) -> Result<ModelReply, LlmError> {
+        let body = RequestBody {
+            model: spec.model,
+            max_tokens: spec.max_tokens,
+            system: spec.system,
+            messages,
+            tools: spec.tools,
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| LlmError::Request(e.to_string()))?;
+        let response = self
+            .http
+            .post(&self.url)
+            .headers(self.headers()?)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| LlmError::Transport(describe(&e)))?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(|e| LlmError::Transport(describe(&e)))?;
+        if status.is_success() { parse_reply(&bytes) } else { Err(parse_error(status.as_u16(), &bytes, retry_after)) }
+    }
+
+    fn headers(&self) -> Result<HeaderMap, LlmError> {
+        let key = self.key.as_ref().ok_or_else(|| LlmError::Request("ANTHROPIC_API_KEY is not set".into()))?;
+        let mut h = HeaderMap::new();
+        h.insert("anthropic-version", self.version.clone());
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let (name, value) = match self.auth {
+            AuthStyle::XApiKey => ("x-api-key", key.expose_secret().to_owned()),
+            AuthStyle::Bearer => ("authorization", format!("Bearer {}", key.expose_secret())),
+        };
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| LlmError::Request("the API key is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        h.insert(name, value);
+        Ok(h)
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else {
+        // reqwest's Display includes the URL, never headers.
+        e.to_string()
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get("retry-after")?.to_str().ok()?;
+    let secs: f64 = text.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
+    let body: ResponseBody = serde_json::from_slice(bytes).map_err(|e| LlmError::Decode(e.to_string()))?;
+    if body.kind != "message" {
+        return Err(LlmError::Decode(format!("expected type `message`, got `{}`", body.kind)));
+    }
+    let stop_reason = body
+        .stop_reason
+        .map(|s| StopReason::parse(&s))
+        .ok_or_else(|| LlmError::Decode("missing stop_reason".into()))?;
+    Ok(ModelReply { id: body.id, content: body.content, stop_reason, usage: body.usage })
+}
+
+fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duration>) -> LlmError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(b) => LlmError::Api { status, kind: b.error.kind, message: b.error.message, retry_after },
+        Err(_) => LlmError::Api {
+            status,
+            kind: "unknown_error".into(),
+            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            retry_after,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_tolerate_unknown_fields_and_keep_blocks() {
+        let body = br#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"thinking","thinking":"x","signature":"s"},{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":5,"output_tokens":2,"cache_creation_input_tokens":null,"cache_read_input_tokens":3,"service_tier":"standard"},"container":null}"#;
+        let reply = parse_reply(body).expect("parses");
+        assert_eq!(reply.stop_reason, StopReason::EndTurn);
+        assert_eq!(
+            reply.usage,
+            Usage { input_tokens: 5, output_tokens: 2, cache_creation_input_tokens: 0, cache_read_input_tokens: 3 }
+        );
+        assert_eq!(reply.content[0].get(), r#"{"type":"thinking","thinking":"x","signature":"s"}"#);
+        assert_eq!(reply.text(), "hi");
+    }
+
+    #[test]
+    fn malformed_replies_are_decode_errors() {
+        assert!(matches!(parse_reply(b"not json"), Err(LlmError::Decode(_))));
+        assert!(matches!(parse_reply(br#"{"type":"error","id":"x","content":[]}"#), Err(LlmError::Decode(_))));
+        let no_stop = br#"{"type":"message","id":"x","content":[],"stop_reason":null}"#;
+        assert!(matches!(parse_reply(no_stop), Err(LlmError::Decode(_))));
+    }
+
+    #[test]
+    fn api_errors_keep_status_type_and_message() {
+        let e =
+            parse_error(529, br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#, None);
+        assert!(e.is_retryable());
+        assert!(matches!(&e, LlmError::Api { kind, .. } if kind == "overloaded_error"));
+        let e = parse_error(400, br#"{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}"#, None);
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("bad"));
+        let e = parse_error(502, b"<html>bad gateway</html>", None);
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,643 @@
+//! The step engine: one step of one session per message (DESIGN §3).
+//!
+//! 1. claim: decide what the message means and take the session's lease, in one round trip;
+//! 2. model phase: call the model, then one fenced script appends the reply and records usage;
+//! 3. tool phase: run each `tool_use` not yet in the ledger, writing each result at once; then one
+//!    fenced script appends all `tool_result`s and moves to the next step;
+//! 4. publish the next step, wait for the broker's confirm, and only then ack this one.
+//!
+//! A crash anywhere is a redelivery of the same step, which resumes from the stored phase and
+//! ledger. An error whose outcome is unknown is never acked without a copy of the step in the broker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::amqp::StepPublisher;
+use crate::config::{Config, Price};
+use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use crate::llm::anthropic::CallSpec;
+use crate::llm::{self, AnthropicClient, Block, LlmError, ModelReply, StopReason, ToolOutcome, ToolUse};
+use crate::store::{Claim, ModelCommit, ModelOutcome, SessionState, SessionStore, StepEnd, StoreError};
+use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
+use crate::tools::{ToolRun, ToolSet, ToolSetupError};
+
+/// What the consumer does with the delivery once the engine is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done with it: the next message (if any) is confirmed in the broker.
+    Ack,
+    /// Its outcome is unknown and no copy could be published: let the broker deliver it again.
+    Requeue,
+}
+
+/// What a step decided when it could not finish now.
+#[derive(Debug)]
+enum StepError {
+    /// Run this step again later, through a delay tier.
+    Retry { after: Duration, reason: &'static str },
+    /// Redis failed: the outcome of the last write is unknown. Re-read later; the fencing decides.
+    Unknown(StoreError),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> Self {
+        Self::Unknown(e)
+    }
+}
+
+/// What is left to do after a step's state changes.
+enum After {
+    Publish(u32),
+    Nothing,
+}
+
+/// An agent as the engine runs it: config resolved, tools built, prices known.
+pub struct Agent {
+    /// Its name.
+    pub name: Name,
+    /// The model id.
+    pub model: String,
+    /// The system prompt.
+    pub system: String,
+    /// `max_tokens` per call.
+    pub max_tokens: u32,
+    /// The worker pool.
+    pub pool: Name,
+    /// Its tools.
+    pub tools: ToolSet,
+    /// The model's price.
+    pub price: Price,
+}
+
+/// Every configured agent, by name.
+pub struct Agents(HashMap<String, Arc<Agent>>);
+
+impl Agents {
+    /// Builds every agent of `cfg`; `env` supplies tool header values.
+    pub fn build(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ToolSetupError> {
+        let mut agents = HashMap::new();
+        for (name, a) in &cfg.agents {
+            let agent = Agent {
+                name: name.clone(),
+                model: a.model.clone(),
+                system: a.system_prompt.clone(),
+                max_tokens: a.max_tokens,
+                pool: a.pool.clone(),
+                tools: ToolSet::build(&a.tools, &cfg.tools, env)?,
+                // Config validation rejects an agent whose model has no price.
+                price: cfg.price(&a.model).copied().unwrap_or(Price {
+                    input: 0.0,
+                    output: 0.0,
+                    cache_write: None,
+                    cache_read: None,
+                }),
+            };
+            agents.insert(name.to_string(), Arc::new(agent));
+        }
+        Ok(Self(agents))
+    }
+
+    /// The agent named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Agent>> {
+        self.0.get(name)
+    }
+
+    /// The pools of all agents, each once.
+    pub fn pools(&self) -> Vec<Name> {
+        let mut pools: Vec<Name> = self.0.values().map(|a| a.pool.clone()).collect();
+        pools.sort();
+        pools.dedup();
+        pools
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// This worker's id, in leases and traces.
+    pub worker_id: String,
+    /// Lease time-to-live.
+    pub lease: Duration,
+    /// Model call attempts per step before the session fails.
+    pub max_model_attempts: u32,
+}
+
+/// Runs steps. One per worker process, shared by all in-flight steps.
+pub struct Engine {
+    store: Arc<dyn SessionStore>,
+    publisher: Arc<dyn StepPublisher>,
+    llm: AnthropicClient,
+    agents: Agents,
+    settings: EngineSettings,
+}
+
+impl Engine {
+    /// An engine over these parts.
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        publisher: Arc<dyn StepPublisher>,
+        llm: AnthropicClient,
+        agents: Agents,
+        settings: EngineSettings,
+    ) -> Self {
+        Self { store, publisher, llm, agents, settings }
+    }
+
+    /// Handles one delivery of the step queue of `pool`.
+    pub async fn handle(&self, body: &[u8], pool: &str) -> Disposition {
+        let msg = match StepMessage::parse(body) {
+            Ok(m) => m,
+            Err(e) => return self.dead_letter(body, "malformed", &e.to_string()).await,
+        };
+        let span = info_span!("step", session = %msg.session_id, step = msg.step);
+        self.handle_step(msg, pool).instrument(span).await
+    }
+
+    async fn handle_step(&self, msg: StepMessage, pool: &str) -> Disposition {
+        let token = format!("{}|{}|{}", msg.step, self.settings.worker_id, ulid::Ulid::new());
+        let lease_ms = self.settings.lease.as_millis() as u64;
+        let claim = match self.store.claim(&msg, &token, lease_ms, now_ms()).await {
+            Ok(c) => c,
+            Err(e) => return self.later(&msg, pool, Duration::from_secs(1), &e.to_string()).await,
+        };
+        match claim {
+            Claim::Run(state) => self.run_leased(msg, pool, &token, *state).await,
+            Claim::Missing => self.dead_letter(&body_of(&msg), "unknown_session", "no such session").await,
+            Claim::Future { current } => {
+                let why = format!("step {} is ahead of the session (at {current})", msg.step);
+                self.dead_letter(&body_of(&msg), "future_step", &why).await
+            }
+            Claim::Busy => {
+                metric::step_handled("busy");
+                self.later(&msg, pool, Duration::from_secs(1), "another worker holds the lease").await
+            }
+            Claim::Republish { current, agent } => self.republish(&msg.session_id, current, &agent, pool).await,
+            Claim::Terminal(_) | Claim::Paused(_) | Claim::Stale => {
+                metric::step_handled("stale");
+                Disposition::Ack
+            }
+        }
+    }
+
+    async fn run_leased(&self, msg: StepMessage, pool: &str, token: &str, state: SessionState) -> Disposition {
+        let stop = CancellationToken::new();
+        let renewal = tokio::spawn(renew_lease(
+            self.store.clone(),
+            msg.session_id.clone(),
+            token.to_owned(),
+            self.settings.lease,
+            stop.clone(),
+        ));
+        let outcome = self.run(&msg, state).await;
+        stop.cancel();
+        let _ = renewal.await;
+        match outcome {
+            Ok(After::Publish(next)) => self.publish_next(&msg, pool, token, next).await,
+            Ok(After::Nothing) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::step_handled("done");
+                Disposition::Ack
+            }
+            Err(StepError::Retry { after, reason }) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::retry(reason);
+                let retry = StepMessage { attempt: msg.attempt + 1, ..msg };
+                self.later(&retry, pool, after, reason).await
+            }
+            Err(StepError::Unknown(e)) => {
+                self.release(&msg.session_id, token, 0).await;
+                self.later(&msg, pool, Duration::from_secs(1), &e.to_string()).await
+            }
+        }
+    }
+
+    async fn run(&self, msg: &StepMessage, state: SessionState) -> Result<After, StepError> {
+        let Some(agent) = self.agents.get(state.meta.agent.as_str()).cloned() else {
+            let why = format!("agent `{}` is not configured on this worker", state.meta.agent);
+            return self.end(msg, &state.meta.agent, state.meta.phase, SessionStatus::Failed, why).await;
+        };
+        let step = StepCtx { engine: self, agent: &agent, msg };
+        match state.meta.phase {
+            Phase::Llm => step.model_phase(state).await,
+            Phase::Tools => step.tool_phase(state).await,
+            Phase::Done => Ok(After::Nothing),
+        }
+    }
+
+    async fn end(
+        &self,
+        msg: &StepMessage,
+        agent: &Name,
+        phase: Phase,
+        status: SessionStatus,
+        error: String,
+    ) -> Result<After, StepError> {
+        let trace = TraceRecord {
+            ts_ms: now_ms(),
+            agent_id: agent.as_str(),
+            session_id: msg.session_id.as_str(),
+            step: msg.step,
+            action: if status == SessionStatus::BudgetExhausted { "budget" } else { "error" },
+            error: Some(error.clone()),
+            worker: &self.settings.worker_id,
+            ..Default::default()
+        }
+        .emit();
+        let end = StepEnd { status, result: String::new(), error, escalation: String::new(), trace };
+        if self.store.end_step(&msg.session_id, msg.step, phase, &end, now_ms()).await? {
+            metric::session_ended(agent.as_str(), status.as_str());
+        }
+        Ok(After::Nothing)
+    }
+
+    async fn publish_next(&self, msg: &StepMessage, pool: &str, token: &str, next: u32) -> Disposition {
+        let next_msg = StepMessage { session_id: msg.session_id.clone(), step: next, attempt: 0 };
+        let pool_name = Name::parse(pool).unwrap_or_else(|_| self.fallback_pool());
+        match self.publisher.publish_step(&pool_name, &next_msg, None).await {
+            Ok(()) => {
+                self.release(&msg.session_id, token, next).await;
+                metric::step_handled("advanced");
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "publishing the next step failed; the redelivery will publish it");
+                self.release(&msg.session_id, token, 0).await;
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn republish(&self, id: &SessionId, current: u32, agent: &Name, routed: &str) -> Disposition {
+        let pool = match self.agents.get(agent.as_str()) {
+            Some(a) => a.pool.clone(),
+            None => Name::parse(routed).unwrap_or_else(|_| self.fallback_pool()),
+        };
+        let msg = StepMessage { session_id: id.clone(), step: current, attempt: 0 };
+        match self.publisher.publish_step(&pool, &msg, None).await {
+            Ok(()) => {
+                self.release(id, "", current).await;
+                metric::step_handled("republished");
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "republishing the current step failed");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    /// Sends a copy of `msg` through a delay tier and acks; requeues when even that fails.
+    async fn later(&self, msg: &StepMessage, pool: &str, after: Duration, why: &str) -> Disposition {
+        warn!(reason = why, after_ms = after.as_millis() as u64, "step postponed");
+        let pool = Name::parse(pool).unwrap_or_else(|_| self.fallback_pool());
+        match self.publisher.publish_step(&pool, msg, Some(after)).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                warn!(error = %e, "could not postpone the step; requeueing it");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn dead_letter(&self, body: &[u8], reason: &'static str, detail: &str) -> Disposition {
+        warn!(reason, detail, "dead-lettering a step message");
+        match self.publisher.dead_letter(body, &format!("{reason}: {detail}")).await {
+            Ok(()) => {
+                metric::dead_lettered(reason);
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "dead-lettering failed; requeueing");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn release(&self, id: &SessionId, token: &str, published: u32) {
+        if let Err(e) = self.store.release(id, token, published).await {
+            warn!(error = %e, "releasing the lease failed; it will expire");
+        }
+    }
+
+    fn fallback_pool(&self) -> Name {
+        self.agents
+            .pools()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Name::parse("default").unwrap_or_else(|_| unreachable!()))
+    }
+}
+
+fn body_of(msg: &StepMessage) -> Vec<u8> {
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+async fn renew_lease(
+    store: Arc<dyn SessionStore>,
+    id: SessionId,
+    token: String,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let every = lease / 3;
+    let lease_ms = lease.as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match store.renew(&id, &token, lease_ms).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(session = %id, "lease lost; the fencing will reject this worker's late writes");
+                return;
+            }
+            Err(e) => warn!(session = %id, error = %e, "lease renewal failed"),
+        }
+    }
+}
+
+/// One step of one session, with its agent.
+struct StepCtx<'a> {
+    engine: &'a Engine,
+    agent: &'a Agent,
+    msg: &'a StepMessage,
+}
+
+impl StepCtx<'_> {
+    fn id(&self) -> &SessionId {
+        &self.msg.session_id
+    }
+
+    fn trace(&self, action: &'static str) -> TraceRecord<'_> {
+        TraceRecord {
+            ts_ms: now_ms(),
+            agent_id: self.agent.name.as_str(),
+            session_id: self.id().as_str(),
+            step: self.msg.step,
+            action,
+            worker: &self.engine.settings.worker_id,
+            ..Default::default()
+        }
+    }
+
+    async fn model_phase(&self, state: SessionState) -> Result<After, StepError> {
+        if self.msg.step > state.meta.max_steps {
+            let why = format!("max_steps ({}) reached", state.meta.max_steps);
+            return self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::BudgetExhausted, why).await;
+        }
+        let messages = match raw_messages(&state.messages) {
+            Ok(m) => m,
+            Err(why) => {
+                return self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::Failed, why).await;
+            }
+        };
+        let spec = CallSpec {
+            model: &self.agent.model,
+            system: &self.agent.system,
+            max_tokens: self.agent.max_tokens,
+            tools: (!self.agent.tools.is_empty()).then(|| self.agent.tools.definitions()),
+        };
+        let started = Instant::now();
+        let reply = self.engine.llm.create_message(&spec, &messages).await;
+        metric::phase_duration("llm", started.elapsed());
+        match reply {
+            Ok(reply) => self.model_replied(state, reply, started.elapsed()).await,
+            Err(e) => self.model_failed(e, started.elapsed()).await,
+        }
+    }
+
+    async fn model_replied(
+        &self,
+        mut state: SessionState,
+        reply: ModelReply,
+        took: Duration,
+    ) -> Result<After, StepError> {
+        let blocks = reply.blocks();
+        let text = llm::text_of(&blocks);
+        let has_tools = blocks.iter().any(|b| matches!(b, Block::ToolUse(_)));
+        let (outcome, nudge) = decide(&reply.stop_reason, has_tools, &text);
+        let cost = self.agent.price.cost(&reply.usage);
+        metric::model_call(self.agent.name.as_str(), &self.agent.model, reply.stop_reason.label(), took);
+        metric::model_usage(
+            self.agent.name.as_str(),
+            &self.agent.model,
+            reply.usage.input_tokens,
+            reply.usage.output_tokens,
+            cost.0,
+        );
+        let assistant = reply.assistant_message();
+        let mut messages = vec![assistant.clone()];
+        messages.extend(nudge.map(llm::user_message));
+        let trace = TraceRecord {
+            input_summary: format!("{} messages", state.messages.len()),
+            output_summary: format!("stop_reason={} {}", reply.stop_reason.as_str(), summarize(&text, 200)),
+            input_tokens: reply.usage.input_tokens,
+            output_tokens: reply.usage.output_tokens,
+            cost_usd: cost.as_usd(),
+            duration_ms: took.as_millis() as u64,
+            success: true,
+            ..self.trace("model_call")
+        }
+        .emit();
+        let commit =
+            ModelCommit { messages, usage: reply.usage, cost_micro_usd: cost.0, outcome: outcome.clone(), trace };
+        if !self.engine.store.commit_model(self.id(), self.msg.step, &commit, now_ms()).await? {
+            return Ok(After::Nothing);
+        }
+        match outcome {
+            ModelOutcome::Tools => {
+                state.messages.push(assistant);
+                state.meta.phase = Phase::Tools;
+                self.tool_phase(state).await
+            }
+            ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
+            ModelOutcome::Done { status, .. } => {
+                metric::session_ended(self.agent.name.as_str(), status.as_str());
+                Ok(After::Nothing)
+            }
+        }
+    }
+
+    async fn model_failed(&self, e: LlmError, took: Duration) -> Result<After, StepError> {
+        metric::model_call(self.agent.name.as_str(), &self.agent.model, "error", took);
+        let attempts_left = self.msg.attempt + 1 < self.engine.settings.max_model_attempts;
+        TraceRecord { error: Some(e.to_string()), duration_ms: took.as_millis() as u64, ..self.trace("model_call") }
+            .emit();
+        if e.is_retryable() && attempts_left {
+            let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
+            return Err(StepError::Retry { after, reason: "model_api" });
+        }
+        let why = if e.is_retryable() {
+            format!("the model API kept failing after {} attempts: {e}", self.msg.attempt + 1)
+        } else {
+            e.to_string()
+        };
+        self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::Failed, why).await
+    }
+
+    async fn tool_phase(&self, state: SessionState) -> Result<After, StepError> {
+        let calls = match last_tool_uses(&state.messages) {
+            Ok(calls) if !calls.is_empty() => calls,
+            Ok(_) => return self.fail_tools("the last assistant message has no tool_use".into()).await,
+            Err(why) => return self.fail_tools(why).await,
+        };
+        let started = Instant::now();
+        let pending: Vec<&ToolUse> = calls.iter().filter(|c| !state.ledger.contains_key(&c.id)).collect();
+        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c))).await;
+        metric::phase_duration("tools", started.elapsed());
+        let mut ledger = state.ledger;
+        let mut escalation = None;
+        for (call, run) in pending.into_iter().zip(runs) {
+            match run? {
+                ToolRun::Done(outcome) => {
+                    ledger.insert(call.id.clone(), outcome);
+                }
+                ToolRun::Escalate(input) => {
+                    escalation = Some(serde_json::json!({ "tool_use_id": call.id, "input": input }))
+                }
+            }
+        }
+        if let Some(escalation) = escalation {
+            return self.pause_for_human(escalation).await;
+        }
+        let ordered: Vec<(String, ToolOutcome)> = calls
+            .iter()
+            .map(|c| {
+                let outcome =
+                    ledger.remove(&c.id).unwrap_or_else(|| ToolOutcome::error("The result of this call was lost."));
+                (c.id.clone(), outcome)
+            })
+            .collect();
+        let user = llm::tool_results_message(&ordered);
+        let applied = self.engine.store.commit_tools(self.id(), self.msg.step, &user, now_ms()).await?;
+        Ok(if applied { After::Publish(self.msg.step + 1) } else { After::Nothing })
+    }
+
+    async fn run_tool(&self, call: &ToolUse) -> Result<ToolRun, StepError> {
+        let key = format!("{}:{}", self.id(), call.id);
+        let started = Instant::now();
+        let run = self.agent.tools.run(call, &key).await;
+        let ToolRun::Done(outcome) = &run else { return Ok(run) };
+        let took = started.elapsed();
+        metric::tool_call(&call.name, !outcome.is_error, took);
+        let trace = TraceRecord {
+            tool_name: Some(&call.name),
+            input_summary: summarize(&call.input.to_string(), 200),
+            output_summary: summarize(&outcome.content, 200),
+            duration_ms: took.as_millis() as u64,
+            success: !outcome.is_error,
+            error: outcome.is_error.then(|| summarize(&outcome.content, 200)),
+            ..self.trace("tool_call")
+        }
+        .emit();
+        self.engine.store.record_tool(self.id(), &call.id, outcome, &trace).await?;
+        Ok(run)
+    }
+
+    async fn pause_for_human(&self, escalation: serde_json::Value) -> Result<After, StepError> {
+        let trace = TraceRecord {
+            tool_name: Some(crate::config::ESCALATE_TO_HUMAN),
+            input_summary: summarize(&escalation.to_string(), 200),
+            success: true,
+            ..self.trace("escalation")
+        }
+        .emit();
+        let end = StepEnd {
+            status: SessionStatus::AwaitingHuman,
+            result: String::new(),
+            error: String::new(),
+            escalation: escalation.to_string(),
+            trace,
+        };
+        if self.engine.store.end_step(self.id(), self.msg.step, Phase::Tools, &end, now_ms()).await? {
+            metric::session_ended(self.agent.name.as_str(), SessionStatus::AwaitingHuman.as_str());
+        }
+        Ok(After::Nothing)
+    }
+
+    async fn fail_tools(&self, why: String) -> Result<After, StepError> {
+        self.engine.end(self.msg, &self.agent.name, Phase::Tools, SessionStatus::Failed, why).await
+    }
+}
+
+/// What a reply's stop reason means for the session, and the user nudge to append, if any.
+fn decide(stop: &StopReason, has_tools: bool, text: &str) -> (ModelOutcome, Option<&'static str>) {
+    let done = |status: SessionStatus, error: String| ModelOutcome::Done { status, result: text.to_owned(), error };
+    match stop {
+        StopReason::ToolUse | StopReason::EndTurn | StopReason::StopSequence | StopReason::MaxTokens if has_tools => {
+            (ModelOutcome::Tools, None)
+        }
+        StopReason::EndTurn | StopReason::StopSequence => (done(SessionStatus::Completed, String::new()), None),
+        StopReason::ToolUse => (ModelOutcome::Next, Some("You stopped to use a tool but sent no tool call. Continue.")),
+        StopReason::MaxTokens => (
+            ModelOutcome::Next,
+            Some(
+                "Your previous response was cut off by the output token limit. Continue from where you stopped, more briefly.",
+            ),
+        ),
+        StopReason::PauseTurn => (ModelOutcome::Next, None),
+        StopReason::Refusal => (done(SessionStatus::Failed, "the model refused to continue".into()), None),
+        StopReason::Other(s) => (done(SessionStatus::Failed, format!("unknown stop_reason `{s}`")), None),
+    }
+}
+
+fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, String> {
+    stored
+        .iter()
+        .enumerate()
+        .map(|(i, m)| RawValue::from_string(m.clone()).map_err(|e| format!("stored message {i} is not JSON: {e}")))
+        .collect()
+}
+
+fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {
+    let last = messages.last().ok_or("the conversation is empty")?;
+    let content = llm::stored_content(last).map_err(|e| format!("the last message is unreadable: {e}"))?;
+    Ok(content
+        .iter()
+        .filter_map(|b| match Block::view(b) {
+            Block::ToolUse(t) => Some(t),
+            _ => None,
+        })
+        .collect())
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stop_reason_has_a_decision() {
+        let tools = |s| matches!(decide(&s, true, "").0, ModelOutcome::Tools);
+        assert!(tools(StopReason::ToolUse));
+        assert!(tools(StopReason::MaxTokens));
+        let done = |s| match decide(&s, false, "answer").0 {
+            ModelOutcome::Done { status, .. } => Some(status),
+            _ => None,
+        };
+        assert_eq!(done(StopReason::EndTurn), Some(SessionStatus::Completed));
+        assert_eq!(done(StopReason::StopSequence), Some(SessionStatus::Completed));
+        assert_eq!(done(StopReason::Refusal), Some(SessionStatus::Failed));
+        assert_eq!(done(StopReason::Other("x".into())), Some(SessionStatus::Failed));
+        assert!(matches!(decide(&StopReason::PauseTurn, false, "").0, ModelOutcome::Next));
+        let (next, nudge) = decide(&StopReason::MaxTokens, false, "cut");
+        assert!(matches!(next, ModelOutcome::Next) && nudge.is_some());
+    }
+
+    #[test]
+    fn the_last_tool_uses_are_read_from_the_stored_message() {
+        let msg = r#"{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"a","name":"x","input":{}},{"type":"tool_use","id":"b","name":"y","input":{"q":1}}]}"#;
+        let calls = last_tool_uses(&[msg.to_owned()]).expect("reads");
+        assert_eq!(calls.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(last_tool_uses(&[]).is_err());
+    }
+}

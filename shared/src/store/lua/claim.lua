@@ -1,0 +1,32 @@
+-- Point 1 and 2 of a step (DESIGN §3), in one round trip: decide what a step message means and, when
+-- it is the session's current step, take the lease and load meta, messages and ledger.
+-- KEYS: meta, msgs, ledger, lease   ARGV: step, lease token "<step>|<worker>|<nonce>", lease ms, now ms
+local meta, msgs, ledger, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local n = tonumber(ARGV[1])
+if redis.call('EXISTS', meta) == 0 then return {'missing', ''} end
+local f = redis.call('HMGET', meta, 'status', 'step', 'published')
+local status, cur, published = f[1], tonumber(f[2]), tonumber(f[3] or '0')
+if status == 'completed' or status == 'failed' or status == 'budget_exhausted' or status == 'cancelled' then
+  return {'terminal', status}
+end
+if status == 'awaiting_human' or status == 'awaiting_approval' then return {'paused', status} end
+if n > cur then return {'future', tostring(cur)} end
+-- An older step whose successor is known to be in the broker: a duplicate, drop it.
+if n < cur and published >= cur then return {'stale', tostring(cur)} end
+local holder = redis.call('GET', lease)
+if holder then
+  -- A holder whose step the session has moved past has finished every state change; only its publish
+  -- and ack remain. The message for the current step proves that publish happened: take over.
+  local hstep = tonumber(string.match(holder, '^(%d+)|'))
+  if not (hstep and hstep < cur and n == cur) then return {'busy', tostring(cur)} end
+end
+-- The successor of an older step may never have been published (a crash between the checkpoint and
+-- the publish): the caller publishes it, then marks it published.
+if n < cur then return {'republish', tostring(cur), redis.call('HGET', meta, 'agent')} end
+redis.call('SET', lease, ARGV[2], 'PX', ARGV[3])
+if published < n then
+  redis.call('HSET', meta, 'status', 'running', 'published', n, 'updated_ms', ARGV[4])
+elseif status ~= 'running' then
+  redis.call('HSET', meta, 'status', 'running', 'updated_ms', ARGV[4])
+end
+return {'run', '', redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger)}

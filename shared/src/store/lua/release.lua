@@ -1,0 +1,9 @@
+-- Gives the lease back (only our own) and notes that the successor step is in the broker.
+-- KEYS: lease, meta   ARGV: token, published step (0 for none)
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local p = tonumber(ARGV[2])
+if p > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  local cur = tonumber(redis.call('HGET', KEYS[2], 'published') or '0')
+  if p > cur then redis.call('HSET', KEYS[2], 'published', p) end
+end
+return 1

@@ -1,0 +1,245 @@
+//! The session store: a session's state in Redis (DESIGN §2), behind a small trait.
+//!
+//! Every write that moves a session forward is one Lua script fenced on `step` and `phase`, so a
+//! worker that lost its lease, or a duplicate message, can never apply a step twice. Messages are
+//! appended, never rewritten: a step's write cost does not grow with the conversation.
+
+mod redis;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use crate::llm::{ToolOutcome, Usage};
+
+pub use self::redis::RedisStore;
+
+/// A store operation that failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Redis did not answer or answered with an error. For a write the outcome is **unknown**: the
+    /// script may have run. Re-read and let the fencing decide; never ack on it.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// Stored data that does not parse (a bug or a foreign writer).
+    #[error("corrupt session data: {0}")]
+    Corrupt(String),
+}
+
+/// A session's `meta` hash, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meta {
+    /// The agent running the session.
+    pub agent: Name,
+    /// The tenant that asked for it (empty when none).
+    pub tenant: String,
+    /// Lifecycle status.
+    pub status: SessionStatus,
+    /// The current step, from 1.
+    pub step: u32,
+    /// Where the current step is.
+    pub phase: Phase,
+    /// The highest step whose message is known to be in the broker.
+    pub published: u32,
+    /// The session's step limit.
+    pub max_steps: u32,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+    /// The final answer, once completed.
+    pub result: Option<String>,
+    /// Why it failed or stopped.
+    pub error: Option<String>,
+    /// The pending escalation (JSON), while awaiting a human.
+    pub escalation: Option<String>,
+    /// Caller-supplied metadata (JSON object text).
+    pub metadata: String,
+}
+
+/// A new session to store.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Its id.
+    pub id: SessionId,
+    /// The agent.
+    pub agent: Name,
+    /// The tenant (empty for none).
+    pub tenant: String,
+    /// The goal, the first user message.
+    pub input: String,
+    /// Caller metadata, a JSON object.
+    pub metadata: serde_json::Value,
+    /// The step limit.
+    pub max_steps: u32,
+}
+
+/// What a step needs: the session as the step found it.
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    /// The meta hash.
+    pub meta: Meta,
+    /// The conversation, one JSON message per element.
+    pub messages: Vec<String>,
+    /// Tool results already recorded, by `tool_use_id`.
+    pub ledger: HashMap<String, ToolOutcome>,
+}
+
+/// What a step message means, decided atomically with taking the lease.
+#[derive(Debug)]
+pub enum Claim {
+    /// No such session.
+    Missing,
+    /// The session has ended.
+    Terminal(SessionStatus),
+    /// The session waits for a human; the resume publishes its own message.
+    Paused(SessionStatus),
+    /// The message is ahead of the session: it cannot have been published by the protocol.
+    Future {
+        /// The session's step.
+        current: u32,
+    },
+    /// Another live worker holds the lease.
+    Busy,
+    /// A duplicate of a step already done, whose successor is in the broker.
+    Stale,
+    /// A step already done whose successor may never have been published: publish `current`.
+    Republish {
+        /// The step to publish.
+        current: u32,
+        /// The session's agent (its pool is the routing key).
+        agent: Name,
+    },
+    /// The lease is ours: run the step.
+    Run(Box<SessionState>),
+}
+
+/// How a model call ends the model phase.
+#[derive(Debug, Clone)]
+pub enum ModelOutcome {
+    /// Run the tools it asked for next.
+    Tools,
+    /// Go on to the next step's model call (after `max_tokens` or `pause_turn`).
+    Next,
+    /// End the session.
+    Done {
+        /// The final status.
+        status: SessionStatus,
+        /// The result text.
+        result: String,
+        /// The reason, for a status other than completed.
+        error: String,
+    },
+}
+
+/// The model phase's checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelCommit {
+    /// Messages to append: the assistant message, and maybe a user nudge.
+    pub messages: Vec<String>,
+    /// The call's usage.
+    pub usage: Usage,
+    /// Its cost, micro-USD.
+    pub cost_micro_usd: u64,
+    /// What comes next.
+    pub outcome: ModelOutcome,
+    /// The trace record (JSON).
+    pub trace: String,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    /// The meta hash.
+    pub meta: Meta,
+    /// Usage counters.
+    pub usage: UsageTotals,
+    /// The conversation.
+    pub messages: Vec<String>,
+}
+
+/// A session's usage counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UsageTotals {
+    /// Uncached input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Cache-write input tokens.
+    pub cache_creation_input_tokens: u64,
+    /// Cache-read input tokens.
+    pub cache_read_input_tokens: u64,
+    /// Cost in micro-USD.
+    pub cost_micro_usd: u64,
+    /// Model calls made (including ones whose checkpoint was lost).
+    pub model_calls: u64,
+}
+
+/// The session store. Redis in production; the trait is the seam for other backends.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Creates the session unless it exists; true when this call created it.
+    async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError>;
+    /// Maps `key` to `id` unless it maps to a session already; returns the session it maps to.
+    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError>;
+    /// Decides what `msg` means and, when it is current, takes the lease with `token` and loads.
+    async fn claim(&self, msg: &StepMessage, token: &str, lease_ms: u64, now_ms: u64) -> Result<Claim, StoreError>;
+    /// Extends our lease; false when it is no longer ours.
+    async fn renew(&self, id: &SessionId, token: &str, lease_ms: u64) -> Result<bool, StoreError>;
+    /// Releases our lease and marks `published` (0 for none) as in the broker.
+    async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError>;
+    /// The model phase's checkpoint; false when fenced out.
+    async fn commit_model(
+        &self,
+        id: &SessionId,
+        step: u32,
+        commit: &ModelCommit,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Records a tool's outcome in the ledger (first write wins) with its trace record.
+    async fn record_tool(
+        &self,
+        id: &SessionId,
+        tool_use_id: &str,
+        outcome: &ToolOutcome,
+        trace: &str,
+    ) -> Result<(), StoreError>;
+    /// The tool phase's checkpoint; false when fenced out.
+    async fn commit_tools(
+        &self,
+        id: &SessionId,
+        step: u32,
+        user_message: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Ends or pauses the session at `step`/`phase`; false when fenced out.
+    async fn end_step(
+        &self,
+        id: &SessionId,
+        step: u32,
+        phase: Phase,
+        end: &StepEnd,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// The session for the API, or `None`.
+    async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError>;
+    /// Checks the connection.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// How a step ends or pauses a session outside the model checkpoint.
+#[derive(Debug, Clone)]
+pub struct StepEnd {
+    /// The new status.
+    pub status: SessionStatus,
+    /// The result text (terminal statuses).
+    pub result: String,
+    /// The reason.
+    pub error: String,
+    /// The escalation record (pauses).
+    pub escalation: String,
+    /// The trace record.
+    pub trace: String,
+}

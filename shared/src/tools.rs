@@ -1,0 +1,334 @@
+//! Tools: what the model may call, checked against its JSON Schema before anything runs.
+//!
+//! A failure of any kind — an unknown tool, input that breaks the schema, an HTTP error, a timeout —
+//! becomes a `tool_result` with `is_error: true` that tells the model what went wrong, and the
+//! session goes on. HTTP tools get `Idempotency-Key: <session_id>:<tool_use_id>`, so a call repeated
+//! after a crash can be recognised by the service.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
+use crate::domain::Name;
+use crate::llm::{ToolOutcome, ToolUse};
+
+/// Largest tool result passed to the model, in bytes; longer ones are cut with a marker.
+pub const MAX_RESULT_BYTES: usize = 32 * 1024;
+/// In-process retries of an HTTP tool on timeouts, connection errors, 408, 429 and 5xx.
+const RETRIES: u32 = 2;
+
+/// A tool set that cannot be built.
+#[derive(Debug, Error)]
+#[error("tool `{tool}`: {problem}")]
+pub struct ToolSetupError {
+    tool: String,
+    problem: String,
+}
+
+/// What running a tool call came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolRun {
+    /// A result for the model (possibly an error result).
+    Done(ToolOutcome),
+    /// The built-in `escalate_to_human`: pause the session for a human.
+    Escalate(serde_json::Value),
+}
+
+enum Handler {
+    Http { client: reqwest::Client, url: String, method: reqwest::Method, headers: HeaderMap },
+    Escalate,
+}
+
+struct Tool {
+    validator: jsonschema::Validator,
+    handler: Handler,
+}
+
+/// The tools of one agent, with the JSON sent to the model prepared once.
+pub struct ToolSet {
+    tools: HashMap<String, Tool>,
+    definitions: Box<RawValue>,
+}
+
+/// The built-in escalation tool's default definition.
+pub fn escalate_definition() -> ToolConfig {
+    ToolConfig {
+        description: "Use this when the customer asks for a human, for a refund, or when you cannot resolve \
+                      the request with the other tools. Hand over with a short reason and a summary."
+            .into(),
+        input_schema: serde_json::json!({
+            "type": "object",
+            "properties": {
+                "reason": {"type": "string", "description": "Why a human is needed."},
+                "summary": {"type": "string", "description": "What happened so far."},
+                "suggested_team": {"type": "string", "enum": ["billing", "engineering", "account_management"]}
+            },
+            "required": ["reason", "summary"]
+        }),
+        handler: HandlerConfig::Builtin,
+    }
+}
+
+impl ToolSet {
+    /// Builds the tools `names` from `defs`, reading header values from `env`.
+    pub fn build(
+        names: &[Name],
+        defs: &BTreeMap<Name, ToolConfig>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ToolSetupError> {
+        let mut tools = HashMap::new();
+        let mut definitions = Vec::new();
+        for name in names {
+            let def = defs.get(name).cloned().unwrap_or_else(escalate_definition);
+            let err = |problem: String| ToolSetupError { tool: name.to_string(), problem };
+            let validator = jsonschema::validator_for(&def.input_schema).map_err(|e| err(e.to_string()))?;
+            let handler = build_handler(name, &def.handler, env).map_err(err)?;
+            definitions.push(serde_json::json!({
+                "name": name.as_str(),
+                "description": def.description,
+                "input_schema": def.input_schema,
+            }));
+            tools.insert(name.to_string(), Tool { validator, handler });
+        }
+        let definitions = serde_json::value::to_raw_value(&definitions)
+            .map_err(|e| ToolSetupError { tool: "(all)".into(), problem: e.to_string() })?;
+        Ok(Self { tools, definitions })
+    }
+
+    /// The `tools` array of the Messages API, as sent.
+    pub fn definitions(&self) -> &RawValue {
+        &self.definitions
+    }
+
+    /// True when the agent has no tools.
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    /// Validates and runs one call. Never fails: every failure is a result the model can read.
+    pub async fn run(&self, call: &ToolUse, idempotency_key: &str) -> ToolRun {
+        let Some(tool) = self.tools.get(&call.name) else {
+            let mut known: Vec<&str> = self.tools.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return ToolRun::Done(ToolOutcome::error(format!(
+                "Unknown tool `{}`. Available tools: {}.",
+                call.name,
+                known.join(", ")
+            )));
+        };
+        if let Some(problems) = schema_problems(&tool.validator, &call.input) {
+            return ToolRun::Done(ToolOutcome::error(format!(
+                "Invalid input for `{}`: {problems}. Fix the input and call the tool again.",
+                call.name
+            )));
+        }
+        match &tool.handler {
+            Handler::Escalate => ToolRun::Escalate(call.input.clone()),
+            Handler::Http { client, url, method, headers } => {
+                let req = HttpCall { client, url, method, headers, name: &call.name };
+                ToolRun::Done(req.run(&call.input, idempotency_key).await)
+            }
+        }
+    }
+}
+
+fn build_handler(name: &Name, cfg: &HandlerConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Handler, String> {
+    match cfg {
+        HandlerConfig::Builtin if name.as_str() == ESCALATE_TO_HUMAN => Ok(Handler::Escalate),
+        HandlerConfig::Builtin => Err(format!("there is no built-in tool named `{name}`")),
+        HandlerConfig::Http { url, method, timeout_ms, headers_from_env } => {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_millis(*timeout_ms))
+                .build()
+                .map_err(|e| e.to_string())?;
+            let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+            let headers = env_headers(headers_from_env, env)?;
+            Ok(Handler::Http { client, url: url.clone(), method, headers })
+        }
+    }
+}
+
+fn env_headers(spec: &BTreeMap<String, String>, env: &dyn Fn(&str) -> Option<String>) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (header, var) in spec {
+        let value = env(var).ok_or_else(|| format!("header `{header}` needs the environment variable `{var}`"))?;
+        let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| format!("`{header}` is not a header name"))?;
+        let mut value = HeaderValue::from_str(&value).map_err(|_| format!("`{var}` is not a valid header value"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+fn schema_problems(validator: &jsonschema::Validator, input: &serde_json::Value) -> Option<String> {
+    let problems: Vec<String> = validator
+        .iter_errors(input)
+        .take(5)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() { e.to_string() } else { format!("{at}: {e}") }
+        })
+        .collect();
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+struct HttpCall<'a> {
+    client: &'a reqwest::Client,
+    url: &'a str,
+    method: &'a reqwest::Method,
+    headers: &'a HeaderMap,
+    name: &'a str,
+}
+
+enum Attempt {
+    Done(ToolOutcome),
+    Retry(String, Option<Duration>),
+}
+
+impl HttpCall<'_> {
+    async fn run(&self, input: &serde_json::Value, idempotency_key: &str) -> ToolOutcome {
+        let mut last = String::new();
+        for attempt in 0..=RETRIES {
+            match self.attempt(input, idempotency_key).await {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Retry(why, after) => {
+                    last = why;
+                    if attempt < RETRIES {
+                        tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt)).min(Duration::from_secs(2))).await;
+                    }
+                }
+            }
+        }
+        ToolOutcome::error(format!("Tool `{}` is failing: {last}. Try again later or use another way.", self.name))
+    }
+
+    async fn attempt(&self, input: &serde_json::Value, idempotency_key: &str) -> Attempt {
+        let mut req = self
+            .client
+            .request(self.method.clone(), self.url)
+            .headers(self.headers.clone())
+            .header("Idempotency-Key", idempotency_key);
+        req = if self.method == reqwest::Method::GET { req.query(&query_pairs(input)) } else { req.json(input) };
+        let response = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Attempt::Retry("timed out".into(), None),
+            Err(e) if e.is_connect() => return Attempt::Retry("connection failed".into(), None),
+            Err(e) => return Attempt::Retry(format!("request failed: {e}"), None),
+        };
+        let status = response.status();
+        let after = retry_after(response.headers());
+        let body = match response.text().await {
+            Ok(b) => truncate(b),
+            Err(e) => return Attempt::Retry(format!("reading the response failed: {e}"), None),
+        };
+        match status.as_u16() {
+            200..=299 => Attempt::Done(ToolOutcome::ok(body)),
+            408 | 429 | 500..=599 => Attempt::Retry(format!("HTTP {status}: {body}"), after),
+            _ => Attempt::Done(ToolOutcome::error(format!(
+                "Tool `{}` rejected the call: HTTP {status}: {body}",
+                self.name
+            ))),
+        }
+    }
+}
+
+fn query_pairs(input: &serde_json::Value) -> Vec<(String, String)> {
+    let Some(obj) = input.as_object() else { return Vec::new() };
+    obj.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect()
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let secs: f64 = h.get("retry-after")?.to_str().ok()?.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64 << attempt.min(6);
+    Duration::from_millis(base + rand::rng().random_range(0..=base))
+}
+
+/// Cuts `text` to [`MAX_RESULT_BYTES`] on a character boundary, with a marker.
+pub fn truncate(text: String) -> String {
+    if text.len() <= MAX_RESULT_BYTES {
+        return text;
+    }
+    let mut cut = MAX_RESULT_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… [truncated: {} of {} bytes shown]", &text[..cut], cut, text.len())
+}
+
+/// The tools of every agent, by agent name.
+pub type AgentTools = HashMap<String, Arc<ToolSet>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<Name> {
+        n.iter().map(|s| Name::parse(s).expect("name")).collect()
+    }
+
+    fn call(name: &str, input: serde_json::Value) -> ToolUse {
+        ToolUse { id: "toolu_1".into(), name: name.into(), input }
+    }
+
+    #[tokio::test]
+    async fn unknown_tools_and_bad_input_become_error_results() {
+        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None).expect("builds");
+        let ToolRun::Done(out) = set.run(&call("nope", serde_json::json!({})), "k").await else { panic!("not done") };
+        assert!(out.is_error && out.content.contains("Unknown tool `nope`"), "{out:?}");
+        let ToolRun::Done(out) = set.run(&call("escalate_to_human", serde_json::json!({"reason": 3})), "k").await
+        else {
+            panic!("not done")
+        };
+        assert!(out.is_error && out.content.contains("Invalid input"), "{out:?}");
+        let good = serde_json::json!({"reason": "refund", "summary": "wants money back"});
+        assert_eq!(set.run(&call("escalate_to_human", good.clone()), "k").await, ToolRun::Escalate(good));
+    }
+
+    #[test]
+    fn definitions_are_the_messages_api_shape() {
+        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None).expect("builds");
+        let defs: serde_json::Value = serde_json::from_str(set.definitions().get()).expect("json");
+        assert_eq!(defs[0]["name"], "escalate_to_human");
+        assert_eq!(defs[0]["input_schema"]["type"], "object");
+    }
+
+    #[test]
+    fn missing_header_env_is_a_setup_error() {
+        let mut defs = BTreeMap::new();
+        let mut headers = BTreeMap::new();
+        headers.insert("Authorization".to_owned(), "KB_TOKEN".to_owned());
+        defs.insert(
+            Name::parse("kb").expect("name"),
+            ToolConfig {
+                description: "d".into(),
+                input_schema: serde_json::json!({"type": "object"}),
+                handler: HandlerConfig::Http {
+                    url: "http://x/".into(),
+                    method: "POST".into(),
+                    timeout_ms: 10,
+                    headers_from_env: headers,
+                },
+            },
+        );
+        let e = ToolSet::build(&names(&["kb"]), &defs, &|_| None).err().expect("fails");
+        assert!(e.to_string().contains("KB_TOKEN"), "{e}");
+    }
+
+    #[test]
+    fn long_results_are_cut_with_a_marker() {
+        let cut = truncate("é".repeat(MAX_RESULT_BYTES));
+        assert!(cut.len() < MAX_RESULT_BYTES + 100);
+        assert!(cut.contains("[truncated"));
+        assert_eq!(truncate("short".into()), "short");
+    }
+}
