@@ -167,8 +167,11 @@ pub struct WorkerConfig {
     /// How long in-flight steps may take to finish after SIGTERM. Default 25000 ms (under the
     /// pod's default 30 s grace).
     pub shutdown_grace_ms: u64,
-    /// Where `/metrics` is served. Default `0.0.0.0:9090`.
+    /// Where `/metrics` is served; empty for none. Default `0.0.0.0:9090`.
     pub metrics_listen: String,
+    /// Model call attempts per step (retries go through the delay queues) before the session
+    /// fails. Default 8.
+    pub max_model_attempts: u32,
 }
 
 impl Default for WorkerConfig {
@@ -179,6 +182,7 @@ impl Default for WorkerConfig {
             lease_ms: 15_000,
             shutdown_grace_ms: 25_000,
             metrics_listen: "0.0.0.0:9090".into(),
+            max_model_attempts: 8,
         }
     }
 }

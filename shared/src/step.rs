@@ -280,7 +280,9 @@ impl Engine {
         let msg = StepMessage { session_id: id.clone(), step: current, attempt: 0 };
         match self.publisher.publish_step(&pool, &msg, None).await {
             Ok(()) => {
-                self.release(id, "", current).await;
+                if let Err(e) = self.store.mark_published(id, current).await {
+                    warn!(error = %e, "marking the republished step failed");
+                }
                 metric::step_handled("republished");
                 Disposition::Ack
             }

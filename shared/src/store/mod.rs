@@ -190,6 +190,10 @@ pub trait SessionStore: Send + Sync {
     async fn renew(&self, id: &SessionId, token: &str, lease_ms: u64) -> Result<bool, StoreError>;
     /// Releases our lease and marks `published` (0 for none) as in the broker.
     async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError>;
+    /// Marks `step` as in the broker (after its publish was confirmed), without a lease.
+    async fn mark_published(&self, id: &SessionId, step: u32) -> Result<(), StoreError> {
+        self.release(id, "", step).await
+    }
     /// The model phase's checkpoint; false when fenced out.
     async fn commit_model(
         &self,

@@ -1,0 +1,117 @@
+//! The dispatcher: the HTTP API that creates sessions, publishes their first step and shows them.
+//!
+//! Requests are validated once here, at the edge; everything past this point handles typed values.
+
+mod error;
+mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use agentfleet::amqp::{AmqpPublisher, Topology};
+use agentfleet::config::Config;
+use agentfleet::domain::Name;
+use agentfleet::store::{RedisStore, SessionStore};
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    cfg: Arc<Config>,
+    store: Arc<dyn SessionStore>,
+    publisher: Arc<AmqpPublisher>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The dispatcher, bound and connected, ready to serve.
+pub struct Dispatcher {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Dispatcher {
+    /// Connects to Redis and RabbitMQ (declaring the topology) and binds `listener`, or the
+    /// configured address when `None`.
+    pub async fn build(cfg: Config, listener: Option<TcpListener>, metrics: Option<PrometheusHandle>) -> anyhow::Result<Self> {
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(&cfg.dispatcher.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.dispatcher.listen))?,
+        };
+        let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let pools = agent_pools(&cfg);
+        let publisher = AmqpPublisher::connect(&cfg.amqp.url, "dispatcher", topology, pools)
+            .await
+            .context("connecting to RabbitMQ")?;
+        let state = AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics };
+        Ok(Self { listener, state })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled; in-flight requests finish first.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let app = router(self.state);
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        Ok(())
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.cfg.dispatcher.max_body_bytes;
+    Router::new()
+        .route("/v1/sessions", post(sessions::create))
+        .route("/v1/sessions/{id}", get(sessions::get))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let redis = s.store.ping().await.is_ok();
+    let rabbitmq = s.publisher.is_connected().await;
+    let status = if redis && rabbitmq { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+        "checks": { "redis": redis, "rabbitmq": rabbitmq },
+    });
+    (status, axum::Json(body))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()).into_response(),
+        None => ApiError::not_found("metrics are not enabled in this process").into_response(),
+    }
+}
+
+fn agent_pools(cfg: &Config) -> Vec<Name> {
+    let mut pools: Vec<Name> = cfg.agents.values().map(|a| a.pool.clone()).collect();
+    pools.sort();
+    pools.dedup();
+    pools
+}

@@ -1,0 +1,49 @@
+//! `agentfleet-dispatcher`: the HTTP API, until SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentfleet::config::Config;
+use agentfleet::shutdown::shutdown_token;
+use agentfleet::telemetry;
+use agentfleet_dispatcher::Dispatcher;
+use clap::Parser;
+
+/// Serves the agentfleet HTTP API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// The config file.
+    #[arg(long, env = "AGENTFLEET_CONFIG", default_value = "agentfleet.toml")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init_logging();
+    let args = Args::parse();
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = match Config::load(&args.config, &env) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("agentfleet-dispatcher: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "dispatcher failed");
+            eprintln!("agentfleet-dispatcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = telemetry::install_metrics(None).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    let shutdown = shutdown_token();
+    let dispatcher = Dispatcher::build(cfg, None, Some(metrics)).await?;
+    tracing::info!(addr = %dispatcher.local_addr()?, "dispatcher listening");
+    dispatcher.run(shutdown).await
+}

@@ -1,0 +1,168 @@
+//! `POST /v1/sessions` and `GET /v1/sessions/{id}`.
+
+use agentfleet::amqp::StepPublisher;
+use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
+use agentfleet::store::{NewSession, SessionView};
+use agentfleet::telemetry::{metric, now_ms};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiJson};
+
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The body of `POST /v1/sessions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateSession {
+    agent: String,
+    input: String,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// A request that passed validation.
+struct Valid {
+    agent: Name,
+    pool: Name,
+    max_steps: u32,
+    input: String,
+    metadata: serde_json::Value,
+    idempotency_key: Option<String>,
+    tenant: String,
+}
+
+pub(crate) async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<CreateSession>) -> Result<impl IntoResponse, ApiError> {
+    let req = validate(&s, req)?;
+    let mut id = SessionId::generate();
+    if let Some(key) = &req.idempotency_key {
+        id = s.store.remember_idempotency_key(key, &id, s.cfg.dispatcher.idempotency_ttl_s).await.map_err(|e| ApiError::unavailable(&e))?;
+    }
+    let new = NewSession {
+        id: id.clone(),
+        agent: req.agent.clone(),
+        tenant: req.tenant.clone(),
+        input: req.input.clone(),
+        metadata: req.metadata.clone(),
+        max_steps: req.max_steps,
+    };
+    let created = s.store.create(&new, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
+    let view = load(&s, &id).await?;
+    if !created && view.meta.agent != req.agent {
+        return Err(ApiError::conflict("idempotency_key: already used for a session of another agent"));
+    }
+    if view.meta.status == SessionStatus::Queued && view.meta.published < 1 {
+        publish_first_step(&s, &id, &req.pool).await?;
+    }
+    if created {
+        metric::session_created(req.agent.as_str());
+    }
+    let body = serde_json::json!({ "id": id, "status": view.meta.status });
+    Ok((StatusCode::ACCEPTED, [("idempotent-replayed", if created { "false" } else { "true" })], axum::Json(body)))
+}
+
+fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
+    let agent_cfg = s
+        .cfg
+        .agent(&req.agent)
+        .ok_or_else(|| ApiError::invalid(format!("agent: no agent named `{}`", req.agent)))?;
+    let agent = Name::parse(&req.agent).map_err(|e| ApiError::invalid(format!("agent: {e}")))?;
+    if req.input.trim().is_empty() {
+        return Err(ApiError::invalid("input: must not be empty"));
+    }
+    let limit = s.cfg.dispatcher.max_input_bytes;
+    if req.input.len() > limit {
+        return Err(ApiError::too_large(format!("input: is {} bytes; the limit is {limit}", req.input.len())));
+    }
+    let metadata = serde_json::Value::Object(req.metadata.unwrap_or_default());
+    if metadata.to_string().len() > MAX_METADATA_BYTES {
+        return Err(ApiError::too_large(format!("metadata: the limit is {MAX_METADATA_BYTES} bytes of JSON")));
+    }
+    if let Some(key) = &req.idempotency_key
+        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid(format!("idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")));
+    }
+    let tenant = match req.tenant {
+        Some(t) => Name::parse(&t).map_err(|e| ApiError::invalid(format!("tenant: {e}")))?.to_string(),
+        None => String::new(),
+    };
+    Ok(Valid {
+        agent,
+        pool: agent_cfg.pool.clone(),
+        max_steps: agent_cfg.budget.max_steps,
+        input: req.input,
+        metadata,
+        idempotency_key: req.idempotency_key,
+        tenant,
+    })
+}
+
+async fn publish_first_step(s: &AppState, id: &SessionId, pool: &Name) -> Result<(), ApiError> {
+    let msg = StepMessage { session_id: id.clone(), step: 1, attempt: 0 };
+    s.publisher.publish_step(pool, &msg, None).await.map_err(|e| ApiError::unavailable(&e))?;
+    if let Err(e) = s.store.mark_published(id, 1).await {
+        // Harmless: a later replay of the request may publish a duplicate, which is dropped as stale.
+        tracing::warn!(error = %e, session = %id, "marking step 1 published failed");
+    }
+    Ok(())
+}
+
+async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, ApiError> {
+    s.store
+        .view(id)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no session `{id}`")))
+}
+
+pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let id = SessionId::parse(&id).map_err(|e| ApiError::invalid(format!("id: {e}")))?;
+    let view = load(&s, &id).await?;
+    Ok(axum::Json(render(&id, &view)))
+}
+
+fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
+    let m = &v.meta;
+    let messages: Vec<Box<RawValue>> = v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
+    let escalation = m.escalation.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok());
+    let metadata = serde_json::from_str::<serde_json::Value>(&m.metadata).unwrap_or_default();
+    let steps_used = if m.status.is_terminal() { m.step } else { m.step.saturating_sub(1) };
+    serde_json::json!({
+        "id": id,
+        "agent": m.agent,
+        "tenant": (!m.tenant.is_empty()).then_some(&m.tenant),
+        "status": m.status,
+        "step": m.step,
+        "phase": m.phase,
+        "created_at_ms": m.created_ms,
+        "updated_at_ms": m.updated_ms,
+        "result": m.result,
+        "error": m.error,
+        "escalation": escalation,
+        "metadata": metadata,
+        "usage": {
+            "input_tokens": v.usage.input_tokens,
+            "output_tokens": v.usage.output_tokens,
+            "cache_creation_input_tokens": v.usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": v.usage.cache_read_input_tokens,
+            "cost_micro_usd": v.usage.cost_micro_usd,
+            "cost_usd": v.usage.cost_micro_usd as f64 / 1_000_000.0,
+            "model_calls": v.usage.model_calls,
+        },
+        "limits": {
+            "max_steps": m.max_steps,
+            "steps_remaining": m.max_steps.saturating_sub(steps_used),
+        },
+        "messages": messages,
+    })
+}

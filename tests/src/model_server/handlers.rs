@@ -1,0 +1,141 @@
+//! The HTTP surface: `POST /v1/messages` and the `/admin` endpoints.
+//!
+//! `/v1/messages` reads as its steps: count, validate, delay, maybe inject a fault, play the script,
+//! answer. Every response, including 404s and admin answers, carries a `request-id: req_<ulid>`.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::error::{ApiError, ErrorKind};
+use super::faults::Faults;
+use super::stats::{ModelStats, StatsRecorder};
+use super::validate::{self, Validated};
+use super::{ModelServerConfig, response, script};
+
+/// The largest request body accepted, as the real API's 32 MB.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// State shared by the handlers and the [`super::ModelServer`] handle.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    api_key: Option<String>,
+    faults: RwLock<Faults>,
+    pub(crate) stats: StatsRecorder,
+}
+
+impl AppState {
+    pub(crate) fn new(config: ModelServerConfig) -> Self {
+        let faults = RwLock::new(config.faults.clamped());
+        Self { api_key: config.api_key, faults, stats: StatsRecorder::default() }
+    }
+
+    /// The faults in force now.
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the faults.
+    pub(crate) fn set_faults(&self, faults: Faults) {
+        *self.faults.write().unwrap_or_else(PoisonError::into_inner) = faults;
+    }
+}
+
+/// All routes, with the body limit and the `request-id` header.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/admin/stats", get(stats))
+        .route("/admin/faults", post(set_faults))
+        .route("/admin/reset", post(reset))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(add_request_id))
+        .with_state(state)
+}
+
+/// `POST /v1/messages`.
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.stats.request();
+    let response = match validate::validate(&headers, body, state.api_key.as_deref()) {
+        Ok(valid) => answer(&state, &valid).await,
+        Err(error) => reject(&state, error),
+    };
+    state.stats.status(response.status().as_u16());
+    response
+}
+
+/// Counts and logs a validation failure, then answers with it.
+fn reject(state: &AppState, error: ApiError) -> Response {
+    tracing::info!(reason = %error.message, "rejected request");
+    state.stats.invalid(&error.message);
+    error.into_response()
+}
+
+/// Answers a valid request: latency, maybe a fault, else the script's turn.
+async fn answer(state: &AppState, valid: &Validated) -> Response {
+    state.stats.valid(valid.request.max_tokens, &valid.tool_choice);
+    let faults = state.faults();
+    tokio::time::sleep(faults.delay()).await;
+    if let Some(injection) = faults.draw() {
+        state.stats.injected(injection);
+        return injection.error(faults.retry_after_s).into_response();
+    }
+    let goal = valid.request.goal();
+    let context = script::Context {
+        goal: &goal,
+        turn: valid.request.assistant_turns(),
+        tools: &valid.tools,
+        last_tool_result: valid.request.last_tool_result(),
+    };
+    response::success(valid, &script::play(&context))
+}
+
+/// `GET /admin/stats`.
+async fn stats(State(state): State<Arc<AppState>>) -> Json<ModelStats> {
+    Json(state.stats.snapshot())
+}
+
+/// `POST /admin/faults` with a [`Faults`] body.
+async fn set_faults(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<Faults>, JsonRejection>,
+) -> Result<Json<Faults>, ApiError> {
+    let Json(faults) = body.map_err(|rejection| ApiError::invalid(format!("faults: {}", rejection.body_text())))?;
+    faults.validate().map_err(|e| ApiError::invalid(format!("faults: {e}")))?;
+    state.set_faults(faults.clone());
+    Ok(Json(faults))
+}
+
+/// `POST /admin/reset`: zeroes the stats.
+async fn reset(State(state): State<Arc<AppState>>) -> StatusCode {
+    state.stats.reset();
+    StatusCode::NO_CONTENT
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "Not found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorKind::MethodNotAllowed, "Method not allowed")
+}
+
+/// Adds `request-id: req_<ulid>` to a response.
+async fn add_request_id(mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&format!("req_{}", ulid::Ulid::new())) {
+        response.headers_mut().insert("request-id", value);
+    }
+    response
+}

@@ -1,0 +1,101 @@
+//! The validation pipeline: rules 1 to 8 in order, the first failure wins.
+//!
+//! Each rule lives with its subject (`headers`, `request`, `tools`, `conversation`); this module only
+//! runs them in the documented order and bundles what passed into a [`Validated`] request.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+
+use super::error::{ApiError, ErrorKind};
+use super::request::{self, MessagesRequest};
+use super::tools::{self, ToolSet};
+use super::{conversation, headers};
+
+/// A request that passed every rule, with what the scripts and the response need.
+#[derive(Debug, Clone)]
+pub(crate) struct Validated {
+    pub(crate) request: MessagesRequest,
+    pub(crate) tools: ToolSet,
+    /// The `tool_choice` type, or `"absent"`.
+    pub(crate) tool_choice: String,
+    /// How many blocks carry `cache_control`.
+    pub(crate) cache_control_blocks: usize,
+    /// The request body's size in bytes.
+    pub(crate) body_bytes: usize,
+}
+
+/// Runs rules 1 to 8 on one request.
+pub(crate) fn validate(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    api_key: Option<&str>,
+) -> Result<Validated, ApiError> {
+    headers::check(headers, api_key)?;
+    let bytes = body.map_err(body_error)?;
+    let body = request::parse_body(&bytes)?;
+    let request = request::parse(&body)?;
+    let tools = tools::parse_tools(&body)?;
+    let cache_control_blocks = tools::check_cache_control(&body)?;
+    let tool_choice = tools::check_tool_choice(&body)?;
+    conversation::check_tool_pairing(&request.messages, &tools)?;
+    conversation::check_thinking(&request.messages)?;
+    Ok(Validated { request, tools, tool_choice, cache_control_blocks, body_bytes: bytes.len() })
+}
+
+/// A body that could not be read: too large, or broken on the wire.
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(ErrorKind::RequestTooLarge, "Request exceeds the maximum allowed number of bytes.");
+    }
+    ApiError::invalid(format!("body: could not read the request body: {}", rejection.body_text()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn good_headers() -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert("x-api-key", "k".parse().expect("value"));
+        map.insert("anthropic-version", "2023-06-01".parse().expect("value"));
+        map
+    }
+
+    fn run(headers: &HeaderMap, body: &Value) -> Result<Validated, ApiError> {
+        validate(headers, Ok(Bytes::from(body.to_string())), Some("k"))
+    }
+
+    fn body() -> Value {
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    #[test]
+    fn valid_request_passes_with_its_size() {
+        let valid = run(&good_headers(), &body()).expect("valid");
+        assert_eq!(valid.body_bytes, body().to_string().len());
+        assert_eq!(valid.tool_choice, "absent");
+    }
+
+    #[test]
+    fn first_failure_wins() {
+        let mut bad_body = body();
+        bad_body["max_tokens"] = json!(0);
+        let no_auth = validate(&HeaderMap::new(), Ok(Bytes::from_static(b"nope")), None).expect_err("no auth");
+        assert_eq!(no_auth.kind, ErrorKind::Authentication);
+        let bad_json = validate(&good_headers(), Ok(Bytes::from_static(b"nope")), None).expect_err("json");
+        assert!(bad_json.message.starts_with("body:"));
+        assert!(run(&good_headers(), &bad_body).expect_err("max_tokens").message.starts_with("max_tokens"));
+    }
+
+    #[test]
+    fn tool_rules_run_after_message_rules() {
+        let mut both = body();
+        both["messages"] = json!([]);
+        both["tool_choice"] = json!({"type": "any"});
+        assert!(run(&good_headers(), &both).expect_err("messages").message.starts_with("messages"));
+        both["messages"] = body()["messages"].clone();
+        assert!(run(&good_headers(), &both).expect_err("choice").message.contains("tool_choice"));
+    }
+}
