@@ -563,3 +563,17 @@ mod tests {
         assert_eq!(sonnet.cost(&usage), MicroUsd(4_500));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/agentfleet.toml");
+        let cfg = Config::load(&path, &|_| None).expect("example config is valid");
+        let support = cfg.agent("support").expect("support agent");
+        let tools: Vec<&str> = support.tools.iter().map(Name::as_str).collect();
+        assert_eq!(tools, ["search_knowledge_base", "lookup_customer", "create_ticket", "escalate_to_human"]);
+    }
+}

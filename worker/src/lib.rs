@@ -6,6 +6,8 @@
 //! with backoff; unacked deliveries come back to some worker. On SIGTERM it stops consuming, lets
 //! in-flight steps finish within the grace period, then closes.
 
+pub mod cli;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,50 +1,5 @@
 //! `agentfleet-worker`: runs agent steps from RabbitMQ until SIGTERM.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use agentfleet::config::Config;
-use agentfleet::shutdown::shutdown_token;
-use agentfleet::telemetry;
-use agentfleet_worker::Worker;
-use clap::Parser;
-
-/// Runs agent steps from RabbitMQ.
-#[derive(Parser)]
-#[command(version, about)]
-struct Args {
-    /// The config file.
-    #[arg(long, env = "AGENTFLEET_CONFIG", default_value = "agentfleet.toml")]
-    config: PathBuf,
-}
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    telemetry::init_logging();
-    let args = Args::parse();
-    let env = |k: &str| std::env::var(k).ok();
-    let cfg = match Config::load(&args.config, &env) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("agentfleet-worker: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(cfg, &env).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "worker failed");
-            eprintln!("agentfleet-worker: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-    if !cfg.worker.metrics_listen.is_empty() {
-        let addr = cfg.worker.metrics_listen.parse().map_err(|e| anyhow::anyhow!("worker.metrics_listen: {e}"))?;
-        telemetry::install_metrics(Some(addr)).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
-    }
-    let shutdown = shutdown_token();
-    Worker::build(cfg, env).await?.run(shutdown).await
+fn main() -> std::process::ExitCode {
+    agentfleet_worker::cli::main()
 }

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Makes sure Redis and RabbitMQ are installed and running on this machine.
+#
+# For each service: if it already answers, nothing is done (the whole script then takes well under a
+# second). Otherwise it is installed with apt-get when its binary is missing, started without systemd
+# (containers have none), and waited for. When REDIS_URL / AMQP_URL point at another host, that
+# service is left alone: it is not ours to manage.
+#
+# Usage: bash scripts/services.sh
+# Env:   REDIS_URL (default redis://127.0.0.1:6379)
+#        AMQP_URL  (default amqp://guest:guest@127.0.0.1:5672/%2f)
+#        RABBITMQ_START_TIMEOUT_S (default 90), REDIS_START_TIMEOUT_S (default 15)
+set -euo pipefail
+
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+RABBITMQ_START_TIMEOUT_S="${RABBITMQ_START_TIMEOUT_S:-90}"
+REDIS_START_TIMEOUT_S="${REDIS_START_TIMEOUT_S:-15}"
+REDIS_LOG="${TMPDIR:-/tmp}/agentfleet-redis.log"
+RABBITMQ_LOG_DIR=/var/log/rabbitmq
+
+say() { printf 'services: %s\n' "$*"; }
+die() {
+    printf 'services: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# need_root: dies with a clear message when root is needed and cannot be had.
+need_root() {
+    [[ "$(id -u)" -eq 0 ]] || command -v sudo >/dev/null 2>&1 ||
+        die "$1 needs root, and sudo is missing; run this script as root"
+}
+
+# as_root COMMAND...: runs COMMAND as root, through sudo when we are not root.
+as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    else
+        sudo "$@"
+    fi
+}
+
+# --- URLs --------------------------------------------------------------------------------------
+
+# url_host URL: the host of URL (brackets of an IPv6 literal removed).
+url_host() {
+    local rest="${1#*://}"
+    rest="${rest%%/*}"
+    rest="${rest##*@}"
+    if [[ "$rest" == \[* ]]; then
+        rest="${rest#[}"
+        printf '%s' "${rest%%]*}"
+    else
+        printf '%s' "${rest%%:*}"
+    fi
+}
+
+# url_port URL DEFAULT: the port of URL, or DEFAULT when it has none.
+url_port() {
+    local rest="${1#*://}"
+    rest="${rest%%/*}"
+    rest="${rest##*@}"
+    rest="${rest##*]}"
+    if [[ "$rest" == *:* && -n "${rest##*:}" ]]; then
+        printf '%s' "${rest##*:}"
+    else
+        printf '%s' "$2"
+    fi
+}
+
+is_local_host() {
+    case "$1" in
+        "" | localhost | 127.* | ::1 | 0.0.0.0) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+REDIS_HOST="$(url_host "$REDIS_URL")"
+REDIS_PORT="$(url_port "$REDIS_URL" 6379)"
+AMQP_HOST="$(url_host "$AMQP_URL")"
+AMQP_PORT="$(url_port "$AMQP_URL" 5672)"
+
+# --- probes (fast: plain bash sockets, no Erlang VM) -------------------------------------------
+
+# redis_answers HOST PORT: true when a Redis server answers PING there (also when it wants AUTH).
+redis_answers() {
+    timeout 2 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "PING\r\n" >&3
+        IFS= read -r -t 2 reply <&3 || exit 1
+        [[ "$reply" == +PONG* || "$reply" == -NOAUTH* ]]
+    ' _ "$1" "$2" 2>/dev/null
+}
+
+# amqp_answers HOST PORT: true when an AMQP 0-9-1 broker answers the protocol header with a
+# frame (type 1, Connection.Start) there. An open port alone is not enough: a booting RabbitMQ
+# is not ready for clients.
+amqp_answers() {
+    timeout 2 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "AMQP\x00\x00\x09\x01" >&3
+        IFS= read -r -N 1 -t 2 frame_type <&3 || exit 1
+        [[ "$frame_type" == $'"'"'\x01'"'"' ]]
+    ' _ "$1" "$2" 2>/dev/null
+}
+
+# wait_until SECONDS COMMAND...: runs COMMAND every half second until it succeeds or time is up.
+wait_until() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.5
+    done
+}
+
+# --- installation ------------------------------------------------------------------------------
+
+APT_UPDATED=0
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "$1 is not installed and apt-get is missing; install $1 yourself (this script knows Debian/Ubuntu)"
+    need_root "installing $1"
+    if [[ "$APT_UPDATED" -eq 0 ]]; then
+        say "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    say "installing $1 with apt-get (this can take a minute)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null ||
+        die "apt-get install -y $1 failed"
+}
+
+# rabbitmq_bin NAME: the path of a RabbitMQ tool (Debian puts them in /usr/sbin, which a normal
+# user's PATH may lack).
+rabbitmq_bin() {
+    command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && printf '/usr/sbin/%s' "$1"; } || true
+}
+
+# --- Redis -------------------------------------------------------------------------------------
+
+start_redis() {
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+    # A package's post-install script may have started it already.
+    if redis_answers 127.0.0.1 "$REDIS_PORT"; then
+        say "Redis is up on 127.0.0.1:$REDIS_PORT"
+        return
+    fi
+    say "starting Redis on 127.0.0.1:$REDIS_PORT (log: $REDIS_LOG)"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+        --dir "${TMPDIR:-/tmp}" --logfile "$REDIS_LOG" ||
+        die "redis-server did not start; see $REDIS_LOG"
+    wait_until "$REDIS_START_TIMEOUT_S" redis_answers 127.0.0.1 "$REDIS_PORT" ||
+        die "Redis did not answer on 127.0.0.1:$REDIS_PORT within ${REDIS_START_TIMEOUT_S}s; see $REDIS_LOG"
+    say "Redis is up on 127.0.0.1:$REDIS_PORT"
+}
+
+ensure_redis() {
+    if ! is_local_host "$REDIS_HOST"; then
+        say "Redis: REDIS_URL points at $REDIS_HOST:$REDIS_PORT, not this machine; leaving it alone"
+        return
+    fi
+    if redis_answers 127.0.0.1 "$REDIS_PORT"; then
+        say "Redis is up on 127.0.0.1:$REDIS_PORT"
+        return
+    fi
+    start_redis
+}
+
+# --- RabbitMQ ----------------------------------------------------------------------------------
+
+rabbitmqctl_() {
+    local ctl
+    ctl="$(rabbitmq_bin rabbitmqctl)"
+    [[ -n "$ctl" ]] || return 1
+    as_root "$ctl" "$@"
+}
+
+start_rabbitmq() {
+    [[ -n "$(rabbitmq_bin rabbitmq-server)" ]] || apt_install rabbitmq-server
+    need_root "starting RabbitMQ"
+    if amqp_answers 127.0.0.1 "$AMQP_PORT"; then
+        say "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+        return
+    fi
+    if rabbitmqctl_ -q ping >/dev/null 2>&1; then
+        # The Erlang node runs but the broker application was stopped (`rabbitmqctl stop_app`).
+        say "RabbitMQ's node is running but its application is stopped; starting it"
+        rabbitmqctl_ -q start_app >/dev/null || die "rabbitmqctl start_app failed; see $RABBITMQ_LOG_DIR/"
+    else
+        say "starting RabbitMQ (takes up to ${RABBITMQ_START_TIMEOUT_S}s; logs: $RABBITMQ_LOG_DIR/)"
+        as_root "$(rabbitmq_bin rabbitmq-server)" -detached ||
+            die "rabbitmq-server -detached failed; see $RABBITMQ_LOG_DIR/"
+    fi
+    wait_until "$RABBITMQ_START_TIMEOUT_S" amqp_answers 127.0.0.1 "$AMQP_PORT" ||
+        die "RabbitMQ did not answer on 127.0.0.1:$AMQP_PORT within ${RABBITMQ_START_TIMEOUT_S}s; see $RABBITMQ_LOG_DIR/"
+    rabbitmqctl_ -q --timeout 60 await_startup >/dev/null ||
+        die "RabbitMQ answers on port $AMQP_PORT but did not finish booting; see $RABBITMQ_LOG_DIR/"
+    say "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+}
+
+ensure_rabbitmq() {
+    if ! is_local_host "$AMQP_HOST"; then
+        say "RabbitMQ: AMQP_URL points at $AMQP_HOST:$AMQP_PORT, not this machine; leaving it alone"
+        return
+    fi
+    if amqp_answers 127.0.0.1 "$AMQP_PORT"; then
+        say "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+        return
+    fi
+    start_rabbitmq
+}
+
+ensure_redis
+ensure_rabbitmq

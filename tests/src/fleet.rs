@@ -1,0 +1,385 @@
+//! `TestFleet`: a whole fleet against the real RabbitMQ and Redis, isolated per test.
+//!
+//! Each fleet gets its own AMQP name prefix and Redis key prefix, an in-process scripted model server
+//! and tool server on port 0, an in-process dispatcher on port 0, and worker *processes* (the real
+//! worker CLI) that tests can SIGKILL and restart. `AMQP_URL` and `REDIS_URL` pick the services.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentfleet::config::Config;
+use agentfleet::domain::SessionId;
+use agentfleet_dispatcher::Dispatcher;
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::model_server::{ModelServer, ModelServerConfig};
+use crate::tool_server::{ToolServer, ToolServerConfig};
+
+/// The broker URL for tests.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The Redis URL for tests.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// How to build a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Worker processes to start.
+    pub workers: usize,
+    /// Steps in flight per worker.
+    pub concurrency: u16,
+    /// Lease TTL of the workers.
+    pub lease_ms: u64,
+    /// `max_steps` of every agent.
+    pub max_steps: u32,
+    /// The Redis URL (a private server for some tests).
+    pub redis_url: String,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self { workers: 1, concurrency: 16, lease_ms: 3_000, max_steps: 50, redis_url: redis_url() }
+    }
+}
+
+/// A running fleet.
+pub struct TestFleet {
+    /// Prefix of every queue, exchange and key of this fleet.
+    pub prefix: String,
+    /// The config file every process reads.
+    pub config_path: PathBuf,
+    /// The parsed config.
+    pub config: Config,
+    /// The scripted model.
+    pub model: ModelServer,
+    /// The tool server.
+    pub tools: ToolServer,
+    /// The dispatcher's base URL.
+    pub api: String,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    dir: PathBuf,
+    dispatcher_stop: CancellationToken,
+    workers: Vec<Option<Child>>,
+    spawned: usize,
+}
+
+impl TestFleet {
+    /// Starts the servers, the dispatcher and `opts.workers` worker processes.
+    pub async fn start(opts: FleetOptions) -> anyhow::Result<Self> {
+        let prefix = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
+        let dir = std::env::temp_dir().join("agentfleet-tests").join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
+        let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
+        let config_text = config_text(&prefix, &opts, &model.base_url(), &tools.base_url());
+        let config_path = dir.join("agentfleet.toml");
+        std::fs::write(&config_path, &config_text)?;
+        let config = Config::load(&config_path, &|_| None)?;
+        let (api, dispatcher_stop) = start_dispatcher(config.clone()).await?;
+        let mut fleet = Self {
+            prefix,
+            config_path,
+            config,
+            model,
+            tools,
+            api,
+            http: reqwest::Client::new(),
+            dir,
+            dispatcher_stop,
+            workers: Vec::new(),
+            spawned: 0,
+        };
+        for _ in 0..opts.workers {
+            fleet.spawn_worker()?;
+        }
+        Ok(fleet)
+    }
+
+    /// Starts one more worker process; returns its index.
+    pub fn spawn_worker(&mut self) -> anyhow::Result<usize> {
+        let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.spawned)))?;
+        let child = Command::new(worker_binary()?)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("ANTHROPIC_API_KEY", "test-key")
+            .env("RUST_LOG", "warn")
+            .env("HOSTNAME", format!("{}-w{}", self.prefix, self.spawned))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning agentfleet-test-worker")?;
+        self.spawned += 1;
+        self.workers.push(Some(child));
+        Ok(self.workers.len() - 1)
+    }
+
+    /// Indexes of the worker processes still running.
+    pub fn live_workers(&self) -> Vec<usize> {
+        (0..self.workers.len()).filter(|i| self.workers[*i].is_some()).collect()
+    }
+
+    /// SIGKILLs worker `i`: no drain, no goodbye, like a node failure.
+    pub fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs worker `i` and waits for it to exit; returns its exit status.
+    pub fn stop_worker(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else { bail!("worker {i} is not running") };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(child.wait()?)
+    }
+
+    /// Creates a session through the HTTP API.
+    pub async fn submit(&self, agent: &str, input: &str) -> anyhow::Result<SessionId> {
+        let body = serde_json::json!({ "agent": agent, "input": input });
+        let r = self.http.post(format!("{}/v1/sessions", self.api)).json(&body).send().await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!("POST /v1/sessions answered {status}: {v}");
+        }
+        let id = v["id"].as_str().context("no id")?;
+        Ok(SessionId::parse(id)?)
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn session(&self, id: &SessionId) -> anyhow::Result<Value> {
+        let r = self.http.get(format!("{}/v1/sessions/{id}", self.api)).send().await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("GET /v1/sessions/{id} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Waits until every session is settled (terminal or awaiting a human), up to `timeout`.
+    pub async fn wait_settled(&self, ids: &[SessionId], timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut settled: Vec<Option<Value>> = vec![None; ids.len()];
+        loop {
+            for (i, id) in ids.iter().enumerate() {
+                if settled[i].is_none() {
+                    let v = self.session(id).await?;
+                    if is_settled(&v) {
+                        settled[i] = Some(v);
+                    }
+                }
+            }
+            let left = settled.iter().filter(|s| s.is_none()).count();
+            if left == 0 {
+                return Ok(settled.into_iter().flatten().collect());
+            }
+            if Instant::now() > deadline {
+                let stuck: Vec<String> = ids.iter().zip(&settled).filter(|(_, s)| s.is_none()).map(|(id, _)| id.to_string()).take(5).collect();
+                bail!("{left} sessions not settled after {timeout:?}, e.g. {stuck:?}; logs in {}", self.dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A Redis connection for inspection.
+    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.config.redis.url.as_str())?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+
+    /// An AMQP channel for inspection and raw publishing.
+    pub async fn amqp(&self) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+        let conn = agentfleet::amqp::connect(&self.config.amqp.url, "test-inspector").await?;
+        let ch = conn.create_channel().await?;
+        Ok((conn, ch))
+    }
+
+    /// Where this fleet's logs are.
+    pub fn log_dir(&self) -> &PathBuf {
+        &self.dir
+    }
+
+    /// Stops everything and deletes this fleet's queues, exchanges and keys.
+    pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        for i in 0..self.workers.len() {
+            self.kill_worker(i)?;
+        }
+        self.dispatcher_stop.cancel();
+        self.delete_amqp().await?;
+        self.delete_keys().await
+    }
+
+    async fn delete_amqp(&self) -> anyhow::Result<()> {
+        use agentfleet::amqp::DELAY_TIERS;
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let (conn, ch) = self.amqp().await?;
+        let t = agentfleet::amqp::Topology::new(&self.config.amqp.prefix, 1);
+        let mut queues = vec![t.dead(), t.requests_queue()];
+        queues.extend(self.config.worker.pools.iter().map(|p| t.step_queue(p)));
+        queues.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+        for q in &queues {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let mut exchanges = vec![t.steps_exchange(), t.events_exchange(), t.dead()];
+        exchanges.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+        for e in &exchanges {
+            let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    async fn delete_keys(&self) -> anyhow::Result<()> {
+        let mut redis = self.redis().await?;
+        let pattern = format!("{}:*", self.config.redis.key_prefix);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
+        for chunk in keys.chunks(500) {
+            let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut redis).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dispatcher_stop.cancel();
+    }
+}
+
+/// The worker binary built beside the test binaries (`target/<profile>/agentfleet-test-worker`).
+fn worker_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("test binary has no target dir")?;
+    let bin = profile_dir.join("agentfleet-test-worker");
+    if !bin.exists() {
+        bail!("{} is missing: run the tests with `cargo test -p agentfleet-tests`, which builds it", bin.display());
+    }
+    Ok(bin)
+}
+
+/// True when a session will not move without outside help.
+pub fn is_settled(v: &Value) -> bool {
+    matches!(
+        v["status"].as_str(),
+        Some("completed" | "failed" | "budget_exhausted" | "cancelled" | "awaiting_human" | "awaiting_approval")
+    )
+}
+
+async fn start_dispatcher(config: Config) -> anyhow::Result<(String, CancellationToken)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let dispatcher = Dispatcher::build(config, Some(listener), None).await?;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        if let Err(e) = dispatcher.run(token).await {
+            tracing::error!(error = %e, "test dispatcher failed");
+        }
+    });
+    Ok((format!("http://{addr}"), stop))
+}
+
+fn config_text(prefix: &str, o: &FleetOptions, model_url: &str, tools_url: &str) -> String {
+    format!(
+        r#"
+[amqp]
+url = "{amqp}"
+prefix = "{prefix}"
+
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+
+[anthropic]
+base_url = "{model_url}"
+
+[worker]
+concurrency = {concurrency}
+lease_ms = {lease_ms}
+metrics_listen = ""
+shutdown_grace_ms = 10000
+
+[dispatcher]
+listen = "127.0.0.1:0"
+
+[tools.search_knowledge_base]
+description = "Use this FIRST before answering any question."
+input_schema = {{ type = "object", properties = {{ query = {{ type = "string" }}, category = {{ type = "string", enum = ["billing", "technical", "account", "product"] }} }}, required = ["query"] }}
+handler = {{ kind = "http", url = "{tools_url}/tools/search_knowledge_base", timeout_ms = 5000 }}
+
+[tools.lookup_customer]
+description = "Use this to identify the customer."
+input_schema = {{ type = "object", properties = {{ email = {{ type = "string" }} }}, required = ["email"] }}
+handler = {{ kind = "http", url = "{tools_url}/tools/lookup_customer", timeout_ms = 5000 }}
+
+[tools.escalate_to_human]
+description = "Use this when the customer asks for a human or a refund."
+input_schema = {{ type = "object", properties = {{ reason = {{ type = "string" }}, summary = {{ type = "string" }}, suggested_team = {{ type = "string" }} }}, required = ["reason", "summary"] }}
+handler = {{ kind = "builtin" }}
+
+[agents.support]
+model = "claude-sonnet-4-5"
+system_prompt = "You are a support agent."
+tools = ["search_knowledge_base", "lookup_customer", "escalate_to_human"]
+budget = {{ max_steps = {max_steps} }}
+"#,
+        amqp = amqp_url(),
+        redis = o.redis_url,
+        concurrency = o.concurrency,
+        lease_ms = o.lease_ms,
+        max_steps = o.max_steps,
+    )
+}
+
+/// Checks that a finished `[steps=n]` conversation has every step once, in order.
+pub fn check_step_conversation(v: &Value, n: usize) -> Result<(), String> {
+    let msgs = v["messages"].as_array().ok_or("no messages")?;
+    if msgs.len() != 2 * n {
+        return Err(format!("{} messages, expected {}", msgs.len(), 2 * n));
+    }
+    for (i, m) in msgs.iter().enumerate() {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        if m["role"] != role {
+            return Err(format!("message {i} has role {}, expected {role}", m["role"]));
+        }
+    }
+    for k in 1..=n {
+        let text = assistant_text(&msgs[2 * k - 1]);
+        let expected = if k < n { format!("Step {k} of {n}.") } else { format!("Done after {n} steps.") };
+        if !text.contains(&expected) {
+            return Err(format!("assistant message {k} says {text:?}, expected {expected:?}"));
+        }
+        if k < n {
+            let results = msgs[2 * k]["content"].as_array().map_or(0, |c| c.iter().filter(|b| b["type"] == "tool_result").count());
+            if results != 1 {
+                return Err(format!("user message after step {k} has {results} tool results"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn assistant_text(m: &Value) -> String {
+    m["content"]
+        .as_array()
+        .map(|blocks| blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}

@@ -1,0 +1,51 @@
+//! The command line of `agentfleet-worker`, in the library so test harnesses run the very same code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentfleet::config::Config;
+use agentfleet::shutdown::shutdown_token;
+use agentfleet::telemetry;
+use crate::Worker;
+use clap::Parser;
+
+/// Runs agent steps from RabbitMQ.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// The config file.
+    #[arg(long, env = "AGENTFLEET_CONFIG", default_value = "agentfleet.toml")]
+    config: PathBuf,
+}
+
+/// Parses the command line, loads the config and runs the worker until SIGTERM or SIGINT.
+#[tokio::main]
+pub async fn main() -> ExitCode {
+    telemetry::init_logging();
+    let args = Args::parse();
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = match Config::load(&args.config, &env) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("agentfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg, &env).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "worker failed");
+            eprintln!("agentfleet-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    if !cfg.worker.metrics_listen.is_empty() {
+        let addr = cfg.worker.metrics_listen.parse().map_err(|e| anyhow::anyhow!("worker.metrics_listen: {e}"))?;
+        telemetry::install_metrics(Some(addr)).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    }
+    let shutdown = shutdown_token();
+    Worker::build(cfg, env).await?.run(shutdown).await
+}
