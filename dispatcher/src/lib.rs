@@ -42,7 +42,11 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// Connects to Redis and RabbitMQ (declaring the topology) and binds `listener`, or the
     /// configured address when `None`.
-    pub async fn build(cfg: Config, listener: Option<TcpListener>, metrics: Option<PrometheusHandle>) -> anyhow::Result<Self> {
+    pub async fn build(
+        cfg: Config,
+        listener: Option<TcpListener>,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<Self> {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(&cfg.dispatcher.listen)

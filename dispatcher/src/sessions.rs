@@ -41,11 +41,18 @@ struct Valid {
     tenant: String,
 }
 
-pub(crate) async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<CreateSession>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn create(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<CreateSession>,
+) -> Result<impl IntoResponse, ApiError> {
     let req = validate(&s, req)?;
     let mut id = SessionId::generate();
     if let Some(key) = &req.idempotency_key {
-        id = s.store.remember_idempotency_key(key, &id, s.cfg.dispatcher.idempotency_ttl_s).await.map_err(|e| ApiError::unavailable(&e))?;
+        id = s
+            .store
+            .remember_idempotency_key(key, &id, s.cfg.dispatcher.idempotency_ttl_s)
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?;
     }
     let new = NewSession {
         id: id.clone(),
@@ -71,10 +78,8 @@ pub(crate) async fn create(State(s): State<AppState>, ApiJson(req): ApiJson<Crea
 }
 
 fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
-    let agent_cfg = s
-        .cfg
-        .agent(&req.agent)
-        .ok_or_else(|| ApiError::invalid(format!("agent: no agent named `{}`", req.agent)))?;
+    let agent_cfg =
+        s.cfg.agent(&req.agent).ok_or_else(|| ApiError::invalid(format!("agent: no agent named `{}`", req.agent)))?;
     let agent = Name::parse(&req.agent).map_err(|e| ApiError::invalid(format!("agent: {e}")))?;
     if req.input.trim().is_empty() {
         return Err(ApiError::invalid("input: must not be empty"));
@@ -90,7 +95,9 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
     if let Some(key) = &req.idempotency_key
         && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(char::is_control))
     {
-        return Err(ApiError::invalid(format!("idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY} printable characters")));
+        return Err(ApiError::invalid(format!(
+            "idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY} printable characters"
+        )));
     }
     let tenant = match req.tenant {
         Some(t) => Name::parse(&t).map_err(|e| ApiError::invalid(format!("tenant: {e}")))?.to_string(),
@@ -133,7 +140,8 @@ pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Re
 
 fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
     let m = &v.meta;
-    let messages: Vec<Box<RawValue>> = v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
+    let messages: Vec<Box<RawValue>> =
+        v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
     let escalation = m.escalation.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok());
     let metadata = serde_json::from_str::<serde_json::Value>(&m.metadata).unwrap_or_default();
     let steps_used = if m.status.is_terminal() { m.step } else { m.step.saturating_sub(1) };

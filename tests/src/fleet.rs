@@ -139,7 +139,9 @@ impl TestFleet {
 
     /// SIGTERMs worker `i` and waits for it to exit; returns its exit status.
     pub fn stop_worker(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else { bail!("worker {i} is not running") };
+        let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else {
+            bail!("worker {i} is not running")
+        };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         Ok(child.wait()?)
@@ -187,7 +189,13 @@ impl TestFleet {
                 return Ok(settled.into_iter().flatten().collect());
             }
             if Instant::now() > deadline {
-                let stuck: Vec<String> = ids.iter().zip(&settled).filter(|(_, s)| s.is_none()).map(|(id, _)| id.to_string()).take(5).collect();
+                let stuck: Vec<String> = ids
+                    .iter()
+                    .zip(&settled)
+                    .filter(|(_, s)| s.is_none())
+                    .map(|(id, _)| id.to_string())
+                    .take(5)
+                    .collect();
                 bail!("{left} sessions not settled after {timeout:?}, e.g. {stuck:?}; logs in {}", self.dir.display());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -297,7 +305,8 @@ async fn start_dispatcher(config: Config) -> anyhow::Result<(String, Cancellatio
     Ok((format!("http://{addr}"), stop))
 }
 
-fn config_text(prefix: &str, o: &FleetOptions, model_url: &str, tools_url: &str) -> String {
+/// The config file of a test fleet: its prefixes, the servers' URLs and one `support` agent.
+pub fn config_text(prefix: &str, o: &FleetOptions, model_url: &str, tools_url: &str) -> String {
     format!(
         r#"
 [amqp]
@@ -368,7 +377,9 @@ pub fn check_step_conversation(v: &Value, n: usize) -> Result<(), String> {
             return Err(format!("assistant message {k} says {text:?}, expected {expected:?}"));
         }
         if k < n {
-            let results = msgs[2 * k]["content"].as_array().map_or(0, |c| c.iter().filter(|b| b["type"] == "tool_result").count());
+            let results = msgs[2 * k]["content"]
+                .as_array()
+                .map_or(0, |c| c.iter().filter(|b| b["type"] == "tool_result").count());
             if results != 1 {
                 return Err(format!("user message after step {k} has {results} tool results"));
             }
@@ -380,6 +391,13 @@ pub fn check_step_conversation(v: &Value, n: usize) -> Result<(), String> {
 fn assistant_text(m: &Value) -> String {
     m["content"]
         .as_array()
-        .map(|blocks| blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join(" "))
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }

@@ -33,7 +33,8 @@ async fn two_hundred_five_step_sessions_complete_on_three_worker_processes() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn support_sessions_answer_or_escalate() -> anyhow::Result<()> {
     let fleet = TestFleet::start(FleetOptions::default()).await?;
-    let answer = fleet.submit("support", "My API calls fail with error 500 since this morning, jane@example.com").await?;
+    let answer =
+        fleet.submit("support", "My API calls fail with error 500 since this morning, jane@example.com").await?;
     let escalate = fleet.submit("support", "I want a refund for last month, bob@example.com").await?;
     let done = fleet.wait_settled(&[answer, escalate], Duration::from_secs(60)).await?;
     assert_eq!(done[0]["status"], "completed", "{}", done[0]);

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::Worker;
 use agentfleet::config::Config;
 use agentfleet::shutdown::shutdown_token;
 use agentfleet::telemetry;
-use crate::Worker;
 use clap::Parser;
 
 /// Runs agent steps from RabbitMQ.

@@ -91,8 +91,9 @@ impl Worker {
         for pool in &self.cfg.worker.pools {
             let tag = format!("{}/{pool}", self.id);
             let queue = self.topology.step_queue(pool);
-            let consumer =
-                ch.basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+            let consumer = ch
+                .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await?;
             let pool = pool.clone();
             streams.push(consumer.map(move |d| (pool.clone(), d)));
         }

@@ -1,0 +1,77 @@
+//! Fault tests: worker processes die by SIGKILL at random moments while sessions run.
+
+use std::time::{Duration, Instant};
+
+use agentfleet::domain::SessionId;
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
+use agentfleet_tests::model_server::Faults;
+use futures::future::try_join_all;
+use rand::Rng;
+
+/// One in-flight step per worker, so one kill can interrupt at most one tool call: the bound this
+/// test checks is "at most one repeated tool execution per kill".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_complete_while_workers_are_sigkilled() -> anyhow::Result<()> {
+    let opts = FleetOptions { workers: 3, concurrency: 1, lease_ms: 2_000, ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
+    // Slow steps down so the kills land in every phase of a step, including in-flight tool calls.
+    fleet.model.set_faults(Faults { latency_ms: 15, latency_jitter_ms: 10, ..Default::default() });
+    fleet.tools.set_behaviour(agentfleet_tests::tool_server::Behaviour { latency_ms: 10, ..Default::default() })?;
+    let goals: Vec<String> = (0..200).map(|i| format!("[steps=5] fault job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+
+    let kills = kill_randomly_until_settled(&mut fleet, &ids, Duration::from_secs(240)).await?;
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(120)).await?;
+
+    for s in &sessions {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 5).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
+    }
+    let tools = fleet.tools.stats();
+    let repeats = tools.repeats();
+    println!("kills: {kills}, tool calls: {}, repeated tool executions: {repeats}", tools.calls_total);
+    assert!(kills >= 5, "only {kills} kills happened");
+    assert!(repeats <= kills as u64, "{repeats} repeated tool executions for {kills} kills");
+    assert_eq!(tools.missing_key, 0, "every tool call carries an Idempotency-Key");
+    // Every repeat is counted under one key: the same `<session>:<tool_use_id>` both times.
+    assert_eq!(tools.calls_total, tools.by_key.len() as u64 + repeats);
+    assert_eq!(tools.by_key.len(), 800, "4 tool calls per session, each under its own key");
+    for key in tools.by_key.keys() {
+        let (session, tool_use) = key.split_once(':').expect("key is <session>:<tool_use_id>");
+        assert!(ids.iter().any(|id| id.as_str() == session) && tool_use.starts_with("toolu_"), "{key}");
+    }
+    assert_eq!(fleet.model.stats().invalid_total, 0, "{:?}", fleet.model.stats().invalid_reasons);
+    fleet.cleanup().await
+}
+
+/// Kills a random live worker every 0.3–1.2 s and starts a replacement, until every session settles.
+async fn kill_randomly_until_settled(
+    fleet: &mut TestFleet,
+    ids: &[SessionId],
+    limit: Duration,
+) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    let mut kills = 0;
+    loop {
+        let pause = rand::rng().random_range(300..1_200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if all_settled(fleet, ids).await? && kills >= 5 {
+            return Ok(kills);
+        }
+        anyhow::ensure!(started.elapsed() < limit, "sessions did not settle within {limit:?} ({kills} kills)");
+        let live = fleet.live_workers();
+        let victim = live[rand::rng().random_range(0..live.len())];
+        fleet.kill_worker(victim)?;
+        fleet.spawn_worker()?;
+        kills += 1;
+    }
+}
+
+async fn all_settled(fleet: &TestFleet, ids: &[SessionId]) -> anyhow::Result<bool> {
+    for id in ids {
+        if !agentfleet_tests::fleet::is_settled(&fleet.session(id).await?) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

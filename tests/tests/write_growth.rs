@@ -1,0 +1,134 @@
+//! A step's Redis writes do not grow with the conversation (DESIGN §2: append-only messages).
+//!
+//! The test runs its own `redis-server`, so the server's `total_net_input_bytes` counts exactly what
+//! the engine sends, and drives one session step by step through the real engine, store, model
+//! client and tools.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentfleet::amqp::{PublishError, StepPublisher};
+use agentfleet::config::Config;
+use agentfleet::domain::{Name, SessionId, StepMessage};
+use agentfleet::llm::AnthropicClient;
+use agentfleet::step::{Agents, Disposition, Engine, EngineSettings};
+use agentfleet::store::{NewSession, RedisStore, SessionStore};
+use agentfleet_tests::fleet::{FleetOptions, config_text};
+use agentfleet_tests::model_server::{ModelServer, ModelServerConfig};
+use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+
+/// Keeps published step messages in memory: this test is about Redis, not the broker.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<StepMessage>>);
+
+#[async_trait]
+impl StepPublisher for Recorder {
+    async fn publish_step(&self, _: &Name, msg: &StepMessage, _: Option<Duration>) -> Result<(), PublishError> {
+        self.0.lock().map_err(|_| PublishError::Nacked)?.push(msg.clone());
+        Ok(())
+    }
+    async fn dead_letter(&self, _: &[u8], _: &str) -> Result<(), PublishError> {
+        Err(PublishError::Nacked)
+    }
+}
+
+struct PrivateRedis(Child, u16);
+
+impl PrivateRedis {
+    async fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let me = Self(child, port);
+        for _ in 0..100 {
+            if me.conn().await.is_ok() {
+                return Ok(me);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("private redis-server did not start on port {port}")
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.1)
+    }
+
+    async fn conn(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let mut c = redis::Client::open(self.url())?.get_multiplexed_async_connection().await?;
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(c)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn net_input_bytes(c: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(c).await?;
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+        .ok_or_else(|| anyhow::anyhow!("no stat"))?;
+    Ok(line.trim().parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
+    let redis = PrivateRedis::start().await?;
+    let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
+    let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
+    let opts = FleetOptions { redis_url: redis.url(), ..Default::default() };
+    let text = config_text("growth", &opts, &model.base_url(), &tools.base_url());
+    let env = |k: &str| (k == "ANTHROPIC_API_KEY").then(|| "test-key".to_owned());
+    let cfg = Config::parse(&text, std::path::Path::new("growth.toml"), &env)?;
+
+    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
+    let recorder = Arc::new(Recorder::default());
+    let settings =
+        EngineSettings { worker_id: "growth".into(), lease: Duration::from_secs(120), max_model_attempts: 3 };
+    let agents = Agents::build(&cfg, &env)?;
+    let engine = Engine::new(store.clone(), recorder.clone(), AnthropicClient::new(&cfg.anthropic)?, agents, settings);
+
+    let id = SessionId::generate();
+    let new = NewSession {
+        id: id.clone(),
+        agent: Name::parse("support")?,
+        tenant: String::new(),
+        input: "[steps=45] a long conversation".into(),
+        metadata: serde_json::json!({}),
+        max_steps: 50,
+    };
+    store.create(&new, 0).await?;
+
+    let mut inspect = redis.conn().await?;
+    let msgs_key = format!("growth:{{{id}}}:msgs");
+    let mut written: HashMap<u32, u64> = HashMap::new();
+    for step in 1..=40u32 {
+        let before_len: isize = redis::cmd("LLEN").arg(&msgs_key).query_async(&mut inspect).await?;
+        let before = net_input_bytes(&mut inspect).await?;
+        let body = serde_json::to_vec(&StepMessage { session_id: id.clone(), step, attempt: 0 })?;
+        assert_eq!(engine.handle(&body, "default").await, Disposition::Ack);
+        let after = net_input_bytes(&mut inspect).await?;
+        let new_msgs: Vec<String> =
+            redis::cmd("LRANGE").arg(&msgs_key).arg(before_len).arg(-1).query_async(&mut inspect).await?;
+        assert_eq!(new_msgs.len(), 2, "step {step} appends its assistant message and its tool results");
+        let own: u64 = new_msgs.iter().map(|m| m.len() as u64).sum();
+        written.insert(step, after - before - own);
+    }
+    let published = recorder.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len();
+    assert_eq!(published, 40, "each step published its successor");
+    let (w2, w40) = (written[&2], written[&40]);
+    println!("bytes written beyond the new messages: step 2 = {w2}, step 40 = {w40}");
+    assert!(w40 as f64 <= 1.5 * w2 as f64, "step 40 wrote {w40} bytes beyond its messages, step 2 wrote {w2}");
+    Ok(())
+}
