@@ -75,3 +75,29 @@ async fn all_settled(fleet: &TestFleet, ids: &[SessionId]) -> anyhow::Result<boo
     }
     Ok(true)
 }
+
+/// SIGTERM drains: the worker stops taking messages, finishes its in-flight steps, exits 0, and
+/// nothing it had started runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_steps() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(FleetOptions { workers: 1, concurrency: 8, ..Default::default() }).await?;
+    fleet.model.set_faults(Faults { latency_ms: 150, ..Default::default() });
+    let goals: Vec<String> = (0..20).map(|i| format!("[steps=4] drain job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let status = fleet.stop_worker(0)?;
+    assert!(status.success(), "the worker exited with {status}");
+    assert!(started.elapsed() < Duration::from_secs(10), "draining took {:?}", started.elapsed());
+    let calls_at_stop = fleet.model.stats().valid_total;
+    assert!(calls_at_stop > 0 && calls_at_stop < 80, "{calls_at_stop} model calls when the worker stopped");
+    fleet.spawn_worker()?;
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(120)).await?;
+    for s in &sessions {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 4).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
+    }
+    assert_eq!(fleet.model.stats().valid_total, 80, "no model call ran twice");
+    assert_eq!(fleet.tools.stats().repeats(), 0, "no tool call ran twice");
+    fleet.cleanup().await
+}

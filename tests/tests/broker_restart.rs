@@ -1,0 +1,64 @@
+//! Recovery after the broker restarts: workers and the dispatcher reconnect, and every session that
+//! was in flight completes. Its own test binary, because it restarts the shared RabbitMQ node.
+
+use std::process::Command;
+use std::time::Duration;
+
+use agentfleet::domain::SessionId;
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
+use agentfleet_tests::model_server::Faults;
+use futures::future::try_join_all;
+
+fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("rabbitmqctl").args(args).output()?;
+    anyhow::ensure!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
+    let url = agentfleet_tests::fleet::amqp_url();
+    if !(url.contains("127.0.0.1") || url.contains("localhost"))
+        || Command::new("rabbitmqctl").arg("-q").arg("status").output().is_err()
+    {
+        println!("skipped: needs a local RabbitMQ node that rabbitmqctl controls");
+        return Ok(());
+    }
+    let fleet = TestFleet::start(FleetOptions { workers: 2, concurrency: 8, ..Default::default() }).await?;
+    fleet.model.set_faults(Faults { latency_ms: 100, ..Default::default() });
+    let goals: Vec<String> = (0..60).map(|i| format!("[steps=5] restart job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut in_flight = 0;
+    for id in &ids {
+        in_flight += usize::from(!agentfleet_tests::fleet::is_settled(&fleet.session(id).await?));
+    }
+    assert!(in_flight > 0, "every session finished before the restart: the test proves nothing");
+    println!("{in_flight} of {} sessions in flight at the restart", ids.len());
+    rabbitmqctl(&["stop_app"])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"])?;
+    rabbitmqctl(&["await_startup"])?;
+
+    // The dispatcher's publisher reconnects too: a session created after the restart completes.
+    let mut late = None;
+    for _ in 0..50 {
+        match fleet.submit("support", "[steps=3] after the restart").await {
+            Ok(id) => {
+                late = Some(id);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let mut all = ids.clone();
+    all.push(late.ok_or_else(|| anyhow::anyhow!("the dispatcher never accepted a session after the restart"))?);
+    let sessions = fleet.wait_settled(&all, Duration::from_secs(120)).await?;
+    for s in &sessions[..ids.len()] {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 5).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
+    }
+    assert_eq!(sessions[ids.len()]["status"], "completed");
+    fleet.cleanup().await
+}
