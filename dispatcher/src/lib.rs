@@ -3,6 +3,7 @@
 //! Requests are validated once here, at the edge; everything past this point handles typed values.
 
 mod error;
+mod janitor;
 mod sessions;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use janitor::Janitor;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -68,8 +70,14 @@ impl Dispatcher {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` is cancelled; in-flight requests finish first.
+    /// The janitor over this dispatcher's store and publisher.
+    pub fn janitor(&self) -> Janitor {
+        Janitor::new(self.state.store.clone(), self.state.publisher.clone(), self.state.cfg.clone())
+    }
+
+    /// Serves (and runs the janitor) until `shutdown` is cancelled; in-flight requests finish first.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tokio::spawn(self.janitor().run(shutdown.clone()));
         let app = router(self.state);
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         Ok(())

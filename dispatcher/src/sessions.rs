@@ -63,6 +63,7 @@ pub(crate) async fn create(
         max_steps: req.max_steps,
     };
     let created = s.store.create(&new, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
+    s.store.activate(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     let view = load(&s, &id).await?;
     if !created && view.meta.agent != req.agent {
         return Err(ApiError::conflict("idempotency_key: already used for a session of another agent"));

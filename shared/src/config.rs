@@ -199,6 +199,11 @@ pub struct DispatcherConfig {
     pub max_body_bytes: usize,
     /// How long an `idempotency_key` is remembered. Default 86400 s.
     pub idempotency_ttl_s: u64,
+    /// How often the janitor looks for stalled sessions. Default 60 s.
+    pub janitor_interval_s: u64,
+    /// A queued or running session that has not moved for this long gets its current step
+    /// re-published by the janitor. Default 300 s.
+    pub stall_after_s: u64,
 }
 
 impl Default for DispatcherConfig {
@@ -208,6 +213,8 @@ impl Default for DispatcherConfig {
             max_input_bytes: 64 * 1024,
             max_body_bytes: 256 * 1024,
             idempotency_ttl_s: 86_400,
+            janitor_interval_s: 60,
+            stall_after_s: 300,
         }
     }
 }

@@ -250,9 +250,19 @@ impl Engine {
         .emit();
         let end = StepEnd { status, result: String::new(), error, escalation: String::new(), trace };
         if self.store.end_step(&msg.session_id, msg.step, phase, &end, now_ms()).await? {
-            metric::session_ended(agent.as_str(), status.as_str());
+            self.ended(&msg.session_id, agent, status).await;
         }
         Ok(After::Nothing)
+    }
+
+    /// Counts a session that ended or paused, and takes an ended one out of the live index.
+    async fn ended(&self, id: &SessionId, agent: &Name, status: SessionStatus) {
+        metric::session_ended(agent.as_str(), status.as_str());
+        if status.is_terminal()
+            && let Err(e) = self.store.deactivate(id).await
+        {
+            warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
+        }
     }
 
     async fn publish_next(&self, msg: &StepMessage, pool: &str, token: &str, next: u32) -> Disposition {
@@ -460,7 +470,7 @@ impl StepCtx<'_> {
             }
             ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
             ModelOutcome::Done { status, .. } => {
-                metric::session_ended(self.agent.name.as_str(), status.as_str());
+                self.engine.ended(self.id(), &self.agent.name, status).await;
                 Ok(After::Nothing)
             }
         }
@@ -558,7 +568,7 @@ impl StepCtx<'_> {
             trace,
         };
         if self.engine.store.end_step(self.id(), self.msg.step, Phase::Tools, &end, now_ms()).await? {
-            metric::session_ended(self.agent.name.as_str(), SessionStatus::AwaitingHuman.as_str());
+            self.engine.ended(self.id(), &self.agent.name, SessionStatus::AwaitingHuman).await;
         }
         Ok(After::Nothing)
     }

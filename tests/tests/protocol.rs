@@ -188,3 +188,38 @@ async fn an_idempotency_key_always_returns_the_same_session() -> anyhow::Result<
     assert_eq!(ready["checks"], json!({"redis": true, "rabbitmq": true}));
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use agentfleet::amqp::{AmqpPublisher, Topology};
+    use agentfleet::store::RedisStore;
+    use lapin::options::QueuePurgeOptions;
+
+    let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let (_conn, ch) = fleet.amqp().await?;
+    let id = fleet.submit("support", "[steps=3] lost in the broker").await?;
+    let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
+    assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
+
+    let mut cfg = fleet.config.clone();
+    cfg.dispatcher.stall_after_s = 0;
+    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
+    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
+    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(janitor.sweep().await?, 1, "the stalled session is re-published");
+
+    fleet.spawn_worker()?;
+    let done = fleet.wait_settled(std::slice::from_ref(&id), Duration::from_secs(60)).await?;
+    assert_eq!(done[0]["status"], "completed");
+    check_step_conversation(&done[0], 3).map_err(anyhow::Error::msg)?;
+    assert_eq!(janitor.sweep().await?, 0, "a finished session is left alone and leaves the index");
+    let mut redis = fleet.redis().await?;
+    let live: i64 =
+        redis::cmd("ZCARD").arg(format!("{}:active", fleet.config.redis.key_prefix)).query_async(&mut redis).await?;
+    assert_eq!(live, 0);
+    fleet.cleanup().await
+}

@@ -231,6 +231,14 @@ pub trait SessionStore: Send + Sync {
     async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError>;
     /// Checks the connection.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Puts the session in the index of live sessions (or refreshes its time there).
+    async fn activate(&self, id: &SessionId, now_ms: u64) -> Result<(), StoreError>;
+    /// Takes an ended session out of the index of live sessions.
+    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError>;
+    /// Up to `limit` live sessions not touched in the index since `before_ms`, oldest first.
+    async fn stalled(&self, before_ms: u64, limit: usize) -> Result<Vec<SessionId>, StoreError>;
+    /// The session's meta hash, or `None`.
+    async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError>;
 }
 
 /// How a step ends or pauses a session outside the model checkpoint.

@@ -95,6 +95,11 @@ impl RedisStore {
         Keys::new(&self.prefix, id)
     }
 
+    /// The index of live sessions (a sorted set scored by last touch), read by the janitor.
+    fn active_key(&self) -> String {
+        format!("{}:active", self.prefix)
+    }
+
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
@@ -268,6 +273,40 @@ impl SessionStore for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
         Ok(())
+    }
+
+    async fn activate(&self, id: &SessionId, now_ms: u64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.active_key())
+            .arg(now_ms)
+            .arg(id.as_str())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZREM").arg(self.active_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn stalled(&self, before_ms: u64, limit: usize) -> Result<Vec<SessionId>, StoreError> {
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.active_key())
+            .arg("-inf")
+            .arg(before_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(ids.iter().filter_map(|id| SessionId::parse(id).ok()).collect())
+    }
+
+    async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError> {
+        let meta: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(self.keys(id).meta).query_async(&mut self.conn()).await?;
+        if meta.is_empty() { Ok(None) } else { parse_meta(&meta).map(Some) }
     }
 }
 
