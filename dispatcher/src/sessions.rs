@@ -1,6 +1,7 @@
 //! `POST /v1/sessions` and `GET /v1/sessions/{id}`.
 
 use agentfleet::amqp::StepPublisher;
+use agentfleet::budget::{Limits, Overrides};
 use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
 use agentfleet::store::{NewSession, SessionView};
 use agentfleet::telemetry::{metric, now_ms};
@@ -28,13 +29,16 @@ pub(crate) struct CreateSession {
     idempotency_key: Option<String>,
     #[serde(default)]
     tenant: Option<String>,
+    /// Lower budget limits for this session.
+    #[serde(default)]
+    budget: Option<Overrides>,
 }
 
 /// A request that passed validation.
 struct Valid {
     agent: Name,
     pool: Name,
-    max_steps: u32,
+    limits: Limits,
     input: String,
     metadata: serde_json::Value,
     idempotency_key: Option<String>,
@@ -60,7 +64,7 @@ pub(crate) async fn create(
         tenant: req.tenant.clone(),
         input: req.input.clone(),
         metadata: req.metadata.clone(),
-        max_steps: req.max_steps,
+        limits: req.limits,
     };
     let created = s.store.create(&new, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     s.store.activate(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
@@ -107,7 +111,7 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
     Ok(Valid {
         agent,
         pool: agent_cfg.pool.clone(),
-        max_steps: agent_cfg.budget.max_steps,
+        limits: Limits::of(&agent_cfg.budget).lowered(&req.budget.unwrap_or_default()).map_err(ApiError::invalid)?,
         input: req.input,
         metadata,
         idempotency_key: req.idempotency_key,
@@ -139,13 +143,19 @@ pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Re
     Ok(axum::Json(render(&id, &view)))
 }
 
+fn usd(micro: u64) -> f64 {
+    micro as f64 / 1_000_000.0
+}
+
 fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
     let m = &v.meta;
     let messages: Vec<Box<RawValue>> =
         v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
     let escalation = m.escalation.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok());
     let metadata = serde_json::from_str::<serde_json::Value>(&m.metadata).unwrap_or_default();
-    let steps_used = if m.status.is_terminal() { m.step } else { m.step.saturating_sub(1) };
+    let l = &m.limits;
+    // Steps done: the current one counts once its model call is in (phase tools, or the end).
+    let steps_used = if m.phase == agentfleet::domain::Phase::Llm { m.step - 1 } else { m.step }.min(l.max_steps);
     serde_json::json!({
         "id": id,
         "agent": m.agent,
@@ -164,14 +174,26 @@ fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
             "output_tokens": v.usage.output_tokens,
             "cache_creation_input_tokens": v.usage.cache_creation_input_tokens,
             "cache_read_input_tokens": v.usage.cache_read_input_tokens,
+            "total_tokens": v.usage.total_tokens(),
             "cost_micro_usd": v.usage.cost_micro_usd,
-            "cost_usd": v.usage.cost_micro_usd as f64 / 1_000_000.0,
+            "cost_usd": usd(v.usage.cost_micro_usd),
             "model_calls": v.usage.model_calls,
+            "unreconciled_calls": v.usage.unreconciled_calls,
+            "steps": steps_used,
         },
         "limits": {
-            "max_steps": m.max_steps,
-            "steps_remaining": m.max_steps.saturating_sub(steps_used),
+            "max_steps": l.max_steps,
+            "max_cost_usd": l.max_cost.as_usd(),
+            "max_cost_per_step_usd": l.max_cost_per_step.as_usd(),
+            "max_tokens": l.max_tokens,
+            "alert_threshold": f64::from(l.alert_permille) / 1000.0,
         },
+        "remaining": {
+            "steps": l.max_steps.saturating_sub(steps_used),
+            "cost_usd": usd(l.max_cost.0.saturating_sub(v.usage.cost_micro_usd)),
+            "tokens": l.max_tokens.saturating_sub(v.usage.total_tokens()),
+        },
+        "budget_alert": m.alerted,
         "messages": messages,
     })
 }

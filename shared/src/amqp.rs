@@ -171,6 +171,9 @@ pub trait StepPublisher: Send + Sync {
     async fn publish_step(&self, pool: &Name, msg: &StepMessage, delay: Option<Duration>) -> Result<(), PublishError>;
     /// Sends an unusable message to the dead-letter queue with the reason in its headers.
     async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), PublishError>;
+    /// Publishes a lifecycle event (`session.budget_alert`, …) to the events exchange, with the
+    /// event type as routing key.
+    async fn publish_event(&self, kind: &str, event: &serde_json::Value) -> Result<(), PublishError>;
 }
 
 /// A confirming publisher on its own connection, reconnecting on the next publish after a failure.
@@ -273,6 +276,17 @@ impl StepPublisher for AmqpPublisher {
         headers.insert("x-agentfleet-reason".into(), long(reason));
         let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
         self.publish(&self.topology.dead(), "", body, props).await
+    }
+
+    async fn publish_event(&self, kind: &str, event: &serde_json::Value) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(event)
+            .map_err(|e| PublishError::Broker(lapin::Error::from(std::io::Error::other(e))))?;
+        let props = persistent_json().with_type(kind.into());
+        match self.publish(&self.topology.events_exchange(), kind, &body, props).await {
+            // Nobody has bound a queue for this event type yet: there is no one to tell.
+            Err(PublishError::Unroutable(_)) => Ok(()),
+            other => other,
+        }
     }
 }
 

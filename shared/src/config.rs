@@ -57,6 +57,9 @@ pub struct Config {
     pub tools: BTreeMap<Name, ToolConfig>,
     /// The agents, by name.
     pub agents: BTreeMap<Name, AgentConfig>,
+    /// Tenants with daily caps, by name (the tenant comes from the request).
+    #[serde(default)]
+    pub tenants: BTreeMap<Name, TenantConfig>,
 }
 
 /// RabbitMQ settings.
@@ -322,18 +325,63 @@ fn default_max_tokens() -> u32 {
     1024
 }
 
-/// Per-session budget limits.
+/// Per-session budget limits, and the agent's fleet-wide daily cap. A request may lower the
+/// per-session limits, never raise them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
-    /// Model calls per session. Default 25.
+    /// Agent steps (model calls) per session, not counting the final summary. Default 25.
     pub max_steps: u32,
+    /// Cost per session, USD, the final summary included. Default 1.00.
+    pub max_cost_usd: f64,
+    /// Cost of one model call, USD. Default 0.25.
+    pub max_cost_per_step_usd: f64,
+    /// Tokens per session (input, cache reads and writes, and output). Default 500000.
+    pub max_tokens: u64,
+    /// Fraction of any limit at which `session.budget_alert` fires, once. Default 0.8.
+    pub alert_threshold: f64,
+    /// `max_tokens` of the final summary call. Default 512.
+    pub summary_max_tokens: u32,
+    /// Spend cap of this agent per UTC day across the fleet, USD. Default none.
+    pub daily_cap_usd: Option<f64>,
+    /// What a session does when a daily cap (the agent's or its tenant's) is reached: `pause`
+    /// (retried every 10 minutes, so it resumes the next day or once the cap is raised) or `fail`.
+    /// Default `pause`.
+    pub on_daily_cap: OnDailyCap,
 }
 
 impl Default for BudgetConfig {
     fn default() -> Self {
-        Self { max_steps: 25 }
+        Self {
+            max_steps: 25,
+            max_cost_usd: 1.0,
+            max_cost_per_step_usd: 0.25,
+            max_tokens: 500_000,
+            alert_threshold: 0.8,
+            summary_max_tokens: 512,
+            daily_cap_usd: None,
+            on_daily_cap: OnDailyCap::Pause,
+        }
     }
+}
+
+/// What a session does at a daily cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDailyCap {
+    /// Wait, and try again every 10 minutes.
+    #[default]
+    Pause,
+    /// End the session `failed`.
+    Fail,
+}
+
+/// A tenant's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Spend cap of this tenant per UTC day across the fleet, USD.
+    pub daily_cap_usd: Option<f64>,
 }
 
 /// The name of the built-in escalation tool.
@@ -400,6 +448,13 @@ impl Config {
         for (name, agent) in &self.agents {
             self.validate_agent(agent).map_err(|(f, p)| (format!("agents.{name}.{f}"), p))?;
         }
+        for (name, tenant) in &self.tenants {
+            if let Some(cap) = tenant.daily_cap_usd
+                && (!cap.is_finite() || cap <= 0.0)
+            {
+                return Err((format!("tenants.{name}.daily_cap_usd"), "must be a positive number of USD".into()));
+            }
+        }
         Ok(())
     }
 
@@ -416,10 +471,12 @@ impl Config {
         if agent.max_tokens == 0 {
             return Err(("max_tokens".into(), "must be at least 1".into()));
         }
-        if agent.budget.max_steps == 0 {
-            return Err(("budget.max_steps".into(), "must be at least 1".into()));
-        }
-        Ok(())
+        validate_budget(&agent.budget).map_err(|(f, p)| (format!("budget.{f}"), p))
+    }
+
+    /// The daily cap of `tenant`, if it has one.
+    pub fn tenant_daily_cap(&self, tenant: &str) -> Option<f64> {
+        self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.daily_cap_usd)
     }
 
     /// The agent named `name`.
@@ -443,6 +500,35 @@ impl Price {
             + per_token(self.cache_read.unwrap_or(self.input * 0.1), usage.cache_read_input_tokens);
         MicroUsd(total.ceil() as u64)
     }
+}
+
+fn validate_budget(b: &BudgetConfig) -> Result<(), (String, String)> {
+    let err = |f: &str, p: &str| Err((f.to_owned(), p.to_owned()));
+    if b.max_steps == 0 {
+        return err("max_steps", "must be at least 1");
+    }
+    let usd = [
+        ("max_cost_usd", Some(b.max_cost_usd)),
+        ("max_cost_per_step_usd", Some(b.max_cost_per_step_usd)),
+        ("daily_cap_usd", b.daily_cap_usd),
+    ];
+    for (field, value) in usd {
+        if let Some(v) = value
+            && (!v.is_finite() || v <= 0.0)
+        {
+            return err(field, "must be a positive number of USD");
+        }
+    }
+    if b.max_cost_per_step_usd > b.max_cost_usd {
+        return err("max_cost_per_step_usd", "must not exceed max_cost_usd");
+    }
+    if !(b.alert_threshold > 0.0 && b.alert_threshold <= 1.0) {
+        return err("alert_threshold", "must be a fraction in (0, 1]");
+    }
+    if b.max_tokens == 0 || b.summary_max_tokens == 0 {
+        return err("max_tokens", "token limits must be at least 1");
+    }
+    Ok(())
 }
 
 fn check_url(url: &str, schemes: &[&str]) -> Result<(), String> {

@@ -140,6 +140,8 @@ pub enum SessionStatus {
     AwaitingHuman,
     /// Paused before a tool that needs approval.
     AwaitingApproval,
+    /// Waiting for a fleet-wide daily cap to allow it again; retried periodically.
+    Paused,
     /// The agent finished (`end_turn`).
     Completed,
     /// Ended by an error it could not recover from.
@@ -151,11 +153,12 @@ pub enum SessionStatus {
 }
 
 impl SessionStatus {
-    const ALL: [SessionStatus; 8] = [
+    const ALL: [SessionStatus; 9] = [
         Self::Queued,
         Self::Running,
         Self::AwaitingHuman,
         Self::AwaitingApproval,
+        Self::Paused,
         Self::Completed,
         Self::Failed,
         Self::BudgetExhausted,
@@ -169,6 +172,7 @@ impl SessionStatus {
             Self::Running => "running",
             Self::AwaitingHuman => "awaiting_human",
             Self::AwaitingApproval => "awaiting_approval",
+            Self::Paused => "paused",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::BudgetExhausted => "budget_exhausted",

@@ -5,9 +5,13 @@
 //! step engine and telemetry. See `docs/ARCHITECTURE.md` for how the parts fit.
 
 pub mod amqp;
+pub mod breaker;
+pub mod budget;
 pub mod config;
 pub mod domain;
+pub mod failpoint;
 pub mod llm;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod step;
 pub mod store;

@@ -143,6 +143,23 @@ pub mod metric {
         metrics::counter!("agentfleet_sessions_created_total", "agent" => agent.to_owned()).increment(1);
     }
 
+    /// A session crossed its budget alert threshold (once per session).
+    pub fn budget_alert(agent: &str, limit: &'static str) {
+        let labels = [("agent", agent.to_owned()), ("limit", limit.to_owned())];
+        metrics::counter!("agentfleet_budget_alerts_total", &labels).increment(1);
+    }
+
+    /// A session ended `budget_exhausted`.
+    pub fn budget_exhausted(agent: &str, limit: &'static str) {
+        let labels = [("agent", agent.to_owned()), ("limit", limit.to_owned())];
+        metrics::counter!("agentfleet_budget_exhaustions_total", &labels).increment(1);
+    }
+
+    /// A step found a fleet-wide daily cap in its way.
+    pub fn daily_cap_reached(agent: &str) {
+        metrics::counter!("agentfleet_daily_cap_hits_total", "agent" => agent.to_owned()).increment(1);
+    }
+
     /// A message sent to the dead-letter queue.
     pub fn dead_lettered(reason: &'static str) {
         metrics::counter!("agentfleet_dead_lettered_total", "reason" => reason).increment(1);

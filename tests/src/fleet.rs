@@ -42,11 +42,20 @@ pub struct FleetOptions {
     pub max_steps: u32,
     /// The Redis URL (a private server for some tests).
     pub redis_url: String,
+    /// More TOML appended to the config (agents, tenants).
+    pub extra_config: String,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        Self { workers: 1, concurrency: 16, lease_ms: 3_000, max_steps: 50, redis_url: redis_url() }
+        Self {
+            workers: 1,
+            concurrency: 16,
+            lease_ms: 3_000,
+            max_steps: 50,
+            redis_url: redis_url(),
+            extra_config: String::new(),
+        }
     }
 }
 
@@ -106,8 +115,14 @@ impl TestFleet {
 
     /// Starts one more worker process; returns its index.
     pub fn spawn_worker(&mut self) -> anyhow::Result<usize> {
+        self.spawn_worker_with_env(&[])
+    }
+
+    /// Starts one more worker process with extra environment (e.g. `AGENTFLEET_FAILPOINT`).
+    pub fn spawn_worker_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<usize> {
         let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.spawned)))?;
         let child = Command::new(worker_binary()?)
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&self.config_path)
             .env("ANTHROPIC_API_KEY", "test-key")
@@ -137,6 +152,22 @@ impl TestFleet {
         Ok(())
     }
 
+    /// Waits up to `timeout` for worker `i` to exit by itself; returns its exit status.
+    pub async fn wait_exit(&mut self, i: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(child) = self.workers.get_mut(i).and_then(Option::as_mut) else {
+                bail!("worker {i} is not running")
+            };
+            if let Some(status) = child.try_wait()? {
+                self.workers[i] = None;
+                return Ok(status);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "worker {i} did not exit within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGTERMs worker `i` and waits for it to exit; returns its exit status.
     pub fn stop_worker(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
         let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else {
@@ -149,8 +180,12 @@ impl TestFleet {
 
     /// Creates a session through the HTTP API.
     pub async fn submit(&self, agent: &str, input: &str) -> anyhow::Result<SessionId> {
-        let body = serde_json::json!({ "agent": agent, "input": input });
-        let r = self.http.post(format!("{}/v1/sessions", self.api)).json(&body).send().await?;
+        self.submit_json(&serde_json::json!({ "agent": agent, "input": input })).await
+    }
+
+    /// Creates a session from a whole request body.
+    pub async fn submit_json(&self, body: &Value) -> anyhow::Result<SessionId> {
+        let r = self.http.post(format!("{}/v1/sessions", self.api)).json(body).send().await?;
         let status = r.status();
         let v: Value = r.json().await?;
         if status != reqwest::StatusCode::ACCEPTED {
@@ -287,7 +322,15 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
 pub fn is_settled(v: &Value) -> bool {
     matches!(
         v["status"].as_str(),
-        Some("completed" | "failed" | "budget_exhausted" | "cancelled" | "awaiting_human" | "awaiting_approval")
+        Some(
+            "completed"
+                | "failed"
+                | "budget_exhausted"
+                | "cancelled"
+                | "awaiting_human"
+                | "awaiting_approval"
+                | "paused"
+        )
     )
 }
 
@@ -349,12 +392,15 @@ model = "claude-sonnet-4-5"
 system_prompt = "You are a support agent."
 tools = ["search_knowledge_base", "lookup_customer", "escalate_to_human"]
 budget = {{ max_steps = {max_steps} }}
+
+{extra}
 "#,
         amqp = amqp_url(),
         redis = o.redis_url,
         concurrency = o.concurrency,
         lease_ms = o.lease_ms,
         max_steps = o.max_steps,
+        extra = o.extra_config,
     )
 }
 

@@ -3,4 +3,5 @@
 
 pub mod fleet;
 pub mod model_server;
+pub mod openai_server;
 pub mod tool_server;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentfleet::amqp::{PublishError, StepPublisher};
+use agentfleet::budget::Limits;
 use agentfleet::config::Config;
 use agentfleet::domain::{Name, SessionId, StepMessage};
 use agentfleet::llm::AnthropicClient;
@@ -33,6 +34,9 @@ impl StepPublisher for Recorder {
     }
     async fn dead_letter(&self, _: &[u8], _: &str) -> Result<(), PublishError> {
         Err(PublishError::Nacked)
+    }
+    async fn publish_event(&self, _: &str, _: &serde_json::Value) -> Result<(), PublishError> {
+        Ok(())
     }
 }
 
@@ -106,7 +110,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
         tenant: String::new(),
         input: "[steps=45] a long conversation".into(),
         metadata: serde_json::json!({}),
-        max_steps: 50,
+        limits: Limits::of(&cfg.agent("support").ok_or_else(|| anyhow::anyhow!("no agent"))?.budget),
     };
     store.create(&new, 0).await?;
 

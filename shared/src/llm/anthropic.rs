@@ -51,6 +51,17 @@ impl LlmError {
         }
     }
 
+    /// True when the call certainly cost nothing: the API answered with an error, the connection
+    /// was never made, or the request was never sent. A timeout or an unreadable 2xx may have
+    /// been billed.
+    pub fn is_unbilled(&self) -> bool {
+        match self {
+            Self::Api { .. } | Self::Request(_) => true,
+            Self::Transport(why) => why == CONNECT_FAILED,
+            Self::Decode(_) => false,
+        }
+    }
+
     /// The server's `retry-after`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -71,6 +82,9 @@ pub struct CallSpec<'a> {
     pub max_tokens: u32,
     /// The tool definitions as one JSON array, prepared once per agent; `None` for a tool-less call.
     pub tools: Option<&'a RawValue>,
+    /// `tool_choice` type: `None` for the default (`auto`), `Some("none")` to forbid tool use while
+    /// the definitions stay (the conversation may hold `tool_use` blocks, which need them).
+    pub tool_choice: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +96,14 @@ struct RequestBody<'a> {
     messages: &'a [Box<RawValue>],
     #[serde(skip_serializing_if = "Option::is_none")]
     tools: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoice<'a>>,
+}
+
+#[derive(Serialize)]
+struct ToolChoice<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +171,7 @@ impl AnthropicClient {
             system: spec.system,
             messages,
             tools: spec.tools,
+            tool_choice: spec.tool_choice.map(|kind| ToolChoice { kind }),
         };
         let body = serde_json::to_vec(&body).map_err(|e| LlmError::Request(e.to_string()))?;
         let response = self
@@ -182,11 +205,13 @@ impl AnthropicClient {
     }
 }
 
+const CONNECT_FAILED: &str = "connection failed";
+
 fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {
-        "connection failed".into()
+        CONNECT_FAILED.into()
     } else {
         // reqwest's Display includes the URL, never headers.
         e.to_string()

@@ -6,11 +6,13 @@
 //! for byte, as it requires.
 
 pub mod anthropic;
+pub mod openai;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use anthropic::{AnthropicClient, LlmError};
+pub use openai::OpenAiClient;
 
 /// One content block exactly as received.
 pub type RawBlock = Box<RawValue>;

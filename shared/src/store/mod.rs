@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use thiserror::Error;
 
+use crate::budget::{Limits, Reservation};
 use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
 use crate::llm::{ToolOutcome, Usage};
 
@@ -43,8 +44,10 @@ pub struct Meta {
     pub phase: Phase,
     /// The highest step whose message is known to be in the broker.
     pub published: u32,
-    /// The session's step limit.
-    pub max_steps: u32,
+    /// The session's budget limits.
+    pub limits: Limits,
+    /// The limit whose alert threshold was crossed, once it was.
+    pub alerted: Option<String>,
     /// Creation time, Unix ms.
     pub created_ms: u64,
     /// Last change, Unix ms.
@@ -72,8 +75,8 @@ pub struct NewSession {
     pub input: String,
     /// Caller metadata, a JSON object.
     pub metadata: serde_json::Value,
-    /// The step limit.
-    pub max_steps: u32,
+    /// The budget limits.
+    pub limits: Limits,
 }
 
 /// What a step needs: the session as the step found it.
@@ -85,6 +88,8 @@ pub struct SessionState {
     pub messages: Vec<String>,
     /// Tool results already recorded, by `tool_use_id`.
     pub ledger: HashMap<String, ToolOutcome>,
+    /// Usage so far, open reservations of dead workers included.
+    pub usage: UsageTotals,
 }
 
 /// What a step message means, decided atomically with taking the lease.
@@ -137,16 +142,47 @@ pub enum ModelOutcome {
 /// The model phase's checkpoint.
 #[derive(Debug, Clone)]
 pub struct ModelCommit {
-    /// Messages to append: the assistant message, and maybe a user nudge.
+    /// Messages to append: the assistant message, and maybe a user message before or after it.
     pub messages: Vec<String>,
-    /// The call's usage.
-    pub usage: Usage,
-    /// Its cost, micro-USD.
-    pub cost_micro_usd: u64,
     /// What comes next.
     pub outcome: ModelOutcome,
+}
+
+/// A reconciled call: its usage and cost, and its trace record.
+#[derive(Debug, Clone)]
+pub struct CallUsage<'a> {
+    /// Tokens.
+    pub usage: Usage,
+    /// Cost, micro-USD.
+    pub cost_micro_usd: u64,
     /// The trace record (JSON).
-    pub trace: String,
+    pub trace: &'a str,
+}
+
+/// The fleet-wide daily counters a call is reserved against.
+#[derive(Debug, Clone)]
+pub struct DailyCaps<'a> {
+    /// The agent.
+    pub agent: &'a str,
+    /// The tenant (empty for none).
+    pub tenant: &'a str,
+    /// The UTC day, as days since the Unix epoch.
+    pub day: u64,
+    /// The agent's cap, micro-USD.
+    pub agent_cap: Option<u64>,
+    /// The tenant's cap, micro-USD.
+    pub tenant_cap: Option<u64>,
+}
+
+/// Whether a daily reservation was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DailyVerdict {
+    /// Reserved.
+    Reserved,
+    /// The agent's daily cap is in the way.
+    AgentCap,
+    /// The tenant's daily cap is in the way.
+    TenantCap,
 }
 
 /// A session as the API shows it.
@@ -175,6 +211,15 @@ pub struct UsageTotals {
     pub cost_micro_usd: u64,
     /// Model calls made (including ones whose checkpoint was lost).
     pub model_calls: u64,
+    /// Calls whose worker died before their usage was known: counted at their reserved worst case.
+    pub unreconciled_calls: u64,
+}
+
+impl UsageTotals {
+    /// Every token: input, cache reads and writes, and output.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+    }
 }
 
 /// The session store. Redis in production; the trait is the seam for other backends.
@@ -194,6 +239,26 @@ pub trait SessionStore: Send + Sync {
     async fn mark_published(&self, id: &SessionId, step: u32) -> Result<(), StoreError> {
         self.release(id, "", step).await
     }
+    /// Holds a call's worst case before it is made.
+    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError>;
+    /// Replaces the reservation with the call's actual usage, once; the new totals, or `None` when
+    /// the reservation had already been settled (as an orphan, at its worst case).
+    async fn reconcile(
+        &self,
+        id: &SessionId,
+        reservation_id: &str,
+        call: &CallUsage<'_>,
+    ) -> Result<Option<UsageTotals>, StoreError>;
+    /// Drops the reservation of a call that was certainly not billed.
+    async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError>;
+    /// Marks the budget alert as sent; true only for the first caller.
+    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError>;
+    /// Reserves `amount` micro-USD against the daily caps, atomically across the fleet.
+    async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError>;
+    /// Corrects the daily spend by `delta` micro-USD.
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError>;
+    /// The daily spend of an agent and a tenant on `day`, micro-USD.
+    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError>;
     /// The model phase's checkpoint; false when fenced out.
     async fn commit_model(
         &self,

@@ -12,10 +12,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{
-    Claim, Meta, ModelCommit, ModelOutcome, NewSession, SessionState, SessionStore, SessionView, StepEnd, StoreError,
-    UsageTotals,
+    CallUsage, Claim, DailyCaps, DailyVerdict, Meta, ModelCommit, ModelOutcome, NewSession, SessionState, SessionStore,
+    SessionView, StepEnd, StoreError, UsageTotals,
 };
+use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
+use crate::domain::MicroUsd;
 use crate::domain::{Name, Phase, SessionId, StepMessage};
 use crate::llm::ToolOutcome;
 
@@ -27,6 +29,7 @@ struct Keys {
     ledger: String,
     trace: String,
     lease: String,
+    resv: String,
 }
 
 impl Keys {
@@ -39,6 +42,7 @@ impl Keys {
             ledger: k("ledger"),
             trace: k("trace"),
             lease: k("lease"),
+            resv: k("resv"),
         }
     }
 }
@@ -53,6 +57,12 @@ struct Scripts {
     renew: Script,
     create: Script,
     idempotency: Script,
+    reserve: Script,
+    reconcile: Script,
+    cancel_reservation: Script,
+    mark_alert: Script,
+    daily_reserve: Script,
+    daily_settle: Script,
 }
 
 impl Scripts {
@@ -67,6 +77,12 @@ impl Scripts {
             renew: Script::new(include_str!("lua/renew.lua")),
             create: Script::new(include_str!("lua/create.lua")),
             idempotency: Script::new(include_str!("lua/idempotency.lua")),
+            reserve: Script::new(include_str!("lua/reserve.lua")),
+            reconcile: Script::new(include_str!("lua/reconcile.lua")),
+            cancel_reservation: Script::new(include_str!("lua/cancel_reservation.lua")),
+            mark_alert: Script::new(include_str!("lua/mark_alert.lua")),
+            daily_reserve: Script::new(include_str!("lua/daily_reserve.lua")),
+            daily_settle: Script::new(include_str!("lua/daily_settle.lua")),
         }
     }
 }
@@ -95,6 +111,14 @@ impl RedisStore {
         Keys::new(&self.prefix, id)
     }
 
+    /// The daily spend counters of an agent and a tenant: one `{budget}` hash tag for both, so one
+    /// script reserves against both caps atomically (also on Redis Cluster).
+    fn daily_keys(&self, agent: &str, tenant: &str, day: u64) -> (String, String) {
+        let p = &self.prefix;
+        let tenant = if tenant.is_empty() { "-" } else { tenant };
+        (format!("{p}:{{budget}}:daily:{day}:agent:{agent}"), format!("{p}:{{budget}}:daily:{day}:tenant:{tenant}"))
+    }
+
     /// The index of live sessions (a sorted set scored by last touch), read by the janitor.
     fn active_key(&self) -> String {
         format!("{}:active", self.prefix)
@@ -117,7 +141,12 @@ impl SessionStore for RedisStore {
             ("step", "1".to_owned()),
             ("phase", "llm".to_owned()),
             ("published", "0".to_owned()),
-            ("max_steps", new.max_steps.to_string()),
+            ("max_steps", new.limits.max_steps.to_string()),
+            ("max_cost", new.limits.max_cost.0.to_string()),
+            ("max_cost_per_step", new.limits.max_cost_per_step.0.to_string()),
+            ("max_tokens", new.limits.max_tokens.to_string()),
+            ("alert_permille", new.limits.alert_permille.to_string()),
+            ("summary_max_tokens", new.limits.summary_max_tokens.to_string()),
             ("created_ms", now_ms.to_string()),
             ("updated_ms", now_ms.to_string()),
             ("metadata", new.metadata.to_string()),
@@ -147,6 +176,8 @@ impl SessionStore for RedisStore {
             .key(&k.msgs)
             .key(&k.ledger)
             .key(&k.lease)
+            .key(&k.usage)
+            .key(&k.resv)
             .arg(msg.step)
             .arg(token)
             .arg(lease_ms)
@@ -184,16 +215,102 @@ impl SessionStore for RedisStore {
             ModelOutcome::Done { status, result, error } => ("done", status.as_str(), result.as_str(), error.as_str()),
         };
         let mut inv = self.scripts.commit_model.key(&k.meta);
-        inv.key(&k.msgs).key(&k.usage).key(&k.trace);
-        inv.arg(step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms).arg(&c.trace);
-        let u = &c.usage;
-        inv.arg(u.input_tokens).arg(u.output_tokens).arg(u.cache_creation_input_tokens).arg(u.cache_read_input_tokens);
-        inv.arg(c.cost_micro_usd).arg(c.messages.len());
+        inv.key(&k.msgs).arg(step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms).arg(c.messages.len());
         for m in &c.messages {
             inv.arg(m);
         }
         let applied: i64 = inv.invoke_async(&mut self.conn()).await?;
         Ok(applied == 1)
+    }
+
+    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
+        let value = format!("{}|{}|{}", r.cost, r.input_tokens, r.output_tokens);
+        let k = self.keys(id);
+        let _: i64 =
+            self.scripts.reserve.key(&k.resv).arg(reservation_id).arg(value).invoke_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn reconcile(
+        &self,
+        id: &SessionId,
+        reservation_id: &str,
+        call: &CallUsage<'_>,
+    ) -> Result<Option<UsageTotals>, StoreError> {
+        let k = self.keys(id);
+        let u = &call.usage;
+        let totals: Vec<(String, u64)> = self
+            .scripts
+            .reconcile
+            .key(&k.usage)
+            .key(&k.resv)
+            .key(&k.trace)
+            .arg(reservation_id)
+            .arg(u.input_tokens)
+            .arg(u.output_tokens)
+            .arg(u.cache_creation_input_tokens)
+            .arg(u.cache_read_input_tokens)
+            .arg(call.cost_micro_usd)
+            .arg(call.trace)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok((!totals.is_empty()).then(|| parse_usage(&totals.into_iter().collect())))
+    }
+
+    async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError> {
+        let k = self.keys(id);
+        let _: i64 = self
+            .scripts
+            .cancel_reservation
+            .key(&k.resv)
+            .key(&k.trace)
+            .arg(reservation_id)
+            .arg(trace)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError> {
+        let first: i64 =
+            self.scripts.mark_alert.key(self.keys(id).meta).arg(limit).invoke_async(&mut self.conn()).await?;
+        Ok(first == 1)
+    }
+
+    async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
+        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant, caps.day);
+        let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        let verdict: i64 = self
+            .scripts
+            .daily_reserve
+            .key(agent_key)
+            .key(tenant_key)
+            .arg(amount)
+            .arg(cap(caps.agent_cap))
+            .arg(cap(caps.tenant_cap))
+            .arg(3 * 86_400)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(match verdict {
+            0 => DailyVerdict::Reserved,
+            1 => DailyVerdict::AgentCap,
+            _ => DailyVerdict::TenantCap,
+        })
+    }
+
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
+        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant, caps.day);
+        let _: i64 =
+            self.scripts.daily_settle.key(agent_key).key(tenant_key).arg(delta).invoke_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {
+        let (agent_key, tenant_key) = self.daily_keys(agent, tenant, day);
+        let (a, t): (Option<i64>, Option<i64>) =
+            redis::pipe().get(agent_key).get(tenant_key).query_async(&mut self.conn()).await?;
+        let non_negative = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+        Ok((non_negative(a), non_negative(t)))
     }
 
     async fn record_tool(
@@ -332,7 +449,14 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
             let meta: HashMap<String, String> = next_as(&mut it)?;
             let messages: Vec<String> = next_as(&mut it)?;
             let ledger: HashMap<String, String> = next_as(&mut it)?;
-            Claim::Run(Box::new(SessionState { meta: parse_meta(&meta)?, messages, ledger: parse_ledger(ledger)? }))
+            let usage: HashMap<String, u64> = next_as(&mut it)?;
+            let state = SessionState {
+                meta: parse_meta(&meta)?,
+                messages,
+                ledger: parse_ledger(ledger)?,
+                usage: parse_usage(&usage),
+            };
+            Claim::Run(Box::new(state))
         }
         other => return Err(StoreError::Corrupt(format!("unknown claim verdict `{other}`"))),
     })
@@ -366,7 +490,15 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<Meta, StoreError> {
         step: num32("step")?,
         phase: get("phase").parse().map_err(|_| corrupt("phase"))?,
         published: num32("published")?,
-        max_steps: num32("max_steps")?,
+        limits: Limits {
+            max_steps: num32("max_steps")?,
+            max_cost: MicroUsd(num("max_cost")?),
+            max_cost_per_step: MicroUsd(num("max_cost_per_step")?),
+            max_tokens: num("max_tokens")?,
+            alert_permille: num32("alert_permille")?,
+            summary_max_tokens: num32("summary_max_tokens")?,
+        },
+        alerted: opt("alerted"),
         created_ms: num("created_ms")?,
         updated_ms: num("updated_ms")?,
         result: opt("result"),
@@ -385,6 +517,7 @@ fn parse_usage(u: &HashMap<String, u64>) -> UsageTotals {
         cache_read_input_tokens: get("cache_read_input_tokens"),
         cost_micro_usd: get("cost_micro_usd"),
         model_calls: get("model_calls"),
+        unreconciled_calls: get("unreconciled_calls"),
     }
 }
 
@@ -397,7 +530,7 @@ mod tests {
         let id = SessionId::generate();
         let k = Keys::new("af", &id);
         let tag = format!("{{{id}}}");
-        for key in [&k.meta, &k.msgs, &k.usage, &k.ledger, &k.trace, &k.lease] {
+        for key in [&k.meta, &k.msgs, &k.usage, &k.ledger, &k.trace, &k.lease, &k.resv] {
             assert!(key.contains(&tag), "{key}");
         }
     }

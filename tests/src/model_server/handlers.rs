@@ -98,8 +98,11 @@ async fn answer(state: &AppState, valid: &Validated) -> Response {
         turn: valid.request.assistant_turns(),
         tools: &valid.tools,
         last_tool_result: valid.request.last_tool_result(),
+        tool_choice: &valid.tool_choice,
     };
-    response::success(valid, &script::play(&context))
+    let (response, usage) = response::success(valid, &script::play(&context));
+    state.stats.billed(usage.input_tokens, usage.output_tokens);
+    response
 }
 
 /// `GET /admin/stats`.

@@ -44,20 +44,24 @@ pub(crate) struct Usage {
 }
 
 /// The 200 response for a validated request and the turn its script produced.
-pub(crate) fn success(valid: &Validated, turn: &Turn) -> Response {
-    let usage = usage(valid, &turn.content);
+pub(crate) fn success(valid: &Validated, turn: &Turn) -> (Response, Usage) {
+    let mut usage = usage(valid, &turn.content);
+    // Like the real API, output never exceeds `max_tokens`: the turn is cut there.
+    let cut = usage.output_tokens > valid.request.max_tokens;
+    usage.output_tokens = usage.output_tokens.min(valid.request.max_tokens);
+    let stop_reason = if cut { "max_tokens" } else { turn.stop_reason.as_str() };
     let body = MessageBody {
         id: format!("msg_{}", ulid::Ulid::new()),
         kind: "message",
         role: "assistant",
         model: &valid.request.model,
         content: &turn.content,
-        stop_reason: &turn.stop_reason,
+        stop_reason,
         stop_sequence: turn.stop_sequence.as_deref(),
         usage,
         container: None,
     };
-    (StatusCode::OK, rate_limit_headers(usage.input_tokens), Json(body)).into_response()
+    ((StatusCode::OK, rate_limit_headers(usage.input_tokens), Json(body)).into_response(), usage)
 }
 
 /// `input_tokens` = ceil(body bytes / 4); cached = system bytes / 4 when anything is cached;
@@ -162,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn body_fields_come_in_api_order() {
         let turn = Turn { content: text("hi"), stop_reason: "end_turn".to_owned(), stop_sequence: None };
-        let response = success(&validated(None, 0, 8), &turn);
+        let (response, _) = success(&validated(None, 0, 8), &turn);
         assert!(response.headers().contains_key("anthropic-ratelimit-requests-reset"));
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
         let body = std::str::from_utf8(&bytes).expect("utf8");

@@ -8,6 +8,7 @@
 //!   `max_tokens_tool` ends with `max_tokens` and a cut-off `tool_use`. `[stop=` wins over `[steps=`.
 //! - `[exotic]`: every turn also carries `redacted_thinking` and a server tool call with its result.
 //! - no directive: the support flow (knowledge base, customer lookup, maybe escalation, answer).
+//! - whatever the goal, a request with `tool_choice: none` gets a text-only summary.
 //!
 //! Every turn starts with a signed `thinking` block.
 
@@ -51,12 +52,16 @@ pub(crate) struct Context<'a> {
     pub(crate) turn: usize,
     pub(crate) tools: &'a ToolSet,
     pub(crate) last_tool_result: Option<&'a str>,
+    /// The `tool_choice` type, `"absent"` when none was sent.
+    pub(crate) tool_choice: &'a str,
 }
 
 /// Plays the script the goal asks for at turn `ctx.turn`.
 pub(crate) fn play(ctx: &Context<'_>) -> Turn {
     let directives = Directives::parse(ctx.goal);
     let mut turn = match &directives.script {
+        // `tool_choice: none` forbids tools: the model can only write, e.g. a summary.
+        _ if ctx.tool_choice == "none" => summary(ctx),
         Script::Stop(reason) => stop(ctx, reason),
         Script::Steps { n, tool } => steps(ctx, *n, tool),
         Script::Support => support(ctx),
@@ -102,6 +107,11 @@ impl Directives {
 /// The insides of every `[...]` in `text`.
 fn bracketed(text: &str) -> impl Iterator<Item = &str> {
     text.split('[').skip(1).filter_map(|part| part.split_once(']').map(|(inside, _)| inside))
+}
+
+/// A text-only answer when tools are forbidden: a summary of the turns so far.
+fn summary(ctx: &Context<'_>) -> Turn {
+    end_turn(format!("Summary: I worked on the goal for {} turns and stopped here.", ctx.turn))
 }
 
 /// `[steps=N]`: N-1 tool turns, then done.
@@ -295,7 +305,7 @@ mod tests {
     }
 
     fn play_at(goal: &str, turn: usize, tools: &ToolSet, last: Option<&str>) -> Turn {
-        play(&Context { goal, turn, tools, last_tool_result: last })
+        play(&Context { goal, turn, tools, last_tool_result: last, tool_choice: "auto" })
     }
 
     fn texts(turn: &Turn) -> Vec<&str> {

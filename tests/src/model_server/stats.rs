@@ -35,6 +35,12 @@ pub struct ModelStats {
     pub max_tokens_seen: Vec<u64>,
     /// Valid requests by `tool_choice` type (`"absent"` when none was sent).
     pub tool_choice_seen: BTreeMap<String, u64>,
+    /// Input tokens of every successful response (what the account was billed).
+    pub billed_input_tokens: u64,
+    /// Output tokens of every successful response.
+    pub billed_output_tokens: u64,
+    /// Successful responses.
+    pub answered_total: u64,
 }
 
 /// Injected fault counts.
@@ -85,6 +91,14 @@ impl StatsRecorder {
         stats.valid_total += 1;
         push_bounded(&mut stats.max_tokens_seen, max_tokens, KEPT_MAX_TOKENS);
         *stats.tool_choice_seen.entry(tool_choice.to_owned()).or_default() += 1;
+    }
+
+    /// Counts a successful response and what it billed.
+    pub(crate) fn billed(&self, input_tokens: u64, output_tokens: u64) {
+        let mut stats = self.lock();
+        stats.answered_total += 1;
+        stats.billed_input_tokens += input_tokens;
+        stats.billed_output_tokens += output_tokens;
     }
 
     /// Counts an injected fault.

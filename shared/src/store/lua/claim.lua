@@ -1,7 +1,8 @@
 -- Point 1 and 2 of a step (DESIGN §3), in one round trip: decide what a step message means and, when
 -- it is the session's current step, take the lease and load meta, messages and ledger.
--- KEYS: meta, msgs, ledger, lease   ARGV: step, lease token "<step>|<worker>|<nonce>", lease ms, now ms
-local meta, msgs, ledger, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- KEYS: meta, msgs, ledger, lease, usage, resv
+-- ARGV: step, lease token "<step>|<worker>|<nonce>", lease ms, now ms
+local meta, msgs, ledger, lease, usage, resv = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local n = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 0 then return {'missing', ''} end
 local f = redis.call('HMGET', meta, 'status', 'step', 'published')
@@ -29,4 +30,19 @@ if published < n then
 elseif status ~= 'running' then
   redis.call('HSET', meta, 'status', 'running', 'updated_ms', ARGV[4])
 end
-return {'run', '', redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger)}
+-- Reservations still open now that we hold the lease belong to calls whose worker died (or lost its
+-- lease) before reconciling: the call may have been billed, so count its worst case, once.
+local orphans = redis.call('HGETALL', resv)
+for i = 1, #orphans, 2 do
+  local cost, input, output = string.match(orphans[i + 1], '^(%d+)|(%d+)|(%d+)$')
+  if cost then
+    redis.call('HINCRBY', usage, 'cost_micro_usd', cost)
+    redis.call('HINCRBY', usage, 'input_tokens', input)
+    redis.call('HINCRBY', usage, 'output_tokens', output)
+    redis.call('HINCRBY', usage, 'model_calls', 1)
+    redis.call('HINCRBY', usage, 'unreconciled_calls', 1)
+  end
+  redis.call('HDEL', resv, orphans[i])
+end
+return {'run', '', redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger),
+  redis.call('HGETALL', usage)}

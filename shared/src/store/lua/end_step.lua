@@ -7,6 +7,8 @@ if tonumber(f[1]) ~= tonumber(ARGV[1]) or f[2] ~= ARGV[2] then return 0 end
 local status = ARGV[3]
 if status == 'awaiting_human' or status == 'awaiting_approval' then
   redis.call('HSET', meta, 'status', status, 'escalation', ARGV[6], 'updated_ms', ARGV[7])
+elseif status == 'paused' then
+  redis.call('HSET', meta, 'status', status, 'error', ARGV[5], 'updated_ms', ARGV[7])
 else
   redis.call('HSET', meta, 'status', status, 'phase', 'done', 'result', ARGV[4], 'error', ARGV[5], 'updated_ms', ARGV[7])
 end

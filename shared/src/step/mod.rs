@@ -9,20 +9,20 @@
 //! A crash anywhere is a redelivery of the same step, which resumes from the stored phase and
 //! ledger. An error whose outcome is unknown is never acked without a copy of the step in the broker.
 
+mod model;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::amqp::StepPublisher;
-use crate::config::{Config, Price};
-use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
-use crate::llm::anthropic::CallSpec;
-use crate::llm::{self, AnthropicClient, Block, LlmError, ModelReply, StopReason, ToolOutcome, ToolUse};
-use crate::store::{Claim, ModelCommit, ModelOutcome, SessionState, SessionStore, StepEnd, StoreError};
+use crate::config::{BudgetConfig, Config, Price};
+use crate::domain::{MicroUsd, Name, Phase, SessionId, SessionStatus, StepMessage};
+use crate::llm::{self, AnthropicClient, Block, ToolOutcome, ToolUse};
+use crate::store::{Claim, SessionState, SessionStore, StepEnd, StoreError};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
 use crate::tools::{ToolRun, ToolSet, ToolSetupError};
 
@@ -53,6 +53,8 @@ impl From<StoreError> for StepError {
 /// What is left to do after a step's state changes.
 enum After {
     Publish(u32),
+    /// Run this step again after a while (a daily cap is in the way).
+    Postpone(Duration),
     Nothing,
 }
 
@@ -72,10 +74,15 @@ pub struct Agent {
     pub tools: ToolSet,
     /// The model's price.
     pub price: Price,
+    /// The agent's budget settings (limits, daily cap, what to do at the cap).
+    pub budget: BudgetConfig,
 }
 
-/// Every configured agent, by name.
-pub struct Agents(HashMap<String, Arc<Agent>>);
+/// Every configured agent, by name, and the tenants' daily caps.
+pub struct Agents {
+    agents: HashMap<String, Arc<Agent>>,
+    tenant_caps: HashMap<String, u64>,
+}
 
 impl Agents {
     /// Builds every agent of `cfg`; `env` supplies tool header values.
@@ -90,31 +97,39 @@ impl Agents {
                 pool: a.pool.clone(),
                 tools: ToolSet::build(&a.tools, &cfg.tools, env)?,
                 // Config validation rejects an agent whose model has no price.
-                price: cfg.price(&a.model).copied().unwrap_or(Price {
-                    input: 0.0,
-                    output: 0.0,
-                    cache_write: None,
-                    cache_read: None,
-                }),
+                price: cfg.price(&a.model).copied().unwrap_or(FREE),
+                budget: a.budget.clone(),
             };
             agents.insert(name.to_string(), Arc::new(agent));
         }
-        Ok(Self(agents))
+        let tenant_caps = cfg
+            .tenants
+            .iter()
+            .filter_map(|(n, t)| Some((n.to_string(), MicroUsd::from_usd(t.daily_cap_usd?).ok()?.0)))
+            .collect();
+        Ok(Self { agents, tenant_caps })
     }
 
     /// The agent named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Agent>> {
-        self.0.get(name)
+        self.agents.get(name)
+    }
+
+    /// The daily cap of `tenant`, micro-USD.
+    pub fn tenant_cap(&self, tenant: &str) -> Option<u64> {
+        self.tenant_caps.get(tenant).copied()
     }
 
     /// The pools of all agents, each once.
     pub fn pools(&self) -> Vec<Name> {
-        let mut pools: Vec<Name> = self.0.values().map(|a| a.pool.clone()).collect();
+        let mut pools: Vec<Name> = self.agents.values().map(|a| a.pool.clone()).collect();
         pools.sort();
         pools.dedup();
         pools
     }
 }
+
+const FREE: Price = Price { input: 0.0, output: 0.0, cache_write: None, cache_read: None };
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -202,6 +217,11 @@ impl Engine {
                 self.release(&msg.session_id, token, 0).await;
                 metric::step_handled("done");
                 Disposition::Ack
+            }
+            Ok(After::Postpone(after)) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::step_handled("postponed");
+                self.later(&msg, pool, after, "waiting for a daily spend cap").await
             }
             Err(StepError::Retry { after, reason }) => {
                 self.release(&msg.session_id, token, 0).await;
@@ -398,101 +418,6 @@ impl StepCtx<'_> {
         }
     }
 
-    async fn model_phase(&self, state: SessionState) -> Result<After, StepError> {
-        if self.msg.step > state.meta.max_steps {
-            let why = format!("max_steps ({}) reached", state.meta.max_steps);
-            return self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::BudgetExhausted, why).await;
-        }
-        let messages = match raw_messages(&state.messages) {
-            Ok(m) => m,
-            Err(why) => {
-                return self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::Failed, why).await;
-            }
-        };
-        let spec = CallSpec {
-            model: &self.agent.model,
-            system: &self.agent.system,
-            max_tokens: self.agent.max_tokens,
-            tools: (!self.agent.tools.is_empty()).then(|| self.agent.tools.definitions()),
-        };
-        let started = Instant::now();
-        let reply = self.engine.llm.create_message(&spec, &messages).await;
-        metric::phase_duration("llm", started.elapsed());
-        match reply {
-            Ok(reply) => self.model_replied(state, reply, started.elapsed()).await,
-            Err(e) => self.model_failed(e, started.elapsed()).await,
-        }
-    }
-
-    async fn model_replied(
-        &self,
-        mut state: SessionState,
-        reply: ModelReply,
-        took: Duration,
-    ) -> Result<After, StepError> {
-        let blocks = reply.blocks();
-        let text = llm::text_of(&blocks);
-        let has_tools = blocks.iter().any(|b| matches!(b, Block::ToolUse(_)));
-        let (outcome, nudge) = decide(&reply.stop_reason, has_tools, &text);
-        let cost = self.agent.price.cost(&reply.usage);
-        metric::model_call(self.agent.name.as_str(), &self.agent.model, reply.stop_reason.label(), took);
-        metric::model_usage(
-            self.agent.name.as_str(),
-            &self.agent.model,
-            reply.usage.input_tokens,
-            reply.usage.output_tokens,
-            cost.0,
-        );
-        let assistant = reply.assistant_message();
-        let mut messages = vec![assistant.clone()];
-        messages.extend(nudge.map(llm::user_message));
-        let trace = TraceRecord {
-            input_summary: format!("{} messages", state.messages.len()),
-            output_summary: format!("stop_reason={} {}", reply.stop_reason.as_str(), summarize(&text, 200)),
-            input_tokens: reply.usage.input_tokens,
-            output_tokens: reply.usage.output_tokens,
-            cost_usd: cost.as_usd(),
-            duration_ms: took.as_millis() as u64,
-            success: true,
-            ..self.trace("model_call")
-        }
-        .emit();
-        let commit =
-            ModelCommit { messages, usage: reply.usage, cost_micro_usd: cost.0, outcome: outcome.clone(), trace };
-        if !self.engine.store.commit_model(self.id(), self.msg.step, &commit, now_ms()).await? {
-            return Ok(After::Nothing);
-        }
-        match outcome {
-            ModelOutcome::Tools => {
-                state.messages.push(assistant);
-                state.meta.phase = Phase::Tools;
-                self.tool_phase(state).await
-            }
-            ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
-            ModelOutcome::Done { status, .. } => {
-                self.engine.ended(self.id(), &self.agent.name, status).await;
-                Ok(After::Nothing)
-            }
-        }
-    }
-
-    async fn model_failed(&self, e: LlmError, took: Duration) -> Result<After, StepError> {
-        metric::model_call(self.agent.name.as_str(), &self.agent.model, "error", took);
-        let attempts_left = self.msg.attempt + 1 < self.engine.settings.max_model_attempts;
-        TraceRecord { error: Some(e.to_string()), duration_ms: took.as_millis() as u64, ..self.trace("model_call") }
-            .emit();
-        if e.is_retryable() && attempts_left {
-            let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
-            return Err(StepError::Retry { after, reason: "model_api" });
-        }
-        let why = if e.is_retryable() {
-            format!("the model API kept failing after {} attempts: {e}", self.msg.attempt + 1)
-        } else {
-            e.to_string()
-        };
-        self.engine.end(self.msg, &self.agent.name, Phase::Llm, SessionStatus::Failed, why).await
-    }
-
     async fn tool_phase(&self, state: SessionState) -> Result<After, StepError> {
         let calls = match last_tool_uses(&state.messages) {
             Ok(calls) if !calls.is_empty() => calls,
@@ -573,38 +498,27 @@ impl StepCtx<'_> {
         Ok(After::Nothing)
     }
 
+    /// Publishes a lifecycle event about this session; a failure is logged, never fatal.
+    async fn event(&self, meta: &crate::store::Meta, kind: &str, detail: serde_json::Value) {
+        let metadata: serde_json::Value = serde_json::from_str(&meta.metadata).unwrap_or_default();
+        let event = serde_json::json!({
+            "type": kind,
+            "session_id": self.id(),
+            "agent": self.agent.name,
+            "tenant": meta.tenant,
+            "metadata": metadata,
+            "step": self.msg.step,
+            "detail": detail,
+            "at_ms": now_ms(),
+        });
+        if let Err(e) = self.engine.publisher.publish_event(kind, &event).await {
+            warn!(error = %e, kind, "publishing an event failed");
+        }
+    }
+
     async fn fail_tools(&self, why: String) -> Result<After, StepError> {
         self.engine.end(self.msg, &self.agent.name, Phase::Tools, SessionStatus::Failed, why).await
     }
-}
-
-/// What a reply's stop reason means for the session, and the user nudge to append, if any.
-fn decide(stop: &StopReason, has_tools: bool, text: &str) -> (ModelOutcome, Option<&'static str>) {
-    let done = |status: SessionStatus, error: String| ModelOutcome::Done { status, result: text.to_owned(), error };
-    match stop {
-        StopReason::ToolUse | StopReason::EndTurn | StopReason::StopSequence | StopReason::MaxTokens if has_tools => {
-            (ModelOutcome::Tools, None)
-        }
-        StopReason::EndTurn | StopReason::StopSequence => (done(SessionStatus::Completed, String::new()), None),
-        StopReason::ToolUse => (ModelOutcome::Next, Some("You stopped to use a tool but sent no tool call. Continue.")),
-        StopReason::MaxTokens => (
-            ModelOutcome::Next,
-            Some(
-                "Your previous response was cut off by the output token limit. Continue from where you stopped, more briefly.",
-            ),
-        ),
-        StopReason::PauseTurn => (ModelOutcome::Next, None),
-        StopReason::Refusal => (done(SessionStatus::Failed, "the model refused to continue".into()), None),
-        StopReason::Other(s) => (done(SessionStatus::Failed, format!("unknown stop_reason `{s}`")), None),
-    }
-}
-
-fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, String> {
-    stored
-        .iter()
-        .enumerate()
-        .map(|(i, m)| RawValue::from_string(m.clone()).map_err(|e| format!("stored message {i} is not JSON: {e}")))
-        .collect()
 }
 
 fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {
@@ -619,31 +533,9 @@ fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {
         .collect())
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(9))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_stop_reason_has_a_decision() {
-        let tools = |s| matches!(decide(&s, true, "").0, ModelOutcome::Tools);
-        assert!(tools(StopReason::ToolUse));
-        assert!(tools(StopReason::MaxTokens));
-        let done = |s| match decide(&s, false, "answer").0 {
-            ModelOutcome::Done { status, .. } => Some(status),
-            _ => None,
-        };
-        assert_eq!(done(StopReason::EndTurn), Some(SessionStatus::Completed));
-        assert_eq!(done(StopReason::StopSequence), Some(SessionStatus::Completed));
-        assert_eq!(done(StopReason::Refusal), Some(SessionStatus::Failed));
-        assert_eq!(done(StopReason::Other("x".into())), Some(SessionStatus::Failed));
-        assert!(matches!(decide(&StopReason::PauseTurn, false, "").0, ModelOutcome::Next));
-        let (next, nudge) = decide(&StopReason::MaxTokens, false, "cut");
-        assert!(matches!(next, ModelOutcome::Next) && nudge.is_some());
-    }
 
     #[test]
     fn the_last_tool_uses_are_read_from_the_stored_message() {

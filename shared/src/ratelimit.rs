@@ -1,0 +1,325 @@
+//! Fleet-wide token buckets per provider and model (DESIGN §6), so that the whole fleet together
+//! stays under the account's requests, input tokens and output tokens per minute.
+//!
+//! Each limit is a token bucket that refills continuously at its per-minute rate and holds at most
+//! `burst_seconds` worth of it: with 600 requests per minute and `burst_seconds = 10`, the bucket
+//! holds 100 requests, so the fleet may send 100 at once and then 10 a second — never more than
+//! 600 + 100 in any 60 s. A small burst paces the fleet, because providers enforce their per-minute
+//! limits over shorter intervals too; `burst_seconds = 60` allows what the provider's own
+//! full-minute bucket would.
+//!
+//! The three buckets of one provider+model live in one Redis hash, `{prefix}:rate:{<provider>:<model>}`,
+//! and each operation is one Lua script, so a call is granted by all three buckets at once or by
+//! none, atomically across the fleet:
+//!
+//! 1. [`RateLimiter::acquire`] before the call, with the input tokens estimated and the output
+//!    tokens at `max_tokens`: [`Acquire::Granted`], or [`Acquire::Wait`] with the time until the
+//!    emptiest bucket holds enough (nothing is taken then). A call larger than a bucket's capacity
+//!    is granted once that bucket is full and leaves it in debt, so it is slowed, never starved.
+//! 2. [`RateLimiter::settle`] after it, with the usage the API reported: the difference is taken or
+//!    given back. Buckets may go negative; the refill repays the debt.
+//! 3. [`RateLimiter::observe_headers`] with the `anthropic-ratelimit-*-remaining` headers: the buckets
+//!    drop to what the API says remains (other clients may share the account), never rise.
+//!
+//! Times come from the caller (`now_ms`). A caller whose clock lags the fleet's refills nothing, so
+//! skew makes the limiter stricter, never looser. Keys expire once their buckets would be full again.
+
+use std::num::{NonZeroU32, NonZeroU64};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, ScriptInvocation};
+use reqwest::header::HeaderMap;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The default `burst_seconds` (checked at compile time).
+const DEFAULT_BURST_SECONDS: NonZeroU32 = NonZeroU32::new(10).expect("10 is not zero");
+
+/// The response header with the requests left in the current window.
+pub const REQUESTS_REMAINING: &str = "anthropic-ratelimit-requests-remaining";
+/// The response header with the input tokens left in the current window.
+pub const INPUT_TOKENS_REMAINING: &str = "anthropic-ratelimit-input-tokens-remaining";
+/// The response header with the output tokens left in the current window.
+pub const OUTPUT_TOKENS_REMAINING: &str = "anthropic-ratelimit-output-tokens-remaining";
+
+/// A rate-limit operation that failed.
+#[derive(Debug, Error)]
+pub enum RateLimitError {
+    /// Redis did not answer or answered with an error. For `acquire`, the tokens may have been taken.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The limits of one provider+model. Every limit is optional; a missing one is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    /// Requests per minute. Default: unlimited.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Input tokens per minute. Default: unlimited.
+    pub input_tokens_per_minute: Option<NonZeroU64>,
+    /// Output tokens per minute. Default: unlimited.
+    pub output_tokens_per_minute: Option<NonZeroU64>,
+    /// Each bucket holds this many seconds' worth of its per-minute rate: the largest burst after a
+    /// quiet spell. Default 10 (a sixth of a minute); 60 matches a full-minute bucket.
+    pub burst_seconds: NonZeroU32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: None,
+            input_tokens_per_minute: None,
+            output_tokens_per_minute: None,
+            burst_seconds: DEFAULT_BURST_SECONDS,
+        }
+    }
+}
+
+impl RateLimit {
+    /// Whether no limit is set (every operation is then a no-op without a round trip).
+    pub fn is_unlimited(&self) -> bool {
+        self.rates().iter().all(|&r| r == 0)
+    }
+
+    /// The per-minute rates of the request, input and output buckets (0 = unlimited).
+    fn rates(&self) -> [u64; 3] {
+        [
+            self.requests_per_minute.map_or(0, |r| u64::from(r.get())),
+            self.input_tokens_per_minute.map_or(0, NonZeroU64::get),
+            self.output_tokens_per_minute.map_or(0, NonZeroU64::get),
+        ]
+    }
+
+    /// A bucket's capacity: `burst_seconds` worth of its rate.
+    fn capacity(&self, per_minute: u64) -> f64 {
+        per_minute as f64 * f64::from(self.burst_seconds.get()) / 60.0
+    }
+}
+
+/// Token counts of one model call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Input tokens.
+    pub input: u64,
+    /// Output tokens.
+    pub output: u64,
+}
+
+/// What `acquire` decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    /// Every bucket was debited: make the call, then `settle` it.
+    Granted,
+    /// Nothing was debited: ask again after `retry_after`, when the emptiest bucket holds enough.
+    Wait {
+        /// How long until the call could be granted, if nobody else takes the tokens first.
+        retry_after: Duration,
+    },
+}
+
+/// The rate-limit headers of one response; `None` where a header was absent or unreadable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    /// `anthropic-ratelimit-requests-remaining`.
+    pub requests_remaining: Option<u64>,
+    /// `anthropic-ratelimit-input-tokens-remaining`.
+    pub input_tokens_remaining: Option<u64>,
+    /// `anthropic-ratelimit-output-tokens-remaining`.
+    pub output_tokens_remaining: Option<u64>,
+}
+
+impl RateHeaders {
+    /// Whether no header was present.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Reads the `anthropic-ratelimit-*-remaining` headers of a response.
+pub fn parse_ratelimit_headers(headers: &HeaderMap) -> RateHeaders {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+    RateHeaders {
+        requests_remaining: number(REQUESTS_REMAINING),
+        input_tokens_remaining: number(INPUT_TOKENS_REMAINING),
+        output_tokens_remaining: number(OUTPUT_TOKENS_REMAINING),
+    }
+}
+
+/// The key of the buckets of `key` (`<provider>:<model>`), with it as the hash tag.
+fn key_of(prefix: &str, key: &str) -> String {
+    format!("{prefix}:rate:{{{key}}}")
+}
+
+/// The scripts, each the shared bucket prelude followed by its operation.
+#[derive(Clone)]
+struct Scripts {
+    acquire: Script,
+    settle: Script,
+    observe: Script,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Self {
+            acquire: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/acquire.lua"))),
+            settle: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/settle.lua"))),
+            observe: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/observe.lua"))),
+        }
+    }
+}
+
+/// The fleet's rate limiters, in Redis. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct RateLimiter {
+    conn: ConnectionManager,
+    prefix: String,
+    scripts: Scripts,
+}
+
+impl RateLimiter {
+    /// Limiters under the key prefix `prefix` (the store's, e.g. `af`), over a shared connection.
+    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self { conn, prefix: prefix.into(), scripts: Scripts::load() }
+    }
+
+    /// The Redis key of the buckets of `key` (`<provider>:<model>`, e.g. `anthropic:claude-sonnet-4-5`).
+    pub fn key(&self, key: &str) -> String {
+        key_of(&self.prefix, key)
+    }
+
+    /// Takes `requests` and the `estimated` tokens from every limited bucket of `key`, or nothing.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        requests: u32,
+        estimated: Tokens,
+        now_ms: u64,
+    ) -> Result<Acquire, RateLimitError> {
+        if limit.is_unlimited() {
+            return Ok(Acquire::Granted);
+        }
+        let mut inv = self.invocation(&self.scripts.acquire, key, limit, now_ms);
+        inv.arg(requests).arg(estimated.input).arg(estimated.output);
+        let (granted, wait_ms): (u8, u64) = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(if granted == 1 { Acquire::Granted } else { Acquire::Wait { retry_after: Duration::from_millis(wait_ms) } })
+    }
+
+    /// After a granted call: takes `actual - estimated` more tokens (or gives the surplus back, up to
+    /// each bucket's capacity). Call it with `actual` zero when the call failed before the provider
+    /// counted anything.
+    pub async fn settle(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        estimated: Tokens,
+        actual: Tokens,
+        now_ms: u64,
+    ) -> Result<(), RateLimitError> {
+        if limit.is_unlimited() {
+            return Ok(());
+        }
+        let mut inv = self.invocation(&self.scripts.settle, key, limit, now_ms);
+        inv.arg(estimated.input).arg(estimated.output).arg(actual.input).arg(actual.output);
+        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Lowers the buckets of `key` to what the provider's headers say remains; never raises them.
+    /// Headers for an unlimited bucket are ignored (there is no rate to refill it at).
+    pub async fn observe_headers(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        headers: &RateHeaders,
+        now_ms: u64,
+    ) -> Result<(), RateLimitError> {
+        if limit.is_unlimited() || headers.is_empty() {
+            return Ok(());
+        }
+        let text = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
+        let mut inv = self.invocation(&self.scripts.observe, key, limit, now_ms);
+        inv.arg(text(headers.requests_remaining));
+        inv.arg(text(headers.input_tokens_remaining)).arg(text(headers.output_tokens_remaining));
+        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// A call of `script` with the arguments of the bucket prelude: key, now and each bucket's rate
+    /// and capacity.
+    fn invocation<'a>(&self, script: &'a Script, key: &str, limit: &RateLimit, now_ms: u64) -> ScriptInvocation<'a> {
+        let mut inv = script.key(self.key(key));
+        inv.arg(now_ms);
+        for rate in limit.rates() {
+            inv.arg(rate).arg(limit.capacity(rate).to_string());
+        }
+        inv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::HeaderValue;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Wrapper {
+        limit: RateLimit,
+    }
+
+    fn parse(toml_text: &str) -> Result<RateLimit, toml::de::Error> {
+        toml::from_str::<Wrapper>(toml_text).map(|w| w.limit)
+    }
+
+    #[test]
+    fn the_default_is_unlimited() -> Result<(), toml::de::Error> {
+        let limit = parse("[limit]")?;
+        assert_eq!(limit, RateLimit::default());
+        assert!(limit.is_unlimited());
+        assert_eq!(limit.burst_seconds.get(), 10);
+        Ok(())
+    }
+
+    #[test]
+    fn capacities_are_burst_seconds_worth_of_each_rate() -> Result<(), toml::de::Error> {
+        let limit = parse("[limit]\nrequests_per_minute = 600\noutput_tokens_per_minute = 90000\nburst_seconds = 20")?;
+        assert!(!limit.is_unlimited());
+        assert_eq!(limit.rates(), [600, 0, 90_000]);
+        assert_eq!(limit.capacity(600), 200.0);
+        assert_eq!(limit.capacity(90_000), 30_000.0);
+        Ok(())
+    }
+
+    #[test]
+    fn zero_rates_and_unknown_fields_are_rejected() {
+        assert!(parse("[limit]\nrequests_per_minute = 0").is_err());
+        assert!(parse("[limit]\nburst_seconds = 0").is_err());
+        assert!(parse("[limit]\nburst = 10").is_err());
+    }
+
+    #[test]
+    fn the_key_carries_provider_and_model_as_its_hash_tag() {
+        assert_eq!(key_of("af", "anthropic:claude-sonnet-4-5"), "af:rate:{anthropic:claude-sonnet-4-5}");
+    }
+
+    #[test]
+    fn remaining_headers_are_read_and_garbage_ignored() {
+        let mut h = HeaderMap::new();
+        assert!(parse_ratelimit_headers(&h).is_empty());
+        h.insert(REQUESTS_REMAINING, HeaderValue::from_static("49"));
+        h.insert(INPUT_TOKENS_REMAINING, HeaderValue::from_static(" 29000 "));
+        h.insert(OUTPUT_TOKENS_REMAINING, HeaderValue::from_static("lots"));
+        let parsed = parse_ratelimit_headers(&h);
+        assert_eq!(
+            parsed,
+            RateHeaders {
+                requests_remaining: Some(49),
+                input_tokens_remaining: Some(29_000),
+                output_tokens_remaining: None
+            }
+        );
+    }
+}
