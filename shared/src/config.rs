@@ -43,6 +43,9 @@ pub struct Config {
     /// Anthropic Messages API settings.
     #[serde(default)]
     pub anthropic: AnthropicConfig,
+    /// OpenAI-compatible API settings, for agents with `provider = "openai"`.
+    #[serde(default)]
+    pub openai: crate::llm::openai::OpenAiConfig,
     /// Worker settings.
     #[serde(default)]
     pub worker: WorkerConfig,
@@ -305,6 +308,9 @@ fn default_pool() -> Name {
 pub struct AgentConfig {
     /// The model id, e.g. `claude-sonnet-4-5`. Must have a price.
     pub model: String,
+    /// Which API the model speaks: `anthropic` (default) or `openai` (OpenAI-compatible).
+    #[serde(default)]
+    pub provider: crate::llm::Provider,
     /// The system prompt.
     pub system_prompt: String,
     /// Names of the tools (from `[tools]`) this agent may call.
@@ -422,12 +428,15 @@ impl Config {
         set(&mut self.redis.url, "REDIS_URL");
         set(&mut self.anthropic.base_url, "ANTHROPIC_BASE_URL");
         self.anthropic.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
+        set(&mut self.openai.base_url, "OPENAI_BASE_URL");
+        self.openai.api_key = env("OPENAI_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         check_url(&self.amqp.url, &["amqp", "amqps"]).map_err(|p| ("amqp.url".into(), p))?;
         check_url(&self.redis.url, &["redis", "rediss"]).map_err(|p| ("redis.url".into(), p))?;
         check_url(&self.anthropic.base_url, &["http", "https"]).map_err(|p| ("anthropic.base_url".into(), p))?;
+        check_url(&self.openai.base_url, &["http", "https"]).map_err(|p| ("openai.base_url".into(), p))?;
         Name::parse(&self.amqp.prefix).map_err(|e| ("amqp.prefix".into(), e.to_string()))?;
         Name::parse(&self.redis.key_prefix).map_err(|e| ("redis.key_prefix".into(), e.to_string()))?;
         if self.worker.concurrency == 0 {

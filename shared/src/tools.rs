@@ -122,6 +122,13 @@ impl ToolSet {
                 known.join(", ")
             )));
         };
+        if let Some(raw) = crate::llm::openai::invalid_arguments(&call.input) {
+            return ToolRun::Done(ToolOutcome::error(format!(
+                "The arguments for `{}` were not valid JSON: {}. Send the arguments as a JSON object.",
+                call.name,
+                crate::telemetry::summarize(raw, 200)
+            )));
+        }
         if let Some(problems) = schema_problems(&tool.validator, &call.input) {
             return ToolRun::Done(ToolOutcome::error(format!(
                 "Invalid input for `{}`: {problems}. Fix the input and call the tool again.",

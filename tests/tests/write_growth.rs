@@ -13,7 +13,7 @@ use agentfleet::amqp::{PublishError, StepPublisher};
 use agentfleet::budget::Limits;
 use agentfleet::config::Config;
 use agentfleet::domain::{Name, SessionId, StepMessage};
-use agentfleet::llm::AnthropicClient;
+use agentfleet::llm::ModelClients;
 use agentfleet::step::{Agents, Disposition, Engine, EngineSettings};
 use agentfleet::store::{NewSession, RedisStore, SessionStore};
 use agentfleet_tests::fleet::{FleetOptions, config_text};
@@ -101,7 +101,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
     let settings =
         EngineSettings { worker_id: "growth".into(), lease: Duration::from_secs(120), max_model_attempts: 3 };
     let agents = Agents::build(&cfg, &env)?;
-    let engine = Engine::new(store.clone(), recorder.clone(), AnthropicClient::new(&cfg.anthropic)?, agents, settings);
+    let engine = Engine::new(store.clone(), recorder.clone(), ModelClients::new(&cfg)?, agents, settings);
 
     let id = SessionId::generate();
     let new = NewSession {

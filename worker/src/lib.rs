@@ -14,7 +14,7 @@ use std::time::Duration;
 use agentfleet::amqp::{self, AmqpPublisher, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::Name;
-use agentfleet::llm::AnthropicClient;
+use agentfleet::llm::ModelClients;
 use agentfleet::step::{Agents, Disposition, Engine, EngineSettings};
 use agentfleet::store::RedisStore;
 use anyhow::Context;
@@ -52,7 +52,7 @@ impl Worker {
         let publisher = AmqpPublisher::connect(&cfg.amqp.url, &format!("{id}/publish"), topology.clone(), pools)
             .await
             .context("connecting to RabbitMQ")?;
-        let llm = AnthropicClient::new(&cfg.anthropic).context("building the model client")?;
+        let llm = ModelClients::new(&cfg).context("building the model clients")?;
         let settings = EngineSettings {
             worker_id: id.clone(),
             lease: Duration::from_millis(cfg.worker.lease_ms),

@@ -1,4 +1,5 @@
-//! Model clients. The Anthropic Messages API is the first provider.
+//! Model clients: the Anthropic Messages API, and OpenAI-compatible chat completions for local
+//! models. Both return replies in the Messages API's shape, so the engine treats them alike.
 //!
 //! Content blocks are kept as the raw JSON the API sent ([`RawBlock`]), and parsed only into a view
 //! ([`Block`]) for the parts the fleet acts on (`text`, `tool_use`). Blocks of any other type —
@@ -13,6 +14,54 @@ use serde_json::value::RawValue;
 
 pub use anthropic::{AnthropicClient, LlmError};
 pub use openai::OpenAiClient;
+
+/// Which API an agent's model speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// The Anthropic Messages API.
+    #[default]
+    Anthropic,
+    /// An OpenAI-compatible chat-completions API (Ollama, vLLM, llama.cpp, …).
+    Openai,
+}
+
+impl Provider {
+    /// The provider's name, for breakers, rate limits and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+/// The model clients of a process, one per provider; each agent names the one it uses.
+#[derive(Clone)]
+pub struct ModelClients {
+    anthropic: AnthropicClient,
+    openai: OpenAiClient,
+}
+
+impl ModelClients {
+    /// Both clients, from the config.
+    pub fn new(cfg: &crate::config::Config) -> Result<Self, LlmError> {
+        Ok(Self { anthropic: AnthropicClient::new(&cfg.anthropic)?, openai: OpenAiClient::new(&cfg.openai)? })
+    }
+
+    /// Sends the conversation to `provider` and returns the reply in the Messages API's shape.
+    pub async fn create_message(
+        &self,
+        provider: Provider,
+        spec: &anthropic::CallSpec<'_>,
+        messages: &[Box<serde_json::value::RawValue>],
+    ) -> Result<ModelReply, LlmError> {
+        match provider {
+            Provider::Anthropic => self.anthropic.create_message(spec, messages).await,
+            Provider::Openai => self.openai.create_message(spec, messages).await,
+        }
+    }
+}
 
 /// One content block exactly as received.
 pub type RawBlock = Box<RawValue>;

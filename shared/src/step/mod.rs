@@ -21,7 +21,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::amqp::StepPublisher;
 use crate::config::{BudgetConfig, Config, Price};
 use crate::domain::{MicroUsd, Name, Phase, SessionId, SessionStatus, StepMessage};
-use crate::llm::{self, AnthropicClient, Block, ToolOutcome, ToolUse};
+use crate::llm::{self, Block, ModelClients, Provider, ToolOutcome, ToolUse};
 use crate::store::{Claim, SessionState, SessionStore, StepEnd, StoreError};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
 use crate::tools::{ToolRun, ToolSet, ToolSetupError};
@@ -64,6 +64,8 @@ pub struct Agent {
     pub name: Name,
     /// The model id.
     pub model: String,
+    /// The API the model speaks.
+    pub provider: Provider,
     /// The system prompt.
     pub system: String,
     /// `max_tokens` per call.
@@ -92,6 +94,7 @@ impl Agents {
             let agent = Agent {
                 name: name.clone(),
                 model: a.model.clone(),
+                provider: a.provider,
                 system: a.system_prompt.clone(),
                 max_tokens: a.max_tokens,
                 pool: a.pool.clone(),
@@ -146,7 +149,7 @@ pub struct EngineSettings {
 pub struct Engine {
     store: Arc<dyn SessionStore>,
     publisher: Arc<dyn StepPublisher>,
-    llm: AnthropicClient,
+    llm: ModelClients,
     agents: Agents,
     settings: EngineSettings,
 }
@@ -156,7 +159,7 @@ impl Engine {
     pub fn new(
         store: Arc<dyn SessionStore>,
         publisher: Arc<dyn StepPublisher>,
-        llm: AnthropicClient,
+        llm: ModelClients,
         agents: Agents,
         settings: EngineSettings,
     ) -> Self {

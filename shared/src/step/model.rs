@@ -96,7 +96,7 @@ impl StepCtx<'_> {
             tool_choice: call.summary.map(|_| "none"),
         };
         let started = Instant::now();
-        let reply = self.engine.llm.create_message(&spec, &call.messages).await;
+        let reply = self.engine.llm.create_message(self.agent.provider, &spec, &call.messages).await;
         let took = started.elapsed();
         metric::phase_duration("llm", took);
         match reply {
