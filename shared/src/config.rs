@@ -63,6 +63,31 @@ pub struct Config {
     /// Tenants with daily caps, by name (the tenant comes from the request).
     #[serde(default)]
     pub tenants: BTreeMap<Name, TenantConfig>,
+    /// Fleet-wide breaker and rate limits per model provider (`anthropic`, `openai`).
+    #[serde(default)]
+    pub providers: BTreeMap<crate::llm::Provider, ProviderConfig>,
+}
+
+/// The fleet-wide protections of one model provider.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// The provider's circuit breaker (opens after consecutive 5xx, 529, timeouts and connection
+    /// failures across the fleet). Default: 5 failures, 60 s cool-down, probe timeout 150 s.
+    pub breaker: Option<crate::breaker::BreakerConfig>,
+    /// Requests and tokens per minute, by model id. Default: unlimited.
+    pub rate_limits: BTreeMap<String, crate::ratelimit::RateLimit>,
+}
+
+impl ProviderConfig {
+    /// The breaker settings in force: the configured ones, or defaults whose probe timeout outlasts
+    /// a slow model call.
+    pub fn breaker(&self) -> crate::breaker::BreakerConfig {
+        self.breaker.clone().unwrap_or_else(|| crate::breaker::BreakerConfig {
+            probe_timeout: Some(std::time::Duration::from_secs(150)),
+            ..Default::default()
+        })
+    }
 }
 
 /// RabbitMQ settings.
@@ -178,6 +203,17 @@ pub struct WorkerConfig {
     /// Model call attempts per step (retries go through the delay queues) before the session
     /// fails. Default 8.
     pub max_model_attempts: u32,
+    /// The longest a worker waits in-process for tool retries, per call. Longer waits go through
+    /// the delay queues. Default 2000 ms.
+    pub max_inline_retry_ms: u64,
+    /// Times a step may be sent through the delay queues for a tool's long retry before the call
+    /// counts as failed. Default 5.
+    pub max_tool_deferrals: u32,
+    /// Tool results longer than this are cut, with a marker, before the model sees them. Default
+    /// 32768 bytes.
+    pub max_tool_result_bytes: usize,
+    /// Tool inputs longer than this (as JSON) are refused with an error result. Default 262144.
+    pub max_tool_input_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -189,6 +225,10 @@ impl Default for WorkerConfig {
             shutdown_grace_ms: 25_000,
             metrics_listen: "0.0.0.0:9090".into(),
             max_model_attempts: 8,
+            max_inline_retry_ms: 2_000,
+            max_tool_deferrals: 5,
+            max_tool_result_bytes: 32 * 1024,
+            max_tool_input_bytes: 256 * 1024,
         }
     }
 }
@@ -266,6 +306,27 @@ pub struct ToolConfig {
     pub input_schema: serde_json::Value,
     /// How the tool runs.
     pub handler: HandlerConfig,
+    /// In-process retries of an HTTP tool on timeouts, connection errors, 408, 429 and 5xx. A wait
+    /// longer than `worker.max_inline_retry_ms` goes through the delay queues instead. Default 2.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The first backoff between retries; it doubles, with jitter. Default 200 ms.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// The tool's fleet-wide circuit breaker. Default: opens after 5 consecutive failures, for 60 s.
+    #[serde(default)]
+    pub breaker: crate::breaker::BreakerConfig,
+    /// A tool (of the same agent) run with the same input while this one's breaker is open.
+    #[serde(default)]
+    pub fallback: Option<Name>,
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_retry_backoff_ms() -> u64 {
+    200
 }
 
 /// How a tool runs.
@@ -325,6 +386,21 @@ pub struct AgentConfig {
     /// Budget limits.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// What happens when the model API keeps failing past `worker.max_model_attempts`, or refuses
+    /// the request outright: `fail` the session (default) or `escalate` it to a human.
+    #[serde(default)]
+    pub on_model_failure: OnModelFailure,
+}
+
+/// What a session does when the model cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnModelFailure {
+    /// End the session `failed` with the API's reason.
+    #[default]
+    Fail,
+    /// Pause the session `awaiting_human` with the reason.
+    Escalate,
 }
 
 fn default_max_tokens() -> u32 {
@@ -449,7 +525,7 @@ impl Config {
             check_price(price).map_err(|p| (format!("prices.{name}"), p))?;
         }
         for (name, tool) in &self.tools {
-            validate_tool(tool).map_err(|(f, p)| (format!("tools.{name}.{f}"), p))?;
+            validate_tool(tool, name, &self.tools).map_err(|(f, p)| (format!("tools.{name}.{f}"), p))?;
         }
         if self.agents.is_empty() {
             return Err(("agents".into(), "at least one agent is required".into()));
@@ -558,7 +634,12 @@ fn check_price(price: &Price) -> Result<(), String> {
     }
 }
 
-fn validate_tool(tool: &ToolConfig) -> Result<(), (String, String)> {
+fn validate_tool(tool: &ToolConfig, name: &Name, tools: &BTreeMap<Name, ToolConfig>) -> Result<(), (String, String)> {
+    if let Some(fallback) = &tool.fallback
+        && (fallback == name || !tools.contains_key(fallback))
+    {
+        return Err(("fallback".into(), format!("`{fallback}` must be another tool in [tools]")));
+    }
     if tool.input_schema.get("type").and_then(|t| t.as_str()) != Some("object") {
         return Err(("input_schema".into(), "must be a JSON Schema with `type = \"object\"`".into()));
     }

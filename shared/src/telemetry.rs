@@ -165,6 +165,22 @@ pub mod metric {
         metrics::counter!("agentfleet_dead_lettered_total", "reason" => reason).increment(1);
     }
 
+    /// A worker slept in-process before retrying a tool call (bounded by `max_inline_retry_ms`).
+    pub fn inline_retry_sleep(d: Duration) {
+        metrics::histogram!("agentfleet_inline_retry_sleep_seconds").record(d.as_secs_f64());
+    }
+
+    /// A circuit breaker changed state.
+    pub fn breaker_transition(name: &str, transition: &'static str) {
+        let labels = [("breaker", name.to_owned()), ("transition", transition.to_owned())];
+        metrics::counter!("agentfleet_breaker_transitions_total", &labels).increment(1);
+    }
+
+    /// A call refused because its circuit breaker is open.
+    pub fn breaker_rejected(name: &str) {
+        metrics::counter!("agentfleet_breaker_rejections_total", "breaker" => name.to_owned()).increment(1);
+    }
+
     /// A step retried later through a delay tier.
     pub fn retry(reason: &'static str) {
         metrics::counter!("agentfleet_retries_total", "reason" => reason).increment(1);

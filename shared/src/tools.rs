@@ -1,9 +1,14 @@
 //! Tools: what the model may call, checked against its JSON Schema before anything runs.
 //!
-//! A failure of any kind — an unknown tool, input that breaks the schema, an HTTP error, a timeout —
-//! becomes a `tool_result` with `is_error: true` that tells the model what went wrong, and the
-//! session goes on. HTTP tools get `Idempotency-Key: <session_id>:<tool_use_id>`, so a call repeated
-//! after a crash can be recognised by the service.
+//! A failure of any kind — an unknown tool, input that breaks the schema or is too large, an HTTP
+//! error, a timeout — becomes a `tool_result` with `is_error: true` that tells the model what went
+//! wrong, and the session goes on. HTTP tools get `Idempotency-Key: <session_id>:<tool_use_id>`, so a
+//! call repeated after a crash can be recognised by the service.
+//!
+//! Retries: timeouts, connection errors, 408, 429 and 5xx are retried with exponential backoff and
+//! jitter (`retry-after` honoured), in-process only while the waits fit `max_inline_wait`; a longer
+//! wait makes the call [`ToolRun::Later`], which the step sends through the delay queues. Other 4xx
+//! are never retried. Each outcome carries its [`Health`] for the fleet-wide circuit breaker.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,14 +19,11 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::value::RawValue;
 use thiserror::Error;
 
+use crate::breaker::BreakerConfig;
 use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 use crate::domain::Name;
 use crate::llm::{ToolOutcome, ToolUse};
-
-/// Largest tool result passed to the model, in bytes; longer ones are cut with a marker.
-pub const MAX_RESULT_BYTES: usize = 32 * 1024;
-/// In-process retries of an HTTP tool on timeouts, connection errors, 408, 429 and 5xx.
-const RETRIES: u32 = 2;
+use crate::telemetry::metric;
 
 /// A tool set that cannot be built.
 #[derive(Debug, Error)]
@@ -31,13 +33,43 @@ pub struct ToolSetupError {
     problem: String,
 }
 
+/// Bounds that apply to every tool of a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolLimits {
+    /// The longest in-process wait for retries of one call.
+    pub max_inline_wait: Duration,
+    /// Results longer than this are cut, with a marker.
+    pub max_result_bytes: usize,
+    /// Inputs longer than this (as JSON) are refused.
+    pub max_input_bytes: usize,
+}
+
+impl Default for ToolLimits {
+    fn default() -> Self {
+        Self { max_inline_wait: Duration::from_secs(2), max_result_bytes: 32 * 1024, max_input_bytes: 256 * 1024 }
+    }
+}
+
+/// What a call says about the tool's health, for its circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// It answered (a 4xx refusal too: the service is up).
+    Up,
+    /// It timed out, was unreachable, or answered 5xx (after the retries).
+    Down,
+    /// The tool was not called (unknown tool, bad input): says nothing.
+    Unrated,
+}
+
 /// What running a tool call came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToolRun {
-    /// A result for the model (possibly an error result).
-    Done(ToolOutcome),
+    /// A result for the model (possibly an error result), and what it says of the tool's health.
+    Done(ToolOutcome, Health),
     /// The built-in `escalate_to_human`: pause the session for a human.
     Escalate(serde_json::Value),
+    /// The tool asked for a wait longer than the in-process bound: retry the step later.
+    Later(Duration, String),
 }
 
 enum Handler {
@@ -48,12 +80,17 @@ enum Handler {
 struct Tool {
     validator: jsonschema::Validator,
     handler: Handler,
+    retries: u32,
+    backoff: Duration,
+    breaker: BreakerConfig,
+    fallback: Option<String>,
 }
 
 /// The tools of one agent, with the JSON sent to the model prepared once.
 pub struct ToolSet {
     tools: HashMap<String, Tool>,
     definitions: Box<RawValue>,
+    limits: ToolLimits,
 }
 
 /// The built-in escalation tool's default definition.
@@ -72,6 +109,10 @@ pub fn escalate_definition() -> ToolConfig {
             "required": ["reason", "summary"]
         }),
         handler: HandlerConfig::Builtin,
+        retries: 0,
+        retry_backoff_ms: 0,
+        breaker: BreakerConfig::default(),
+        fallback: None,
     }
 }
 
@@ -81,6 +122,7 @@ impl ToolSet {
         names: &[Name],
         defs: &BTreeMap<Name, ToolConfig>,
         env: &dyn Fn(&str) -> Option<String>,
+        limits: ToolLimits,
     ) -> Result<Self, ToolSetupError> {
         let mut tools = HashMap::new();
         let mut definitions = Vec::new();
@@ -94,11 +136,19 @@ impl ToolSet {
                 "description": def.description,
                 "input_schema": def.input_schema,
             }));
-            tools.insert(name.to_string(), Tool { validator, handler });
+            let tool = Tool {
+                validator,
+                handler,
+                retries: def.retries,
+                backoff: Duration::from_millis(def.retry_backoff_ms),
+                breaker: def.breaker.clone(),
+                fallback: def.fallback.as_ref().filter(|f| names.contains(f)).map(Name::to_string),
+            };
+            tools.insert(name.to_string(), tool);
         }
         let definitions = serde_json::value::to_raw_value(&definitions)
             .map_err(|e| ToolSetupError { tool: "(all)".into(), problem: e.to_string() })?;
-        Ok(Self { tools, definitions })
+        Ok(Self { tools, definitions, limits })
     }
 
     /// The `tools` array of the Messages API, as sent.
@@ -111,37 +161,47 @@ impl ToolSet {
         self.tools.is_empty()
     }
 
+    /// The breaker settings and the fallback of an HTTP tool; `None` for built-ins and unknown names.
+    pub fn breaker(&self, name: &str) -> Option<(&BreakerConfig, Option<&str>)> {
+        let tool = self.tools.get(name)?;
+        matches!(tool.handler, Handler::Http { .. }).then(|| (&tool.breaker, tool.fallback.as_deref()))
+    }
+
     /// Validates and runs one call. Never fails: every failure is a result the model can read.
     pub async fn run(&self, call: &ToolUse, idempotency_key: &str) -> ToolRun {
         let Some(tool) = self.tools.get(&call.name) else {
             let mut known: Vec<&str> = self.tools.keys().map(String::as_str).collect();
             known.sort_unstable();
-            return ToolRun::Done(ToolOutcome::error(format!(
-                "Unknown tool `{}`. Available tools: {}.",
-                call.name,
-                known.join(", ")
-            )));
+            let why = format!("Unknown tool `{}`. Available tools: {}.", call.name, known.join(", "));
+            return ToolRun::Done(ToolOutcome::error(why), Health::Unrated);
         };
-        if let Some(raw) = crate::llm::openai::invalid_arguments(&call.input) {
-            return ToolRun::Done(ToolOutcome::error(format!(
-                "The arguments for `{}` were not valid JSON: {}. Send the arguments as a JSON object.",
-                call.name,
-                crate::telemetry::summarize(raw, 200)
-            )));
-        }
-        if let Some(problems) = schema_problems(&tool.validator, &call.input) {
-            return ToolRun::Done(ToolOutcome::error(format!(
-                "Invalid input for `{}`: {problems}. Fix the input and call the tool again.",
-                call.name
-            )));
+        if let Some(why) = self.refuse_input(tool, call) {
+            return ToolRun::Done(ToolOutcome::error(why), Health::Unrated);
         }
         match &tool.handler {
             Handler::Escalate => ToolRun::Escalate(call.input.clone()),
             Handler::Http { client, url, method, headers } => {
-                let req = HttpCall { client, url, method, headers, name: &call.name };
-                ToolRun::Done(req.run(&call.input, idempotency_key).await)
+                let req = HttpCall { client, url, method, headers, name: &call.name, tool, limits: &self.limits };
+                req.run(&call.input, idempotency_key).await
             }
         }
+    }
+
+    fn refuse_input(&self, tool: &Tool, call: &ToolUse) -> Option<String> {
+        if let Some(raw) = crate::llm::openai::invalid_arguments(&call.input) {
+            let raw = crate::telemetry::summarize(raw, 200);
+            return Some(format!(
+                "The arguments for `{}` were not valid JSON: {raw}. Send the arguments as a JSON object.",
+                call.name
+            ));
+        }
+        let size = call.input.to_string().len();
+        if size > self.limits.max_input_bytes {
+            let limit = self.limits.max_input_bytes;
+            return Some(format!("The input for `{}` is {size} bytes; the limit is {limit}. Send less.", call.name));
+        }
+        schema_problems(&tool.validator, &call.input)
+            .map(|p| format!("Invalid input for `{}`: {p}. Fix the input and call the tool again.", call.name))
     }
 }
 
@@ -191,28 +251,39 @@ struct HttpCall<'a> {
     method: &'a reqwest::Method,
     headers: &'a HeaderMap,
     name: &'a str,
+    tool: &'a Tool,
+    limits: &'a ToolLimits,
 }
 
 enum Attempt {
-    Done(ToolOutcome),
+    Done(ToolOutcome, Health),
     Retry(String, Option<Duration>),
 }
 
 impl HttpCall<'_> {
-    async fn run(&self, input: &serde_json::Value, idempotency_key: &str) -> ToolOutcome {
+    async fn run(&self, input: &serde_json::Value, idempotency_key: &str) -> ToolRun {
+        let mut waited = Duration::ZERO;
         let mut last = String::new();
-        for attempt in 0..=RETRIES {
+        for attempt in 0..=self.tool.retries {
             match self.attempt(input, idempotency_key).await {
-                Attempt::Done(outcome) => return outcome,
+                Attempt::Done(outcome, health) => return ToolRun::Done(outcome, health),
                 Attempt::Retry(why, after) => {
                     last = why;
-                    if attempt < RETRIES {
-                        tokio::time::sleep(after.unwrap_or_else(|| backoff(attempt)).min(Duration::from_secs(2))).await;
+                    if attempt == self.tool.retries {
+                        break;
                     }
+                    let wait = after.unwrap_or_else(|| backoff(self.tool.backoff, attempt));
+                    if waited + wait > self.limits.max_inline_wait {
+                        return ToolRun::Later(wait, last);
+                    }
+                    metric::inline_retry_sleep(wait);
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
                 }
             }
         }
-        ToolOutcome::error(format!("Tool `{}` is failing: {last}. Try again later or use another way.", self.name))
+        let why = format!("Tool `{}` is failing: {last}. Try again later or another way.", self.name);
+        ToolRun::Done(ToolOutcome::error(why), Health::Down)
     }
 
     async fn attempt(&self, input: &serde_json::Value, idempotency_key: &str) -> Attempt {
@@ -231,16 +302,16 @@ impl HttpCall<'_> {
         let status = response.status();
         let after = retry_after(response.headers());
         let body = match response.text().await {
-            Ok(b) => truncate(b),
+            Ok(b) => truncate(b, self.limits.max_result_bytes),
             Err(e) => return Attempt::Retry(format!("reading the response failed: {e}"), None),
         };
         match status.as_u16() {
-            200..=299 => Attempt::Done(ToolOutcome::ok(body)),
+            200..=299 => Attempt::Done(ToolOutcome::ok(body), Health::Up),
             408 | 429 | 500..=599 => Attempt::Retry(format!("HTTP {status}: {body}"), after),
-            _ => Attempt::Done(ToolOutcome::error(format!(
-                "Tool `{}` rejected the call: HTTP {status}: {body}",
-                self.name
-            ))),
+            _ => {
+                let why = format!("Tool `{}` rejected the call: HTTP {status}: {body}", self.name);
+                Attempt::Done(ToolOutcome::error(why), Health::Up)
+            }
         }
     }
 }
@@ -252,20 +323,21 @@ fn query_pairs(input: &serde_json::Value) -> Vec<(String, String)> {
 
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     let secs: f64 = h.get("retry-after")?.to_str().ok()?.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
 }
 
-fn backoff(attempt: u32) -> Duration {
-    let base = 100u64 << attempt.min(6);
-    Duration::from_millis(base + rand::rng().random_range(0..=base))
+/// `base · 2^attempt`, plus up to as much again of jitter.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ms = (base.as_millis() as u64).max(1) << attempt.min(10);
+    Duration::from_millis(ms + rand::rng().random_range(0..=ms))
 }
 
-/// Cuts `text` to [`MAX_RESULT_BYTES`] on a character boundary, with a marker.
-pub fn truncate(text: String) -> String {
-    if text.len() <= MAX_RESULT_BYTES {
+/// Cuts `text` to `max` bytes on a character boundary, with a marker.
+pub fn truncate(text: String, max: usize) -> String {
+    if text.len() <= max {
         return text;
     }
-    let mut cut = MAX_RESULT_BYTES;
+    let mut cut = max;
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -289,10 +361,13 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_tools_and_bad_input_become_error_results() {
-        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None).expect("builds");
-        let ToolRun::Done(out) = set.run(&call("nope", serde_json::json!({})), "k").await else { panic!("not done") };
+        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None, ToolLimits::default())
+            .expect("builds");
+        let ToolRun::Done(out, _) = set.run(&call("nope", serde_json::json!({})), "k").await else {
+            panic!("not done")
+        };
         assert!(out.is_error && out.content.contains("Unknown tool `nope`"), "{out:?}");
-        let ToolRun::Done(out) = set.run(&call("escalate_to_human", serde_json::json!({"reason": 3})), "k").await
+        let ToolRun::Done(out, _) = set.run(&call("escalate_to_human", serde_json::json!({"reason": 3})), "k").await
         else {
             panic!("not done")
         };
@@ -303,7 +378,8 @@ mod tests {
 
     #[test]
     fn definitions_are_the_messages_api_shape() {
-        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None).expect("builds");
+        let set = ToolSet::build(&names(&["escalate_to_human"]), &BTreeMap::new(), &|_| None, ToolLimits::default())
+            .expect("builds");
         let defs: serde_json::Value = serde_json::from_str(set.definitions().get()).expect("json");
         assert_eq!(defs[0]["name"], "escalate_to_human");
         assert_eq!(defs[0]["input_schema"]["type"], "object");
@@ -325,17 +401,18 @@ mod tests {
                     timeout_ms: 10,
                     headers_from_env: headers,
                 },
+                ..escalate_definition()
             },
         );
-        let e = ToolSet::build(&names(&["kb"]), &defs, &|_| None).err().expect("fails");
+        let e = ToolSet::build(&names(&["kb"]), &defs, &|_| None, ToolLimits::default()).err().expect("fails");
         assert!(e.to_string().contains("KB_TOKEN"), "{e}");
     }
 
     #[test]
     fn long_results_are_cut_with_a_marker() {
-        let cut = truncate("é".repeat(MAX_RESULT_BYTES));
-        assert!(cut.len() < MAX_RESULT_BYTES + 100);
-        assert!(cut.contains("[truncated"));
-        assert_eq!(truncate("short".into()), "short");
+        let cut = truncate("é".repeat(1000), 999);
+        assert!(cut.len() < 1100);
+        assert!(cut.contains("[truncated: 998 of 2000 bytes shown]"), "{cut}");
+        assert_eq!(truncate("short".into(), 10), "short");
     }
 }

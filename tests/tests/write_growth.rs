@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentfleet::amqp::{PublishError, StepPublisher};
+use agentfleet::breaker::Breakers;
 use agentfleet::budget::Limits;
 use agentfleet::config::Config;
 use agentfleet::domain::{Name, SessionId, StepMessage};
 use agentfleet::llm::ModelClients;
-use agentfleet::step::{Agents, Disposition, Engine, EngineSettings};
+use agentfleet::ratelimit::RateLimiter;
+use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
 use agentfleet::store::{NewSession, RedisStore, SessionStore};
 use agentfleet_tests::fleet::{FleetOptions, config_text};
 use agentfleet_tests::model_server::{ModelServer, ModelServerConfig};
@@ -98,10 +100,21 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
 
     let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
     let recorder = Arc::new(Recorder::default());
-    let settings =
-        EngineSettings { worker_id: "growth".into(), lease: Duration::from_secs(120), max_model_attempts: 3 };
-    let agents = Agents::build(&cfg, &env)?;
-    let engine = Engine::new(store.clone(), recorder.clone(), ModelClients::new(&cfg)?, agents, settings);
+    let settings = EngineSettings {
+        worker_id: "growth".into(),
+        lease: Duration::from_secs(120),
+        max_model_attempts: 3,
+        max_tool_deferrals: 3,
+    };
+    let engine = Engine::new(EngineParts {
+        breakers: Breakers::new(store.connection(), "growth"),
+        limiter: RateLimiter::new(store.connection(), "growth"),
+        store: store.clone(),
+        publisher: recorder.clone(),
+        llm: ModelClients::new(&cfg)?,
+        agents: Agents::build(&cfg, &env)?,
+        settings,
+    });
 
     let id = SessionId::generate();
     let new = NewSession {

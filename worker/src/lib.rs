@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentfleet::amqp::{self, AmqpPublisher, Topology};
+use agentfleet::breaker::Breakers;
 use agentfleet::config::Config;
 use agentfleet::domain::Name;
 use agentfleet::llm::ModelClients;
-use agentfleet::step::{Agents, Disposition, Engine, EngineSettings};
+use agentfleet::ratelimit::RateLimiter;
+use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
 use agentfleet::store::RedisStore;
 use anyhow::Context;
 use futures::StreamExt;
@@ -57,8 +59,18 @@ impl Worker {
             worker_id: id.clone(),
             lease: Duration::from_millis(cfg.worker.lease_ms),
             max_model_attempts: cfg.worker.max_model_attempts,
+            max_tool_deferrals: cfg.worker.max_tool_deferrals,
         };
-        let engine = Engine::new(Arc::new(store), Arc::new(publisher), llm, agents, settings);
+        let prefix = cfg.redis.key_prefix.clone();
+        let engine = Engine::new(EngineParts {
+            breakers: Breakers::new(store.connection(), prefix.clone()),
+            limiter: RateLimiter::new(store.connection(), prefix),
+            store: Arc::new(store),
+            publisher: Arc::new(publisher),
+            llm,
+            agents,
+            settings,
+        });
         Ok(Self { cfg, id, engine: Arc::new(engine), topology })
     }
 

@@ -43,11 +43,31 @@ pub enum LlmError {
 
 impl LlmError {
     /// True for errors that may pass: 408, 429, 5xx, 529, transport failures.
+    /// True for errors that may pass: 408, 429 (unless the account's spend limit is reached),
+    /// 5xx, 529, transport failures, and unreadable answers.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Api { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Self::Transport(_) => true,
-            Self::Decode(_) | Self::Request(_) => false,
+            Self::Api { status: 429, .. } => !self.is_spend_limit(),
+            Self::Api { status, .. } => matches!(status, 408 | 500..=599),
+            Self::Transport(_) | Self::Decode(_) => true,
+            Self::Request(_) => false,
+        }
+    }
+
+    /// A refusal because the account's spend or credit limit is reached: waiting will not help.
+    pub fn is_spend_limit(&self) -> bool {
+        let Self::Api { message, .. } = self else { return false };
+        let m = message.to_ascii_lowercase();
+        ["spend limit", "spending limit", "credit balance", "usage limit", "billing"].iter().any(|w| m.contains(w))
+    }
+
+    /// True when the provider itself is failing (5xx, 529, timeouts, unreachable, garbage): what
+    /// its circuit breaker counts. A 4xx or a 429 is an answer from a working provider.
+    pub fn is_provider_failure(&self) -> bool {
+        match self {
+            Self::Api { status, .. } => *status >= 500,
+            Self::Transport(_) | Self::Decode(_) => true,
+            Self::Request(_) => false,
         }
     }
 
@@ -184,8 +204,14 @@ impl AnthropicClient {
             .map_err(|e| LlmError::Transport(describe(&e)))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
+        let rate_headers = crate::ratelimit::parse_ratelimit_headers(response.headers());
         let bytes = response.bytes().await.map_err(|e| LlmError::Transport(describe(&e)))?;
-        if status.is_success() { parse_reply(&bytes) } else { Err(parse_error(status.as_u16(), &bytes, retry_after)) }
+        if !status.is_success() {
+            return Err(parse_error(status.as_u16(), &bytes, retry_after));
+        }
+        let mut reply = parse_reply(&bytes)?;
+        reply.rate_headers = rate_headers;
+        Ok(reply)
     }
 
     fn headers(&self) -> Result<HeaderMap, LlmError> {
@@ -233,7 +259,13 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
         .stop_reason
         .map(|s| StopReason::parse(&s))
         .ok_or_else(|| LlmError::Decode("missing stop_reason".into()))?;
-    Ok(ModelReply { id: body.id, content: body.content, stop_reason, usage: body.usage })
+    Ok(ModelReply {
+        id: body.id,
+        content: body.content,
+        stop_reason,
+        usage: body.usage,
+        rate_headers: Default::default(),
+    })
 }
 
 fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duration>) -> LlmError {
@@ -268,6 +300,7 @@ mod tests {
     #[test]
     fn malformed_replies_are_decode_errors() {
         assert!(matches!(parse_reply(b"not json"), Err(LlmError::Decode(_))));
+        assert!(parse_reply(b"not json").err().is_some_and(|e| e.is_retryable() && !e.is_unbilled()));
         assert!(matches!(parse_reply(br#"{"type":"error","id":"x","content":[]}"#), Err(LlmError::Decode(_))));
         let no_stop = br#"{"type":"message","id":"x","content":[],"stop_reason":null}"#;
         assert!(matches!(parse_reply(no_stop), Err(LlmError::Decode(_))));
@@ -283,7 +316,13 @@ mod tests {
         assert!(!e.is_retryable());
         assert!(e.to_string().contains("bad"));
         let e = parse_error(502, b"<html>bad gateway</html>", None);
-        assert!(e.is_retryable());
+        assert!(e.is_retryable() && e.is_provider_failure());
+        let limit = br#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits."}}"#;
+        let e = parse_error(429, limit, None);
+        assert!(!e.is_retryable() && !e.is_provider_failure(), "a spend limit is not retried");
+        let e =
+            parse_error(429, br#"{"type":"error","error":{"type":"rate_limit_error","message":"Rate limited"}}"#, None);
+        assert!(e.is_retryable() && !e.is_provider_failure());
     }
 
     #[test]

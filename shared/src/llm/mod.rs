@@ -16,7 +16,7 @@ pub use anthropic::{AnthropicClient, LlmError};
 pub use openai::OpenAiClient;
 
 /// Which API an agent's model speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
     /// The Anthropic Messages API.
@@ -204,6 +204,8 @@ pub struct ModelReply {
     pub stop_reason: StopReason,
     /// Token counts.
     pub usage: Usage,
+    /// What the `anthropic-ratelimit-*` headers said remains, for the fleet's rate limiter.
+    pub rate_headers: crate::ratelimit::RateHeaders,
 }
 
 impl ModelReply {

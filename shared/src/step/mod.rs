@@ -10,21 +10,24 @@
 //! ledger. An error whose outcome is unknown is never acked without a copy of the step in the broker.
 
 mod model;
+mod tools;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::amqp::StepPublisher;
-use crate::config::{BudgetConfig, Config, Price};
+use crate::breaker::Breakers;
+use crate::config::{BudgetConfig, Config, OnModelFailure, Price, ProviderConfig};
 use crate::domain::{MicroUsd, Name, Phase, SessionId, SessionStatus, StepMessage};
-use crate::llm::{self, Block, ModelClients, Provider, ToolOutcome, ToolUse};
+use crate::llm::{self, Block, ModelClients, Provider, ToolUse};
+use crate::ratelimit::RateLimiter;
 use crate::store::{Claim, SessionState, SessionStore, StepEnd, StoreError};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
-use crate::tools::{ToolRun, ToolSet, ToolSetupError};
+use crate::tools::{ToolLimits, ToolSet, ToolSetupError};
 
 /// What the consumer does with the delivery once the engine is done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,12 +81,15 @@ pub struct Agent {
     pub price: Price,
     /// The agent's budget settings (limits, daily cap, what to do at the cap).
     pub budget: BudgetConfig,
+    /// What to do when the model cannot be reached.
+    pub on_model_failure: OnModelFailure,
 }
 
-/// Every configured agent, by name, and the tenants' daily caps.
+/// Every configured agent, by name, the tenants' daily caps, and the providers' protections.
 pub struct Agents {
     agents: HashMap<String, Arc<Agent>>,
     tenant_caps: HashMap<String, u64>,
+    providers: std::collections::BTreeMap<Provider, ProviderConfig>,
 }
 
 impl Agents {
@@ -98,10 +104,11 @@ impl Agents {
                 system: a.system_prompt.clone(),
                 max_tokens: a.max_tokens,
                 pool: a.pool.clone(),
-                tools: ToolSet::build(&a.tools, &cfg.tools, env)?,
+                tools: ToolSet::build(&a.tools, &cfg.tools, env, tool_limits(cfg))?,
                 // Config validation rejects an agent whose model has no price.
                 price: cfg.price(&a.model).copied().unwrap_or(FREE),
                 budget: a.budget.clone(),
+                on_model_failure: a.on_model_failure,
             };
             agents.insert(name.to_string(), Arc::new(agent));
         }
@@ -110,7 +117,12 @@ impl Agents {
             .iter()
             .filter_map(|(n, t)| Some((n.to_string(), MicroUsd::from_usd(t.daily_cap_usd?).ok()?.0)))
             .collect();
-        Ok(Self { agents, tenant_caps })
+        Ok(Self { agents, tenant_caps, providers: cfg.providers.clone() })
+    }
+
+    /// The protections of `provider` (defaults when not configured).
+    pub fn provider(&self, provider: Provider) -> ProviderConfig {
+        self.providers.get(&provider).cloned().unwrap_or_default()
     }
 
     /// The agent named `name`.
@@ -132,6 +144,14 @@ impl Agents {
     }
 }
 
+fn tool_limits(cfg: &Config) -> ToolLimits {
+    ToolLimits {
+        max_inline_wait: Duration::from_millis(cfg.worker.max_inline_retry_ms),
+        max_result_bytes: cfg.worker.max_tool_result_bytes,
+        max_input_bytes: cfg.worker.max_tool_input_bytes,
+    }
+}
+
 const FREE: Price = Price { input: 0.0, output: 0.0, cache_write: None, cache_read: None };
 
 /// Engine settings.
@@ -143,6 +163,26 @@ pub struct EngineSettings {
     pub lease: Duration,
     /// Model call attempts per step before the session fails.
     pub max_model_attempts: u32,
+    /// Delay-queue deferrals of a step for a tool's long retry before the call counts as failed.
+    pub max_tool_deferrals: u32,
+}
+
+/// What an engine is built from.
+pub struct EngineParts {
+    /// Session state.
+    pub store: Arc<dyn SessionStore>,
+    /// Step messages and events.
+    pub publisher: Arc<dyn StepPublisher>,
+    /// The model clients.
+    pub llm: ModelClients,
+    /// The agents, tenants and providers.
+    pub agents: Agents,
+    /// The fleet-wide circuit breakers.
+    pub breakers: Breakers,
+    /// The fleet-wide rate limits.
+    pub limiter: RateLimiter,
+    /// Settings.
+    pub settings: EngineSettings,
 }
 
 /// Runs steps. One per worker process, shared by all in-flight steps.
@@ -151,19 +191,23 @@ pub struct Engine {
     publisher: Arc<dyn StepPublisher>,
     llm: ModelClients,
     agents: Agents,
+    breakers: Breakers,
+    limiter: RateLimiter,
     settings: EngineSettings,
 }
 
 impl Engine {
     /// An engine over these parts.
-    pub fn new(
-        store: Arc<dyn SessionStore>,
-        publisher: Arc<dyn StepPublisher>,
-        llm: ModelClients,
-        agents: Agents,
-        settings: EngineSettings,
-    ) -> Self {
-        Self { store, publisher, llm, agents, settings }
+    pub fn new(p: EngineParts) -> Self {
+        Self {
+            store: p.store,
+            publisher: p.publisher,
+            llm: p.llm,
+            agents: p.agents,
+            breakers: p.breakers,
+            limiter: p.limiter,
+            settings: p.settings,
+        }
     }
 
     /// Handles one delivery of the step queue of `pool`.
@@ -419,65 +463,6 @@ impl StepCtx<'_> {
             worker: &self.engine.settings.worker_id,
             ..Default::default()
         }
-    }
-
-    async fn tool_phase(&self, state: SessionState) -> Result<After, StepError> {
-        let calls = match last_tool_uses(&state.messages) {
-            Ok(calls) if !calls.is_empty() => calls,
-            Ok(_) => return self.fail_tools("the last assistant message has no tool_use".into()).await,
-            Err(why) => return self.fail_tools(why).await,
-        };
-        let started = Instant::now();
-        let pending: Vec<&ToolUse> = calls.iter().filter(|c| !state.ledger.contains_key(&c.id)).collect();
-        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c))).await;
-        metric::phase_duration("tools", started.elapsed());
-        let mut ledger = state.ledger;
-        let mut escalation = None;
-        for (call, run) in pending.into_iter().zip(runs) {
-            match run? {
-                ToolRun::Done(outcome) => {
-                    ledger.insert(call.id.clone(), outcome);
-                }
-                ToolRun::Escalate(input) => {
-                    escalation = Some(serde_json::json!({ "tool_use_id": call.id, "input": input }))
-                }
-            }
-        }
-        if let Some(escalation) = escalation {
-            return self.pause_for_human(escalation).await;
-        }
-        let ordered: Vec<(String, ToolOutcome)> = calls
-            .iter()
-            .map(|c| {
-                let outcome =
-                    ledger.remove(&c.id).unwrap_or_else(|| ToolOutcome::error("The result of this call was lost."));
-                (c.id.clone(), outcome)
-            })
-            .collect();
-        let user = llm::tool_results_message(&ordered);
-        let applied = self.engine.store.commit_tools(self.id(), self.msg.step, &user, now_ms()).await?;
-        Ok(if applied { After::Publish(self.msg.step + 1) } else { After::Nothing })
-    }
-
-    async fn run_tool(&self, call: &ToolUse) -> Result<ToolRun, StepError> {
-        let key = format!("{}:{}", self.id(), call.id);
-        let started = Instant::now();
-        let run = self.agent.tools.run(call, &key).await;
-        let ToolRun::Done(outcome) = &run else { return Ok(run) };
-        let took = started.elapsed();
-        metric::tool_call(&call.name, !outcome.is_error, took);
-        let trace = TraceRecord {
-            tool_name: Some(&call.name),
-            input_summary: summarize(&call.input.to_string(), 200),
-            output_summary: summarize(&outcome.content, 200),
-            duration_ms: took.as_millis() as u64,
-            success: !outcome.is_error,
-            error: outcome.is_error.then(|| summarize(&outcome.content, 200)),
-            ..self.trace("tool_call")
-        }
-        .emit();
-        self.engine.store.record_tool(self.id(), &call.id, outcome, &trace).await?;
-        Ok(run)
     }
 
     async fn pause_for_human(&self, escalation: serde_json::Value) -> Result<After, StepError> {

@@ -11,17 +11,28 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 
 use super::{After, StepCtx, StepError};
+use crate::breaker::Permit;
 use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
-use crate::config::OnDailyCap;
+use crate::config::{OnDailyCap, OnModelFailure};
 use crate::domain::{MicroUsd, Phase, SessionStatus};
 use crate::failpoint;
 use crate::llm::anthropic::CallSpec;
 use crate::llm::{self, Block, LlmError, ModelReply, StopReason, Usage};
+use crate::ratelimit::{Acquire, Tokens};
 use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, StepEnd, UsageTotals};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
 
 /// How long a session waits at a daily cap before it tries again.
 const DAILY_CAP_RETRY: Duration = Duration::from_secs(600);
+
+/// The provider protections a call passed through.
+struct Guard {
+    breaker: String,
+    breaker_cfg: crate::breaker::BreakerConfig,
+    rate_key: String,
+    rate: Option<crate::ratelimit::RateLimit>,
+    probe: bool,
+}
 
 /// One planned model call.
 struct Call {
@@ -81,6 +92,10 @@ impl StepCtx<'_> {
     }
 
     async fn call(&self, state: &SessionState, call: Call) -> Result<After, StepError> {
+        let guard = match self.admit(&call).await {
+            Ok(guard) => guard,
+            Err(wait) => return Ok(After::Postpone(wait)),
+        };
         let caps = self.daily_caps(state);
         let verdict = self.engine.store.daily_reserve(&caps, call.reserve.cost).await?;
         if verdict != DailyVerdict::Reserved {
@@ -99,6 +114,7 @@ impl StepCtx<'_> {
         let reply = self.engine.llm.create_message(self.agent.provider, &spec, &call.messages).await;
         let took = started.elapsed();
         metric::phase_duration("llm", took);
+        self.report(&guard, &call, &reply).await;
         match reply {
             Ok(reply) => {
                 failpoint::hit("after_model_call");
@@ -110,6 +126,73 @@ impl StepCtx<'_> {
                 self.settle_failed_call(&caps, &reservation, &call, &e, took).await?;
                 self.model_failed(e, took).await
             }
+        }
+    }
+
+    /// The provider's breaker and rate limit, before anything is reserved: `Err(wait)` when the step
+    /// must wait (in the delay queues) for the breaker's cool-down or for the rate limit.
+    async fn admit(&self, call: &Call) -> Result<Guard, Duration> {
+        let provider = self.engine.agents.provider(self.agent.provider);
+        let guard = Guard {
+            breaker: format!("model:{}", self.agent.provider.as_str()),
+            breaker_cfg: provider.breaker(),
+            rate_key: format!("{}:{}", self.agent.provider.as_str(), self.agent.model),
+            rate: provider.rate_limits.get(&self.agent.model).cloned(),
+            probe: false,
+        };
+        let permit =
+            self.engine.breakers.check(&guard.breaker, &guard.breaker_cfg, now_ms()).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "model breaker check failed; letting the call through");
+                Permit::Allow
+            });
+        if let Permit::Deny { retry_after } = permit {
+            metric::breaker_rejected(&guard.breaker);
+            return Err(retry_after.max(Duration::from_secs(1)));
+        }
+        if let Some(limit) = &guard.rate {
+            let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
+            match self.engine.limiter.acquire(&guard.rate_key, limit, 1, estimate, now_ms()).await {
+                Ok(Acquire::Wait { retry_after }) => {
+                    metric::retry("rate_limit");
+                    return Err(retry_after.max(Duration::from_millis(200)));
+                }
+                Ok(Acquire::Granted) => {}
+                Err(e) => tracing::warn!(error = %e, "rate limiter unavailable; letting the call through"),
+            }
+        }
+        Ok(Guard { probe: permit.is_probe(), ..guard })
+    }
+
+    /// Feeds the outcome of a call to the provider's breaker and rate limiter (best effort).
+    async fn report(&self, guard: &Guard, call: &Call, reply: &Result<ModelReply, LlmError>) {
+        let failed = reply.as_ref().err().is_some_and(LlmError::is_provider_failure);
+        let (b, now) = (&self.engine.breakers, now_ms());
+        match b.record(&guard.breaker, &guard.breaker_cfg, guard.probe, !failed, now).await {
+            Ok(Some(t)) => {
+                tracing::warn!(breaker = guard.breaker, transition = t.as_str(), "circuit breaker changed state");
+                metric::breaker_transition(&guard.breaker, t.as_str());
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "recording the model breaker outcome failed"),
+        }
+        let Some(limit) = &guard.rate else { return };
+        let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
+        let actual = match reply {
+            Ok(r) => Tokens {
+                input: r.usage.input_tokens + r.usage.cache_creation_input_tokens,
+                output: r.usage.output_tokens,
+            },
+            Err(e) if e.is_unbilled() => Tokens::default(),
+            Err(_) => estimate,
+        };
+        let limiter = &self.engine.limiter;
+        if let Err(e) = limiter.settle(&guard.rate_key, limit, estimate, actual, now).await {
+            tracing::warn!(error = %e, "settling the rate limit failed");
+        }
+        if let Ok(r) = reply
+            && let Err(e) = limiter.observe_headers(&guard.rate_key, limit, &r.rate_headers, now).await
+        {
+            tracing::warn!(error = %e, "applying the rate-limit headers failed");
         }
     }
 
@@ -262,7 +345,24 @@ impl StepCtx<'_> {
         } else {
             e.to_string()
         };
-        self.end_llm(SessionStatus::Failed, why).await
+        match self.agent.on_model_failure {
+            OnModelFailure::Fail => self.end_llm(SessionStatus::Failed, why).await,
+            OnModelFailure::Escalate => {
+                let escalation = serde_json::json!({ "kind": "model_failure", "reason": why });
+                let trace = TraceRecord { error: Some(why.clone()), ..self.trace("escalation") }.emit();
+                let end = StepEnd {
+                    status: SessionStatus::AwaitingHuman,
+                    result: String::new(),
+                    error: why,
+                    escalation: escalation.to_string(),
+                    trace,
+                };
+                if self.engine.store.end_step(self.id(), self.msg.step, Phase::Llm, &end, now_ms()).await? {
+                    self.engine.ended(self.id(), &self.agent.name, SessionStatus::AwaitingHuman).await;
+                }
+                Ok(After::Nothing)
+            }
+        }
     }
 
     async fn end_llm(&self, status: SessionStatus, why: String) -> Result<After, StepError> {
@@ -343,6 +443,10 @@ fn decide(stop: &StopReason, has_tools: bool, text: &str) -> (ModelOutcome, Opti
         StopReason::ToolUse | StopReason::EndTurn | StopReason::StopSequence | StopReason::MaxTokens if has_tools => {
             (ModelOutcome::Tools, None)
         }
+        StopReason::EndTurn if text.trim().is_empty() => (
+            ModelOutcome::Next,
+            Some("Your last response was empty. Continue with the task, or give your final answer."),
+        ),
         StopReason::EndTurn | StopReason::StopSequence => (done(SessionStatus::Completed, String::new()), None),
         StopReason::ToolUse => (ModelOutcome::Next, Some("You stopped to use a tool but sent no tool call. Continue.")),
         StopReason::MaxTokens => (

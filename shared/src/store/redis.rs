@@ -107,6 +107,11 @@ impl RedisStore {
         Ok(Self { conn, prefix: cfg.key_prefix.clone(), scripts: Scripts::load() })
     }
 
+    /// The process's Redis connection (multiplexed; cheap to clone), for the breakers and limits.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     fn keys(&self, id: &SessionId) -> Keys {
         Keys::new(&self.prefix, id)
     }
