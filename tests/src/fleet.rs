@@ -71,6 +71,8 @@ pub struct TestFleet {
     pub model: ModelServer,
     /// The tool server.
     pub tools: ToolServer,
+    /// The scripted OpenAI-compatible server (agent `local`).
+    pub openai: crate::openai_server::OpenAiServer,
     /// The dispatcher's base URL.
     pub api: String,
     /// An HTTP client.
@@ -78,6 +80,7 @@ pub struct TestFleet {
     dir: PathBuf,
     dispatcher_stop: CancellationToken,
     workers: Vec<Option<Child>>,
+    metrics_ports: Vec<u16>,
     spawned: usize,
 }
 
@@ -89,6 +92,9 @@ impl TestFleet {
         std::fs::create_dir_all(&dir)?;
         let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
         let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
+        let openai = crate::openai_server::OpenAiServer::start(TcpListener::bind("127.0.0.1:0").await?).await?;
+        let extra = format!("{}\n[openai]\nbase_url = \"{}\"\n{LOCAL_AGENT}", opts.extra_config, openai.base_url());
+        let opts = FleetOptions { extra_config: extra, ..opts };
         let config_text = config_text(&prefix, &opts, &model.base_url(), &tools.base_url());
         let config_path = dir.join("agentfleet.toml");
         std::fs::write(&config_path, &config_text)?;
@@ -100,11 +106,13 @@ impl TestFleet {
             config,
             model,
             tools,
+            openai,
             api,
             http: reqwest::Client::new(),
             dir,
             dispatcher_stop,
             workers: Vec::new(),
+            metrics_ports: Vec::new(),
             spawned: 0,
         };
         for _ in 0..opts.workers {
@@ -121,7 +129,10 @@ impl TestFleet {
     /// Starts one more worker process with extra environment (e.g. `AGENTFLEET_FAILPOINT`).
     pub fn spawn_worker_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<usize> {
         let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.spawned)))?;
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new(worker_binary()?)
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .envs(env.iter().copied())
             .arg("--config")
             .arg(&self.config_path)
@@ -135,7 +146,13 @@ impl TestFleet {
             .context("spawning agentfleet-test-worker")?;
         self.spawned += 1;
         self.workers.push(Some(child));
+        self.metrics_ports.push(metrics_port);
         Ok(self.workers.len() - 1)
+    }
+
+    /// The `/metrics` URL of worker `i`.
+    pub fn worker_metrics_url(&self, i: usize) -> Option<String> {
+        self.metrics_ports.get(i).map(|p| format!("http://127.0.0.1:{p}/metrics"))
     }
 
     /// Indexes of the worker processes still running.
@@ -306,6 +323,19 @@ impl Drop for TestFleet {
         self.dispatcher_stop.cancel();
     }
 }
+
+/// An agent on the OpenAI-compatible scripted server.
+const LOCAL_AGENT: &str = r#"
+[prices."local-model"]
+input = 0.0
+output = 0.0
+
+[agents.local]
+model = "local-model"
+provider = "openai"
+system_prompt = "You are a local model."
+tools = ["search_knowledge_base", "lookup_customer"]
+"#;
 
 /// The worker binary built beside the test binaries (`target/<profile>/agentfleet-test-worker`).
 fn worker_binary() -> anyhow::Result<PathBuf> {

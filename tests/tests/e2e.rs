@@ -48,3 +48,21 @@ async fn support_sessions_answer_or_escalate() -> anyhow::Result<()> {
     assert_eq!(fleet.model.stats().invalid_total, 0, "{:?}", fleet.model.stats().invalid_reasons);
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_step_sessions_pass_on_an_openai_compatible_provider() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(FleetOptions { workers: 2, ..Default::default() }).await?;
+    let goals: Vec<String> = (0..40).map(|i| format!("[steps=5] local job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("local", g))).await?;
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(120)).await?;
+    for s in &sessions {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 5).map_err(|e| anyhow::anyhow!("{e}: {s}"))?;
+    }
+    let stats = fleet.openai.stats();
+    assert_eq!(stats.invalid_total, 0, "{:?}", stats.invalid_reasons);
+    assert_eq!(stats.valid_total, 200);
+    assert_eq!(fleet.model.stats().requests_total, 0, "nothing went to the Anthropic endpoint");
+    assert_eq!(fleet.tools.stats().calls_total, 160);
+    fleet.cleanup().await
+}

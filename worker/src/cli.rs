@@ -16,6 +16,9 @@ struct Args {
     /// The config file.
     #[arg(long, env = "AGENTFLEET_CONFIG", default_value = "agentfleet.toml")]
     config: PathBuf,
+    /// Where to serve `/metrics` (overrides `worker.metrics_listen`; one per process on a host).
+    #[arg(long, env = "AGENTFLEET_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 /// Parses the command line, loads the config and runs the worker until SIGTERM or SIGINT.
@@ -25,7 +28,12 @@ pub async fn main() -> ExitCode {
     let args = Args::parse();
     let env = |k: &str| std::env::var(k).ok();
     let cfg = match Config::load(&args.config, &env) {
-        Ok(cfg) => cfg,
+        Ok(mut cfg) => {
+            if let Some(listen) = args.metrics_listen {
+                cfg.worker.metrics_listen = listen;
+            }
+            cfg
+        }
         Err(e) => {
             eprintln!("agentfleet-worker: {e}");
             return ExitCode::from(2);

@@ -68,6 +68,8 @@ async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     state.stats.request();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    state.stats.arrived(now);
     let response = match validate::validate(&headers, body, state.api_key.as_deref()) {
         Ok(valid) => answer(&state, &valid).await,
         Err(error) => reject(&state, error),

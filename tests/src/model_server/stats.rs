@@ -41,6 +41,8 @@ pub struct ModelStats {
     pub billed_output_tokens: u64,
     /// Successful responses.
     pub answered_total: u64,
+    /// Arrival times (Unix ms) of the last 20000 requests, valid or not, oldest first.
+    pub request_times_ms: Vec<u64>,
 }
 
 /// Injected fault counts.
@@ -91,6 +93,11 @@ impl StatsRecorder {
         stats.valid_total += 1;
         push_bounded(&mut stats.max_tokens_seen, max_tokens, KEPT_MAX_TOKENS);
         *stats.tool_choice_seen.entry(tool_choice.to_owned()).or_default() += 1;
+    }
+
+    /// Notes a request's arrival time.
+    pub(crate) fn arrived(&self, at_ms: u64) {
+        push_bounded(&mut self.lock().request_times_ms, at_ms, 20_000);
     }
 
     /// Counts a successful response and what it billed.
