@@ -179,6 +179,7 @@ fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
             "cost_usd": usd(v.usage.cost_micro_usd),
             "model_calls": v.usage.model_calls,
             "unreconciled_calls": v.usage.unreconciled_calls,
+            "model_errors": v.usage.model_errors,
             "steps": steps_used,
         },
         "limits": {

@@ -44,6 +44,8 @@ pub struct FleetOptions {
     pub redis_url: String,
     /// More TOML appended to the config (agents, tenants).
     pub extra_config: String,
+    /// More `key = value` lines for the `[worker]` table.
+    pub worker_config: String,
 }
 
 impl Default for FleetOptions {
@@ -55,6 +57,7 @@ impl Default for FleetOptions {
             max_steps: 50,
             redis_url: redis_url(),
             extra_config: String::new(),
+            worker_config: String::new(),
         }
     }
 }
@@ -398,6 +401,7 @@ concurrency = {concurrency}
 lease_ms = {lease_ms}
 metrics_listen = ""
 shutdown_grace_ms = 10000
+{worker_extra}
 
 [dispatcher]
 listen = "127.0.0.1:0"
@@ -431,6 +435,7 @@ budget = {{ max_steps = {max_steps} }}
         lease_ms = o.lease_ms,
         max_steps = o.max_steps,
         extra = o.extra_config,
+        worker_extra = o.worker_config,
     )
 }
 

@@ -213,6 +213,8 @@ pub struct UsageTotals {
     pub model_calls: u64,
     /// Calls whose worker died before their usage was known: counted at their reserved worst case.
     pub unreconciled_calls: u64,
+    /// Model calls the API answered with an error (not billed; retried or fatal).
+    pub model_errors: u64,
 }
 
 impl UsageTotals {

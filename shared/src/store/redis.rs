@@ -269,6 +269,7 @@ impl SessionStore for RedisStore {
             .cancel_reservation
             .key(&k.resv)
             .key(&k.trace)
+            .key(&k.usage)
             .arg(reservation_id)
             .arg(trace)
             .invoke_async(&mut self.conn())
@@ -523,6 +524,7 @@ fn parse_usage(u: &HashMap<String, u64>) -> UsageTotals {
         cost_micro_usd: get("cost_micro_usd"),
         model_calls: get("model_calls"),
         unreconciled_calls: get("unreconciled_calls"),
+        model_errors: get("model_errors"),
     }
 }
 
