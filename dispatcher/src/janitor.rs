@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentfleet::amqp::StepPublisher;
-use agentfleet::config::Config;
+use agentfleet::config::{Config, OnDeadline};
 use agentfleet::domain::{SessionId, SessionStatus, StepMessage};
+use agentfleet::llm::ToolOutcome;
 use agentfleet::store::SessionStore;
+use agentfleet::store::{Meta, ResumeOutcome};
 use agentfleet::telemetry::{metric, now_ms};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -48,8 +50,13 @@ impl Janitor {
         }
     }
 
-    /// One sweep; returns how many steps it re-published.
+    /// One sweep; returns how many steps it re-published (stalled sessions and expired waits).
     pub async fn sweep(&self) -> Result<usize, agentfleet::store::StoreError> {
+        let revived = self.revive_stalled().await?;
+        Ok(revived + self.expire_waits().await?)
+    }
+
+    async fn revive_stalled(&self) -> Result<usize, agentfleet::store::StoreError> {
         let now = now_ms();
         let cutoff = now.saturating_sub(self.cfg.dispatcher.stall_after_s * 1000);
         let mut republished = 0;
@@ -57,6 +64,82 @@ impl Janitor {
             republished += usize::from(self.revive(&id, cutoff, now).await?);
         }
         Ok(republished)
+    }
+
+    /// Applies the deadline of every wait for people that passed it: fail the session, reject the
+    /// tool call (the step is published again), or hand the approval to a human.
+    async fn expire_waits(&self) -> Result<usize, agentfleet::store::StoreError> {
+        let now = now_ms();
+        let mut republished = 0;
+        for (id, _) in self.store.waiting(Some(now), SWEEP_LIMIT).await? {
+            republished += usize::from(self.expire(&id, now).await?);
+        }
+        Ok(republished)
+    }
+
+    async fn expire(&self, id: &SessionId, now: u64) -> Result<bool, agentfleet::store::StoreError> {
+        self.store.unwait(id).await?;
+        let Some(meta) = self.store.meta(id).await? else { return Ok(false) };
+        let Some(agent) = self.cfg.agent(meta.agent.as_str()) else { return Ok(false) };
+        let escalation: serde_json::Value =
+            meta.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+        let tool_use_id = escalation["tool_use_id"].as_str().unwrap_or_default().to_owned();
+        let (wait, what) = match meta.status {
+            SessionStatus::AwaitingHuman => (agent.human_wait, "a human reply"),
+            SessionStatus::AwaitingApproval => (agent.approval_wait, "an approval"),
+            _ => return Ok(false),
+        };
+        let why = format!("no {what} before the deadline ({} s)", wait.deadline_s);
+        info!(session = %id, reason = why, "a wait for people expired");
+        match wait.on_deadline {
+            OnDeadline::Reject if !tool_use_id.is_empty() => {
+                let result = ToolOutcome::error(format!("This call was not approved: {why}."));
+                let expected = meta.status;
+                match self.store.resume(id, expected, &tool_use_id, Some(&result), false, now).await? {
+                    ResumeOutcome::Resumed { step } => Ok(self.publish(id, &meta, step, &agent.pool).await),
+                    ResumeOutcome::NotWaiting(_) => Ok(false),
+                }
+            }
+            OnDeadline::Escalate if meta.status == SessionStatus::AwaitingApproval => {
+                let handover = serde_json::json!({ "kind": "approval_timeout", "tool_use_id": tool_use_id,
+                    "tool": escalation["tool"], "input": escalation["input"], "reason": why });
+                let expected = SessionStatus::AwaitingApproval;
+                if self
+                    .store
+                    .expire_wait(id, expected, SessionStatus::AwaitingHuman, &why, &handover.to_string(), now)
+                    .await?
+                {
+                    self.store.wait_until(id, now + agent.human_wait.deadline_s * 1000).await?;
+                    self.event(&meta, id, "session.escalated", &why).await;
+                }
+                Ok(false)
+            }
+            _ => {
+                if self.store.expire_wait(id, meta.status, SessionStatus::Failed, &why, "", now).await? {
+                    self.store.deactivate(id).await?;
+                    self.event(&meta, id, "session.failed", &why).await;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn publish(&self, id: &SessionId, _meta: &Meta, step: u32, pool: &agentfleet::domain::Name) -> bool {
+        let msg = StepMessage { session_id: id.clone(), step, attempt: 0 };
+        match self.publisher.publish_step(pool, &msg, None).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, session = %id, "publishing the resumed step failed; the next sweep revives it");
+                false
+            }
+        }
+    }
+
+    async fn event(&self, meta: &Meta, id: &SessionId, kind: &str, summary: &str) {
+        let event = agentfleet::step::lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
+        if let Err(e) = self.publisher.publish_event(kind, &event).await {
+            warn!(error = %e, kind, "publishing an event failed");
+        }
     }
 
     async fn revive(&self, id: &SessionId, cutoff: u64, now: u64) -> Result<bool, agentfleet::store::StoreError> {

@@ -2,9 +2,10 @@
 //!
 //! Requests are validated once here, at the edge; everything past this point handles typed values.
 
+mod actions;
 mod error;
 mod janitor;
-mod sessions;
+pub mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,8 +89,13 @@ impl Dispatcher {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.dispatcher.max_body_bytes;
     Router::new()
-        .route("/v1/sessions", post(sessions::create))
+        .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))
+        .route("/v1/sessions/{id}/cancel", post(actions::cancel))
+        .route("/v1/sessions/{id}/reply", post(actions::reply))
+        .route("/v1/sessions/{id}/approve", post(actions::approve))
+        .route("/v1/sessions/{id}/reject", post(actions::reject))
+        .route("/v1/escalations", get(actions::escalations))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -1,4 +1,4 @@
-//! `POST /v1/sessions` and `GET /v1/sessions/{id}`.
+//! `POST /v1/sessions`, `GET /v1/sessions` and `GET /v1/sessions/{id}`.
 
 use agentfleet::amqp::StepPublisher;
 use agentfleet::budget::{Limits, Overrides};
@@ -17,10 +17,10 @@ use crate::error::{ApiError, ApiJson};
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-/// The body of `POST /v1/sessions`.
+/// The body of `POST /v1/sessions`, and of a session request over AMQP.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateSession {
+pub struct CreateSession {
     agent: String,
     input: String,
     #[serde(default)]
@@ -32,6 +32,9 @@ pub(crate) struct CreateSession {
     /// Lower budget limits for this session.
     #[serde(default)]
     budget: Option<Overrides>,
+    /// Where this session's events are POSTed (signed), instead of the agent's webhook.
+    #[serde(default)]
+    callback_url: Option<String>,
 }
 
 /// A request that passed validation.
@@ -43,13 +46,32 @@ struct Valid {
     metadata: serde_json::Value,
     idempotency_key: Option<String>,
     tenant: String,
+    callback_url: Option<String>,
+}
+
+/// A session that exists now: its id, its status, and whether this request created it.
+pub struct Created {
+    /// The session.
+    pub id: SessionId,
+    /// Its status.
+    pub status: SessionStatus,
+    /// False when an `idempotency_key` returned an earlier session.
+    pub created: bool,
 }
 
 pub(crate) async fn create(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<CreateSession>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req = validate(&s, req)?;
+    let c = create_session(&s, req).await?;
+    let body = serde_json::json!({ "id": c.id, "status": c.status });
+    let replayed = if c.created { "false" } else { "true" };
+    Ok((StatusCode::ACCEPTED, [("idempotent-replayed", replayed)], axum::Json(body)))
+}
+
+/// Validates a request, creates the session once (per idempotency key), and queues its first step.
+pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created, ApiError> {
+    let req = validate(s, req)?;
     let mut id = SessionId::generate();
     if let Some(key) = &req.idempotency_key {
         id = s
@@ -65,21 +87,23 @@ pub(crate) async fn create(
         input: req.input.clone(),
         metadata: req.metadata.clone(),
         limits: req.limits,
+        callback_url: req.callback_url.clone(),
     };
     let created = s.store.create(&new, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     s.store.activate(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
-    let view = load(&s, &id).await?;
+    let view = load(s, &id).await?;
     if !created && view.meta.agent != req.agent {
         return Err(ApiError::conflict("idempotency_key: already used for a session of another agent"));
     }
     if view.meta.status == SessionStatus::Queued && view.meta.published < 1 {
-        publish_first_step(&s, &id, &req.pool).await?;
+        publish_first_step(s, &id, &req.pool).await?;
     }
     if created {
         metric::session_created(req.agent.as_str());
+        let summary = agentfleet::telemetry::summarize(&req.input, 200);
+        crate::actions::event(s, &view.meta, &id, "session.created", &summary).await;
     }
-    let body = serde_json::json!({ "id": id, "status": view.meta.status });
-    Ok((StatusCode::ACCEPTED, [("idempotent-replayed", if created { "false" } else { "true" })], axum::Json(body)))
+    Ok(Created { id, status: view.meta.status, created })
 }
 
 fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
@@ -104,6 +128,12 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
             "idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY} printable characters"
         )));
     }
+    if let Some(url) = &req.callback_url {
+        let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            return Err(ApiError::invalid("callback_url: must be an http(s) URL"));
+        }
+    }
     let tenant = match req.tenant {
         Some(t) => Name::parse(&t).map_err(|e| ApiError::invalid(format!("tenant: {e}")))?.to_string(),
         None => String::new(),
@@ -116,6 +146,7 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
         metadata,
         idempotency_key: req.idempotency_key,
         tenant,
+        callback_url: req.callback_url,
     })
 }
 
@@ -129,7 +160,7 @@ async fn publish_first_step(s: &AppState, id: &SessionId, pool: &Name) -> Result
     Ok(())
 }
 
-async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, ApiError> {
+pub(crate) async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, ApiError> {
     s.store
         .view(id)
         .await
@@ -137,8 +168,68 @@ async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no session `{id}`")))
 }
 
+/// Parses the `{id}` of a path.
+pub(crate) fn path_id(id: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(id).map_err(|e| ApiError::invalid(format!("id: {e}")))
+}
+
+/// The query of `GET /v1/sessions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    status: Option<String>,
+    agent: Option<String>,
+    tenant: Option<String>,
+    created_after_ms: Option<u64>,
+    created_before_ms: Option<u64>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+pub(crate) async fn list(
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let status = match q.status.as_deref() {
+        Some(st) => Some(st.parse::<SessionStatus>().map_err(|e| ApiError::invalid(format!("status: {e}")))?),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be between 1 and 500"));
+    }
+    let filter = agentfleet::store::ListFilter {
+        status,
+        agent: q.agent,
+        tenant: q.tenant,
+        created_after_ms: q.created_after_ms,
+        created_before_ms: q.created_before_ms,
+    };
+    let (rows, next) = s.store.list(&filter, q.cursor.as_deref(), limit).await.map_err(|e| match e {
+        agentfleet::store::StoreError::Corrupt(_) => ApiError::invalid("cursor: not a cursor from this API"),
+        other => ApiError::unavailable(&other),
+    })?;
+    let sessions: Vec<serde_json::Value> = rows.iter().map(|(id, m)| summary(id, m)).collect();
+    Ok(axum::Json(serde_json::json!({ "sessions": sessions, "next_cursor": next })))
+}
+
+fn summary(id: &SessionId, m: &agentfleet::store::Meta) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "agent": m.agent,
+        "tenant": (!m.tenant.is_empty()).then_some(&m.tenant),
+        "status": m.status,
+        "step": m.step,
+        "created_at_ms": m.created_ms,
+        "updated_at_ms": m.updated_ms,
+        "result": m.result,
+        "error": m.error,
+    })
+}
+
 pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let id = SessionId::parse(&id).map_err(|e| ApiError::invalid(format!("id: {e}")))?;
+    let id = path_id(&id)?;
     let view = load(&s, &id).await?;
     Ok(axum::Json(render(&id, &view)))
 }
@@ -169,6 +260,8 @@ fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
         "error": m.error,
         "escalation": escalation,
         "metadata": metadata,
+        "callback_url": m.callback_url,
+        "cancel_requested": m.cancel_requested,
         "usage": {
             "input_tokens": v.usage.input_tokens,
             "output_tokens": v.usage.output_tokens,

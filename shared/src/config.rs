@@ -319,6 +319,13 @@ pub struct ToolConfig {
     /// A tool (of the same agent) run with the same input while this one's breaker is open.
     #[serde(default)]
     pub fallback: Option<Name>,
+    /// Every call waits for a person's approval before it runs (`awaiting_approval`).
+    #[serde(default)]
+    pub requires_approval: bool,
+    /// Calls whose input matches this rule wait for approval, e.g. `amount > 100`: a top-level
+    /// input field, one of `> >= < <= == !=`, and a number.
+    #[serde(default)]
+    pub approval_rule: Option<String>,
 }
 
 fn default_retries() -> u32 {
@@ -390,6 +397,49 @@ pub struct AgentConfig {
     /// the request outright: `fail` the session (default) or `escalate` it to a human.
     #[serde(default)]
     pub on_model_failure: OnModelFailure,
+    /// How long a session waits for a human's reply to an escalation, and what happens then.
+    /// Default 24 h, then `fail`.
+    #[serde(default = "WaitConfig::human")]
+    pub human_wait: WaitConfig,
+    /// How long a tool call waits for approval, and what happens then. Default 24 h, then `reject`.
+    #[serde(default = "WaitConfig::approval")]
+    pub approval_wait: WaitConfig,
+    /// Where this agent's lifecycle events are POSTed (signed), unless the session names its own
+    /// `callback_url`. Default none.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+}
+
+/// A wait for people, with its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitConfig {
+    /// Seconds before the deadline.
+    pub deadline_s: u64,
+    /// What the deadline does.
+    pub on_deadline: OnDeadline,
+}
+
+impl WaitConfig {
+    fn human() -> Self {
+        Self { deadline_s: 86_400, on_deadline: OnDeadline::Fail }
+    }
+
+    fn approval() -> Self {
+        Self { deadline_s: 86_400, on_deadline: OnDeadline::Reject }
+    }
+}
+
+/// What happens when a wait for people passes its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadline {
+    /// End the session `failed`.
+    Fail,
+    /// Refuse the tool call (approvals): the model is told it was not approved in time.
+    Reject,
+    /// Hand the decision to a human (approvals): the session becomes `awaiting_human`.
+    Escalate,
 }
 
 /// What a session does when the model cannot be reached.
@@ -556,6 +606,15 @@ impl Config {
         if agent.max_tokens == 0 {
             return Err(("max_tokens".into(), "must be at least 1".into()));
         }
+        if let Some(url) = &agent.webhook_url {
+            check_url(url, &["http", "https"]).map_err(|p| ("webhook_url".to_owned(), p))?;
+        }
+        if agent.human_wait.on_deadline != OnDeadline::Fail {
+            return Err((
+                "human_wait.on_deadline".into(),
+                "a wait for a human reply can only `fail` at its deadline".into(),
+            ));
+        }
         validate_budget(&agent.budget).map_err(|(f, p)| (format!("budget.{f}"), p))
     }
 
@@ -635,6 +694,9 @@ fn check_price(price: &Price) -> Result<(), String> {
 }
 
 fn validate_tool(tool: &ToolConfig, name: &Name, tools: &BTreeMap<Name, ToolConfig>) -> Result<(), (String, String)> {
+    if let Some(rule) = &tool.approval_rule {
+        crate::tools::ApprovalRule::parse(rule).map_err(|e| ("approval_rule".to_owned(), e))?;
+    }
     if let Some(fallback) = &tool.fallback
         && (fallback == name || !tools.contains_key(fallback))
     {
@@ -757,6 +819,9 @@ mod example_tests {
         let cfg = Config::load(&path, &|_| None).expect("example config is valid");
         let support = cfg.agent("support").expect("support agent");
         let tools: Vec<&str> = support.tools.iter().map(Name::as_str).collect();
-        assert_eq!(tools, ["search_knowledge_base", "lookup_customer", "create_ticket", "escalate_to_human"]);
+        assert_eq!(
+            tools,
+            ["search_knowledge_base", "lookup_customer", "create_ticket", "issue_refund", "escalate_to_human"]
+        );
     }
 }

@@ -84,6 +84,15 @@ struct Tool {
     backoff: Duration,
     breaker: BreakerConfig,
     fallback: Option<String>,
+    approval: Approval,
+}
+
+/// When a tool's calls wait for a person.
+#[derive(Debug, Clone)]
+enum Approval {
+    Never,
+    Always,
+    When(ApprovalRule),
 }
 
 /// The tools of one agent, with the JSON sent to the model prepared once.
@@ -113,6 +122,44 @@ pub fn escalate_definition() -> ToolConfig {
         retry_backoff_ms: 0,
         breaker: BreakerConfig::default(),
         fallback: None,
+        requires_approval: false,
+        approval_rule: None,
+    }
+}
+
+/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRule {
+    field: String,
+    op: String,
+    value: f64,
+}
+
+impl ApprovalRule {
+    /// Parses `amount > 100`.
+    pub fn parse(rule: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = rule.split_whitespace().collect();
+        let [field, op, value] = parts[..] else {
+            return Err(format!("`{rule}` must read `<field> <op> <number>`, e.g. `amount > 100`"));
+        };
+        if !["<", "<=", ">", ">=", "==", "!="].contains(&op) {
+            return Err(format!("`{op}` is not one of > >= < <= == !="));
+        }
+        let value = value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?;
+        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
+    }
+
+    /// True when `input` matches; a missing or non-numeric field does not match.
+    pub fn matches(&self, input: &serde_json::Value) -> bool {
+        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
+        match self.op.as_str() {
+            "<" => x < self.value,
+            "<=" => x <= self.value,
+            ">" => x > self.value,
+            ">=" => x >= self.value,
+            "==" => x == self.value,
+            _ => x != self.value,
+        }
     }
 }
 
@@ -143,6 +190,11 @@ impl ToolSet {
                 backoff: Duration::from_millis(def.retry_backoff_ms),
                 breaker: def.breaker.clone(),
                 fallback: def.fallback.as_ref().filter(|f| names.contains(f)).map(Name::to_string),
+                approval: match (&def.requires_approval, &def.approval_rule) {
+                    (true, _) => Approval::Always,
+                    (false, Some(rule)) => Approval::When(ApprovalRule::parse(rule).map_err(err)?),
+                    (false, None) => Approval::Never,
+                },
             };
             tools.insert(name.to_string(), tool);
         }
@@ -165,6 +217,18 @@ impl ToolSet {
     pub fn breaker(&self, name: &str) -> Option<(&BreakerConfig, Option<&str>)> {
         let tool = self.tools.get(name)?;
         matches!(tool.handler, Handler::Http { .. }).then(|| (&tool.breaker, tool.fallback.as_deref()))
+    }
+
+    /// Why this call must wait for a person's approval before it runs, or `None`.
+    pub fn needs_approval(&self, call: &ToolUse) -> Option<String> {
+        match &self.tools.get(&call.name)?.approval {
+            Approval::Never => None,
+            Approval::Always => Some(format!("`{}` always needs approval", call.name)),
+            Approval::When(rule) if rule.matches(&call.input) => {
+                Some(format!("`{}` needs approval when {} {} {}", call.name, rule.field, rule.op, rule.value))
+            }
+            Approval::When(_) => None,
+        }
     }
 
     /// Validates and runs one call. Never fails: every failure is a result the model can read.
@@ -406,6 +470,18 @@ mod tests {
         );
         let e = ToolSet::build(&names(&["kb"]), &defs, &|_| None, ToolLimits::default()).err().expect("fails");
         assert!(e.to_string().contains("KB_TOKEN"), "{e}");
+    }
+
+    #[test]
+    fn approval_rules_compare_a_numeric_field() {
+        let rule = ApprovalRule::parse("amount > 100").expect("parses");
+        assert!(rule.matches(&serde_json::json!({"amount": 150})));
+        assert!(!rule.matches(&serde_json::json!({"amount": 100})));
+        assert!(!rule.matches(&serde_json::json!({"amount": "lots"})));
+        assert!(!rule.matches(&serde_json::json!({})));
+        assert!(ApprovalRule::parse("amount >> 1").is_err());
+        assert!(ApprovalRule::parse("amount > x").is_err());
+        assert!(ApprovalRule::parse("amount").is_err());
     }
 
     #[test]

@@ -405,6 +405,7 @@ shutdown_grace_ms = 10000
 
 [dispatcher]
 listen = "127.0.0.1:0"
+janitor_interval_s = 1
 
 [tools.search_knowledge_base]
 description = "Use this FIRST before answering any question."
@@ -421,10 +422,16 @@ description = "Use this when the customer asks for a human or a refund."
 input_schema = {{ type = "object", properties = {{ reason = {{ type = "string" }}, summary = {{ type = "string" }}, suggested_team = {{ type = "string" }} }}, required = ["reason", "summary"] }}
 handler = {{ kind = "builtin" }}
 
+[tools.issue_refund]
+description = "Use this to refund a customer."
+input_schema = {{ type = "object", properties = {{ customer_email = {{ type = "string" }}, amount = {{ type = "number" }}, reason = {{ type = "string" }} }}, required = ["customer_email", "amount", "reason"] }}
+handler = {{ kind = "http", url = "{tools_url}/tools/issue_refund", timeout_ms = 5000 }}
+approval_rule = "amount > 100"
+
 [agents.support]
 model = "claude-sonnet-4-5"
 system_prompt = "You are a support agent."
-tools = ["search_knowledge_base", "lookup_customer", "escalate_to_human"]
+tools = ["search_knowledge_base", "lookup_customer", "escalate_to_human", "issue_refund"]
 budget = {{ max_steps = {max_steps} }}
 
 {extra}

@@ -124,6 +124,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
         input: "[steps=45] a long conversation".into(),
         metadata: serde_json::json!({}),
         limits: Limits::of(&cfg.agent("support").ok_or_else(|| anyhow::anyhow!("no agent"))?.budget),
+        callback_url: None,
     };
     store.create(&new, 0).await?;
 

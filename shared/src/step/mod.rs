@@ -21,7 +21,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::amqp::StepPublisher;
 use crate::breaker::Breakers;
-use crate::config::{BudgetConfig, Config, OnModelFailure, Price, ProviderConfig};
+use crate::config::{BudgetConfig, Config, OnModelFailure, Price, ProviderConfig, WaitConfig};
 use crate::domain::{MicroUsd, Name, Phase, SessionId, SessionStatus, StepMessage};
 use crate::llm::{self, Block, ModelClients, Provider, ToolUse};
 use crate::ratelimit::RateLimiter;
@@ -83,6 +83,21 @@ pub struct Agent {
     pub budget: BudgetConfig,
     /// What to do when the model cannot be reached.
     pub on_model_failure: OnModelFailure,
+    /// The wait for a human's reply.
+    pub human_wait: WaitConfig,
+    /// The wait for an approval.
+    pub approval_wait: WaitConfig,
+}
+
+impl Agent {
+    /// Seconds a session of this agent waits in `status` before its deadline.
+    pub fn wait_deadline_s(&self, status: SessionStatus) -> u64 {
+        if status == SessionStatus::AwaitingApproval {
+            self.approval_wait.deadline_s
+        } else {
+            self.human_wait.deadline_s
+        }
+    }
 }
 
 /// Every configured agent, by name, the tenants' daily caps, and the providers' protections.
@@ -109,6 +124,8 @@ impl Agents {
                 price: cfg.price(&a.model).copied().unwrap_or(FREE),
                 budget: a.budget.clone(),
                 on_model_failure: a.on_model_failure,
+                human_wait: a.human_wait,
+                approval_wait: a.approval_wait,
             };
             agents.insert(name.to_string(), Arc::new(agent));
         }
@@ -239,6 +256,10 @@ impl Engine {
                 self.later(&msg, pool, Duration::from_secs(1), "another worker holds the lease").await
             }
             Claim::Republish { current, agent } => self.republish(&msg.session_id, current, &agent, pool).await,
+            Claim::Cancelled(meta) => {
+                self.cancelled(&msg, &meta).await;
+                Disposition::Ack
+            }
             Claim::Terminal(_) | Claim::Paused(_) | Claim::Stale => {
                 metric::step_handled("stale");
                 Disposition::Ack
@@ -286,9 +307,10 @@ impl Engine {
     async fn run(&self, msg: &StepMessage, state: SessionState) -> Result<After, StepError> {
         let Some(agent) = self.agents.get(state.meta.agent.as_str()).cloned() else {
             let why = format!("agent `{}` is not configured on this worker", state.meta.agent);
-            return self.end(msg, &state.meta.agent, state.meta.phase, SessionStatus::Failed, why).await;
+            self.end(msg, &state.meta.agent, state.meta.phase, SessionStatus::Failed, why).await?;
+            return Ok(After::Nothing);
         };
-        let step = StepCtx { engine: self, agent: &agent, msg };
+        let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone() };
         match state.meta.phase {
             Phase::Llm => step.model_phase(state).await,
             Phase::Tools => step.tool_phase(state).await,
@@ -303,7 +325,7 @@ impl Engine {
         phase: Phase,
         status: SessionStatus,
         error: String,
-    ) -> Result<After, StepError> {
+    ) -> Result<bool, StepError> {
         let trace = TraceRecord {
             ts_ms: now_ms(),
             agent_id: agent.as_str(),
@@ -316,19 +338,39 @@ impl Engine {
         }
         .emit();
         let end = StepEnd { status, result: String::new(), error, escalation: String::new(), trace };
-        if self.store.end_step(&msg.session_id, msg.step, phase, &end, now_ms()).await? {
+        let applied = self.store.end_step(&msg.session_id, msg.step, phase, &end, now_ms()).await?;
+        if applied {
             self.ended(&msg.session_id, agent, status).await;
         }
-        Ok(After::Nothing)
+        Ok(applied)
+    }
+
+    /// A cancel took effect at this step boundary: index, metric and `session.cancelled`.
+    async fn cancelled(&self, msg: &StepMessage, meta: &crate::store::Meta) {
+        self.ended(&msg.session_id, &meta.agent, SessionStatus::Cancelled).await;
+        let event = lifecycle_event(
+            meta,
+            &msg.session_id,
+            msg.step,
+            "session.cancelled",
+            "cancelled by request",
+            serde_json::json!({}),
+        );
+        if let Err(e) = self.publisher.publish_event("session.cancelled", &event).await {
+            warn!(error = %e, "publishing session.cancelled failed");
+        }
     }
 
     /// Counts a session that ended or paused, and takes an ended one out of the live index.
     async fn ended(&self, id: &SessionId, agent: &Name, status: SessionStatus) {
         metric::session_ended(agent.as_str(), status.as_str());
-        if status.is_terminal()
-            && let Err(e) = self.store.deactivate(id).await
-        {
-            warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
+        if status.is_terminal() {
+            if let Err(e) = self.store.deactivate(id).await {
+                warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
+            }
+            if let Err(e) = self.store.unwait(id).await {
+                warn!(error = %e, "removing the session from the waiting index failed");
+            }
         }
     }
 
@@ -446,6 +488,8 @@ struct StepCtx<'a> {
     engine: &'a Engine,
     agent: &'a Agent,
     msg: &'a StepMessage,
+    /// The session's meta as the claim loaded it.
+    meta: crate::store::Meta,
 }
 
 impl StepCtx<'_> {
@@ -481,32 +525,80 @@ impl StepCtx<'_> {
             trace,
         };
         if self.engine.store.end_step(self.id(), self.msg.step, Phase::Tools, &end, now_ms()).await? {
-            self.engine.ended(self.id(), &self.agent.name, SessionStatus::AwaitingHuman).await;
+            let summary = escalation["input"]["reason"].as_str().unwrap_or("the agent asked for a human").to_owned();
+            self.finished(SessionStatus::AwaitingHuman, &summary, escalation).await;
         }
         Ok(After::Nothing)
     }
 
     /// Publishes a lifecycle event about this session; a failure is logged, never fatal.
-    async fn event(&self, meta: &crate::store::Meta, kind: &str, detail: serde_json::Value) {
-        let metadata: serde_json::Value = serde_json::from_str(&meta.metadata).unwrap_or_default();
-        let event = serde_json::json!({
-            "type": kind,
-            "session_id": self.id(),
-            "agent": self.agent.name,
-            "tenant": meta.tenant,
-            "metadata": metadata,
-            "step": self.msg.step,
-            "detail": detail,
-            "at_ms": now_ms(),
-        });
+    async fn event(&self, kind: &str, summary: &str, detail: serde_json::Value) {
+        let event = lifecycle_event(&self.meta, self.id(), self.msg.step, kind, summary, detail);
         if let Err(e) = self.engine.publisher.publish_event(kind, &event).await {
             warn!(error = %e, kind, "publishing an event failed");
         }
     }
 
-    async fn fail_tools(&self, why: String) -> Result<After, StepError> {
-        self.engine.end(self.msg, &self.agent.name, Phase::Tools, SessionStatus::Failed, why).await
+    /// A session this step ended or paused: metrics, the live and waiting indexes, and its event.
+    async fn finished(&self, status: SessionStatus, summary: &str, detail: serde_json::Value) {
+        self.engine.ended(self.id(), &self.agent.name, status).await;
+        if matches!(status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
+            let deadline = now_ms() + self.agent.wait_deadline_s(status) * 1000;
+            if let Err(e) = self.engine.store.wait_until(self.id(), deadline).await {
+                warn!(error = %e, "indexing the wait failed; its deadline will not be enforced");
+            }
+        }
+        if let Some(kind) = event_kind(status) {
+            self.event(kind, summary, detail).await;
+        }
     }
+
+    /// Ends or pauses the session from this step; `finished` runs when the change applied.
+    async fn end(&self, phase: Phase, status: SessionStatus, why: String) -> Result<After, StepError> {
+        if self.engine.end(self.msg, &self.agent.name, phase, status, why.clone()).await? {
+            self.finished(status, &why, serde_json::json!({ "reason": why })).await;
+        }
+        Ok(After::Nothing)
+    }
+
+    async fn fail_tools(&self, why: String) -> Result<After, StepError> {
+        self.end(Phase::Tools, SessionStatus::Failed, why).await
+    }
+}
+
+/// The event published when a step leaves a session in `status`; budget exhaustion has its own.
+fn event_kind(status: SessionStatus) -> Option<&'static str> {
+    match status {
+        SessionStatus::Completed => Some("session.completed"),
+        SessionStatus::Failed => Some("session.failed"),
+        SessionStatus::Cancelled => Some("session.cancelled"),
+        SessionStatus::AwaitingHuman => Some("session.escalated"),
+        SessionStatus::AwaitingApproval => Some("session.awaiting_approval"),
+        SessionStatus::BudgetExhausted | SessionStatus::Paused | SessionStatus::Queued | SessionStatus::Running => None,
+    }
+}
+
+/// A lifecycle event: the session, its agent, tenant and metadata, and a one-line summary.
+pub fn lifecycle_event(
+    meta: &crate::store::Meta,
+    id: &SessionId,
+    step: u32,
+    kind: &str,
+    summary: &str,
+    detail: serde_json::Value,
+) -> serde_json::Value {
+    let metadata: serde_json::Value = serde_json::from_str(&meta.metadata).unwrap_or_default();
+    serde_json::json!({
+        "type": kind,
+        "session_id": id,
+        "agent": meta.agent,
+        "tenant": meta.tenant,
+        "metadata": metadata,
+        "step": step,
+        "summary": crate::telemetry::summarize(summary, 500),
+        "detail": detail,
+        "at_ms": now_ms(),
+    })
 }
 
 fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {

@@ -71,7 +71,7 @@ impl StepCtx<'_> {
             }
             Plan::Stop { hit } => {
                 let why = format!("{hit}; not even the summary call could be afforded, so there is no summary");
-                self.exhausted(&state, hit, why).await
+                self.exhausted(hit, why).await
             }
         }
     }
@@ -282,7 +282,9 @@ impl StepCtx<'_> {
                     "tokens": spent.tokens,
                     "cost_usd": spent.cost.as_usd(),
                 });
-                self.event(&state.meta, "session.budget_alert", detail).await;
+                let line =
+                    format!("{limit} passed {:.0}% of its limit", f64::from(state.meta.limits.alert_permille) / 10.0);
+                self.event("session.budget_alert", &line, detail).await;
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "marking the budget alert failed; it may fire later"),
@@ -324,10 +326,11 @@ impl StepCtx<'_> {
                 self.tool_phase(state).await
             }
             ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
-            ModelOutcome::Done { status, .. } => {
-                self.engine.ended(self.id(), &self.agent.name, status).await;
+            ModelOutcome::Done { status, error, .. } => {
+                let line = if error.is_empty() { text.clone() } else { error };
+                self.finished(status, &line, serde_json::json!({ "result": text })).await;
                 if let Some(hit) = summary {
-                    self.exhausted_event(&state, hit, &text).await;
+                    self.exhausted_event(hit, &text).await;
                 }
                 Ok(After::Nothing)
             }
@@ -358,7 +361,8 @@ impl StepCtx<'_> {
                     trace,
                 };
                 if self.engine.store.end_step(self.id(), self.msg.step, Phase::Llm, &end, now_ms()).await? {
-                    self.engine.ended(self.id(), &self.agent.name, SessionStatus::AwaitingHuman).await;
+                    let summary = "the model API is failing; a human is asked to decide";
+                    self.finished(SessionStatus::AwaitingHuman, summary, escalation).await;
                 }
                 Ok(After::Nothing)
             }
@@ -366,20 +370,20 @@ impl StepCtx<'_> {
     }
 
     async fn end_llm(&self, status: SessionStatus, why: String) -> Result<After, StepError> {
-        self.engine.end(self.msg, &self.agent.name, Phase::Llm, status, why).await
+        self.end(Phase::Llm, status, why).await
     }
 
     /// Ends the session `budget_exhausted` without a summary.
-    async fn exhausted(&self, state: &SessionState, hit: LimitHit, why: String) -> Result<After, StepError> {
+    async fn exhausted(&self, hit: LimitHit, why: String) -> Result<After, StepError> {
         let after = self.end_llm(SessionStatus::BudgetExhausted, why).await?;
-        self.exhausted_event(state, hit, "").await;
+        self.exhausted_event(hit, "").await;
         Ok(after)
     }
 
-    async fn exhausted_event(&self, state: &SessionState, hit: LimitHit, summary: &str) {
+    async fn exhausted_event(&self, hit: LimitHit, summary: &str) {
         metric::budget_exhausted(self.agent.name.as_str(), hit.label());
-        let detail = serde_json::json!({ "limit": hit.label(), "reason": hit.to_string(), "summary": summary });
-        self.event(&state.meta, "session.budget_exhausted", detail).await;
+        let detail = serde_json::json!({ "limit": hit.label(), "reason": hit.to_string(), "result": summary });
+        self.event("session.budget_exhausted", &hit.to_string(), detail).await;
     }
 
     async fn daily_cap_reached(&self, state: &SessionState, verdict: DailyVerdict) -> Result<After, StepError> {

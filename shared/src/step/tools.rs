@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{After, StepCtx, StepError, last_tool_uses};
 use crate::breaker::Permit;
+use crate::domain::{Phase, SessionStatus};
 use crate::llm::{self, ToolOutcome, ToolUse};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
 use crate::tools::{Health, ToolRun};
@@ -17,8 +18,11 @@ impl StepCtx<'_> {
             Ok(_) => return self.fail_tools("the last assistant message has no tool_use".into()).await,
             Err(why) => return self.fail_tools(why).await,
         };
-        let started = Instant::now();
         let pending: Vec<&ToolUse> = calls.iter().filter(|c| !state.ledger.contains_key(&c.id)).collect();
+        if let Some((call, why)) = self.first_unapproved(&pending) {
+            return self.pause_for_approval(call, why).await;
+        }
+        let started = Instant::now();
         let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c))).await;
         metric::phase_duration("tools", started.elapsed());
         let mut ledger = state.ledger;
@@ -30,7 +34,7 @@ impl StepCtx<'_> {
                     ledger.insert(call.id.clone(), outcome);
                 }
                 ToolRun::Escalate(input) => {
-                    escalation = Some(serde_json::json!({ "tool_use_id": call.id, "input": input }));
+                    escalation = Some(serde_json::json!({ "kind": "human", "tool_use_id": call.id, "input": input }));
                 }
                 ToolRun::Later(after, _) => later = Some(later.unwrap_or_default().max(after)),
             }
@@ -52,6 +56,44 @@ impl StepCtx<'_> {
         let user = llm::tool_results_message(&ordered);
         let applied = self.engine.store.commit_tools(self.id(), self.msg.step, &user, now_ms()).await?;
         Ok(if applied { After::Publish(self.msg.step + 1) } else { After::Nothing })
+    }
+
+    /// The first call that must wait for a person and has not been approved yet.
+    fn first_unapproved<'c>(&self, pending: &[&'c ToolUse]) -> Option<(&'c ToolUse, String)> {
+        pending.iter().find_map(|call| {
+            let approved = self.meta.approved.iter().any(|id| id == &call.id);
+            let why = self.agent.tools.needs_approval(call).filter(|_| !approved)?;
+            Some((*call, why))
+        })
+    }
+
+    async fn pause_for_approval(&self, call: &ToolUse, why: String) -> Result<After, StepError> {
+        let request = serde_json::json!({
+            "kind": "approval",
+            "tool_use_id": call.id,
+            "tool": call.name,
+            "input": call.input,
+            "reason": why,
+        });
+        let trace = TraceRecord {
+            tool_name: Some(&call.name),
+            input_summary: summarize(&call.input.to_string(), 200),
+            output_summary: why.clone(),
+            success: true,
+            ..self.trace("approval_requested")
+        }
+        .emit();
+        let end = crate::store::StepEnd {
+            status: SessionStatus::AwaitingApproval,
+            result: String::new(),
+            error: String::new(),
+            escalation: request.to_string(),
+            trace,
+        };
+        if self.engine.store.end_step(self.id(), self.msg.step, Phase::Tools, &end, now_ms()).await? {
+            self.finished(SessionStatus::AwaitingApproval, &why, request).await;
+        }
+        Ok(After::Nothing)
     }
 
     async fn run_tool(&self, call: &ToolUse) -> Result<ToolRun, StepError> {

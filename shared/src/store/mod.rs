@@ -60,6 +60,12 @@ pub struct Meta {
     pub escalation: Option<String>,
     /// Caller-supplied metadata (JSON object text).
     pub metadata: String,
+    /// Tool calls a person approved, by `tool_use_id`.
+    pub approved: Vec<String>,
+    /// The URL this session's events are POSTed to, if any.
+    pub callback_url: Option<String>,
+    /// True once a cancel was asked for.
+    pub cancel_requested: bool,
 }
 
 /// A new session to store.
@@ -77,6 +83,8 @@ pub struct NewSession {
     pub metadata: serde_json::Value,
     /// The budget limits.
     pub limits: Limits,
+    /// Where this session's events are POSTed, if anywhere.
+    pub callback_url: Option<String>,
 }
 
 /// What a step needs: the session as the step found it.
@@ -119,6 +127,48 @@ pub enum Claim {
     },
     /// The lease is ours: run the step.
     Run(Box<SessionState>),
+    /// A cancel asked for during the last step took effect now; the session is `cancelled`.
+    Cancelled(Box<Meta>),
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The session was not running: it is cancelled now.
+    Cancelled,
+    /// A step is running: the session stops at the next step boundary.
+    Requested,
+    /// The session had already ended, with this status.
+    Ended(SessionStatus),
+    /// No such session.
+    Missing,
+}
+
+/// What a resume (reply, approve, reject) did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResumeOutcome {
+    /// The session runs again from `step`; publish it.
+    Resumed {
+        /// The step to publish.
+        step: u32,
+    },
+    /// The session was not in the expected status (it has this one).
+    NotWaiting(String),
+}
+
+/// Which sessions to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<SessionStatus>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Created at or after (Unix ms).
+    pub created_after_ms: Option<u64>,
+    /// Created before (Unix ms).
+    pub created_before_ms: Option<u64>,
 }
 
 /// How a model call ends the model phase.
@@ -306,6 +356,42 @@ pub trait SessionStore: Send + Sync {
     async fn stalled(&self, before_ms: u64, limit: usize) -> Result<Vec<SessionId>, StoreError>;
     /// The session's meta hash, or `None`.
     async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError>;
+    /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).
+    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError>;
+    /// Takes a session out of the waiting index.
+    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError>;
+    /// Waiting sessions with their deadlines, soonest first; only those due by `due_by_ms` if given.
+    async fn waiting(&self, due_by_ms: Option<u64>, limit: usize) -> Result<Vec<(SessionId, u64)>, StoreError>;
+    /// Resumes a session waiting in `expected`: records `result` for `tool_use_id` (if any) and
+    /// marks the call approved when `approve`.
+    async fn resume(
+        &self,
+        id: &SessionId,
+        expected: SessionStatus,
+        tool_use_id: &str,
+        result: Option<&ToolOutcome>,
+        approve: bool,
+        now_ms: u64,
+    ) -> Result<ResumeOutcome, StoreError>;
+    /// Cancels a session now, or at its next step boundary when a step is running.
+    async fn cancel(&self, id: &SessionId, now_ms: u64) -> Result<CancelOutcome, StoreError>;
+    /// Applies a wait's deadline if the session still waits in `expected`; true when applied.
+    async fn expire_wait(
+        &self,
+        id: &SessionId,
+        expected: SessionStatus,
+        to: SessionStatus,
+        error: &str,
+        escalation: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Sessions newest first, filtered, after `cursor` (an opaque string from a previous page).
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(SessionId, Meta)>, Option<String>), StoreError>;
 }
 
 /// How a step ends or pauses a session outside the model checkpoint.

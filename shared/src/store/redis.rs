@@ -12,13 +12,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{
-    CallUsage, Claim, DailyCaps, DailyVerdict, Meta, ModelCommit, ModelOutcome, NewSession, SessionState, SessionStore,
-    SessionView, StepEnd, StoreError, UsageTotals,
+    CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, ListFilter, Meta, ModelCommit, ModelOutcome, NewSession,
+    ResumeOutcome, SessionState, SessionStore, SessionView, StepEnd, StoreError, UsageTotals,
 };
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
 use crate::domain::MicroUsd;
-use crate::domain::{Name, Phase, SessionId, StepMessage};
+use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
 use crate::llm::ToolOutcome;
 
 /// The keys of one session.
@@ -63,6 +63,9 @@ struct Scripts {
     mark_alert: Script,
     daily_reserve: Script,
     daily_settle: Script,
+    resume: Script,
+    cancel: Script,
+    expire: Script,
 }
 
 impl Scripts {
@@ -83,6 +86,9 @@ impl Scripts {
             mark_alert: Script::new(include_str!("lua/mark_alert.lua")),
             daily_reserve: Script::new(include_str!("lua/daily_reserve.lua")),
             daily_settle: Script::new(include_str!("lua/daily_settle.lua")),
+            resume: Script::new(include_str!("lua/resume.lua")),
+            cancel: Script::new(include_str!("lua/cancel.lua")),
+            expire: Script::new(include_str!("lua/expire.lua")),
         }
     }
 }
@@ -124,6 +130,16 @@ impl RedisStore {
         (format!("{p}:{{budget}}:daily:{day}:agent:{agent}"), format!("{p}:{{budget}}:daily:{day}:tenant:{tenant}"))
     }
 
+    /// Every session, scored by creation time, for listing.
+    fn sessions_key(&self) -> String {
+        format!("{}:sessions", self.prefix)
+    }
+
+    /// Sessions waiting for people, scored by their deadline.
+    fn waiting_key(&self) -> String {
+        format!("{}:waiting", self.prefix)
+    }
+
     /// The index of live sessions (a sorted set scored by last touch), read by the janitor.
     fn active_key(&self) -> String {
         format!("{}:active", self.prefix)
@@ -155,6 +171,7 @@ impl SessionStore for RedisStore {
             ("created_ms", now_ms.to_string()),
             ("updated_ms", now_ms.to_string()),
             ("metadata", new.metadata.to_string()),
+            ("callback_url", new.callback_url.clone().unwrap_or_default()),
         ];
         let mut inv = self.scripts.create.key(&k.meta);
         inv.key(&k.msgs).key(&k.usage).arg(goal);
@@ -162,6 +179,14 @@ impl SessionStore for RedisStore {
             inv.arg(f).arg(v);
         }
         let created: i64 = inv.invoke_async(&mut self.conn()).await?;
+        if created == 1 {
+            let _: i64 = redis::cmd("ZADD")
+                .arg(self.sessions_key())
+                .arg(now_ms)
+                .arg(new.id.as_str())
+                .query_async(&mut self.conn())
+                .await?;
+        }
         Ok(created == 1)
     }
 
@@ -426,11 +451,181 @@ impl SessionStore for RedisStore {
         Ok(ids.iter().filter_map(|id| SessionId::parse(id).ok()).collect())
     }
 
+    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.waiting_key())
+            .arg(deadline_ms)
+            .arg(id.as_str())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZREM").arg(self.waiting_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn waiting(&self, due_by_ms: Option<u64>, limit: usize) -> Result<Vec<(SessionId, u64)>, StoreError> {
+        let max = due_by_ms.map_or_else(|| "+inf".to_owned(), |d| d.to_string());
+        let rows: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.waiting_key())
+            .arg("-inf")
+            .arg(max)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(rows.into_iter().filter_map(|(id, at)| Some((SessionId::parse(&id).ok()?, at as u64))).collect())
+    }
+
+    async fn resume(
+        &self,
+        id: &SessionId,
+        expected: SessionStatus,
+        tool_use_id: &str,
+        result: Option<&ToolOutcome>,
+        approve: bool,
+        now_ms: u64,
+    ) -> Result<ResumeOutcome, StoreError> {
+        let k = self.keys(id);
+        let value = match result {
+            Some(r) => serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            None => String::new(),
+        };
+        let reply: Vec<String> = self
+            .scripts
+            .resume
+            .key(&k.meta)
+            .key(&k.ledger)
+            .arg(expected.as_str())
+            .arg(tool_use_id)
+            .arg(value)
+            .arg(if approve { "1" } else { "0" })
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match reply.as_slice() {
+            [ok, step, _] if ok == "1" => {
+                let step = step.parse().map_err(|_| StoreError::Corrupt(format!("step `{step}`")))?;
+                Ok(ResumeOutcome::Resumed { step })
+            }
+            [_, status, ..] => Ok(ResumeOutcome::NotWaiting(status.clone())),
+            _ => Err(StoreError::Corrupt("short resume reply".into())),
+        }
+    }
+
+    async fn cancel(&self, id: &SessionId, now_ms: u64) -> Result<CancelOutcome, StoreError> {
+        let reply: Vec<String> =
+            self.scripts.cancel.key(self.keys(id).meta).arg(now_ms).invoke_async(&mut self.conn()).await?;
+        let (verdict, status) = match reply.as_slice() {
+            [v, s] => (v.as_str(), s.as_str()),
+            _ => return Err(StoreError::Corrupt("short cancel reply".into())),
+        };
+        Ok(match verdict {
+            "cancelled" => CancelOutcome::Cancelled,
+            "requested" => CancelOutcome::Requested,
+            "ended" => CancelOutcome::Ended(
+                status.parse().map_err(|e: crate::domain::ParseError| StoreError::Corrupt(e.to_string()))?,
+            ),
+            _ => CancelOutcome::Missing,
+        })
+    }
+
+    async fn expire_wait(
+        &self,
+        id: &SessionId,
+        expected: SessionStatus,
+        to: SessionStatus,
+        error: &str,
+        escalation: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let applied: i64 = self
+            .scripts
+            .expire
+            .key(self.keys(id).meta)
+            .arg(expected.as_str())
+            .arg(to.as_str())
+            .arg(error)
+            .arg(escalation)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(applied == 1)
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(SessionId, Meta)>, Option<String>), StoreError> {
+        let bad = || StoreError::Corrupt("cursor".into());
+        // The cursor is `<created_ms>:<id>` of the last row shown; rows with the same time sort by id.
+        let (mut max_score, after_id) = match cursor {
+            Some(c) => {
+                let (ms, id) = c.split_once(':').ok_or_else(bad)?;
+                (ms.parse::<u64>().map_err(|_| bad())?, Some(id.to_owned()))
+            }
+            None => (filter.created_before_ms.map_or(u64::MAX, |b| b.saturating_sub(1)), None),
+        };
+        let min_score = filter.created_after_ms.unwrap_or(0);
+        let mut out = Vec::new();
+        let mut skip_until = after_id;
+        loop {
+            let rows: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                .arg(self.sessions_key())
+                .arg(max_score)
+                .arg(min_score)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(200)
+                .query_async(&mut self.conn())
+                .await?;
+            if rows.is_empty() {
+                return Ok((out, None));
+            }
+            let last_score = rows.last().map_or(0, |(_, s)| *s as u64);
+            for (raw_id, score) in &rows {
+                if let Some(after) = &skip_until {
+                    if raw_id == after {
+                        skip_until = None;
+                    }
+                    continue;
+                }
+                let Ok(id) = SessionId::parse(raw_id) else { continue };
+                let Some(meta) = self.meta(&id).await? else { continue };
+                if matches_filter(&meta, filter) {
+                    out.push((id, meta));
+                    if out.len() == limit {
+                        return Ok((out, Some(format!("{}:{raw_id}", *score as u64))));
+                    }
+                }
+            }
+            if rows.len() < 200 {
+                return Ok((out, None));
+            }
+            // Next page of the index: the same last score again (ties), skipping what was seen.
+            skip_until = rows.last().map(|(id, _)| id.clone());
+            max_score = last_score;
+        }
+    }
+
     async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError> {
         let meta: HashMap<String, String> =
             redis::cmd("HGETALL").arg(self.keys(id).meta).query_async(&mut self.conn()).await?;
         if meta.is_empty() { Ok(None) } else { parse_meta(&meta).map(Some) }
     }
+}
+
+fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
+    f.status.is_none_or(|s| s == m.status)
+        && f.agent.as_deref().is_none_or(|a| a == m.agent.as_str())
+        && f.tenant.as_deref().is_none_or(|t| t == m.tenant)
 }
 
 fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
@@ -450,6 +645,10 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
             let agent: String = next_as(&mut it)?;
             let agent = Name::parse(&agent).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Claim::Republish { current: number()?, agent }
+        }
+        "cancelled" => {
+            let meta: HashMap<String, String> = next_as(&mut it)?;
+            Claim::Cancelled(Box::new(parse_meta(&meta)?))
         }
         "run" => {
             let meta: HashMap<String, String> = next_as(&mut it)?;
@@ -511,6 +710,9 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<Meta, StoreError> {
         error: opt("error"),
         escalation: opt("escalation"),
         metadata: m.get("metadata").cloned().unwrap_or_else(|| "{}".into()),
+        approved: get("approved").split_whitespace().map(str::to_owned).collect(),
+        callback_url: opt("callback_url"),
+        cancel_requested: get("cancel") == "1",
     })
 }
 

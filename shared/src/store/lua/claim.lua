@@ -12,6 +12,7 @@ if status == 'completed' or status == 'failed' or status == 'budget_exhausted' o
 end
 if status == 'awaiting_human' or status == 'awaiting_approval' then return {'paused', status} end
 if n > cur then return {'future', tostring(cur)} end
+
 -- An older step whose successor is known to be in the broker: a duplicate, drop it.
 if n < cur and published >= cur then return {'stale', tostring(cur)} end
 local holder = redis.call('GET', lease)
@@ -24,6 +25,11 @@ end
 -- The successor of an older step may never have been published (a crash between the checkpoint and
 -- the publish): the caller publishes it, then marks it published.
 if n < cur then return {'republish', tostring(cur), redis.call('HGET', meta, 'agent')} end
+-- A cancel asked for while a step ran takes effect here, at the step boundary: no step is in flight.
+if redis.call('HGET', meta, 'cancel') == '1' then
+  redis.call('HSET', meta, 'status', 'cancelled', 'phase', 'done', 'error', 'cancelled by request', 'updated_ms', ARGV[4])
+  return {'cancelled', '', redis.call('HGETALL', meta)}
+end
 redis.call('SET', lease, ARGV[2], 'PX', ARGV[3])
 if published < n then
   redis.call('HSET', meta, 'status', 'running', 'published', n, 'updated_ms', ARGV[4])
