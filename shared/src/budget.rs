@@ -44,7 +44,7 @@ pub struct Limits {
 }
 
 /// Lower limits asked for by a request; each must not exceed the agent's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// Lower `max_steps`.

@@ -66,6 +66,57 @@ pub struct Config {
     /// Fleet-wide breaker and rate limits per model provider (`anthropic`, `openai`).
     #[serde(default)]
     pub providers: BTreeMap<crate::llm::Provider, ProviderConfig>,
+    /// Signed webhooks of lifecycle events (`crate::webhooks`).
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+    /// Logging, tracing and redaction.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Logging, tracing and redaction settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// JSON field names whose values never appear in traces or logs (e.g. `card_number`). API
+    /// keys and tool header values are always redacted.
+    pub redact_fields: Vec<String>,
+    /// OTLP/HTTP endpoint for OpenTelemetry spans, e.g. `http://otel-collector:4318`. Default none.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Signed webhooks: the signing secret and how deliveries are retried.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The environment variable holding the signing secret. Default `AGENTFLEET_WEBHOOK_SECRET`.
+    pub secret_env: String,
+    /// The signing secret, read from `secret_env` (never put it in the file). Without one, events
+    /// that have a URL are dead-lettered instead of sent unsigned.
+    #[serde(skip)]
+    pub secret: Option<SecretString>,
+    /// Timeout of one POST. Default 5000 ms.
+    pub timeout_ms: u64,
+    /// Attempts per event (retries wait 1 s, 5 s, 30 s, 2 min, then 10 min each) before it is
+    /// dead-lettered. Default 12.
+    pub max_attempts: u32,
+}
+
+impl fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("secret_env", &self.secret_env)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self { secret_env: "AGENTFLEET_WEBHOOK_SECRET".into(), secret: None, timeout_ms: 5_000, max_attempts: 12 }
+    }
 }
 
 /// The fleet-wide protections of one model provider.
@@ -556,6 +607,7 @@ impl Config {
         self.anthropic.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
         set(&mut self.openai.base_url, "OPENAI_BASE_URL");
         self.openai.api_key = env("OPENAI_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
+        self.webhooks.secret = env(&self.webhooks.secret_env).filter(|k| !k.is_empty()).map(SecretString::from);
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -621,6 +673,19 @@ impl Config {
     /// The daily cap of `tenant`, if it has one.
     pub fn tenant_daily_cap(&self, tenant: &str) -> Option<f64> {
         self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.daily_cap_usd)
+    }
+
+    /// Every secret value this config uses (API keys, tool header values), for redaction.
+    pub fn secrets(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        let keys = [&self.anthropic.api_key, &self.openai.api_key];
+        let mut out: Vec<String> = keys.into_iter().flatten().map(|k| k.expose_secret().to_owned()).collect();
+        for tool in self.tools.values() {
+            if let HandlerConfig::Http { headers_from_env, .. } = &tool.handler {
+                out.extend(headers_from_env.values().filter_map(|var| env(var)));
+            }
+        }
+        out
     }
 
     /// The agent named `name`.

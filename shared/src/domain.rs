@@ -24,8 +24,9 @@ impl ParseError {
 }
 
 /// A session's id: `s_` followed by a ULID, e.g. `s_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "String", into = "String")]
+#[schema(example = "s_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M")]
 pub struct SessionId(String);
 
 impl SessionId {
@@ -68,7 +69,7 @@ impl From<SessionId> for String {
 
 /// Names of agents, tools and pools: 1–64 of `[A-Za-z0-9_-]` (the Messages API's rule for tool
 /// names, which also keeps them safe in AMQP routing keys and Redis keys).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "String", into = "String")]
 pub struct Name(String);
 
@@ -129,7 +130,7 @@ impl MicroUsd {
 }
 
 /// Where a session is in its life. Stored in Redis as its `Display` text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// Created; its first step is queued.
@@ -203,7 +204,7 @@ impl FromStr for SessionStatus {
 }
 
 /// Which half of a step the session is in: the model call, or the tool calls it asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// The next thing to do is call the model.

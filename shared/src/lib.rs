@@ -17,3 +17,4 @@ pub mod step;
 pub mod store;
 pub mod telemetry;
 pub mod tools;
+pub mod webhooks;

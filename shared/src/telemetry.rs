@@ -39,6 +39,8 @@ pub struct TraceRecord<'a> {
     pub output_tokens: u64,
     /// Cost in USD (model calls).
     pub cost_usd: f64,
+    /// Cost in micro-USD, exact: the trace's sum equals the session's recorded cost.
+    pub cost_micro_usd: u64,
     /// How long the action took.
     pub duration_ms: u64,
     /// Whether it succeeded.
@@ -58,6 +60,62 @@ impl TraceRecord<'_> {
         tracing::info!(target: "agentfleet::trace", record = %json, "trace");
         json
     }
+}
+
+static REDACTION: std::sync::OnceLock<Redaction> = std::sync::OnceLock::new();
+
+/// What is never written to a log line, a trace or an error text: secret values (API keys, tool
+/// header values) wherever they appear, and the values of configured sensitive JSON fields.
+#[derive(Debug, Default)]
+pub struct Redaction {
+    secrets: Vec<String>,
+    fields: Vec<String>,
+}
+
+/// Sets the process's redaction once (at start); later calls are ignored.
+pub fn set_redaction(secrets: Vec<String>, fields: Vec<String>) {
+    let secrets = secrets.into_iter().filter(|s| s.len() >= 6).collect();
+    let _ = REDACTION.set(Redaction { secrets, fields });
+}
+
+/// `text` with every secret replaced by `[redacted]`, and, when it is JSON, the values of the
+/// sensitive fields too.
+pub fn redact(text: &str) -> String {
+    let Some(r) = REDACTION.get() else { return text.to_owned() };
+    let mut out = text.to_owned();
+    for secret in &r.secrets {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    if !r.fields.is_empty()
+        && let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&out)
+    {
+        redact_fields(&mut json, &r.fields);
+        out = json.to_string();
+    }
+    out
+}
+
+fn redact_fields(v: &mut serde_json::Value, fields: &[String]) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if fields.iter().any(|f| f.eq_ignore_ascii_case(k)) {
+                    *val = serde_json::Value::String("[redacted]".into());
+                } else {
+                    redact_fields(val, fields);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| redact_fields(i, fields)),
+        _ => {}
+    }
+}
+
+/// A redacted summary of `text` (redacted whole, before it is cut, so JSON fields are found).
+pub fn summary_of(text: &str, max: usize) -> String {
+    summarize(&redact(text), max)
 }
 
 /// A summary of `text` for traces: at most `max` characters.
@@ -89,14 +147,63 @@ pub fn install_metrics(
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             tokio::spawn(exporter);
+            metric::describe();
             Ok(handle)
         }
-        None => builder.install_recorder().map_err(|e| e.to_string()),
+        None => {
+            let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+            metric::describe();
+            Ok(handle)
+        }
     }
 }
 
 /// Typed metric helpers: every metric name and label lives here.
 pub mod metric {
+    /// Every metric with its help text, so `/metrics` carries `# HELP` for each (promtool asks).
+    const HELP: [(&str, &str, char); 29] = [
+        ("agentfleet_step_messages_total", "Step messages handled, by what they turned out to be.", 'c'),
+        ("agentfleet_step_phase_duration_seconds", "Time in one phase of a step (llm, tools).", 'h'),
+        ("agentfleet_step_duration_seconds", "Time to handle one step message.", 'h'),
+        ("agentfleet_step_overhead_seconds", "Step time outside the model call and the tool calls.", 'h'),
+        ("agentfleet_model_calls_total", "Model calls by agent, model and outcome (stop reason or error).", 'c'),
+        ("agentfleet_model_call_duration_seconds", "Model call latency.", 'h'),
+        ("agentfleet_model_input_tokens_total", "Uncached input tokens billed.", 'c'),
+        ("agentfleet_model_output_tokens_total", "Output tokens billed.", 'c'),
+        ("agentfleet_model_cache_tokens_total", "Prompt-cache tokens billed, by kind (read, write).", 'c'),
+        ("agentfleet_cost_micro_usd_total", "Model spend in micro-USD, by agent and model.", 'c'),
+        ("agentfleet_tool_calls_total", "Tool calls by tool and outcome.", 'c'),
+        ("agentfleet_tool_call_duration_seconds", "Tool call latency, retries included.", 'h'),
+        ("agentfleet_sessions_created_total", "Sessions created, by agent.", 'c'),
+        ("agentfleet_sessions_finished_total", "Sessions that ended or paused, by agent and status.", 'c'),
+        ("agentfleet_budget_alerts_total", "Sessions that crossed their budget alert threshold.", 'c'),
+        ("agentfleet_budget_exhaustions_total", "Sessions ended by a budget limit, by limit.", 'c'),
+        ("agentfleet_daily_cap_hits_total", "Steps refused by a fleet-wide daily spend cap.", 'c'),
+        ("agentfleet_dead_lettered_total", "Messages sent to the dead-letter queue, by reason.", 'c'),
+        ("agentfleet_inline_retry_sleep_seconds", "In-process waits before tool retries.", 'h'),
+        ("agentfleet_breaker_transitions_total", "Circuit breaker transitions, by breaker.", 'c'),
+        ("agentfleet_breaker_rejections_total", "Calls refused by an open circuit breaker.", 'c'),
+        ("agentfleet_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", 'g'),
+        ("agentfleet_retries_total", "Steps sent through the delay queues, by reason.", 'c'),
+        ("agentfleet_escalations_total", "Sessions paused for people, by kind.", 'c'),
+        ("agentfleet_human_decisions_total", "Replies, approvals, rejections and expired waits.", 'c'),
+        ("agentfleet_queue_messages", "Messages ready in a queue.", 'g'),
+        ("agentfleet_queue_consumers", "Consumers of a queue.", 'g'),
+        ("agentfleet_sessions_waiting", "Sessions waiting for people now.", 'g'),
+        ("agentfleet_webhook_deliveries_total", "Webhook delivery attempts, by outcome.", 'c'),
+    ];
+
+    /// Registers the help text of every metric with the installed recorder.
+    pub fn describe() {
+        for (name, help, kind) in HELP {
+            match kind {
+                'c' => metrics::describe_counter!(name, help),
+                'h' => metrics::describe_histogram!(name, help),
+                _ => metrics::describe_gauge!(name, help),
+            }
+        }
+    }
+
     use std::time::Duration;
 
     /// A step message handled, by what it turned out to be.
@@ -181,6 +288,52 @@ pub mod metric {
         metrics::counter!("agentfleet_breaker_rejections_total", "breaker" => name.to_owned()).increment(1);
     }
 
+    /// Cache tokens of a model call, by kind (`read`, `write`).
+    pub fn cache_tokens(agent: &str, model: &str, read: u64, write: u64) {
+        for (kind, n) in [("read", read), ("write", write)] {
+            let labels = [("agent", agent.to_owned()), ("model", model.to_owned()), ("kind", kind.to_owned())];
+            metrics::counter!("agentfleet_model_cache_tokens_total", &labels).increment(n);
+        }
+    }
+
+    /// A whole step's time, and the part of it that was neither the model nor the tools.
+    pub fn step_duration(total: Duration, overhead: Duration) {
+        metrics::histogram!("agentfleet_step_duration_seconds").record(total.as_secs_f64());
+        metrics::histogram!("agentfleet_step_overhead_seconds").record(overhead.as_secs_f64());
+    }
+
+    /// A session paused for people (`human`, `approval`, `model_failure`).
+    pub fn escalation(agent: &str, kind: &'static str) {
+        let labels = [("agent", agent.to_owned()), ("kind", kind.to_owned())];
+        metrics::counter!("agentfleet_escalations_total", &labels).increment(1);
+    }
+
+    /// A person's decision on a waiting session (`replied`, `approved`, `rejected`, `expired`).
+    pub fn human_decision(decision: &'static str) {
+        metrics::counter!("agentfleet_human_decisions_total", "decision" => decision).increment(1);
+    }
+
+    /// A breaker's state: 0 closed, 1 half-open, 2 open.
+    pub fn breaker_state(name: &str, state: f64) {
+        metrics::gauge!("agentfleet_breaker_state", "breaker" => name.to_owned()).set(state);
+    }
+
+    /// A queue's depth and consumers, as the broker reports them.
+    pub fn queue(queue: &str, messages: u32, consumers: u32) {
+        metrics::gauge!("agentfleet_queue_messages", "queue" => queue.to_owned()).set(f64::from(messages));
+        metrics::gauge!("agentfleet_queue_consumers", "queue" => queue.to_owned()).set(f64::from(consumers));
+    }
+
+    /// Sessions waiting for people right now.
+    pub fn waiting_sessions(n: usize) {
+        metrics::gauge!("agentfleet_sessions_waiting").set(n as f64);
+    }
+
+    /// A webhook delivery attempt and its outcome (`delivered`, `retry`, `gave_up`).
+    pub fn webhook_delivery(outcome: &'static str) {
+        metrics::counter!("agentfleet_webhook_deliveries_total", "outcome" => outcome).increment(1);
+    }
+
     /// A step retried later through a delay tier.
     pub fn retry(reason: &'static str) {
         metrics::counter!("agentfleet_retries_total", "reason" => reason).increment(1);
@@ -190,6 +343,14 @@ pub mod metric {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_hides_secrets_and_sensitive_fields() {
+        set_redaction(vec!["sk-ant-secret-123".into()], vec!["card_number".into()]);
+        assert_eq!(redact("key sk-ant-secret-123 leaked"), "key [redacted] leaked");
+        let json = redact(r#"{"card_number":"4111","nested":[{"Card_Number":"x"}],"ok":1}"#);
+        assert!(!json.contains("4111") && !json.contains("\"x\"") && json.contains("\"ok\":1"), "{json}");
+    }
 
     #[test]
     fn summaries_cut_on_characters() {

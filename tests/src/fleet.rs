@@ -46,6 +46,9 @@ pub struct FleetOptions {
     pub extra_config: String,
     /// More `key = value` lines for the `[worker]` table.
     pub worker_config: String,
+    /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
+    /// secret); nothing else of the process environment reaches it.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for FleetOptions {
@@ -58,6 +61,7 @@ impl Default for FleetOptions {
             redis_url: redis_url(),
             extra_config: String::new(),
             worker_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -101,7 +105,9 @@ impl TestFleet {
         let config_text = config_text(&prefix, &opts, &model.base_url(), &tools.base_url());
         let config_path = dir.join("agentfleet.toml");
         std::fs::write(&config_path, &config_text)?;
-        let config = Config::load(&config_path, &|_| None)?;
+        let env = opts.env.clone();
+        let lookup = move |k: &str| env.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone());
+        let config = Config::load(&config_path, &lookup)?;
         let (api, dispatcher_stop) = start_dispatcher(config.clone()).await?;
         let mut fleet = Self {
             prefix,
@@ -136,12 +142,12 @@ impl TestFleet {
         let child = Command::new(worker_binary()?)
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .envs(env.iter().copied())
             .arg("--config")
             .arg(&self.config_path)
             .env("ANTHROPIC_API_KEY", "test-key")
             .env("RUST_LOG", "warn")
             .env("HOSTNAME", format!("{}-w{}", self.prefix, self.spawned))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -287,12 +293,16 @@ impl TestFleet {
 
     async fn delete_amqp(&self) -> anyhow::Result<()> {
         use agentfleet::amqp::DELAY_TIERS;
+        use agentfleet::webhooks;
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let (conn, ch) = self.amqp().await?;
         let t = agentfleet::amqp::Topology::new(&self.config.amqp.prefix, 1);
         let mut queues = vec![t.dead(), t.requests_queue()];
         queues.extend(self.config.worker.pools.iter().map(|p| t.step_queue(p)));
         queues.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+        let prefix = &self.config.amqp.prefix;
+        queues.push(webhooks::queue(prefix));
+        queues.extend(webhooks::RETRY_TIERS.iter().map(|(tier, _)| webhooks::retry_queue(prefix, tier)));
         for q in &queues {
             let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
@@ -367,10 +377,23 @@ pub fn is_settled(v: &Value) -> bool {
     )
 }
 
+/// The test process's Prometheus recorder, installed once and shared by every in-process dispatcher.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            agentfleet::telemetry::install_metrics(None).unwrap_or_else(|_| {
+                // Another recorder is installed already: render from a fresh, unregistered one.
+                metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle()
+            })
+        })
+        .clone()
+}
+
 async fn start_dispatcher(config: Config) -> anyhow::Result<(String, CancellationToken)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let dispatcher = Dispatcher::build(config, Some(listener), None).await?;
+    let dispatcher = Dispatcher::build(config, Some(listener), Some(metrics_handle())).await?;
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {

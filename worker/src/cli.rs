@@ -39,6 +39,7 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    telemetry::set_redaction(cfg.secrets(&env), cfg.telemetry.redact_fields.clone());
     match run(cfg, &env).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

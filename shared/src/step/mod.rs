@@ -26,7 +26,7 @@ use crate::domain::{MicroUsd, Name, Phase, SessionId, SessionStatus, StepMessage
 use crate::llm::{self, Block, ModelClients, Provider, ToolUse};
 use crate::ratelimit::RateLimiter;
 use crate::store::{Claim, SessionState, SessionStore, StepEnd, StoreError};
-use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
+use crate::telemetry::{TraceRecord, metric, now_ms};
 use crate::tools::{ToolLimits, ToolSet, ToolSetupError};
 
 /// What the consumer does with the delivery once the engine is done with it.
@@ -276,7 +276,11 @@ impl Engine {
             self.settings.lease,
             stop.clone(),
         ));
-        let outcome = self.run(&msg, state).await;
+        let started = std::time::Instant::now();
+        let timings = Timings::default();
+        let outcome = self.run(&msg, state, &timings).await;
+        let total = started.elapsed();
+        metric::step_duration(total, total.saturating_sub(timings.waited()));
         stop.cancel();
         let _ = renewal.await;
         match outcome {
@@ -304,13 +308,13 @@ impl Engine {
         }
     }
 
-    async fn run(&self, msg: &StepMessage, state: SessionState) -> Result<After, StepError> {
+    async fn run(&self, msg: &StepMessage, state: SessionState, timings: &Timings) -> Result<After, StepError> {
         let Some(agent) = self.agents.get(state.meta.agent.as_str()).cloned() else {
             let why = format!("agent `{}` is not configured on this worker", state.meta.agent);
             self.end(msg, &state.meta.agent, state.meta.phase, SessionStatus::Failed, why).await?;
             return Ok(After::Nothing);
         };
-        let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone() };
+        let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone(), timings };
         match state.meta.phase {
             Phase::Llm => step.model_phase(state).await,
             Phase::Tools => step.tool_phase(state).await,
@@ -490,6 +494,22 @@ struct StepCtx<'a> {
     msg: &'a StepMessage,
     /// The session's meta as the claim loaded it.
     meta: crate::store::Meta,
+    /// Time spent waiting on the model and the tools, to tell the orchestration overhead apart.
+    timings: &'a Timings,
+}
+
+/// Time a step spent outside the worker (model and tool calls), in microseconds.
+#[derive(Default)]
+struct Timings(std::sync::atomic::AtomicU64);
+
+impl Timings {
+    fn add(&self, d: Duration) {
+        self.0.fetch_add(d.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn waited(&self) -> Duration {
+        Duration::from_micros(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl StepCtx<'_> {
@@ -512,7 +532,7 @@ impl StepCtx<'_> {
     async fn pause_for_human(&self, escalation: serde_json::Value) -> Result<After, StepError> {
         let trace = TraceRecord {
             tool_name: Some(crate::config::ESCALATE_TO_HUMAN),
-            input_summary: summarize(&escalation.to_string(), 200),
+            input_summary: crate::telemetry::summary_of(&escalation.to_string(), 200),
             success: true,
             ..self.trace("escalation")
         }
@@ -543,6 +563,12 @@ impl StepCtx<'_> {
     async fn finished(&self, status: SessionStatus, summary: &str, detail: serde_json::Value) {
         self.engine.ended(self.id(), &self.agent.name, status).await;
         if matches!(status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
+            let kind = match detail["kind"].as_str() {
+                Some("approval") => "approval",
+                Some("model_failure") => "model_failure",
+                _ => "human",
+            };
+            metric::escalation(self.agent.name.as_str(), kind);
             let deadline = now_ms() + self.agent.wait_deadline_s(status) * 1000;
             if let Err(e) = self.engine.store.wait_until(self.id(), deadline).await {
                 warn!(error = %e, "indexing the wait failed; its deadline will not be enforced");
@@ -563,6 +589,14 @@ impl StepCtx<'_> {
 
     async fn fail_tools(&self, why: String) -> Result<After, StepError> {
         self.end(Phase::Tools, SessionStatus::Failed, why).await
+    }
+}
+
+/// The state gauge value after a breaker transition: 2 open, 0 closed.
+fn transition_state(t: crate::breaker::Transition) -> f64 {
+    match t {
+        crate::breaker::Transition::Closed => 0.0,
+        _ => 2.0,
     }
 }
 

@@ -114,6 +114,7 @@ impl StepCtx<'_> {
         let reply = self.engine.llm.create_message(self.agent.provider, &spec, &call.messages).await;
         let took = started.elapsed();
         metric::phase_duration("llm", took);
+        self.timings.add(took);
         self.report(&guard, &call, &reply).await;
         match reply {
             Ok(reply) => {
@@ -171,6 +172,7 @@ impl StepCtx<'_> {
             Ok(Some(t)) => {
                 tracing::warn!(breaker = guard.breaker, transition = t.as_str(), "circuit breaker changed state");
                 metric::breaker_transition(&guard.breaker, t.as_str());
+                metric::breaker_state(&guard.breaker, super::transition_state(t));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "recording the model breaker outcome failed"),
@@ -209,12 +211,15 @@ impl StepCtx<'_> {
         let agent = self.agent.name.as_str();
         metric::model_call(agent, &self.agent.model, reply.stop_reason.label(), took);
         metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.0);
+        let u = &reply.usage;
+        metric::cache_tokens(agent, &self.agent.model, u.cache_read_input_tokens, u.cache_creation_input_tokens);
         let trace = TraceRecord {
             input_summary: format!("{} messages, max_tokens {}", call.messages.len(), call.max_tokens),
             output_summary: format!("stop_reason={} {}", reply.stop_reason.as_str(), summarize(&reply.text(), 200)),
             input_tokens: reply.usage.input_tokens,
             output_tokens: reply.usage.output_tokens,
             cost_usd: cost.as_usd(),
+            cost_micro_usd: cost.0,
             duration_ms: took.as_millis() as u64,
             success: true,
             ..self.trace(if call.summary.is_some() { "summary_call" } else { "model_call" })
@@ -247,6 +252,7 @@ impl StepCtx<'_> {
             input_tokens: if e.is_unbilled() { 0 } else { call.reserve.input_tokens },
             output_tokens: if e.is_unbilled() { 0 } else { call.reserve.output_tokens },
             cost_usd: if e.is_unbilled() { 0.0 } else { MicroUsd(call.reserve.cost).as_usd() },
+            cost_micro_usd: if e.is_unbilled() { 0 } else { call.reserve.cost },
             ..self.trace("model_call")
         }
         .emit();

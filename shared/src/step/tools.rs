@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::{After, StepCtx, StepError, last_tool_uses};
+use super::{After, StepCtx, StepError, last_tool_uses, transition_state};
 use crate::breaker::Permit;
 use crate::domain::{Phase, SessionStatus};
 use crate::llm::{self, ToolOutcome, ToolUse};
-use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
+use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
 use crate::tools::{Health, ToolRun};
 
 impl StepCtx<'_> {
@@ -25,6 +25,7 @@ impl StepCtx<'_> {
         let started = Instant::now();
         let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c))).await;
         metric::phase_duration("tools", started.elapsed());
+        self.timings.add(started.elapsed());
         let mut ledger = state.ledger;
         let mut escalation = None;
         let mut later: Option<Duration> = None;
@@ -77,7 +78,7 @@ impl StepCtx<'_> {
         });
         let trace = TraceRecord {
             tool_name: Some(&call.name),
-            input_summary: summarize(&call.input.to_string(), 200),
+            input_summary: summary_of(&call.input.to_string(), 200),
             output_summary: why.clone(),
             success: true,
             ..self.trace("approval_requested")
@@ -115,11 +116,11 @@ impl StepCtx<'_> {
         metric::tool_call(&call.name, !outcome.is_error, took);
         let trace = TraceRecord {
             tool_name: Some(&call.name),
-            input_summary: summarize(&call.input.to_string(), 200),
-            output_summary: summarize(&outcome.content, 200),
+            input_summary: summary_of(&call.input.to_string(), 200),
+            output_summary: summary_of(&outcome.content, 200),
             duration_ms: took.as_millis() as u64,
             success: !outcome.is_error,
-            error: outcome.is_error.then(|| summarize(&outcome.content, 200)),
+            error: outcome.is_error.then(|| summary_of(&outcome.content, 200)),
             ..self.trace("tool_call")
         }
         .emit();
@@ -161,6 +162,7 @@ impl StepCtx<'_> {
                 Ok(Some(t)) => {
                     tracing::warn!(breaker = name, transition = t.as_str(), "circuit breaker changed state");
                     metric::breaker_transition(&name, t.as_str());
+                    metric::breaker_state(&name, transition_state(t));
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, breaker = name, "recording a breaker outcome failed"),

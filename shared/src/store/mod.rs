@@ -356,6 +356,10 @@ pub trait SessionStore: Send + Sync {
     async fn stalled(&self, before_ms: u64, limit: usize) -> Result<Vec<SessionId>, StoreError>;
     /// The session's meta hash, or `None`.
     async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError>;
+    /// The session's trace records (JSON), oldest first, at most `limit`.
+    async fn trace(&self, id: &SessionId, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Appends a trace record written outside a step (a person's decision).
+    async fn append_trace(&self, id: &SessionId, record: &str) -> Result<(), StoreError>;
     /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).
     async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError>;
     /// Takes a session out of the waiting index.

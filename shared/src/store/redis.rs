@@ -208,10 +208,12 @@ impl SessionStore for RedisStore {
             .key(&k.lease)
             .key(&k.usage)
             .key(&k.resv)
+            .key(&k.trace)
             .arg(msg.step)
             .arg(token)
             .arg(lease_ms)
             .arg(now_ms)
+            .arg(msg.session_id.as_str())
             .invoke_async(&mut self.conn())
             .await?;
         parse_claim(reply)
@@ -449,6 +451,32 @@ impl SessionStore for RedisStore {
             .query_async(&mut self.conn())
             .await?;
         Ok(ids.iter().filter_map(|id| SessionId::parse(id).ok()).collect())
+    }
+
+    async fn trace(&self, id: &SessionId, limit: usize) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(self.keys(id).trace)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(rows.into_iter().filter_map(|(_, mut fields)| fields.remove("r")).collect())
+    }
+
+    async fn append_trace(&self, id: &SessionId, record: &str) -> Result<(), StoreError> {
+        let _: String = redis::cmd("XADD")
+            .arg(self.keys(id).trace)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(10_000)
+            .arg("*")
+            .arg("r")
+            .arg(record)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
     }
 
     async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError> {

@@ -1,7 +1,7 @@
 -- Point 1 and 2 of a step (DESIGN §3), in one round trip: decide what a step message means and, when
 -- it is the session's current step, take the lease and load meta, messages and ledger.
--- KEYS: meta, msgs, ledger, lease, usage, resv
--- ARGV: step, lease token "<step>|<worker>|<nonce>", lease ms, now ms
+-- KEYS: meta, msgs, ledger, lease, usage, resv, trace
+-- ARGV: step, lease token "<step>|<worker>|<nonce>", lease ms, now ms, session id
 local meta, msgs, ledger, lease, usage, resv = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local n = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 0 then return {'missing', ''} end
@@ -47,6 +47,15 @@ for i = 1, #orphans, 2 do
     redis.call('HINCRBY', usage, 'output_tokens', output)
     redis.call('HINCRBY', usage, 'model_calls', 1)
     redis.call('HINCRBY', usage, 'unreconciled_calls', 1)
+    local record = cjson.encode({
+      ts_ms = tonumber(ARGV[4]), agent_id = redis.call('HGET', meta, 'agent'), session_id = ARGV[5], step = n,
+      action = 'model_call', input_summary = 'reservation ' .. orphans[i], output_summary = '',
+      input_tokens = tonumber(input), output_tokens = tonumber(output), cost_usd = tonumber(cost) / 1000000,
+      cost_micro_usd = tonumber(cost), duration_ms = 0, success = false,
+      error = 'the worker died before this call was reconciled: counted at its reserved worst case',
+      worker = string.match(ARGV[2], '^%d+|([^|]*)|') or ''
+    })
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', 10000, '*', 'r', record)
   end
   redis.call('HDEL', resv, orphans[i])
 end
