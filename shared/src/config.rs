@@ -81,8 +81,6 @@ pub struct TelemetryConfig {
     /// JSON field names whose values never appear in traces or logs (e.g. `card_number`). API
     /// keys and tool header values are always redacted.
     pub redact_fields: Vec<String>,
-    /// OTLP/HTTP endpoint for OpenTelemetry spans, e.g. `http://otel-collector:4318`. Default none.
-    pub otlp_endpoint: Option<String>,
 }
 
 /// Signed webhooks: the signing secret and how deliveries are retried.
