@@ -32,12 +32,10 @@ need_root() {
 }
 
 # as_root COMMAND...: runs COMMAND as root, through sudo when we are not root.
+ROOT_CMD=()
+[[ "$(id -u)" -eq 0 ]] || ROOT_CMD=(sudo)
 as_root() {
-    if [[ "$(id -u)" -eq 0 ]]; then
-        "$@"
-    else
-        sudo "$@"
-    fi
+    "${ROOT_CMD[@]}" "$@"
 }
 
 # --- URLs --------------------------------------------------------------------------------------
@@ -94,14 +92,19 @@ redis_answers() {
 
 # amqp_answers HOST PORT: true when an AMQP 0-9-1 broker answers the protocol header with a
 # frame (type 1, Connection.Start) there. An open port alone is not enough: a booting RabbitMQ
-# is not ready for clients.
+# is not ready for clients. A busy broker may take a few seconds to answer.
 amqp_answers() {
-    timeout 2 bash -c '
+    timeout 6 bash -c '
         exec 3<>"/dev/tcp/$1/$2" || exit 1
         printf "AMQP\x00\x00\x09\x01" >&3
-        IFS= read -r -N 1 -t 2 frame_type <&3 || exit 1
+        IFS= read -r -N 1 -t 5 frame_type <&3 || exit 1
         [[ "$frame_type" == $'"'"'\x01'"'"' ]]
     ' _ "$1" "$2" 2>/dev/null
+}
+
+# port_open HOST PORT: true when something accepts TCP connections there.
+port_open() {
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
 }
 
 # wait_until SECONDS COMMAND...: runs COMMAND every half second until it succeeds or time is up.
@@ -177,27 +180,56 @@ rabbitmqctl_() {
     as_root "$ctl" "$@"
 }
 
-start_rabbitmq() {
-    [[ -n "$(rabbitmq_bin rabbitmq-server)" ]] || apt_install rabbitmq-server
-    need_root "starting RabbitMQ"
-    if amqp_answers 127.0.0.1 "$AMQP_PORT"; then
-        say "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
-        return
-    fi
-    if rabbitmqctl_ -q ping >/dev/null 2>&1; then
-        # The Erlang node runs but the broker application was stopped (`rabbitmqctl stop_app`).
-        say "RabbitMQ's node is running but its application is stopped; starting it"
-        rabbitmqctl_ -q start_app >/dev/null || die "rabbitmqctl start_app failed; see $RABBITMQ_LOG_DIR/"
+# The broker application's state, asked of the node itself (slow: it boots an Erlang VM):
+# `running`, `stopped` (the node runs, the application does not) or `down` (no node).
+rabbitmq_state() {
+    local diag
+    diag="$(rabbitmq_bin rabbitmq-diagnostics)"
+    [[ -n "$diag" ]] || { echo down && return; }
+    if timeout 60 "${ROOT_CMD[@]}" "$diag" -q --timeout 30 check_running >/dev/null 2>&1; then
+        echo running
+    elif timeout 60 "${ROOT_CMD[@]}" "$diag" -q --timeout 30 ping >/dev/null 2>&1; then
+        echo stopped
     else
-        say "starting RabbitMQ (takes up to ${RABBITMQ_START_TIMEOUT_S}s; logs: $RABBITMQ_LOG_DIR/)"
-        as_root "$(rabbitmq_bin rabbitmq-server)" -detached ||
-            die "rabbitmq-server -detached failed; see $RABBITMQ_LOG_DIR/"
+        echo down
     fi
+}
+
+# await_rabbitmq: waits until the broker answers AMQP and has finished booting.
+await_rabbitmq() {
     wait_until "$RABBITMQ_START_TIMEOUT_S" amqp_answers 127.0.0.1 "$AMQP_PORT" ||
-        die "RabbitMQ did not answer on 127.0.0.1:$AMQP_PORT within ${RABBITMQ_START_TIMEOUT_S}s; see $RABBITMQ_LOG_DIR/"
+        die "RabbitMQ did not answer AMQP on 127.0.0.1:$AMQP_PORT within ${RABBITMQ_START_TIMEOUT_S}s; see $RABBITMQ_LOG_DIR/ (if the node is stuck: rabbitmqctl stop, then run this script again)"
     rabbitmqctl_ -q --timeout 60 await_startup >/dev/null ||
         die "RabbitMQ answers on port $AMQP_PORT but did not finish booting; see $RABBITMQ_LOG_DIR/"
     say "RabbitMQ is up on 127.0.0.1:$AMQP_PORT"
+}
+
+start_rabbitmq() {
+    [[ -n "$(rabbitmq_bin rabbitmq-server)" ]] || apt_install rabbitmq-server
+    need_root "managing RabbitMQ"
+    case "$(rabbitmq_state)" in
+        running)
+            # Booting, or busy: it runs, so leave it alone and wait for it.
+            say "RabbitMQ is running but slow to answer; waiting for it"
+            ;;
+        stopped)
+            # The node runs without its application (`rabbitmqctl stop_app`). Someone may be restarting
+            # it: give them time before starting it ourselves (a second start_app can wedge it).
+            say "RabbitMQ's application is stopped; waiting up to 30s for it to come back"
+            if ! wait_until 30 amqp_answers 127.0.0.1 "$AMQP_PORT"; then
+                say "starting RabbitMQ's application"
+                rabbitmqctl_ -q start_app >/dev/null || die "rabbitmqctl start_app failed; see $RABBITMQ_LOG_DIR/"
+            fi
+            ;;
+        down)
+            port_open 127.0.0.1 "$AMQP_PORT" &&
+                die "port $AMQP_PORT is taken by something that is not a RabbitMQ node this script can manage"
+            say "starting RabbitMQ (takes up to ${RABBITMQ_START_TIMEOUT_S}s; logs: $RABBITMQ_LOG_DIR/)"
+            as_root "$(rabbitmq_bin rabbitmq-server)" -detached ||
+                die "rabbitmq-server -detached failed; see $RABBITMQ_LOG_DIR/"
+            ;;
+    esac
+    await_rabbitmq
 }
 
 ensure_rabbitmq() {

@@ -13,6 +13,15 @@ step() { printf '\n==> %s\n' "$*"; }
 step "services (RabbitMQ, Redis)"
 bash scripts/services.sh
 
+# promtool (Debian's `prometheus` package) for tests/tests/observability_promtool.rs.
+as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+step "promtool"
+command -v promtool >/dev/null ||
+    (as_root apt-get install -y prometheus >/dev/null 2>&1 ||
+        (as_root apt-get update && as_root apt-get install -y prometheus))
+# The openapi test validates the API's document with this (it installs it itself if this fails).
+python3 -m pip install --quiet openapi-spec-validator || true
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

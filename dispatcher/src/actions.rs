@@ -7,7 +7,7 @@
 //! published again and the tool phase resumes where it paused.
 
 use agentfleet::amqp::StepPublisher;
-use agentfleet::domain::{SessionId, SessionStatus, StepMessage};
+use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
 use agentfleet::llm::ToolOutcome;
 use agentfleet::step::lifecycle_event;
 use agentfleet::store::{CancelOutcome, Meta, ResumeOutcome};
@@ -15,10 +15,11 @@ use agentfleet::telemetry::now_ms;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::sessions::{load, path_id};
 
 const MAX_TEXT_BYTES: usize = 64 * 1024;
@@ -31,6 +32,39 @@ pub(crate) async fn event(s: &AppState, meta: &Meta, id: &SessionId, kind: &str,
     }
 }
 
+/// The answer to a cancel, a reply, an approval or a rejection.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Accepted {
+    id: SessionId,
+    status: ActionStatus,
+}
+
+/// Where an action left the session.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ActionStatus {
+    /// A step is running: the session stops when it ends.
+    Cancelling,
+    /// The session stopped at once.
+    Cancelled,
+    /// The session resumed.
+    Running,
+}
+
+/// Cancels a session: at once when nothing runs, else when the running step ends.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/cancel",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id")),
+    responses(
+        (status = 202, description = "`cancelled`, or `cancelling` while a step runs", body = Accepted),
+        (status = 400, description = "`id` is not a session id", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "The session has already ended", body = ErrorBody),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = path_id(&id)?;
     let outcome = s.store.cancel(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
@@ -39,37 +73,40 @@ pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) ->
         CancelOutcome::Ended(status) => {
             return Err(ApiError::conflict(format!("the session has already ended ({status})")));
         }
-        CancelOutcome::Requested => "cancelling",
+        CancelOutcome::Requested => ActionStatus::Cancelling,
         CancelOutcome::Cancelled => {
             let view = load(&s, &id).await?;
             let _ = s.store.deactivate(&id).await;
             let _ = s.store.unwait(&id).await;
             event(&s, &view.meta, &id, "session.cancelled", "cancelled by request").await;
-            "cancelled"
+            ActionStatus::Cancelled
         }
     };
-    Ok((StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "id": id, "status": status }))))
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id, status })))
 }
 
 /// The body of `POST /v1/sessions/{id}/reply`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reply {
+    /// The answer, given to the model as the result of `escalate_to_human`; not blank, at most 64 KiB.
     text: String,
 }
 
 /// The body of `POST /v1/sessions/{id}/approve`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Approve {
+    /// Logged with the approval.
     #[serde(default)]
     note: Option<String>,
 }
 
 /// The body of `POST /v1/sessions/{id}/reject`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reject {
+    /// Given to the model as the tool's error result; not blank, at most 64 KiB.
     reason: String,
 }
 
@@ -101,6 +138,23 @@ fn text(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Answers a session awaiting a human: the text becomes the tool's result and the session resumes.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/reply",
+    tag = "escalations",
+    params(("id" = String, Path, description = "The session id")),
+    request_body = Reply,
+    responses(
+        (status = 202, description = "The session resumed (`running`)", body = Accepted),
+        (status = 400, description = "The body is malformed, `text` is blank or `id` is not a session id", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "The session is not awaiting a human reply", body = ErrorBody),
+        (status = 413, description = "`text` is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "Redis or RabbitMQ is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn reply(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -114,9 +168,26 @@ pub(crate) async fn reply(
         return Err(ApiError::conflict(format!("the session is not awaiting a human reply{hint}")));
     }
     let result = (!p.tool_use_id.is_empty()).then(|| ToolOutcome::ok(body.text.clone()));
-    resume(&s, &id, &p, SessionStatus::AwaitingHuman, result, false).await
+    let resumed = resume(&s, &id, &p, SessionStatus::AwaitingHuman, result, false).await?;
+    agentfleet::telemetry::metric::human_decision("replied");
+    Ok(resumed)
 }
 
+/// Approves the tool call a session waits on; the call then runs.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/approve",
+    tag = "escalations",
+    params(("id" = String, Path, description = "The session id")),
+    request_body(content = Option<Approve>, description = "Optional: an empty body approves too"),
+    responses(
+        (status = 202, description = "The session resumed (`running`)", body = Accepted),
+        (status = 400, description = "The body is malformed or `id` is not a session id", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "The session is not awaiting an approval", body = ErrorBody),
+        (status = 503, description = "Redis or RabbitMQ is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn approve(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -132,9 +203,28 @@ pub(crate) async fn approve(
     let p = approval(&s, &id).await?;
     tracing::info!(session = %id, tool_use_id = p.tool_use_id, note = note.as_deref().unwrap_or(""), "tool call approved");
     let expected = p.meta.status;
-    resume(&s, &id, &p, expected, None, true).await
+    let resumed = resume(&s, &id, &p, expected, None, true).await?;
+    agentfleet::telemetry::metric::human_decision("approved");
+    Ok(resumed)
 }
 
+/// Rejects the tool call a session waits on: the reason becomes the tool's error result.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/reject",
+    tag = "escalations",
+    params(("id" = String, Path, description = "The session id")),
+    request_body = Reject,
+    responses(
+        (status = 202, description = "The session resumed (`running`)", body = Accepted),
+        (status = 400, description = "The body is malformed, `reason` is blank or `id` is not a session id", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 409, description = "The session is not awaiting an approval", body = ErrorBody),
+        (status = 413, description = "`reason` is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "Redis or RabbitMQ is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn reject(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -145,7 +235,9 @@ pub(crate) async fn reject(
     let p = approval(&s, &id).await?;
     let result = ToolOutcome::error(format!("A reviewer rejected this call: {}", body.reason));
     let expected = p.meta.status;
-    resume(&s, &id, &p, expected, Some(result), false).await
+    let resumed = resume(&s, &id, &p, expected, Some(result), false).await?;
+    agentfleet::telemetry::metric::human_decision("rejected");
+    Ok(resumed)
 }
 
 async fn approval(s: &AppState, id: &SessionId) -> Result<Pending, ApiError> {
@@ -177,7 +269,7 @@ async fn resume(
     };
     let _ = s.store.unwait(id).await;
     publish_step(s, id, &p.meta, step).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "id": id, "status": "running" }))))
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id: id.clone(), status: ActionStatus::Running })))
 }
 
 /// Publishes the session's current step so a worker resumes it.
@@ -190,29 +282,77 @@ pub(crate) async fn publish_step(s: &AppState, id: &SessionId, meta: &Meta, step
     s.publisher.publish_step(&agent.pool, &msg, None).await.map_err(|e| ApiError::unavailable(&e))
 }
 
+/// `GET /v1/escalations`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct EscalationList {
+    escalations: Vec<Escalation>,
+}
+
+/// A session that waits for people.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Escalation {
+    session_id: SessionId,
+    agent: Name,
+    /// Null when the request named none.
+    tenant: Option<String>,
+    /// `awaiting_human` or `awaiting_approval`.
+    status: SessionStatus,
+    /// `human`, `approval`, `approval_timeout` or `model_failure`.
+    kind: Option<String>,
+    /// The tool call that waits, if one does.
+    tool_use_id: Option<String>,
+    /// The tool that needs an approval.
+    tool: Option<String>,
+    /// The input of the call that waits.
+    #[schema(value_type = Option<Object>)]
+    input: serde_json::Value,
+    /// Why it waits.
+    reason: Option<String>,
+    /// When it began to wait (Unix ms).
+    since_ms: u64,
+    /// When the wait expires (Unix ms).
+    deadline_ms: u64,
+}
+
+impl Escalation {
+    fn of(id: SessionId, meta: Meta, deadline_ms: u64) -> Self {
+        let e: serde_json::Value =
+            meta.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        Self {
+            session_id: id,
+            tenant: (!meta.tenant.is_empty()).then_some(meta.tenant),
+            agent: meta.agent,
+            status: meta.status,
+            kind: text(&e["kind"]),
+            tool_use_id: text(&e["tool_use_id"]),
+            tool: text(&e["tool"]),
+            reason: text(&e["reason"]).or_else(|| text(&e["input"]["reason"])),
+            input: e["input"].clone(),
+            since_ms: meta.updated_ms,
+            deadline_ms,
+        }
+    }
+}
+
+/// Lists the sessions that wait for a human reply or an approval, soonest deadline first.
+#[utoipa::path(
+    get,
+    path = "/v1/escalations",
+    tag = "escalations",
+    responses(
+        (status = 200, description = "Up to 500 waiting sessions", body = EscalationList),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn escalations(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let waiting = s.store.waiting(None, 500).await.map_err(|e| ApiError::unavailable(&e))?;
-    let mut out = Vec::new();
+    let mut escalations = Vec::new();
     for (id, deadline_ms) in waiting {
         let Some(meta) = s.store.meta(&id).await.map_err(|e| ApiError::unavailable(&e))? else { continue };
-        if !matches!(meta.status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
-            continue;
+        if matches!(meta.status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
+            escalations.push(Escalation::of(id, meta, deadline_ms));
         }
-        let escalation: serde_json::Value =
-            meta.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
-        out.push(serde_json::json!({
-            "session_id": id,
-            "agent": meta.agent,
-            "tenant": (!meta.tenant.is_empty()).then_some(&meta.tenant),
-            "status": meta.status,
-            "kind": escalation["kind"],
-            "tool_use_id": escalation["tool_use_id"],
-            "tool": escalation["tool"],
-            "input": escalation["input"],
-            "reason": escalation["reason"].as_str().or(escalation["input"]["reason"].as_str()),
-            "since_ms": meta.updated_ms,
-            "deadline_ms": deadline_ms,
-        }));
     }
-    Ok(axum::Json(serde_json::json!({ "escalations": out })))
+    Ok(axum::Json(EscalationList { escalations }))
 }

@@ -7,6 +7,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// An error answered to an API client.
@@ -47,11 +48,44 @@ impl ApiError {
             message: "a dependency is unavailable; retry later (with the same idempotency_key)".into(),
         }
     }
+
+    /// The HTTP status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The `type` of the error body.
+    pub(crate) fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The `message` of the error body.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// `invalid_request`, `not_found`, `conflict`, `too_large`, `unsupported_media_type` or
+    /// `unavailable`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String, example = "invalid_request")]
+    kind: &'static str,
+    /// For a client error, what is wrong, naming the field; for a server error, nothing internal.
+    message: String,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "type": self.kind, "message": self.message } });
+        let body = ErrorBody { error: ErrorDetail { kind: self.kind, message: self.message } };
         (self.status, axum::Json(body)).into_response()
     }
 }

@@ -91,6 +91,7 @@ impl Janitor {
         };
         let why = format!("no {what} before the deadline ({} s)", wait.deadline_s);
         info!(session = %id, reason = why, "a wait for people expired");
+        agentfleet::telemetry::metric::human_decision("expired");
         match wait.on_deadline {
             OnDeadline::Reject if !tool_use_id.is_empty() => {
                 let result = ToolOutcome::error(format!("This call was not approved: {why}."));

@@ -4,8 +4,13 @@
 
 mod actions;
 mod error;
+mod gauges;
+mod intake;
 mod janitor;
+mod openapi;
 pub mod sessions;
+mod trace;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +46,7 @@ pub struct AppState {
 pub struct Dispatcher {
     listener: TcpListener,
     state: AppState,
+    breakers: agentfleet::breaker::Breakers,
 }
 
 impl Dispatcher {
@@ -62,8 +69,9 @@ impl Dispatcher {
         let publisher = AmqpPublisher::connect(&cfg.amqp.url, "dispatcher", topology, pools)
             .await
             .context("connecting to RabbitMQ")?;
+        let breakers = agentfleet::breaker::Breakers::new(store.connection(), cfg.redis.key_prefix.clone());
         let state = AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics };
-        Ok(Self { listener, state })
+        Ok(Self { listener, state, breakers })
     }
 
     /// The bound address.
@@ -76,16 +84,21 @@ impl Dispatcher {
         Janitor::new(self.state.store.clone(), self.state.publisher.clone(), self.state.cfg.clone())
     }
 
-    /// Serves (and runs the janitor) until `shutdown` is cancelled; in-flight requests finish first.
+    /// Serves, with the janitor and the AMQP intake, until `shutdown`; in-flight requests finish first.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tokio::spawn(self.janitor().run(shutdown.clone()));
+        tokio::spawn(webhooks::run(self.state.cfg.clone(), self.state.store.clone(), shutdown.clone()));
+        tokio::spawn(intake::run(self.state.clone(), shutdown.clone()));
+        let gauges =
+            gauges::Gauges { cfg: self.state.cfg.clone(), store: self.state.store.clone(), breakers: self.breakers };
+        tokio::spawn(gauges.run(shutdown.clone()));
         let app = router(self.state);
         axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         Ok(())
     }
 }
 
-/// The API's routes.
+/// The API's routes. A new route goes in [`routes`] too, and its handler in `openapi::ApiDoc`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.dispatcher.max_body_bytes;
     Router::new()
@@ -96,30 +109,99 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/approve", post(actions::approve))
         .route("/v1/sessions/{id}/reject", post(actions::reject))
         .route("/v1/escalations", get(actions::escalations))
+        .route("/v1/sessions/{id}/trace", get(trace::trace))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// Every `(method, path)` that [`router`] serves, as the OpenAPI document writes them. Kept beside
+/// the router by hand: the `openapi` integration test checks that the router serves each of them and
+/// that the document lists exactly these.
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("post", "/v1/sessions"),
+        ("get", "/v1/sessions"),
+        ("get", "/v1/sessions/{id}"),
+        ("post", "/v1/sessions/{id}/cancel"),
+        ("post", "/v1/sessions/{id}/reply"),
+        ("post", "/v1/sessions/{id}/approve"),
+        ("post", "/v1/sessions/{id}/reject"),
+        ("get", "/v1/escalations"),
+        ("get", "/v1/sessions/{id}/trace"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ]
 }
 
+/// `GET /healthz`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Health {
+    /// Always `ok`.
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Readiness {
+    /// `ready` or `not_ready`.
+    #[schema(value_type = String, example = "ready")]
+    status: &'static str,
+    checks: Checks,
+}
+
+/// Whether each dependency answers.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Checks {
+    redis: bool,
+    rabbitmq: bool,
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = Health)))]
+async fn healthz() -> impl IntoResponse {
+    axum::Json(Health { status: "ok" })
+}
+
+/// Readiness: Redis and RabbitMQ both answer.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "A dependency is down (see `checks`)", body = Readiness),
+    )
+)]
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let redis = s.store.ping().await.is_ok();
     let rabbitmq = s.publisher.is_connected().await;
     let status = if redis && rabbitmq { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = serde_json::json!({
-        "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-        "checks": { "redis": redis, "rabbitmq": rabbitmq },
-    });
+    let body = Readiness {
+        status: if status == StatusCode::OK { "ready" } else { "not_ready" },
+        checks: Checks { redis, rabbitmq },
+    };
     (status, axum::Json(body))
 }
 
+/// The process's Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+        (status = 404, description = "Metrics are not enabled in this process", body = crate::error::ErrorBody),
+    )
+)]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()).into_response(),

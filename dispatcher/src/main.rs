@@ -30,6 +30,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    telemetry::set_redaction(cfg.secrets(&env), cfg.telemetry.redact_fields.clone());
     match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,31 +2,38 @@
 
 use agentfleet::amqp::StepPublisher;
 use agentfleet::budget::{Limits, Overrides};
-use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
-use agentfleet::store::{NewSession, SessionView};
+use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use agentfleet::store::{Meta, NewSession, SessionView};
 use agentfleet::telemetry::{metric, now_ms};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ErrorBody};
 
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The body of `POST /v1/sessions`, and of a session request over AMQP.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
+    /// The agent to run: a name from the config.
     agent: String,
+    /// The first user message; not blank.
     input: String,
+    /// Any JSON object (at most 16 KiB), kept with the session and shown back.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// 1-255 printable characters: a repeated request with the same key returns the first session.
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// Whose budget the session spends: a name.
     #[serde(default)]
     tenant: Option<String>,
     /// Lower budget limits for this session.
@@ -59,12 +66,36 @@ pub struct Created {
     pub created: bool,
 }
 
+/// The answer to `POST /v1/sessions`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionCreated {
+    id: SessionId,
+    /// `queued` when new; a replayed request shows the session's status now.
+    status: SessionStatus,
+}
+
+/// Creates a session and queues its first step.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions",
+    tag = "sessions",
+    request_body = CreateSession,
+    responses(
+        (status = 202, description = "The session exists and its first step is queued", body = SessionCreated,
+            headers(("idempotent-replayed" = String, description = "`true` when an `idempotency_key` returned an earlier session, else `false`"))),
+        (status = 400, description = "The body is malformed or a field is invalid (the message names it)", body = ErrorBody),
+        (status = 409, description = "The `idempotency_key` was used for a session of another agent", body = ErrorBody),
+        (status = 413, description = "The body, `input` or `metadata` is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "Redis or RabbitMQ is down: retry with the same `idempotency_key`", body = ErrorBody),
+    )
+)]
 pub(crate) async fn create(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<CreateSession>,
 ) -> Result<impl IntoResponse, ApiError> {
     let c = create_session(&s, req).await?;
-    let body = serde_json::json!({ "id": c.id, "status": c.status });
+    let body = SessionCreated { id: c.id, status: c.status };
     let replayed = if c.created { "false" } else { "true" };
     Ok((StatusCode::ACCEPTED, [("idempotent-replayed", replayed)], axum::Json(body)))
 }
@@ -174,18 +205,68 @@ pub(crate) fn path_id(id: &str) -> Result<SessionId, ApiError> {
 }
 
 /// The query of `GET /v1/sessions`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only sessions in this status.
+    #[param(value_type = Option<SessionStatus>)]
     status: Option<String>,
+    /// Only sessions of this agent.
     agent: Option<String>,
+    /// Only sessions of this tenant.
     tenant: Option<String>,
+    /// Only sessions created at or after this time (Unix ms).
     created_after_ms: Option<u64>,
+    /// Only sessions created before this time (Unix ms).
     created_before_ms: Option<u64>,
+    /// Sessions per page.
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// A page of `GET /v1/sessions`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionList {
+    sessions: Vec<SessionSummary>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    next_cursor: Option<String>,
+}
+
+/// A session in a list: what it is and how it ended, without the conversation.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionSummary {
+    id: SessionId,
+    agent: Name,
+    /// Null when the request named none.
+    tenant: Option<String>,
+    status: SessionStatus,
+    /// The current step, from 1.
+    step: u32,
+    /// Unix ms.
+    created_at_ms: u64,
+    /// Unix ms.
+    updated_at_ms: u64,
+    /// The final answer, once completed.
+    result: Option<String>,
+    /// Why it failed or stopped.
+    error: Option<String>,
+}
+
+/// Lists sessions, newest first, filtered and paged.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of sessions", body = SessionList),
+        (status = 400, description = "A query parameter or the cursor is invalid", body = ErrorBody),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn list(
     State(s): State<AppState>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -210,24 +291,37 @@ pub(crate) async fn list(
         agentfleet::store::StoreError::Corrupt(_) => ApiError::invalid("cursor: not a cursor from this API"),
         other => ApiError::unavailable(&other),
     })?;
-    let sessions: Vec<serde_json::Value> = rows.iter().map(|(id, m)| summary(id, m)).collect();
-    Ok(axum::Json(serde_json::json!({ "sessions": sessions, "next_cursor": next })))
+    let sessions = rows.iter().map(|(id, m)| summary(id, m)).collect();
+    Ok(axum::Json(SessionList { sessions, next_cursor: next }))
 }
 
-fn summary(id: &SessionId, m: &agentfleet::store::Meta) -> serde_json::Value {
-    serde_json::json!({
-        "id": id,
-        "agent": m.agent,
-        "tenant": (!m.tenant.is_empty()).then_some(&m.tenant),
-        "status": m.status,
-        "step": m.step,
-        "created_at_ms": m.created_ms,
-        "updated_at_ms": m.updated_ms,
-        "result": m.result,
-        "error": m.error,
-    })
+fn summary(id: &SessionId, m: &Meta) -> SessionSummary {
+    SessionSummary {
+        id: id.clone(),
+        agent: m.agent.clone(),
+        tenant: (!m.tenant.is_empty()).then(|| m.tenant.clone()),
+        status: m.status,
+        step: m.step,
+        created_at_ms: m.created_ms,
+        updated_at_ms: m.updated_ms,
+        result: m.result.clone(),
+        error: m.error.clone(),
+    }
 }
 
+/// Shows a session: its state, usage, limits and the whole conversation.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session id, `s_` and a ULID")),
+    responses(
+        (status = 200, description = "The session", body = SessionDetail),
+        (status = 400, description = "`id` is not a session id", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = path_id(&id)?;
     let view = load(&s, &id).await?;
@@ -238,56 +332,122 @@ fn usd(micro: u64) -> f64 {
     micro as f64 / 1_000_000.0
 }
 
-fn render(id: &SessionId, v: &SessionView) -> serde_json::Value {
+/// A session in full: `GET /v1/sessions/{id}`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionDetail {
+    #[serde(flatten)]
+    summary: SessionSummary,
+    phase: Phase,
+    /// What the session waits for, while it waits for people (`kind`, `tool_use_id`, `tool`, `input`).
+    #[schema(value_type = Option<Object>)]
+    escalation: Option<serde_json::Value>,
+    /// The request's `metadata`.
+    #[schema(value_type = Object)]
+    metadata: serde_json::Value,
+    /// Where this session's events are POSTed, if the request named a URL.
+    callback_url: Option<String>,
+    /// True once a cancel was asked for.
+    cancel_requested: bool,
+    usage: SessionUsage,
+    limits: SessionLimits,
+    remaining: Remaining,
+    /// The limit whose alert threshold was crossed, once one was.
+    budget_alert: Option<String>,
+    /// The conversation, as Messages API messages (`role`, `content`).
+    #[schema(value_type = Vec<Object>)]
+    messages: Vec<Box<RawValue>>,
+}
+
+/// What a session has used so far.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    /// Input (with cache reads and writes) plus output tokens.
+    total_tokens: u64,
+    cost_micro_usd: u64,
+    cost_usd: f64,
+    model_calls: u64,
+    /// Calls whose usage was lost with their worker, counted at their reserved worst case.
+    unreconciled_calls: u64,
+    model_errors: u64,
+    /// Steps done.
+    steps: u32,
+}
+
+/// A session's budget limits.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SessionLimits {
+    max_steps: u32,
+    max_cost_usd: f64,
+    max_cost_per_step_usd: f64,
+    max_tokens: u64,
+    /// The fraction of any limit at which a `session.budget_alert` event is sent.
+    alert_threshold: f64,
+}
+
+/// What is left of a session's budget.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Remaining {
+    steps: u32,
+    cost_usd: f64,
+    tokens: u64,
+}
+
+fn render(id: &SessionId, v: &SessionView) -> SessionDetail {
     let m = &v.meta;
-    let messages: Vec<Box<RawValue>> =
-        v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
-    let escalation = m.escalation.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok());
-    let metadata = serde_json::from_str::<serde_json::Value>(&m.metadata).unwrap_or_default();
-    let l = &m.limits;
+    let messages = v.messages.iter().filter_map(|raw| RawValue::from_string(raw.clone()).ok()).collect();
     // Steps done: the current one counts once its model call is in (phase tools, or the end).
-    let steps_used = if m.phase == agentfleet::domain::Phase::Llm { m.step - 1 } else { m.step }.min(l.max_steps);
-    serde_json::json!({
-        "id": id,
-        "agent": m.agent,
-        "tenant": (!m.tenant.is_empty()).then_some(&m.tenant),
-        "status": m.status,
-        "step": m.step,
-        "phase": m.phase,
-        "created_at_ms": m.created_ms,
-        "updated_at_ms": m.updated_ms,
-        "result": m.result,
-        "error": m.error,
-        "escalation": escalation,
-        "metadata": metadata,
-        "callback_url": m.callback_url,
-        "cancel_requested": m.cancel_requested,
-        "usage": {
-            "input_tokens": v.usage.input_tokens,
-            "output_tokens": v.usage.output_tokens,
-            "cache_creation_input_tokens": v.usage.cache_creation_input_tokens,
-            "cache_read_input_tokens": v.usage.cache_read_input_tokens,
-            "total_tokens": v.usage.total_tokens(),
-            "cost_micro_usd": v.usage.cost_micro_usd,
-            "cost_usd": usd(v.usage.cost_micro_usd),
-            "model_calls": v.usage.model_calls,
-            "unreconciled_calls": v.usage.unreconciled_calls,
-            "model_errors": v.usage.model_errors,
-            "steps": steps_used,
-        },
-        "limits": {
-            "max_steps": l.max_steps,
-            "max_cost_usd": l.max_cost.as_usd(),
-            "max_cost_per_step_usd": l.max_cost_per_step.as_usd(),
-            "max_tokens": l.max_tokens,
-            "alert_threshold": f64::from(l.alert_permille) / 1000.0,
-        },
-        "remaining": {
-            "steps": l.max_steps.saturating_sub(steps_used),
-            "cost_usd": usd(l.max_cost.0.saturating_sub(v.usage.cost_micro_usd)),
-            "tokens": l.max_tokens.saturating_sub(v.usage.total_tokens()),
-        },
-        "budget_alert": m.alerted,
-        "messages": messages,
-    })
+    let steps_used = if m.phase == Phase::Llm { m.step - 1 } else { m.step }.min(m.limits.max_steps);
+    SessionDetail {
+        summary: summary(id, m),
+        phase: m.phase,
+        escalation: m.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()),
+        metadata: serde_json::from_str(&m.metadata).unwrap_or_default(),
+        callback_url: m.callback_url.clone(),
+        cancel_requested: m.cancel_requested,
+        usage: usage(v, steps_used),
+        limits: limits(&m.limits),
+        remaining: remaining(v, steps_used),
+        budget_alert: m.alerted.clone(),
+        messages,
+    }
+}
+
+fn usage(v: &SessionView, steps: u32) -> SessionUsage {
+    let u = &v.usage;
+    SessionUsage {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cache_creation_input_tokens: u.cache_creation_input_tokens,
+        cache_read_input_tokens: u.cache_read_input_tokens,
+        total_tokens: u.total_tokens(),
+        cost_micro_usd: u.cost_micro_usd,
+        cost_usd: usd(u.cost_micro_usd),
+        model_calls: u.model_calls,
+        unreconciled_calls: u.unreconciled_calls,
+        model_errors: u.model_errors,
+        steps,
+    }
+}
+
+fn limits(l: &Limits) -> SessionLimits {
+    SessionLimits {
+        max_steps: l.max_steps,
+        max_cost_usd: l.max_cost.as_usd(),
+        max_cost_per_step_usd: l.max_cost_per_step.as_usd(),
+        max_tokens: l.max_tokens,
+        alert_threshold: f64::from(l.alert_permille) / 1000.0,
+    }
+}
+
+fn remaining(v: &SessionView, steps_used: u32) -> Remaining {
+    let l = &v.meta.limits;
+    Remaining {
+        steps: l.max_steps.saturating_sub(steps_used),
+        cost_usd: usd(l.max_cost.0.saturating_sub(v.usage.cost_micro_usd)),
+        tokens: l.max_tokens.saturating_sub(v.usage.total_tokens()),
+    }
 }

@@ -1,10 +1,10 @@
 //! `agentfleet-demo`: drives a running fleet through its HTTP API, the way a business system would.
 //!
 //! It submits `--count` customer-support goals (cycling through a built-in list), then polls each
-//! session until it ends or pauses for a human, printing a line per outcome, a table, and totals by
-//! outcome. An escalation (`awaiting_human`) counts as a good outcome: handing a refund or an angry
-//! customer to a person is what the agent is told to do. The exit code is 0 only when every session
-//! completed or awaited a human.
+//! session until it ends or pauses for people, printing a line per outcome, a table, and totals by
+//! outcome. A pause for people (`awaiting_human`, or `awaiting_approval` of a tool call) counts as a
+//! good outcome: handing a refund or an angry customer to a person is what the agent is told to do.
+//! The exit code is 0 only when every session completed or was handed to people.
 //!
 //! It uses nothing but the public API, so it also shows what a client needs: an idempotency key per
 //! request (a retried submission never creates a second session) and polling of `GET /v1/sessions/{id}`.
@@ -117,6 +117,13 @@ struct View {
     usage: Usage,
 }
 
+impl View {
+    /// Agent steps done: the API's count when it gives one, else the current step.
+    fn steps(&self) -> u64 {
+        self.usage.steps.unwrap_or(self.step)
+    }
+}
+
 /// A session's token use and cost.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -124,6 +131,7 @@ struct Usage {
     input_tokens: u64,
     output_tokens: u64,
     cost_usd: f64,
+    steps: Option<u64>,
 }
 
 /// The answer to `POST /v1/sessions`.
@@ -328,14 +336,15 @@ fn record(tracked: &mut Tracked, result: anyhow::Result<View>) {
     }
 }
 
-/// Statuses the demo stops waiting at: the final ones and the pause for a human.
+/// Statuses the demo stops waiting at: the final ones, the pauses for people, and `paused` (a daily
+/// spend cap was reached; the session retries every 10 minutes, far beyond the demo's patience).
 fn is_outcome(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "budget_exhausted" | "cancelled" | "awaiting_human")
+    is_good(status) || matches!(status, "failed" | "budget_exhausted" | "cancelled" | "paused")
 }
 
-/// Outcomes the demo counts as success.
+/// Outcomes the demo counts as success: done, or handed to people as the agent is told to.
 fn is_good(status: &str) -> bool {
-    matches!(status, "completed" | "awaiting_human")
+    matches!(status, "completed" | "awaiting_human" | "awaiting_approval")
 }
 
 fn pending(sessions: &[Tracked]) -> usize {
@@ -346,14 +355,14 @@ fn print_outcome(tracked: &Tracked) {
     let (Some(id), Some(view)) = (&tracked.id, &tracked.view) else { return };
     let mark = match view.status.as_str() {
         "completed" => "✓",
-        "awaiting_human" => "⚑",
+        "awaiting_human" | "awaiting_approval" => "⚑",
         _ => "✗",
     };
     let usage = &view.usage;
     println!(
         "{mark} {id} {:<16} {:>2} steps  {:>7} in / {:>6} out tokens  ${:.4}  {}",
         view.status,
-        view.step,
+        view.steps(),
         thousands(usage.input_tokens),
         thousands(usage.output_tokens),
         usage.cost_usd,
@@ -388,7 +397,7 @@ fn print_table(sessions: &[Tracked]) {
             s.id.as_deref().unwrap_or("-"),
             truncate(s.goal.label, 22),
             truncate(&s.outcome(), 24),
-            s.view.as_ref().map_or(0, |v| v.step),
+            s.view.as_ref().map_or(0, View::steps),
             thousands(usage.map_or(0, |u| u.input_tokens)),
             thousands(usage.map_or(0, |u| u.output_tokens)),
             format!("${:.4}", usage.map_or(0.0, |u| u.cost_usd)),
@@ -410,7 +419,7 @@ impl Totals {
     fn add(&mut self, s: &Tracked) {
         self.sessions += 1;
         if let Some(v) = &s.view {
-            self.steps += v.step;
+            self.steps += v.steps();
             self.input_tokens += v.usage.input_tokens;
             self.output_tokens += v.usage.output_tokens;
             self.cost_usd += v.usage.cost_usd;
@@ -449,10 +458,10 @@ fn print_totals(sessions: &[Tracked]) {
 fn report_verdict(sessions: &[Tracked]) -> bool {
     let failed: Vec<&Tracked> = sessions.iter().filter(|s| !s.succeeded()).collect();
     if failed.is_empty() {
-        println!("All {} sessions completed or were handed to a human.", sessions.len());
+        println!("All {} sessions completed or were handed to people.", sessions.len());
         return true;
     }
-    println!("\n{} of {} sessions did not complete or reach a human:", failed.len(), sessions.len());
+    println!("\n{} of {} sessions did not complete or reach people:", failed.len(), sessions.len());
     for s in failed {
         let why = s.view.as_ref().and_then(|v| v.error.clone()).or_else(|| s.problem.clone()).unwrap_or_default();
         println!("  #{:<3} {} {}  {}", s.n, s.id.as_deref().unwrap_or("-"), s.outcome(), why);
@@ -465,7 +474,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -510,8 +519,10 @@ mod tests {
     #[test]
     fn escalations_are_good_outcomes() {
         assert!(is_outcome("awaiting_human") && is_good("awaiting_human"));
+        assert!(is_outcome("awaiting_approval") && is_good("awaiting_approval"));
         assert!(is_outcome("failed") && !is_good("failed"));
-        assert!(!is_outcome("running") && !is_outcome("queued") && !is_outcome("awaiting_approval"));
+        assert!(is_outcome("paused") && !is_good("paused"));
+        assert!(!is_outcome("running") && !is_outcome("queued"));
     }
 
     #[test]

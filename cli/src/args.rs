@@ -1,0 +1,188 @@
+//! The command line: global options and one subcommand per thing people do with sessions.
+//!
+//! Values the API would reject anyway are still checked here when clap can say it better (a status
+//! that does not exist, metadata that is not a JSON object, a page size out of range).
+
+use clap::{Parser, Subcommand};
+
+/// The statuses a session can be in, as the API names them.
+pub(crate) const STATUSES: [&str; 9] = [
+    "queued",
+    "running",
+    "awaiting_human",
+    "awaiting_approval",
+    "paused",
+    "completed",
+    "failed",
+    "budget_exhausted",
+    "cancelled",
+];
+
+/// Runs agents on an agentfleet and answers what they ask people.
+#[derive(Debug, Parser)]
+#[command(name = "agentfleet", version, propagate_version = true)]
+pub(crate) struct Args {
+    /// The dispatcher's base URL.
+    #[arg(long, global = true, env = "AGENTFLEET_URL", default_value = "http://127.0.0.1:8080")]
+    pub(crate) url: String,
+    /// Print the API's JSON (one document) instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Start a session; prints its id (with --wait, follows it to the end).
+    Submit(Submit),
+    /// Show a session: status, step, usage, result or error, and what it waits for.
+    Status {
+        /// The session id (`s_…`).
+        id: String,
+    },
+    /// List sessions, newest first.
+    List(List),
+    /// Follow a session and its conversation until it ends or waits for people.
+    Watch {
+        /// The session id.
+        id: String,
+    },
+    /// Cancel a session (at once when it waits, else at its next step boundary).
+    Cancel {
+        /// The session id.
+        id: String,
+    },
+    /// List the sessions that wait for people: escalations and approvals.
+    Escalations,
+    /// Answer a session that escalated to a human.
+    Reply {
+        /// The session id.
+        id: String,
+        /// The answer; read from stdin when absent or `-`.
+        text: Option<String>,
+    },
+    /// Approve the tool call a session waits on.
+    Approve {
+        /// The session id.
+        id: String,
+        /// A note for the log.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Reject the tool call a session waits on; the model is told why.
+    Reject {
+        /// The session id.
+        id: String,
+        /// Why, as the model will read it.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// `agentfleet submit`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Submit {
+    /// The agent to run.
+    #[arg(long)]
+    pub(crate) agent: String,
+    /// The tenant the session belongs to.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// Makes a retried submission return the first session instead of starting another.
+    #[arg(long)]
+    pub(crate) idempotency_key: Option<String>,
+    /// Metadata kept with the session: a JSON object.
+    #[arg(long, value_name = "JSON", value_parser = parse_object)]
+    pub(crate) metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Lower the agent's step limit for this session.
+    #[arg(long)]
+    pub(crate) max_steps: Option<u32>,
+    /// Lower the agent's cost limit for this session, in US dollars.
+    #[arg(long)]
+    pub(crate) max_cost_usd: Option<f64>,
+    /// Lower the agent's token limit for this session.
+    #[arg(long)]
+    pub(crate) max_tokens: Option<u64>,
+    /// Follow the session until it ends or waits for people; the exit code says how it stopped.
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// The goal; read from stdin when absent or `-`.
+    pub(crate) goal: Option<String>,
+}
+
+/// `agentfleet list`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct List {
+    /// Only sessions in this status.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATUSES))]
+    pub(crate) status: Option<String>,
+    /// Only sessions of this agent.
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// Only sessions of this tenant.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// Sessions per page (the API's default is 50).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=500))]
+    pub(crate) limit: Option<u16>,
+    /// Follow `next_cursor` through every page.
+    #[arg(long)]
+    pub(crate) all: bool,
+}
+
+/// Parses `--metadata`: it must be a JSON object.
+fn parse_object(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err("must be a JSON object, e.g. '{\"ticket\": \"T-1\"}'".to_owned()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("agentfleet").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_takes_a_goal_and_global_options_anywhere() -> Result<(), clap::Error> {
+        let args = parse(&["submit", "--agent", "support", "hello", "--json", "--url", "http://x:1"])?;
+        assert!(args.json);
+        assert_eq!(args.url, "http://x:1");
+        let Command::Submit(s) = args.command else { panic!("not submit: {:?}", args.command) };
+        assert_eq!((s.agent.as_str(), s.goal.as_deref(), s.wait), ("support", Some("hello"), false));
+        Ok(())
+    }
+
+    #[test]
+    fn metadata_must_be_an_object() {
+        assert!(parse(&["submit", "--agent", "a", "--metadata", r#"{"k": 1}"#, "g"]).is_ok());
+        assert!(parse(&["submit", "--agent", "a", "--metadata", "[1]", "g"]).is_err());
+        assert!(parse(&["submit", "--agent", "a", "--metadata", "{", "g"]).is_err());
+    }
+
+    #[test]
+    fn list_checks_status_and_limit() {
+        assert!(parse(&["list", "--status", "awaiting_human", "--limit", "500"]).is_ok());
+        assert!(parse(&["list", "--status", "sleeping"]).is_err());
+        assert!(parse(&["list", "--limit", "0"]).is_err());
+        assert!(parse(&["list", "--limit", "501"]).is_err());
+    }
+
+    #[test]
+    fn reject_needs_a_reason() {
+        assert!(parse(&["reject", "s_1"]).is_err());
+        assert!(parse(&["reject", "s_1", "--reason", "too much"]).is_ok());
+    }
+}

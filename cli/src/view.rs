@@ -1,0 +1,187 @@
+//! Sessions and escalations as text: the `status` summary, the outcome a follower prints, and the
+//! rows of `list` and `escalations`.
+//!
+//! Each view also says what to do next when a session waits for people, with the exact command.
+
+use crate::format::{age, ago, first_line, table, thousands, truncate, until, usd};
+use crate::model::{Escalation, Session, Summary};
+
+/// How many characters of a reason a table shows.
+const REASON_CHARS: usize = 60;
+
+/// How many characters of a tool call's input a waiting session shows.
+const INPUT_CHARS: usize = 100;
+
+/// `agentfleet status`: what a session is doing, has used, and produced or waits for.
+pub(crate) fn status(s: &Session, now_ms: u64) -> Vec<String> {
+    let mut lines = vec![format!("{}  {}  {}", s.id, agent(&s.agent, s.tenant.as_deref()), s.status)];
+    lines.push(field("step", &step(s)));
+    lines.push(field("usage", &usage(s)));
+    if let Some(r) = &s.remaining {
+        let left = format!("{} steps, {} tokens, {}", r.steps, thousands(r.tokens), usd(r.cost_usd));
+        lines.push(field("left", &left));
+    }
+    lines.push(field("updated", &ago(now_ms, s.updated_at_ms)));
+    let mut outcome = outcome(s).into_iter();
+    lines.extend(outcome.next());
+    lines.extend(outcome.map(|l| field("", &l)));
+    lines
+}
+
+fn step(s: &Session) -> String {
+    let phase = s.phase.as_deref().map(|p| format!(" ({p})")).unwrap_or_default();
+    let cancelling = if s.cancel_requested { ", cancel requested" } else { "" };
+    format!("{}{phase}{cancelling}", s.step)
+}
+
+fn usage(s: &Session) -> String {
+    let u = &s.usage;
+    format!(
+        "{} tokens ({} in, {} out), {} model call{}, {}",
+        thousands(u.total_tokens),
+        thousands(u.input_tokens),
+        thousands(u.output_tokens),
+        u.model_calls,
+        if u.model_calls == 1 { "" } else { "s" },
+        usd(u.cost_usd)
+    )
+}
+
+fn agent(agent: &str, tenant: Option<&str>) -> String {
+    tenant.map_or_else(|| agent.to_owned(), |t| format!("{agent} (tenant {t})"))
+}
+
+fn field(label: &str, value: &str) -> String {
+    format!("{label:<8} {value}").trim_end().to_owned()
+}
+
+/// How a session stopped, for a follower: the result, the error, or what it waits for and how to
+/// answer.
+pub(crate) fn outcome(s: &Session) -> Vec<String> {
+    if let Some(e) = s.escalation.as_ref().filter(|_| s.status.starts_with("awaiting")) {
+        return waiting(&s.id, e);
+    }
+    let text = |v: &Option<String>| v.as_deref().filter(|t| !t.is_empty()).map(str::to_owned);
+    match s.status.as_str() {
+        "completed" => vec![text(&s.result).unwrap_or_else(|| "(no result text)".to_owned())],
+        "paused" => vec![format!("paused by a fleet-wide cap; it resumes by itself: agentfleet watch {}", s.id)],
+        "queued" | "running" => Vec::new(),
+        other => vec![format!("{other}: {}", text(&s.error).unwrap_or_else(|| "no details".to_owned()))],
+    }
+}
+
+/// What a waiting session waits for, and the commands that answer it.
+fn waiting(id: &str, e: &Escalation) -> Vec<String> {
+    let kind = e.kind.as_deref().unwrap_or("human");
+    let tool = e.tool.as_deref().map(|t| format!(" on {t} {}", truncate(&e.input.to_string(), INPUT_CHARS)));
+    let tool = tool.unwrap_or_default();
+    let mut lines = vec![format!("waits for {kind}{tool}: {}", e.why())];
+    if e.wants_approval() {
+        lines.push(format!("answer with: agentfleet approve {id}   or: agentfleet reject {id} --reason \"...\""));
+    } else {
+        lines.push(format!("answer with: agentfleet reply {id} \"...\""));
+    }
+    lines
+}
+
+/// `agentfleet list`: one row per session.
+pub(crate) fn sessions(rows: &[Summary], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.agent.clone(),
+                s.tenant.clone().unwrap_or_else(|| "-".to_owned()),
+                s.status.clone(),
+                s.step.to_string(),
+                ago(now_ms, s.created_at_ms),
+                ago(now_ms, s.updated_at_ms),
+            ]
+        })
+        .collect();
+    table(&["ID", "AGENT", "TENANT", "STATUS", "STEP", "CREATED", "UPDATED"], &rows)
+}
+
+/// `agentfleet escalations`: one row per session that waits for people.
+pub(crate) fn escalations(rows: &[Escalation], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|e| {
+            vec![
+                e.session_id.clone(),
+                e.agent.clone(),
+                e.kind.clone().unwrap_or_else(|| "human".to_owned()),
+                e.tool.clone().unwrap_or_else(|| "-".to_owned()),
+                age(now_ms.saturating_sub(e.since_ms)),
+                e.deadline_ms.map_or_else(|| "-".to_owned(), |d| until(now_ms, d)),
+                first_line(e.why(), REASON_CHARS),
+            ]
+        })
+        .collect();
+    table(&["SESSION", "AGENT", "KIND", "TOOL", "WAITING", "DEADLINE", "REASON"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::read;
+    use serde_json::json;
+
+    fn waiting_session() -> anyhow::Result<Session> {
+        read(&json!({
+            "id": "s_1", "agent": "support", "tenant": "acme", "status": "awaiting_human", "step": 3,
+            "phase": "tools", "updated_at_ms": 1_000,
+            "usage": {"input_tokens": 1000, "output_tokens": 234, "total_tokens": 1234, "cost_usd": 0.0042, "model_calls": 3},
+            "remaining": {"steps": 47, "tokens": 98766, "cost_usd": 0.9958},
+            "escalation": {"kind": "human", "tool_use_id": "toolu_1", "input": {"reason": "wants a refund"}},
+        }))
+    }
+
+    #[test]
+    fn status_shows_usage_and_how_to_answer() -> anyhow::Result<()> {
+        let lines = status(&waiting_session()?, 6_000);
+        assert_eq!(
+            lines,
+            [
+                "s_1  support (tenant acme)  awaiting_human",
+                "step     3 (tools)",
+                "usage    1,234 tokens (1,000 in, 234 out), 3 model calls, $0.0042",
+                "left     47 steps, 98,766 tokens, $0.9958",
+                "updated  5s ago",
+                "waits for human: wants a refund",
+                "         answer with: agentfleet reply s_1 \"...\"",
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn outcomes_say_result_error_or_what_to_approve() -> anyhow::Result<()> {
+        let done: Session = read(&json!({"id": "s_1", "status": "completed", "result": "All done."}))?;
+        assert_eq!(outcome(&done), ["All done."]);
+        let failed: Session = read(&json!({"id": "s_1", "status": "failed", "error": "model refused"}))?;
+        assert_eq!(outcome(&failed), ["failed: model refused"]);
+        let approval: Session = read(&json!({"id": "s_2", "status": "awaiting_approval", "escalation": {
+            "kind": "approval", "tool": "issue_refund", "input": {"amount": 150}, "reason": "amount > 100"}}))?;
+        let lines = outcome(&approval);
+        assert_eq!(lines[0], r#"waits for approval on issue_refund {"amount":150}: amount > 100"#);
+        assert!(lines[1].contains("agentfleet approve s_2") && lines[1].contains("agentfleet reject s_2"));
+        Ok(())
+    }
+
+    #[test]
+    fn tables_list_sessions_and_escalations() -> anyhow::Result<()> {
+        let row: Summary = read(&json!({"id": "s_1", "agent": "support", "status": "completed", "step": 3,
+                                         "created_at_ms": 0, "updated_at_ms": 60_000}))?;
+        assert_eq!(
+            sessions(&[row], 120_000),
+            "ID   AGENT    TENANT  STATUS     STEP  CREATED  UPDATED\ns_1  support  -       completed  3     2m ago   1m ago"
+        );
+        let e: Escalation = read(&json!({"session_id": "s_1", "agent": "support", "kind": "approval",
+            "tool": "issue_refund", "reason": "amount > 100", "since_ms": 0, "deadline_ms": 3_600_000}))?;
+        let t = escalations(&[e], 60_000);
+        assert!(t.ends_with("s_1      support  approval  issue_refund  1m       in 59m    amount > 100"), "{t}");
+        Ok(())
+    }
+}

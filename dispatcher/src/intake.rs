@@ -1,0 +1,296 @@
+//! AMQP intake: business systems publish session requests to `<prefix>.requests` (DESIGN §4).
+//!
+//! A request is the JSON body of `POST /v1/sessions`, checked by the same extractor and the same
+//! `create_session`, so both doors answer alike. When `reply_to` is set the answer goes there
+//! through the default exchange with the request's `correlation_id`: `{"id", "status"}`, or the
+//! API's `{"error": {"type", "message"}}`. Then the request is acked.
+//!
+//! Nothing is dropped silently: an invalid request without `reply_to` goes to `<prefix>.dead` with
+//! the reason in `x-agentfleet-reason`. A failure of Redis or the broker is never acked: the request
+//! is retried with backoff while the delivery is held, and requeued on shutdown. A request whose
+//! AMQP `message_id` is set (and whose body has no `idempotency_key`) gets `amqp:<message_id>` as
+//! its idempotency key, so a retry or a redelivery returns the session it already created.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentfleet::amqp::{self, PublishError, StepPublisher};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Acker, BasicProperties};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::sessions::{CreateSession, Created, create_session};
+
+/// Requests the broker pushes ahead, and requests handled at once.
+const PREFETCH: u16 = 32;
+/// How long a stopping intake waits for the requests in flight.
+const GRACE: Duration = Duration::from_secs(10);
+/// The first wait before a retry (of a connection or a request); it doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A connection that lived this long starts the next one's backoff afresh.
+const HEALTHY: Duration = Duration::from_secs(30);
+const CONSUMER_TAG: &str = "dispatcher-intake";
+/// The longest idempotency key the API takes; a longer `message_id` is not used as one.
+const MAX_KEY: usize = 255;
+
+/// Consumes the requests queue until `shutdown`, reconnecting with backoff when the broker goes.
+pub(crate) async fn run(state: AppState, shutdown: CancellationToken) {
+    let mut backoff = FIRST_BACKOFF;
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        match consume(&state, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                if started.elapsed() > HEALTHY {
+                    backoff = FIRST_BACKOFF;
+                }
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "intake lost the broker; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    info!("intake stopped");
+}
+
+/// One connection's life: consume, hand each delivery to a task, drain on shutdown.
+async fn consume(state: &AppState, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
+    let conn = amqp::connect(&state.cfg.amqp.url, "dispatcher/intake").await?;
+    let ch = conn.create_channel().await?;
+    let topology = state.publisher.topology();
+    topology.declare(&ch, &crate::agent_pools(&state.cfg)).await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let queue = topology.requests_queue();
+    let mut deliveries = ch
+        .basic_consume(
+            queue.as_str().into(),
+            CONSUMER_TAG.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(queue, prefetch = PREFETCH, "intake consuming");
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(usize::from(PREFETCH)));
+    let ended = loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            p = permits.clone().acquire_owned() => p.map_err(|_| lapin::Error::from(std::io::Error::other("semaphore closed")))?,
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            d = deliveries.next() => d,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let (state, shutdown) = (state.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    handle(&state, delivery, &shutdown).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => break Err(e),
+            None => break Err(lapin::Error::from(std::io::Error::other("the broker cancelled the intake consumer"))),
+        }
+    };
+    if ended.is_ok() {
+        drain(&ch, &tracker).await;
+        let _ = conn.close(200, "dispatcher shutting down".into()).await;
+    }
+    ended
+}
+
+/// Stops new deliveries and waits, up to `GRACE`, for the requests in flight.
+async fn drain(ch: &lapin::Channel, tracker: &TaskTracker) {
+    let _ = ch.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
+    tracker.close();
+    if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
+        warn!(in_flight = tracker.len(), "intake grace period over; unsettled requests will be redelivered");
+    }
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// Done with: answered, dead-lettered, or created without anyone to answer.
+    Ack,
+    /// Not done: the broker delivers it again.
+    Requeue,
+    /// Not done and never will be: the queue's dead-letter exchange takes it.
+    Reject,
+}
+
+/// One request: create the session, answer or dead-letter, settle.
+#[tracing::instrument(skip_all, fields(correlation_id = prop(delivery.properties.correlation_id())))]
+async fn handle(state: &AppState, delivery: Delivery, shutdown: &CancellationToken) {
+    let settle = match create(state, &delivery, shutdown).await {
+        Some(result) => answer(state, &delivery, result, shutdown).await,
+        None => Settle::Requeue,
+    };
+    let settled = match settle {
+        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+        Settle::Reject => delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await,
+    };
+    if let Err(e) = settled {
+        warn!(error = %e, ?settle, "could not settle a request; the broker will deliver it again");
+    }
+}
+
+/// Creates the session, retrying while Redis or the broker is down; `None` when it gave up for
+/// now (shutdown, or the delivery's channel closed).
+async fn create(state: &AppState, d: &Delivery, shutdown: &CancellationToken) -> Option<Result<Created, ApiError>> {
+    let transient = |e: &ApiError| e.status().is_server_error();
+    with_retries(shutdown, &d.acker, transient, move || async move { create_session(state, parse(state, d)?).await })
+        .await
+}
+
+/// The request in the body, checked exactly as the HTTP API checks it.
+fn parse(state: &AppState, d: &Delivery) -> Result<CreateSession, ApiError> {
+    let limit = state.cfg.dispatcher.max_body_bytes;
+    if d.data.len() > limit {
+        return Err(ApiError::too_large(format!("body: is {} bytes; the limit is {limit}", d.data.len())));
+    }
+    let axum::Json(req) = axum::Json::<CreateSession>::from_bytes(&d.data)?;
+    Ok(keyed_by_message_id(d).unwrap_or(req))
+}
+
+/// The request again with `idempotency_key = "amqp:<message_id>"`, when the message has an id
+/// that makes a valid key and the body no key of its own.
+fn keyed_by_message_id(d: &Delivery) -> Option<CreateSession> {
+    let key = format!("amqp:{}", prop(d.properties.message_id())?);
+    if key.len() > MAX_KEY || key.chars().any(char::is_control) {
+        return None;
+    }
+    let mut body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&d.data).ok()?;
+    if body.contains_key("idempotency_key") {
+        return None;
+    }
+    body.insert("idempotency_key".into(), key.into());
+    serde_json::from_value(body.into()).ok()
+}
+
+/// Answers the request: a reply when `reply_to` is set, else the dead-letter queue for a refusal.
+async fn answer(
+    state: &AppState,
+    d: &Delivery,
+    result: Result<Created, ApiError>,
+    shutdown: &CancellationToken,
+) -> Settle {
+    if let Err(e) = &result {
+        info!(kind = e.kind(), message = e.message(), "session request refused");
+    }
+    match (prop(d.properties.reply_to()), result) {
+        (Some(to), result) => reply(state, d, to, &result, shutdown).await,
+        (None, Ok(_)) => Settle::Ack,
+        (None, Err(e)) => dead_letter(state, d, &e, shutdown).await,
+    }
+}
+
+/// Publishes the answer to `to` through the default exchange, with the request's correlation id.
+async fn reply(
+    state: &AppState,
+    d: &Delivery,
+    to: &str,
+    result: &Result<Created, ApiError>,
+    shutdown: &CancellationToken,
+) -> Settle {
+    let (body, props) = (&reply_body(result).to_string(), &reply_props(d, result));
+    let publish = move || state.publisher.publish("", to, body.as_bytes(), props.clone());
+    match with_retries(shutdown, &d.acker, transient_publish, publish).await {
+        Some(Ok(())) => Settle::Ack,
+        Some(Err(e)) => {
+            // The requester's queue is gone: there is no one left to answer.
+            warn!(error = %e, reply_to = to, "the reply could not be delivered; dropping it");
+            Settle::Ack
+        }
+        None => Settle::Requeue,
+    }
+}
+
+/// `{"id", "status"}`, or the API's error body.
+fn reply_body(result: &Result<Created, ApiError>) -> serde_json::Value {
+    match result {
+        Ok(c) => serde_json::json!({ "id": c.id, "status": c.status }),
+        Err(e) => serde_json::json!({ "error": { "type": e.kind(), "message": e.message() } }),
+    }
+}
+
+/// JSON, the request's correlation id, and `idempotent-replayed` as the HTTP API sets it.
+fn reply_props(d: &Delivery, result: &Result<Created, ApiError>) -> BasicProperties {
+    let mut props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+    if let Some(id) = d.properties.correlation_id() {
+        props = props.with_correlation_id(id.clone());
+    }
+    if let Ok(c) = result {
+        let mut headers = FieldTable::default();
+        headers.insert("idempotent-replayed".into(), AMQPValue::Boolean(!c.created));
+        props = props.with_headers(headers);
+    }
+    props
+}
+
+/// Sends a refused request nobody waits for to `<prefix>.dead` with the reason; if that fails for
+/// good, rejects it into the queue's dead-letter exchange (without the reason, but not lost).
+async fn dead_letter(state: &AppState, d: &Delivery, e: &ApiError, shutdown: &CancellationToken) -> Settle {
+    let reason = &format!("{}: {}", e.kind(), e.message());
+    let publish = move || state.publisher.dead_letter(&d.data, reason);
+    match with_retries(shutdown, &d.acker, transient_publish, publish).await {
+        Some(Ok(())) => Settle::Ack,
+        Some(Err(e)) => {
+            warn!(error = %e, "dead-lettering a refused request failed; rejecting it");
+            Settle::Reject
+        }
+        None => Settle::Requeue,
+    }
+}
+
+/// A publish that may succeed if tried again (an unroutable one will not).
+fn transient_publish(e: &PublishError) -> bool {
+    matches!(e, PublishError::Nacked | PublishError::Broker(_))
+}
+
+/// Runs `attempt` until it succeeds or fails for good, backing off between transient failures.
+/// `None` when shutdown came first, or the delivery can no longer be settled (its channel closed,
+/// so the broker will deliver it again).
+async fn with_retries<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>>>(
+    shutdown: &CancellationToken,
+    acker: &Acker,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Option<Result<T, E>> {
+    let mut wait = FIRST_BACKOFF;
+    loop {
+        match attempt().await {
+            Err(e) if transient(&e) => {
+                warn!(error = ?e, retry_in_ms = wait.as_millis() as u64, "session request failed for now; retrying");
+            }
+            done => return Some(done),
+        }
+        if !acker.usable() {
+            return None;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A message property as text, when set and not empty.
+fn prop(p: &Option<ShortString>) -> Option<&str> {
+    p.as_ref().map(ShortString::as_str).filter(|s| !s.is_empty())
+}

@@ -1,0 +1,372 @@
+//! The webhook deliverer: POSTs every `session.*` event, signed, to the session's `callback_url`
+//! or else its agent's `webhook_url` — at least once, retried through the queues.
+//!
+//! It has its own AMQP connection and queue, `<prefix>.webhooks`, bound to `<prefix>.events` with
+//! `session.#`, so nothing that publishes an event ever waits for a receiver. A failed attempt
+//! (no answer within `webhooks.timeout_ms`, a connection error, any status but 2xx) is published
+//! again to a retry tier `<prefix>.webhooks.retry.<tier>` — a quorum queue whose TTL dead-letters
+//! back to `<prefix>.webhooks` through the default exchange — and acked: the consumer never sleeps.
+//! The `x-agentfleet-attempt` header counts the attempts; past `webhooks.max_attempts` the event
+//! goes to `<prefix>.dead` with the reason. Signing and the header format are in
+//! [`agentfleet::webhooks`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentfleet::amqp::{self, Topology};
+use agentfleet::config::Config;
+use agentfleet::domain::SessionId;
+use agentfleet::store::SessionStore;
+use agentfleet::webhooks::{self as wh, Signer};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+/// Deliveries in flight at once (also the AMQP prefetch).
+const CONCURRENCY: u16 = 32;
+/// Deliveries of one message (connection losses, crashes) before the broker dead-letters it.
+const DELIVERY_LIMIT: i64 = 20;
+/// The consumer tag, for the cancel at shutdown.
+const CONSUMER_TAG: &str = "dispatcher/webhooks";
+
+/// Delivers webhooks until `shutdown`, reconnecting to the broker as needed.
+pub(crate) async fn run(cfg: Arc<Config>, store: Arc<dyn SessionStore>, shutdown: CancellationToken) {
+    let deliverer = match Deliverer::new(cfg, store) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            error!(error = %e, "webhooks are disabled: cannot build the HTTP client");
+            return;
+        }
+    };
+    if deliverer.signer.is_none() {
+        let var = &deliverer.cfg.webhooks.secret_env;
+        warn!(env = %var, "no webhook signing secret: events with a URL are dead-lettered, not sent");
+    }
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match deliverer.consume(&shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "webhooks: broker connection lost");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    info!("webhook deliverer stopped");
+}
+
+/// What one attempt came to.
+enum Outcome {
+    /// A receiver answered 2xx.
+    Delivered,
+    /// Nobody wants this event: no callback URL and no agent webhook.
+    NoReceiver,
+    /// Worth another attempt later.
+    Failed(String),
+    /// Never deliverable: straight to the dead-letter queue.
+    Poison(String),
+}
+
+/// The fields of an event the deliverer reads; the body is sent as received.
+#[derive(Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    kind: String,
+    session_id: String,
+    #[serde(default)]
+    agent: String,
+}
+
+struct Deliverer {
+    cfg: Arc<Config>,
+    store: Arc<dyn SessionStore>,
+    http: reqwest::Client,
+    signer: Option<Signer>,
+    topology: Topology,
+    queue: String,
+}
+
+impl Deliverer {
+    fn new(cfg: Arc<Config>, store: Arc<dyn SessionStore>) -> reqwest::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.webhooks.timeout_ms.max(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("agentfleet-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let signer = cfg.webhooks.secret.clone().map(Signer::new);
+        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let queue = wh::queue(&cfg.amqp.prefix);
+        Ok(Self { cfg, store, http, signer, topology, queue })
+    }
+
+    /// One connection's life. It is closed whatever happens: a connection dropped unclosed would
+    /// live on in the background, and a broker's sockets are few.
+    async fn consume(self: &Arc<Self>, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
+        let conn = amqp::connect(&self.cfg.amqp.url, "dispatcher/webhooks").await?;
+        let result = self.serve(&conn, shutdown).await;
+        let _ = conn.close(200, "webhook deliverer stopping".into()).await;
+        result
+    }
+
+    /// Declares, consumes with bounded concurrency, and drains on shutdown.
+    async fn serve(
+        self: &Arc<Self>,
+        conn: &lapin::Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), lapin::Error> {
+        let ch = conn.create_channel().await?;
+        let publish = conn.create_channel().await?;
+        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.declare(&ch).await?;
+        ch.basic_qos(CONCURRENCY, BasicQosOptions::default()).await?;
+        let opts = BasicConsumeOptions::default();
+        let mut deliveries =
+            ch.basic_consume(self.queue.as_str().into(), CONSUMER_TAG.into(), opts, FieldTable::default()).await?;
+        info!(queue = %self.queue, concurrency = CONCURRENCY, "delivering webhooks");
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(usize::from(CONCURRENCY)));
+        let ended = loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                p = permits.clone().acquire_owned() => p.map_err(|_| closed("semaphore closed"))?,
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                d = deliveries.next() => d,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let (this, publish) = (self.clone(), publish.clone());
+                    tracker.spawn(async move {
+                        this.handle(&publish, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => break Err(e),
+                None => break Err(closed("the broker cancelled the webhook consumer")),
+            }
+        };
+        if ended.is_ok() {
+            self.drain(&ch, &tracker).await;
+        }
+        ended
+    }
+
+    /// Stops new deliveries and waits for in-flight POSTs (their timeout, and a little); the rest
+    /// are redelivered to another dispatcher.
+    async fn drain(&self, ch: &Channel, tracker: &TaskTracker) {
+        let _ = ch.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
+        tracker.close();
+        let grace = Duration::from_millis(self.cfg.webhooks.timeout_ms) + Duration::from_secs(2);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(in_flight = tracker.len(), "webhooks still in flight at shutdown will be redelivered");
+        }
+    }
+
+    /// The fleet topology, then the webhook queue and its retry tiers. Idempotent.
+    async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        self.topology.declare(ch, &[]).await?;
+        for (tier, ttl) in wh::RETRY_TIERS {
+            let mut args = quorum();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl.as_millis() as i64));
+            args.insert("x-dead-letter-exchange".into(), long(""));
+            args.insert("x-dead-letter-routing-key".into(), long(&self.queue));
+            args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+            args.insert("x-overflow".into(), long("reject-publish"));
+            declare_queue(ch, &wh::retry_queue(&self.cfg.amqp.prefix, tier), args).await?;
+        }
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        args.insert("x-dead-letter-exchange".into(), long(&self.topology.dead()));
+        declare_queue(ch, &self.queue, args).await?;
+        let (queue, exchange) = (self.queue.as_str().into(), self.topology.events_exchange().into());
+        ch.queue_bind(queue, exchange, "session.#".into(), QueueBindOptions::default(), FieldTable::default()).await
+    }
+
+    /// Attempts one delivery and settles the message: acked once it was delivered, skipped,
+    /// handed to a retry tier or dead-lettered; requeued only when none of that could be done.
+    async fn handle(&self, publish: &Channel, delivery: Delivery) {
+        let attempt = attempts_made(&delivery) + 1;
+        let settled = match self.attempt(&delivery.data, attempt).await {
+            Outcome::Delivered | Outcome::NoReceiver => Ok(()),
+            Outcome::Failed(reason) if attempt < self.cfg.webhooks.max_attempts.max(1) => {
+                self.retry(publish, &delivery, attempt, &reason).await
+            }
+            Outcome::Failed(reason) => {
+                let reason = format!("webhook not delivered after {attempt} attempts: {reason}");
+                self.dead_letter(publish, &delivery, attempt, &reason).await
+            }
+            Outcome::Poison(reason) => self.dead_letter(publish, &delivery, attempt, &reason).await,
+        };
+        let result = match settled {
+            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                warn!(error = %e, "webhooks: could not re-publish a failed delivery; requeueing it");
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "webhooks: could not settle a delivery; the broker will deliver it again");
+        }
+    }
+
+    /// Finds the receiver and POSTs the body, signed.
+    async fn attempt(&self, body: &[u8], attempt: u32) -> Outcome {
+        let event: Event = match serde_json::from_slice(body) {
+            Ok(e) => e,
+            Err(e) => return Outcome::Poison(format!("not a lifecycle event: {e}")),
+        };
+        let url = match self.receiver(&event).await {
+            Ok(Some(url)) => url,
+            Ok(None) => return Outcome::NoReceiver,
+            Err(reason) => return Outcome::Failed(reason),
+        };
+        let Some(signer) = &self.signer else {
+            let var = &self.cfg.webhooks.secret_env;
+            return Outcome::Poison(format!("no webhook signing secret (env {var}); not sent unsigned"));
+        };
+        let outcome = self.post(signer, &url, &event, body, attempt).await;
+        match &outcome {
+            Outcome::Delivered => debug!(session = %event.session_id, kind = %event.kind, attempt, "webhook delivered"),
+            Outcome::Failed(reason) => {
+                warn!(session = %event.session_id, kind = %event.kind, attempt, reason, "webhook attempt failed")
+            }
+            _ => {}
+        }
+        outcome
+    }
+
+    /// The session's `callback_url`, else its agent's `webhook_url`.
+    async fn receiver(&self, event: &Event) -> Result<Option<String>, String> {
+        let agent_url = || self.cfg.agent(&event.agent).and_then(|a| a.webhook_url.clone());
+        let Ok(id) = SessionId::parse(&event.session_id) else { return Ok(agent_url()) };
+        let meta = self.store.meta(&id).await.map_err(|e| format!("reading the session: {e}"))?;
+        let callback = meta.and_then(|m| m.callback_url).filter(|u| !u.is_empty());
+        Ok(callback.or_else(agent_url))
+    }
+
+    async fn post(&self, signer: &Signer, url: &str, event: &Event, body: &[u8], attempt: u32) -> Outcome {
+        let (timestamp, signature) = signer.headers(unix_now(), body);
+        let request = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(wh::EVENT_HEADER, &event.kind)
+            .header(wh::DELIVERY_HEADER, wh::delivery_id(body))
+            .header(wh::TIMESTAMP_HEADER, timestamp)
+            .header(wh::SIGNATURE_HEADER, signature)
+            .header("x-agentfleet-attempt", attempt.to_string())
+            .body(body.to_vec());
+        match request.send().await {
+            Ok(r) if r.status().is_success() => Outcome::Delivered,
+            Ok(r) => Outcome::Failed(format!("the receiver answered {}", r.status())),
+            Err(e) if e.is_timeout() => Outcome::Failed("no answer within the timeout".into()),
+            Err(e) if e.is_builder() => Outcome::Poison(format!("unusable webhook URL `{url}`: {e}")),
+            Err(e) => Outcome::Failed(format!("request failed: {}", error_chain(&e))),
+        }
+    }
+
+    /// Publishes the body unchanged to the retry tier for `attempt` failures, with the count.
+    async fn retry(&self, ch: &Channel, d: &Delivery, attempt: u32, reason: &str) -> Result<(), lapin::Error> {
+        let (tier, _) = wh::retry_tier(attempt);
+        let queue = wh::retry_queue(&self.cfg.amqp.prefix, tier);
+        let mut headers = FieldTable::default();
+        headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        headers.insert("x-agentfleet-last-error".into(), long(reason));
+        publish_confirmed(ch, "", &queue, &d.data, event_props(d, headers)).await
+    }
+
+    /// Sends the event to `<prefix>.dead` with the reason in `x-agentfleet-reason`.
+    async fn dead_letter(&self, ch: &Channel, d: &Delivery, attempt: u32, reason: &str) -> Result<(), lapin::Error> {
+        error!(reason, "webhook dead-lettered");
+        let mut headers = FieldTable::default();
+        headers.insert("x-agentfleet-reason".into(), long(reason));
+        headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+        publish_confirmed(ch, &self.topology.dead(), "", &d.data, event_props(d, headers)).await
+    }
+}
+
+/// Attempts already made, from the `x-agentfleet-attempt` header (none on a fresh event).
+fn attempts_made(d: &Delivery) -> u32 {
+    let value = d.properties.headers().as_ref().and_then(|h| h.inner().get(wh::ATTEMPT_HEADER));
+    let n = match value {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    u32::try_from(n).unwrap_or(0)
+}
+
+fn event_props(d: &Delivery, headers: FieldTable) -> BasicProperties {
+    let kind = d.properties.kind().clone().unwrap_or_else(|| d.routing_key.clone());
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_type(kind)
+        .with_headers(headers)
+}
+
+async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), lapin::Error> {
+    let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+    match ch.basic_publish(exchange.into(), key.into(), opts, body, props).await?.await? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(closed(&format!("unroutable: no queue for `{exchange}/{key}`"))),
+        Confirmation::Nack(_) => Err(closed("the broker nacked the message")),
+    }
+}
+
+async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), lapin::Error> {
+    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(name.into(), opts, args).await.map(|_| ())
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.as_bytes().to_vec().into())
+}
+
+fn closed(why: &str) -> lapin::Error {
+    lapin::Error::from(std::io::Error::other(why.to_owned()))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// An error with its causes (`reqwest` hides the connect error behind "error sending request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}

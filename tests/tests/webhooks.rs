@@ -1,0 +1,309 @@
+//! Signed webhooks of lifecycle events: every event reaches its receiver, signed, at least once —
+//! also when the receiver is down for a while (the retries go through the queues).
+//!
+//! The receiver is a real HTTP server that checks every signature with
+//! `agentfleet::webhooks::verify`, answers 401 to a bad one (the tests assert there are none), and
+//! records each event by its delivery id.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use agentfleet::domain::SessionId;
+use agentfleet::webhooks::{self, DEFAULT_TOLERANCE};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::routing::post;
+use futures::future::try_join_all;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+const SECRET: &str = "whsec_integration_test";
+
+/// One event as the receiver accepted it.
+#[derive(Debug, Clone)]
+struct Received {
+    kind: String,
+    session: String,
+    path: String,
+}
+
+/// A webhook receiver: verifies, counts, records.
+#[derive(Default)]
+struct Receiver {
+    /// While false, every well-signed request gets 503.
+    healthy: AtomicBool,
+    bad_signatures: AtomicUsize,
+    refused: AtomicUsize,
+    /// Accepted requests by delivery id (more than one: a duplicate).
+    by_delivery: Mutex<BTreeMap<String, Vec<Received>>>,
+}
+
+impl Receiver {
+    fn events(&self) -> Vec<Received> {
+        let seen = self.by_delivery.lock().expect("lock");
+        seen.values().filter_map(|v| v.first().cloned()).collect()
+    }
+
+    /// Deliveries accepted more than once, and the extra copies.
+    fn duplicates(&self) -> (usize, usize) {
+        let seen = self.by_delivery.lock().expect("lock");
+        let dup = seen.values().filter(|v| v.len() > 1);
+        (dup.clone().count(), dup.map(|v| v.len() - 1).sum())
+    }
+
+    fn accepted_total(&self) -> usize {
+        self.by_delivery.lock().expect("lock").values().map(Vec::len).sum()
+    }
+}
+
+async fn receive(State(r): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (ts, sig) = (header(webhooks::TIMESTAMP_HEADER), header(webhooks::SIGNATURE_HEADER));
+    if webhooks::verify(SECRET.as_bytes(), &ts, &body, &sig, now, DEFAULT_TOLERANCE).is_err() {
+        r.bad_signatures.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
+    if uri.path() == "/slow" {
+        tokio::time::sleep(Duration::from_secs(3)).await; // past the deliverer's timeout
+    } else if !r.healthy.load(Ordering::SeqCst) {
+        r.refused.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let Ok(event) = serde_json::from_slice::<Value>(&body) else { return StatusCode::BAD_REQUEST };
+    let kind = event["type"].as_str().unwrap_or_default().to_owned();
+    let consistent = header("content-type") == "application/json"
+        && header(webhooks::EVENT_HEADER) == kind
+        && header(webhooks::DELIVERY_HEADER) == webhooks::delivery_id(&body);
+    if !consistent {
+        return StatusCode::BAD_REQUEST;
+    }
+    let session = event["session_id"].as_str().unwrap_or_default().to_owned();
+    let received = Received { kind, session, path: uri.path().to_owned() };
+    r.by_delivery.lock().expect("lock").entry(header(webhooks::DELIVERY_HEADER)).or_default().push(received);
+    StatusCode::NO_CONTENT
+}
+
+/// Serves `receiver` on `listener` until the test ends.
+fn serve(listener: TcpListener, receiver: Arc<Receiver>) {
+    let app = Router::new().route("/{*path}", post(receive)).with_state(receiver);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+}
+
+fn options(extra_config: String) -> FleetOptions {
+    let env = vec![("AGENTFLEET_WEBHOOK_SECRET".to_owned(), SECRET.to_owned())];
+    FleetOptions { workers: 2, env, extra_config, ..Default::default() }
+}
+
+/// Waits until the dispatcher's deliverer consumes its queue: events published before it bound the
+/// queue (only ever on a fresh broker) would not be routed to it.
+async fn wait_for_deliverer(fleet: &TestFleet) -> anyhow::Result<()> {
+    use lapin::options::QueueDeclareOptions;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let queue = webhooks::queue(&fleet.prefix);
+    loop {
+        let (conn, ch) = fleet.amqp().await?;
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let consumers =
+            ch.queue_declare(queue.as_str().into(), opts, Default::default()).await.map(|q| q.consumer_count());
+        let _ = conn.close(200, "checked".into()).await;
+        if consumers.is_ok_and(|n| n > 0) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the webhook deliverer did not start consuming {queue}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `receiver` has `session.created` and `session.completed` of every session.
+async fn wait_for_events(receiver: &Receiver, ids: &[SessionId], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let missing = missing_events(receiver, ids);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{} events never arrived, e.g. {:?}", missing.len(), &missing[..1]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn missing_events(receiver: &Receiver, ids: &[SessionId]) -> Vec<(String, &'static str)> {
+    let seen: BTreeSet<(String, String)> = receiver.events().into_iter().map(|e| (e.session, e.kind)).collect();
+    let wanted = ids.iter().flat_map(|id| ["session.created", "session.completed"].map(|k| (id.to_string(), k)));
+    wanted.filter(|(id, k)| !seen.contains(&(id.clone(), (*k).to_owned()))).collect()
+}
+
+/// The number of messages in this fleet's dead-letter queue.
+async fn dead_letters(fleet: &TestFleet) -> anyhow::Result<u32> {
+    let (conn, ch) = fleet.amqp().await?;
+    let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let dead = format!("{}.dead", fleet.prefix);
+    let q = ch.queue_declare(dead.as_str().into(), opts, Default::default()).await?;
+    let _ = conn.close(200, "checked".into()).await;
+    Ok(q.message_count())
+}
+
+/// Takes every message from this fleet's dead-letter queue: its reason header and event type.
+async fn take_dead_letters(fleet: &TestFleet) -> anyhow::Result<Vec<(String, String)>> {
+    let (conn, ch) = fleet.amqp().await?;
+    let dead = format!("{}.dead", fleet.prefix);
+    let mut taken = Vec::new();
+    let opts = lapin::options::BasicGetOptions { no_ack: true };
+    while let Some(m) = ch.basic_get(dead.as_str().into(), opts).await? {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = headers.inner().get("x-agentfleet-reason").and_then(|v| v.as_long_string()).map(|r| r.to_string());
+        let event: Value = serde_json::from_slice(&m.delivery.data)?;
+        taken.push((reason.unwrap_or_default(), event["type"].as_str().unwrap_or_default().to_owned()));
+    }
+    let _ = conn.close(200, "taken".into()).await;
+    Ok(taken)
+}
+
+async fn submit(fleet: &TestFleet, agent: &str, input: String, callback: Option<&str>) -> anyhow::Result<SessionId> {
+    let mut body = json!({ "agent": agent, "input": input });
+    if let Some(url) = callback {
+        body["callback_url"] = json!(url);
+    }
+    fleet.submit_json(&body).await
+}
+
+/// Ten two-step sessions with a `callback_url`, and sessions of an agent with a `webhook_url`:
+/// every `session.created` and `session.completed` arrives, signed, at the right URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let receiver = Arc::new(Receiver { healthy: AtomicBool::new(true), ..Default::default() });
+    serve(listener, receiver.clone());
+    let hooked = format!(
+        "[agents.hooked]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"You help.\"\n\
+         tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
+    );
+    let fleet = TestFleet::start(options(hooked)).await?;
+    wait_for_deliverer(&fleet).await?;
+    let callback = format!("http://{addr}/callback");
+
+    let started = Instant::now();
+    let submits = (0..10).map(|i| submit(&fleet, "support", format!("[steps=2] job {i}"), Some(&callback)));
+    let mut ids: Vec<SessionId> = try_join_all(submits).await?;
+    let agent_hook = submit(&fleet, "hooked", "[steps=2] agent hook".into(), None).await?;
+    let overridden = submit(&fleet, "hooked", "[steps=2] own callback".into(), Some(&callback)).await?;
+    let silent = submit(&fleet, "support", "[steps=2] nobody listens".into(), None).await?;
+    ids.extend([agent_hook.clone(), overridden.clone()]);
+    for s in fleet.wait_settled(&ids, Duration::from_secs(60)).await? {
+        assert_eq!(s["status"], "completed", "{s}");
+    }
+    wait_for_events(&receiver, &ids, Duration::from_secs(30)).await?;
+    let elapsed = started.elapsed();
+    fleet.wait_settled(std::slice::from_ref(&silent), Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let events = receiver.events();
+    let path_of = |id: &SessionId| {
+        let paths: BTreeSet<String> =
+            events.iter().filter(|e| e.session == id.as_str()).map(|e| e.path.clone()).collect();
+        paths.into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(path_of(&agent_hook), ["/agent-hook"], "the agent's webhook_url is used without a callback");
+    assert_eq!(path_of(&overridden), ["/callback"], "the session's callback_url wins over the agent's");
+    assert!(path_of(&silent).is_empty(), "a session without any URL sends nothing");
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    let (dup_events, extra) = receiver.duplicates();
+    println!(
+        "webhooks: {} sessions, {} events accepted ({} distinct), {dup_events} duplicated ({extra} extra copies), \
+         all within {:.1} s of the first submit",
+        ids.len(),
+        receiver.accepted_total(),
+        events.len(),
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(dead_letters(&fleet).await?, 0);
+    fleet.cleanup().await
+}
+
+/// The receiver refuses connections for a while, then answers 503, then recovers: every event
+/// still arrives, at least once, through the retry tiers; nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    drop(listener); // not listening yet: connections are refused
+    let receiver = Arc::new(Receiver::default());
+    let fleet = TestFleet::start(options(String::new())).await?;
+    wait_for_deliverer(&fleet).await?;
+    let callback = format!("http://{addr}/hooks");
+
+    let started = Instant::now();
+    let first = (0..5).map(|i| submit(&fleet, "support", format!("[steps=2] early {i}"), Some(&callback)));
+    let mut ids: Vec<SessionId> = try_join_all(first).await?;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    serve(TcpListener::bind(addr).await?, receiver.clone()); // listening, but answering 503
+    let second = (0..5).map(|i| submit(&fleet, "support", format!("[steps=2] late {i}"), Some(&callback)));
+    ids.extend(try_join_all(second).await?);
+    for s in fleet.wait_settled(&ids, Duration::from_secs(60)).await? {
+        assert_eq!(s["status"], "completed", "{s}");
+    }
+    tokio::time::sleep(Duration::from_millis(5_000).saturating_sub(started.elapsed())).await;
+    assert!(receiver.events().is_empty(), "nothing is accepted while the receiver is down");
+    receiver.healthy.store(true, Ordering::SeqCst);
+    let healthy_at = started.elapsed();
+
+    wait_for_events(&receiver, &ids, Duration::from_secs(90)).await?;
+    let recovered = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = receiver.refused.load(Ordering::SeqCst);
+    let (dup_events, extra) = receiver.duplicates();
+    println!(
+        "webhooks after an outage: {} sessions, down {:.1} s (refused connections, then {refused} × 503), \
+         all {} events in by {:.1} s, {} accepted, {dup_events} duplicated ({extra} extra copies)",
+        ids.len(),
+        healthy_at.as_secs_f64(),
+        receiver.events().len(),
+        recovered.as_secs_f64(),
+        receiver.accepted_total()
+    );
+    assert!(refused > 0, "the receiver answered 503 during the outage");
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(receiver.events().len(), 2 * ids.len(), "exactly the created and completed events");
+    assert_eq!(dead_letters(&fleet).await?, 0);
+    fleet.cleanup().await
+}
+
+/// With `max_attempts = 2`, events whose receiver keeps answering 503, or answers only after the
+/// timeout, go to the dead-letter queue after their second attempt, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let receiver = Arc::new(Receiver::default()); // never healthy
+    serve(listener, receiver.clone());
+    let fleet = TestFleet::start(options("[webhooks]\nmax_attempts = 2\ntimeout_ms = 500\n".into())).await?;
+    wait_for_deliverer(&fleet).await?;
+    let failing = submit(&fleet, "support", "[steps=1] failing".into(), Some(&format!("http://{addr}/hooks"))).await?;
+    let slow = submit(&fleet, "support", "[steps=1] slow".into(), Some(&format!("http://{addr}/slow"))).await?;
+    fleet.wait_settled(&[failing, slow], Duration::from_secs(60)).await?;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_letters(&fleet).await? < 4 {
+        anyhow::ensure!(Instant::now() < deadline, "{} of 4 events dead-lettered", dead_letters(&fleet).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut dead = take_dead_letters(&fleet).await?;
+    dead.sort();
+    println!("webhooks dead-lettered: {dead:?}");
+    assert_eq!(dead.len(), 4, "each event once: {dead:?}");
+    let refused = dead.iter().filter(|(r, _)| r.contains("after 2 attempts") && r.contains("503")).count();
+    let timed_out = dead.iter().filter(|(r, _)| r.contains("after 2 attempts") && r.contains("timeout")).count();
+    assert_eq!((refused, timed_out), (2, 2), "{dead:?}");
+    assert_eq!(receiver.refused.load(Ordering::SeqCst), 4, "two attempts of each of two events");
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    fleet.cleanup().await
+}
