@@ -56,6 +56,11 @@ pub(crate) enum Command {
     },
     /// List the sessions that wait for people: escalations and approvals.
     Escalations,
+    /// Show a session's trace as a timeline: every model call, tool call, error and decision.
+    Trace {
+        /// The session id.
+        id: String,
+    },
     /// Answer a session that escalated to a human.
     Reply {
         /// The session id.

@@ -27,6 +27,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Watch { id } => finish(&api, out, &id, true).await,
         Command::Cancel { id } => cancel(&api, out, &id).await,
         Command::Escalations => escalations(&api, out).await,
+        Command::Trace { id } => trace(&api, out, &id).await,
         Command::Reply { id, text } => reply(&api, out, &id, text.as_deref()).await,
         Command::Approve { id, note } => approve(&api, out, &id, note).await,
         Command::Reject { id, reason } => reject(&api, out, &id, &reason).await,
@@ -152,6 +153,13 @@ async fn escalations(api: &Api, out: Output) -> anyhow::Result<Exit> {
     } else {
         out.line(&view::escalations(&rows, now_ms()))?;
     }
+    Ok(Exit::Success)
+}
+
+async fn trace(api: &Api, out: Output, id: &str) -> anyhow::Result<Exit> {
+    let v = api.get(&["v1", "sessions", id, "trace"], &[]).await?;
+    out.document(&v)?;
+    out.line(&view::timeline(&v))?;
     Ok(Exit::Success)
 }
 

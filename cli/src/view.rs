@@ -185,3 +185,72 @@ mod tests {
         Ok(())
     }
 }
+
+/// A trace as a timeline: one line per record (time since the first, step, action, what and how
+/// it went), then the totals.
+pub(crate) fn timeline(trace: &serde_json::Value) -> String {
+    let empty = Vec::new();
+    let records = trace["records"].as_array().unwrap_or(&empty);
+    let start = records.iter().filter_map(|r| r["ts_ms"].as_u64()).min().unwrap_or(0);
+    let mut lines: Vec<String> = records.iter().map(|r| timeline_line(r, start)).collect();
+    let s = &trace["summary"];
+    lines.push(format!(
+        "total: {} steps, {} model calls, {} tool calls, {} in / {} out tokens, ${:.4}, {} ms, {} errors",
+        s["steps"],
+        s["model_calls"],
+        s["tool_calls"],
+        s["input_tokens"],
+        s["output_tokens"],
+        s["cost_usd"].as_f64().unwrap_or(0.0),
+        s["duration_ms"],
+        s["errors"]
+    ));
+    if let Some(tools) = s["tools_used"].as_object().filter(|t| !t.is_empty()) {
+        let used: Vec<String> = tools.iter().map(|(name, n)| format!("{name} ×{n}")).collect();
+        lines.push(format!("tools: {}", used.join(", ")));
+    }
+    lines.join("\n")
+}
+
+fn timeline_line(r: &serde_json::Value, start: u64) -> String {
+    let at = r["ts_ms"].as_u64().unwrap_or(start).saturating_sub(start);
+    let mark = if r["success"] == true { "✓" } else { "✗" };
+    let what = match r["tool_name"].as_str() {
+        Some(tool) => format!("{} {tool}", r["action"].as_str().unwrap_or("?")),
+        None => r["action"].as_str().unwrap_or("?").to_owned(),
+    };
+    let tokens = match (r["input_tokens"].as_u64(), r["output_tokens"].as_u64()) {
+        (Some(i), Some(o)) if i + o > 0 => format!("  {i}/{o} tok ${:.4}", r["cost_usd"].as_f64().unwrap_or(0.0)),
+        _ => String::new(),
+    };
+    let detail = r["error"].as_str().or(r["output_summary"].as_str()).unwrap_or("");
+    let detail: String = detail.chars().take(90).collect();
+    let step = r["step"].as_u64().unwrap_or(0);
+    let took = r["duration_ms"].as_u64().unwrap_or(0);
+    format!("+{at:>6} ms  step {step:>3}  {mark} {what:<28}{tokens}  {took:>5} ms  {detail}")
+}
+
+#[cfg(test)]
+mod timeline_tests {
+    use super::timeline;
+
+    #[test]
+    fn a_trace_reads_as_a_timeline_with_totals() {
+        let trace = serde_json::json!({
+            "records": [
+                {"ts_ms": 1000, "step": 1, "action": "model_call", "success": true, "input_tokens": 10, "output_tokens": 5,
+                 "cost_usd": 0.0001, "duration_ms": 20, "output_summary": "stop_reason=tool_use"},
+                {"ts_ms": 1030, "step": 1, "action": "tool_call", "tool_name": "lookup", "success": false, "duration_ms": 3,
+                 "error": "Invalid input"}
+            ],
+            "summary": {"steps": 1, "model_calls": 1, "tool_calls": 1, "input_tokens": 10, "output_tokens": 5,
+                        "cost_usd": 0.0001, "duration_ms": 33, "errors": 1, "tools_used": {"lookup": 1}}
+        });
+        let text = timeline(&trace);
+        assert!(text.contains("+     0 ms  step   1  ✓ model_call"), "{text}");
+        assert!(text.contains("+    30 ms  step   1  ✗ tool_call lookup"), "{text}");
+        assert!(text.contains("Invalid input"));
+        assert!(text.contains("total: 1 steps, 1 model calls, 1 tool calls, 10 in / 5 out tokens"), "{text}");
+        assert!(text.contains("tools: lookup ×1"));
+    }
+}
