@@ -5,7 +5,7 @@
 //! Tools of our own (`flaky`, `primary`, …) are served by a tool server this file starts before the
 //! fleet, because the fleet's config must name their URLs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,7 @@ async fn sessions_complete_through_model_api_faults() -> anyhow::Result<()> {
     fleet.tools.set_behaviour(Behaviour { fail_rate: 0.1, ..Default::default() })?;
     let goals: Vec<String> = (0..200).map(|i| format!("[steps=5] faulty api job {i}")).collect();
     let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    // The budget for this run: three minutes, fleet start included.
     let settled = fleet.wait_settled(&ids, Duration::from_secs(170)).await;
     println!(
         "waited {:?} for 200 sessions: {}",
@@ -196,7 +197,7 @@ const MODEL_BREAKER: &str = "breaker=\"model:anthropic\"";
 async fn print_failed_attempt_runs(fleet: &TestFleet, ids: &[SessionId]) -> anyhow::Result<()> {
     let mut runs: Vec<(usize, String, u64, u64)> = Vec::new();
     for id in ids {
-        let mut by_step: std::collections::BTreeMap<u64, (usize, u64)> = Default::default();
+        let mut by_step: BTreeMap<u64, (usize, u64)> = Default::default();
         for r in trace_records(fleet, id.as_str()).await? {
             if r["action"] == "model_call" && r["error"].is_string() {
                 let entry = by_step.entry(r["step"].as_u64().unwrap_or(0)).or_default();
@@ -206,7 +207,7 @@ async fn print_failed_attempt_runs(fleet: &TestFleet, ids: &[SessionId]) -> anyh
         runs.extend(by_step.into_iter().map(|(step, (n, last))| (n, id.to_string(), step, last)));
     }
     runs.sort_unstable_by(|a, b| b.cmp(a));
-    let mut histogram: std::collections::BTreeMap<usize, usize> = Default::default();
+    let mut histogram: BTreeMap<usize, usize> = Default::default();
     for (n, ..) in &runs {
         *histogram.entry(*n).or_default() += 1;
     }
@@ -408,6 +409,55 @@ async fn long_tool_waits_go_through_the_delay_queues() -> anyhow::Result<()> {
     }
     println!("steps sent through the delay queues for a tool retry: {deferrals}");
     assert_eq!(deferrals, 2.0 * REFUSALS as f64, "each refusal deferred its step once");
+    fleet.cleanup().await
+}
+
+/// A tool that is down (503 on every call) but whose retry waits exceed `max_inline_retry_ms` must
+/// still count as failing for its breaker: two deferred-and-failed calls open a threshold-2 breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_that_is_down_opens_its_breaker_even_when_its_retries_are_deferred() -> anyhow::Result<()> {
+    let backend = own_tool_server().await?;
+    let settings = "retry_backoff_ms = 2000\nbreaker = { failure_threshold = 2, cool_down_ms = 60000 }";
+    let extra = format!("{}{}", http_tool("down", &backend, settings), agent("down_agent", &["down"]));
+    let worker_config = "max_inline_retry_ms = 500\nmax_tool_deferrals = 1".to_owned();
+    let fleet = TestFleet::start(FleetOptions { extra_config: extra, worker_config, ..Default::default() }).await?;
+    backend.set_behaviour(failing("down", 503))?;
+    let s = run_one(&fleet, "down_agent", "[steps=2 tool=down] down job").await?;
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(only_tool_result(&s)?["is_error"], true, "{s}");
+    assert_eq!(backend.stats().calls_total, 2, "the call and its one deferred retry");
+    let state = breakers(&fleet).await?.state("tool:down", now_ms()).await?;
+    assert_eq!(state.status, BreakerStatus::Open, "two 503s in a row must open a threshold-2 breaker: {state:?}");
+    fleet.cleanup().await
+}
+
+/// Model retries of a step must not use up the deferrals its tool call is allowed: after five
+/// failed model calls (429, `retry-after: 1`) the step's tool asks once to wait 3 s, and the call
+/// must be deferred and retried, not given up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_retries_do_not_use_up_the_tool_deferrals() -> anyhow::Result<()> {
+    let throttled = Throttled::start(1).await?;
+    let extra = format!(
+        "{}{}",
+        tool_at("throttled", &format!("{}/throttled", throttled.url), ""),
+        agent("throttled_agent", &["throttled"])
+    );
+    let worker_config = "max_inline_retry_ms = 500\nmax_model_attempts = 30".to_owned();
+    let fleet = TestFleet::start(FleetOptions { extra_config: extra, worker_config, ..Default::default() }).await?;
+    fleet.model.set_faults(Faults { rate_429: 1.0, retry_after_s: 1, ..Default::default() });
+    let id = fleet.submit("throttled_agent", "[steps=2 tool=throttled] unlucky job").await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.model.stats().injected.r429 < 5 {
+        ensure!(Instant::now() < deadline, "the model was not called five times");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.model.set_faults(Faults::default());
+    let s = fleet.wait_settled(&[id], Duration::from_secs(60)).await?.remove(0);
+    println!("model errors {}, tool calls {}", s["usage"]["model_errors"], throttled.calls().len());
+    assert_eq!(s["status"], "completed", "{s}");
+    let result = only_tool_result(&s)?;
+    assert_eq!(result["is_error"], false, "the tool asked to wait once and must have been retried: {result}");
+    assert_eq!(throttled.calls().len(), 2, "the refusal and the deferred retry");
     fleet.cleanup().await
 }
 

@@ -56,8 +56,8 @@ impl From<StoreError> for StepError {
 /// What is left to do after a step's state changes.
 enum After {
     Publish(u32),
-    /// Run this step again after a while (a daily cap is in the way).
-    Postpone(Duration),
+    /// Run this step again after a while (a daily cap, an open breaker, a rate limit), and why.
+    Postpone(Duration, &'static str),
     Nothing,
 }
 
@@ -290,10 +290,10 @@ impl Engine {
                 metric::step_handled("done");
                 Disposition::Ack
             }
-            Ok(After::Postpone(after)) => {
+            Ok(After::Postpone(after, why)) => {
                 self.release(&msg.session_id, token, 0).await;
                 metric::step_handled("postponed");
-                self.later(&msg, pool, after, "waiting for a daily spend cap").await
+                self.later(&msg, pool, after, why).await
             }
             Err(StepError::Retry { after, reason }) => {
                 self.release(&msg.session_id, token, 0).await;

@@ -14,7 +14,7 @@ use super::{After, StepCtx, StepError};
 use crate::breaker::Permit;
 use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
 use crate::config::{OnDailyCap, OnModelFailure};
-use crate::domain::{MicroUsd, Phase, SessionStatus};
+use crate::domain::{MicroUsd, Phase, SessionStatus, StepMessage};
 use crate::failpoint;
 use crate::llm::anthropic::CallSpec;
 use crate::llm::{self, Block, LlmError, ModelReply, StopReason, Usage};
@@ -94,7 +94,7 @@ impl StepCtx<'_> {
     async fn call(&self, state: &SessionState, call: Call) -> Result<After, StepError> {
         let guard = match self.admit(&call).await {
             Ok(guard) => guard,
-            Err(wait) => return Ok(After::Postpone(wait)),
+            Err((wait, why)) => return Ok(After::Postpone(wait, why)),
         };
         let caps = self.daily_caps(state);
         let verdict = self.engine.store.daily_reserve(&caps, call.reserve.cost).await?;
@@ -132,7 +132,7 @@ impl StepCtx<'_> {
 
     /// The provider's breaker and rate limit, before anything is reserved: `Err(wait)` when the step
     /// must wait (in the delay queues) for the breaker's cool-down or for the rate limit.
-    async fn admit(&self, call: &Call) -> Result<Guard, Duration> {
+    async fn admit(&self, call: &Call) -> Result<Guard, (Duration, &'static str)> {
         let provider = self.engine.agents.provider(self.agent.provider);
         let guard = Guard {
             breaker: format!("model:{}", self.agent.provider.as_str()),
@@ -148,14 +148,14 @@ impl StepCtx<'_> {
             });
         if let Permit::Deny { retry_after } = permit {
             metric::breaker_rejected(&guard.breaker);
-            return Err(retry_after.max(Duration::from_secs(1)));
+            return Err((retry_after.max(Duration::from_secs(1)), "the model provider's breaker is open"));
         }
         if let Some(limit) = &guard.rate {
             let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
             match self.engine.limiter.acquire(&guard.rate_key, limit, 1, estimate, now_ms()).await {
                 Ok(Acquire::Wait { retry_after }) => {
                     metric::retry("rate_limit");
-                    return Err(retry_after.max(Duration::from_millis(200)));
+                    return Err((retry_after.max(Duration::from_millis(200)), "waiting for the provider rate limit"));
                 }
                 Ok(Acquire::Granted) => {}
                 Err(e) => tracing::warn!(error = %e, "rate limiter unavailable; letting the call through"),
@@ -329,7 +329,9 @@ impl StepCtx<'_> {
             ModelOutcome::Tools => {
                 state.messages.push(assistant);
                 state.meta.phase = Phase::Tools;
-                self.tool_phase(state).await
+                // The tool phase counts its own deferrals: model retries must not use them up.
+                let fresh = StepMessage { attempt: 0, ..self.msg.clone() };
+                StepCtx { msg: &fresh, meta: self.meta.clone(), ..*self }.tool_phase(state).await
             }
             ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
             ModelOutcome::Done { status, error, .. } => {
@@ -411,7 +413,7 @@ impl StepCtx<'_> {
                     trace,
                 };
                 self.engine.store.end_step(self.id(), self.msg.step, Phase::Llm, &end, now_ms()).await?;
-                Ok(After::Postpone(DAILY_CAP_RETRY))
+                Ok(After::Postpone(DAILY_CAP_RETRY, "waiting for a daily spend cap"))
             }
         }
     }
@@ -471,8 +473,11 @@ fn decide(stop: &StopReason, has_tools: bool, text: &str) -> (ModelOutcome, Opti
     }
 }
 
+/// The wait before retrying a failed model call: 1, 2, 4, then 5 s at most. A provider that stays
+/// down is the provider breaker's job, so per-step waits need not grow further (longer ones would
+/// also round up to the 2- and 10-minute delay tiers).
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(9))
+    Duration::from_secs((1u64 << attempt.min(9)).min(5))
 }
 
 #[cfg(test)]

@@ -155,7 +155,9 @@ impl StepCtx<'_> {
         let run = tools.run(call, key).await;
         let health = match &run {
             ToolRun::Done(_, health) => *health,
-            ToolRun::Later(..) | ToolRun::Escalate(_) => Health::Up,
+            // A deferral only follows timeouts, connection errors, 408, 429 and 5xx.
+            ToolRun::Later(..) => Health::Down,
+            ToolRun::Escalate(_) => Health::Up,
         };
         if health != Health::Unrated {
             match self.engine.breakers.record(&name, cfg, permit.is_probe(), health == Health::Up, now_ms()).await {
