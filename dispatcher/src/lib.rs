@@ -14,6 +14,7 @@ mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentfleet::amqp::{AmqpPublisher, Topology};
 use agentfleet::config::Config;
@@ -66,9 +67,11 @@ impl Dispatcher {
         let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = agent_pools(&cfg);
-        let publisher = AmqpPublisher::connect(&cfg.amqp.url, "dispatcher", topology, pools)
-            .await
-            .context("connecting to RabbitMQ")?;
+        let publisher =
+            AmqpPublisher::connect_patiently(&cfg.amqp.url, "dispatcher", topology, pools, Duration::from_secs(60))
+                .await
+                .context("connecting to RabbitMQ")?;
+        webhooks::declare(&publisher, &cfg.amqp.prefix).await.context("declaring the webhook queues")?;
         let breakers = agentfleet::breaker::Breakers::new(store.connection(), cfg.redis.key_prefix.clone());
         let state = AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics };
         Ok(Self { listener, state, breakers })

@@ -9,11 +9,15 @@
 //! The `x-agentfleet-attempt` header counts the attempts; past `webhooks.max_attempts` the event
 //! goes to `<prefix>.dead` with the reason. Signing and the header format are in
 //! [`agentfleet::webhooks`].
+//!
+//! `Dispatcher::build` declares these queues before the dispatcher serves, so no event of a
+//! session it creates is published while nothing is bound to keep it; the deliverer declares them
+//! again on every reconnect.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentfleet::amqp::{self, Topology};
+use agentfleet::amqp::{self, AmqpPublisher, PublishError, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
 use agentfleet::store::SessionStore;
@@ -180,21 +184,7 @@ impl Deliverer {
     /// The fleet topology, then the webhook queue and its retry tiers. Idempotent.
     async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
         self.topology.declare(ch, &[]).await?;
-        for (tier, ttl) in wh::RETRY_TIERS {
-            let mut args = quorum();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl.as_millis() as i64));
-            args.insert("x-dead-letter-exchange".into(), long(""));
-            args.insert("x-dead-letter-routing-key".into(), long(&self.queue));
-            args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-            args.insert("x-overflow".into(), long("reject-publish"));
-            declare_queue(ch, &wh::retry_queue(&self.cfg.amqp.prefix, tier), args).await?;
-        }
-        let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
-        args.insert("x-dead-letter-exchange".into(), long(&self.topology.dead()));
-        declare_queue(ch, &self.queue, args).await?;
-        let (queue, exchange) = (self.queue.as_str().into(), self.topology.events_exchange().into());
-        ch.queue_bind(queue, exchange, "session.#".into(), QueueBindOptions::default(), FieldTable::default()).await
+        declare_queues(ch, &self.topology, &self.cfg.amqp.prefix).await
     }
 
     /// Attempts one delivery and settles the message: acked once it was delivered, skipped,
@@ -298,6 +288,35 @@ impl Deliverer {
         headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         publish_confirmed(ch, &self.topology.dead(), "", &d.data, event_props(d, headers)).await
     }
+}
+
+/// Declares the webhook queue, bound to the events, and its retry tiers on the publisher's
+/// connection. `Dispatcher::build` calls it, so the queue exists (and collects events) before the
+/// dispatcher serves, whenever the deliverer itself gets to consume.
+pub(crate) async fn declare(publisher: &AmqpPublisher, prefix: &str) -> Result<(), PublishError> {
+    let ch = publisher.channel().await?;
+    Ok(declare_queues(&ch, publisher.topology(), prefix).await?)
+}
+
+async fn declare_queues(ch: &Channel, topology: &Topology, prefix: &str) -> Result<(), lapin::Error> {
+    let queue = wh::queue(prefix);
+    for (tier, ttl) in wh::RETRY_TIERS {
+        let mut args = quorum();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl.as_millis() as i64));
+        args.insert("x-dead-letter-exchange".into(), long(""));
+        args.insert("x-dead-letter-routing-key".into(), long(&queue));
+        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        args.insert("x-overflow".into(), long("reject-publish"));
+        declare_queue(ch, &wh::retry_queue(prefix, tier), args).await?;
+    }
+    let mut args = quorum();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    args.insert("x-dead-letter-exchange".into(), long(&topology.dead()));
+    declare_queue(ch, &queue, args).await?;
+    let opts = QueueBindOptions::default();
+    let exchange = topology.events_exchange();
+    ch.queue_bind(queue.as_str().into(), exchange.as_str().into(), "session.#".into(), opts, FieldTable::default())
+        .await
 }
 
 /// Attempts already made, from the `x-agentfleet-attempt` header (none on a fresh event).

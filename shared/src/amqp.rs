@@ -193,6 +193,30 @@ impl AmqpPublisher {
         Ok(p)
     }
 
+    /// Like [`connect`](Self::connect), retrying with backoff for up to `patience`: a broker that is
+    /// starting (or recovering its quorum queues after a restart) refuses connections for a while.
+    pub async fn connect_patiently(
+        url: &str,
+        name: &str,
+        topology: Topology,
+        pools: Vec<Name>,
+        patience: Duration,
+    ) -> Result<Self, PublishError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match Self::connect(url, name, topology.clone(), pools.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker not ready; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The topology this publisher declared.
     pub fn topology(&self) -> &Topology {
         &self.topology

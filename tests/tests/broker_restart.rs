@@ -15,6 +15,33 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// After a restart the node recovers its quorum queues for a while and may refuse declarations with
+/// INTERNAL_ERROR; wait until a quorum queue can be declared, so later tests find a working broker.
+async fn wait_until_queues_can_be_declared() -> anyhow::Result<()> {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let url = agentfleet_tests::fleet::amqp_url();
+    for _ in 0..120 {
+        let probe = async {
+            let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".as_bytes().to_vec().into()));
+            let name = format!("restart-probe-{}", ulid::Ulid::new());
+            ch.queue_declare(name.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+                .await?;
+            ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await?;
+            conn.close(200, "probe".into()).await?;
+            Ok::<(), lapin::Error>(())
+        };
+        if probe.await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("the broker did not accept quorum queues within a minute of its restart")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
     let url = agentfleet_tests::fleet::amqp_url();
@@ -40,6 +67,7 @@ async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"])?;
     rabbitmqctl(&["await_startup"])?;
+    wait_until_queues_can_be_declared().await?;
 
     // The dispatcher's publisher reconnects too: a session created after the restart completes.
     let mut late = None;
@@ -60,5 +88,6 @@ async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
         check_step_conversation(s, 5).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
     }
     assert_eq!(sessions[ids.len()]["status"], "completed");
-    fleet.cleanup().await
+    fleet.cleanup().await?;
+    wait_until_queues_can_be_declared().await
 }

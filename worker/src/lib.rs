@@ -51,9 +51,15 @@ impl Worker {
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = all_pools(&cfg, &agents);
-        let publisher = AmqpPublisher::connect(&cfg.amqp.url, &format!("{id}/publish"), topology.clone(), pools)
-            .await
-            .context("connecting to RabbitMQ")?;
+        let publisher = AmqpPublisher::connect_patiently(
+            &cfg.amqp.url,
+            &format!("{id}/publish"),
+            topology.clone(),
+            pools,
+            Duration::from_secs(60),
+        )
+        .await
+        .context("connecting to RabbitMQ")?;
         let llm = ModelClients::new(&cfg).context("building the model clients")?;
         let settings = EngineSettings {
             worker_id: id.clone(),
