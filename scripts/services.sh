@@ -181,17 +181,34 @@ rabbitmqctl_() {
 }
 
 # The broker application's state, asked of the node itself (slow: it boots an Erlang VM):
-# `running`, `stopped` (the node runs, the application does not) or `down` (no node).
+# `running`, `booting`, `stopped` (the node runs, the application does not) or `down` (no node).
 rabbitmq_state() {
     local diag
     diag="$(rabbitmq_bin rabbitmq-diagnostics)"
     [[ -n "$diag" ]] || { echo down && return; }
-    if timeout 60 "${ROOT_CMD[@]}" "$diag" -q --timeout 30 check_running >/dev/null 2>&1; then
+    ask() { timeout 60 "${ROOT_CMD[@]}" "$diag" -q --timeout 30 "$@" 2>/dev/null; }
+    if ask check_running >/dev/null; then
         echo running
-    elif timeout 60 "${ROOT_CMD[@]}" "$diag" -q --timeout 30 ping >/dev/null 2>&1; then
-        echo stopped
-    else
+    elif ! ask ping >/dev/null; then
         echo down
+    elif ask is_booting | grep -q 'is booting'; then
+        echo booting
+    else
+        echo stopped
+    fi
+}
+
+# start_rabbitmq_node: starts the node in the background, with the open-files limit its packaged
+# service unit sets (65536). The `su` of Debian's wrapper would leave 1024, with which RabbitMQ's
+# file handle cache runs out once a few hundred quorum queues exist, and then it stops accepting
+# connections.
+start_rabbitmq_node() {
+    local server=/usr/lib/rabbitmq/bin/rabbitmq-server
+    if [[ -x "$server" ]] && id rabbitmq >/dev/null 2>&1; then
+        as_root su rabbitmq -s /bin/sh -c \
+            "ulimit -n 65536 2>/dev/null || ulimit -n \$(ulimit -Hn); cd /var/lib/rabbitmq && exec $server -detached"
+    else
+        as_root "$(rabbitmq_bin rabbitmq-server)" -detached
     fi
 }
 
@@ -208,13 +225,13 @@ start_rabbitmq() {
     [[ -n "$(rabbitmq_bin rabbitmq-server)" ]] || apt_install rabbitmq-server
     need_root "managing RabbitMQ"
     case "$(rabbitmq_state)" in
-        running)
-            # Booting, or busy: it runs, so leave it alone and wait for it.
-            say "RabbitMQ is running but slow to answer; waiting for it"
+        running | booting)
+            # It runs, or boots: leave it alone and wait for it.
+            say "RabbitMQ is starting or busy; waiting for it"
             ;;
         stopped)
             # The node runs without its application (`rabbitmqctl stop_app`). Someone may be restarting
-            # it: give them time before starting it ourselves (a second start_app can wedge it).
+            # it: give them time before starting it ourselves.
             say "RabbitMQ's application is stopped; waiting up to 30s for it to come back"
             if ! wait_until 30 amqp_answers 127.0.0.1 "$AMQP_PORT"; then
                 say "starting RabbitMQ's application"
@@ -225,8 +242,7 @@ start_rabbitmq() {
             port_open 127.0.0.1 "$AMQP_PORT" &&
                 die "port $AMQP_PORT is taken by something that is not a RabbitMQ node this script can manage"
             say "starting RabbitMQ (takes up to ${RABBITMQ_START_TIMEOUT_S}s; logs: $RABBITMQ_LOG_DIR/)"
-            as_root "$(rabbitmq_bin rabbitmq-server)" -detached ||
-                die "rabbitmq-server -detached failed; see $RABBITMQ_LOG_DIR/"
+            start_rabbitmq_node || die "rabbitmq-server -detached failed; see $RABBITMQ_LOG_DIR/"
             ;;
     esac
     await_rabbitmq

@@ -17,8 +17,9 @@ bash scripts/services.sh
 as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 step "promtool"
 command -v promtool >/dev/null ||
-    (as_root apt-get install -y prometheus >/dev/null 2>&1 ||
-        (as_root apt-get update && as_root apt-get install -y prometheus))
+    (as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus >/dev/null 2>&1 ||
+        (as_root env DEBIAN_FRONTEND=noninteractive apt-get update &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus))
 # The openapi test validates the API's document with this (it installs it itself if this fails).
 python3 -m pip install --quiet openapi-spec-validator || true
 

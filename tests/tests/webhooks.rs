@@ -4,6 +4,9 @@
 //! The receiver is a real HTTP server that checks every signature with
 //! `agentfleet::webhooks::verify`, answers 401 to a bad one (the tests assert there are none), and
 //! records each event by its delivery id.
+//!
+//! Sessions are submitted as soon as the fleet is up: the dispatcher declares the webhook queue
+//! before it serves, so no event is published while nothing is bound to take it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -101,26 +104,6 @@ fn options(extra_config: String) -> FleetOptions {
     FleetOptions { workers: 2, env, extra_config, ..Default::default() }
 }
 
-/// Waits until the dispatcher's deliverer consumes its queue: events published before it bound the
-/// queue (only ever on a fresh broker) would not be routed to it.
-async fn wait_for_deliverer(fleet: &TestFleet) -> anyhow::Result<()> {
-    use lapin::options::QueueDeclareOptions;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let queue = webhooks::queue(&fleet.prefix);
-    loop {
-        let (conn, ch) = fleet.amqp().await?;
-        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
-        let consumers =
-            ch.queue_declare(queue.as_str().into(), opts, Default::default()).await.map(|q| q.consumer_count());
-        let _ = conn.close(200, "checked".into()).await;
-        if consumers.is_ok_and(|n| n > 0) {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the webhook deliverer did not start consuming {queue}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until `receiver` has `session.created` and `session.completed` of every session.
 async fn wait_for_events(receiver: &Receiver, ids: &[SessionId], timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
@@ -187,7 +170,6 @@ async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
          tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
     );
     let fleet = TestFleet::start(options(hooked)).await?;
-    wait_for_deliverer(&fleet).await?;
     let callback = format!("http://{addr}/callback");
 
     let started = Instant::now();
@@ -237,7 +219,6 @@ async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Resu
     drop(listener); // not listening yet: connections are refused
     let receiver = Arc::new(Receiver::default());
     let fleet = TestFleet::start(options(String::new())).await?;
-    wait_for_deliverer(&fleet).await?;
     let callback = format!("http://{addr}/hooks");
 
     let started = Instant::now();
@@ -285,7 +266,6 @@ async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow:
     let receiver = Arc::new(Receiver::default()); // never healthy
     serve(listener, receiver.clone());
     let fleet = TestFleet::start(options("[webhooks]\nmax_attempts = 2\ntimeout_ms = 500\n".into())).await?;
-    wait_for_deliverer(&fleet).await?;
     let failing = submit(&fleet, "support", "[steps=1] failing".into(), Some(&format!("http://{addr}/hooks"))).await?;
     let slow = submit(&fleet, "support", "[steps=1] slow".into(), Some(&format!("http://{addr}/slow"))).await?;
     fleet.wait_settled(&[failing, slow], Duration::from_secs(60)).await?;

@@ -252,8 +252,10 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     let run_id = ulid::Ulid::new().to_string().to_lowercase();
     println!("Submitting {} sessions to agent `{}` at {} …", args.count, args.agent, args.url);
     let mut sessions = submit_all(&api, args, &run_id).await;
-    println!("\nWaiting for outcomes (polling every {} ms, up to {} s) …", args.poll_ms, args.timeout_s);
-    poll_until_done(&api, args, &mut sessions).await;
+    if pending(&sessions) > 0 {
+        println!("\nWaiting for outcomes (polling every {} ms, up to {} s) …", args.poll_ms, args.timeout_s);
+        poll_until_done(&api, args, &mut sessions).await;
+    }
     print_table(&sessions);
     print_totals(&sessions);
     println!("\nElapsed: {:.1} s", started.elapsed().as_secs_f64());
