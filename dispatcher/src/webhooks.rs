@@ -191,16 +191,26 @@ impl Deliverer {
     /// handed to a retry tier or dead-lettered; requeued only when none of that could be done.
     async fn handle(&self, publish: &Channel, delivery: Delivery) {
         let attempt = attempts_made(&delivery) + 1;
+        use agentfleet::telemetry::metric::webhook_delivery;
         let settled = match self.attempt(&delivery.data, attempt).await {
-            Outcome::Delivered | Outcome::NoReceiver => Ok(()),
+            Outcome::Delivered => {
+                webhook_delivery("delivered");
+                Ok(())
+            }
+            Outcome::NoReceiver => Ok(()),
             Outcome::Failed(reason) if attempt < self.cfg.webhooks.max_attempts.max(1) => {
+                webhook_delivery("retry");
                 self.retry(publish, &delivery, attempt, &reason).await
             }
             Outcome::Failed(reason) => {
+                webhook_delivery("gave_up");
                 let reason = format!("webhook not delivered after {attempt} attempts: {reason}");
                 self.dead_letter(publish, &delivery, attempt, &reason).await
             }
-            Outcome::Poison(reason) => self.dead_letter(publish, &delivery, attempt, &reason).await,
+            Outcome::Poison(reason) => {
+                webhook_delivery("gave_up");
+                self.dead_letter(publish, &delivery, attempt, &reason).await
+            }
         };
         let result = match settled {
             Ok(()) => delivery.ack(BasicAckOptions::default()).await,
