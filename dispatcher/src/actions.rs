@@ -16,11 +16,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::sessions::{load, path_id};
+use crate::sessions::{load, path_id, session_span};
 
 const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -67,7 +68,12 @@ pub(crate) enum ActionStatus {
 )]
 pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = path_id(&id)?;
-    let outcome = s.store.cancel(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
+    let status = cancel_session(&s, &id).instrument(session_span("session.cancel", &id)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id, status })))
+}
+
+async fn cancel_session(s: &AppState, id: &SessionId) -> Result<ActionStatus, ApiError> {
+    let outcome = s.store.cancel(id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     let status = match outcome {
         CancelOutcome::Missing => return Err(ApiError::not_found(format!("no session `{id}`"))),
         CancelOutcome::Ended(status) => {
@@ -75,14 +81,15 @@ pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) ->
         }
         CancelOutcome::Requested => ActionStatus::Cancelling,
         CancelOutcome::Cancelled => {
-            let view = load(&s, &id).await?;
-            let _ = s.store.deactivate(&id).await;
-            let _ = s.store.unwait(&id).await;
-            event(&s, &view.meta, &id, "session.cancelled", "cancelled by request").await;
+            let view = load(s, id).await?;
+            let _ = s.store.deactivate(id).await;
+            let _ = s.store.unwait(id).await;
+            agentfleet::telemetry::session_ended(id, &view.meta, SessionStatus::Cancelled, "");
+            event(s, &view.meta, id, "session.cancelled", "cancelled by request").await;
             ActionStatus::Cancelled
         }
     };
-    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id, status })))
+    Ok(status)
 }
 
 /// The body of `POST /v1/sessions/{id}/reply`.
@@ -168,7 +175,9 @@ pub(crate) async fn reply(
         return Err(ApiError::conflict(format!("the session is not awaiting a human reply{hint}")));
     }
     let result = (!p.tool_use_id.is_empty()).then(|| ToolOutcome::ok(body.text.clone()));
-    let resumed = resume(&s, &id, &p, SessionStatus::AwaitingHuman, result, false).await?;
+    let resumed = resume(&s, &id, &p, SessionStatus::AwaitingHuman, result, false)
+        .instrument(session_span("session.reply", &id))
+        .await?;
     agentfleet::telemetry::metric::human_decision("replied");
     Ok(resumed)
 }
@@ -203,7 +212,7 @@ pub(crate) async fn approve(
     let p = approval(&s, &id).await?;
     tracing::info!(session = %id, tool_use_id = p.tool_use_id, note = note.as_deref().unwrap_or(""), "tool call approved");
     let expected = p.meta.status;
-    let resumed = resume(&s, &id, &p, expected, None, true).await?;
+    let resumed = resume(&s, &id, &p, expected, None, true).instrument(session_span("session.approve", &id)).await?;
     agentfleet::telemetry::metric::human_decision("approved");
     Ok(resumed)
 }
@@ -235,7 +244,8 @@ pub(crate) async fn reject(
     let p = approval(&s, &id).await?;
     let result = ToolOutcome::error(format!("A reviewer rejected this call: {}", body.reason));
     let expected = p.meta.status;
-    let resumed = resume(&s, &id, &p, expected, Some(result), false).await?;
+    let resumed =
+        resume(&s, &id, &p, expected, Some(result), false).instrument(session_span("session.reject", &id)).await?;
     agentfleet::telemetry::metric::human_decision("rejected");
     Ok(resumed)
 }

@@ -117,6 +117,7 @@ impl Janitor {
             }
             _ => {
                 if self.store.expire_wait(id, meta.status, SessionStatus::Failed, &why, "", now).await? {
+                    agentfleet::telemetry::session_ended(id, &meta, SessionStatus::Failed, &why);
                     self.store.deactivate(id).await?;
                     self.event(&meta, id, "session.failed", &why).await;
                 }

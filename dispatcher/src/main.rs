@@ -20,7 +20,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    telemetry::init_logging();
     let args = Args::parse();
     let env = |k: &str| std::env::var(k).ok();
     let cfg = match Config::load(&args.config, &env) {
@@ -30,15 +29,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let telemetry = match telemetry::init(&cfg.telemetry, "agentfleet-dispatcher") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agentfleet-dispatcher: {e}");
+            return ExitCode::from(2);
+        }
+    };
     telemetry::set_redaction(cfg.secrets(&env), cfg.telemetry.redact_fields.clone());
-    match run(cfg).await {
+    let code = match run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "dispatcher failed");
             eprintln!("agentfleet-dispatcher: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {

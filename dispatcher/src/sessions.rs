@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tracing::Instrument as _;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -111,6 +112,18 @@ pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created,
             .await
             .map_err(|e| ApiError::unavailable(&e))?;
     }
+    store_and_queue(s, &req, id.clone()).instrument(session_span("session.create", &id)).await
+}
+
+/// A span in the session's own trace (see `agentfleet::telemetry::otel`), linked to the span of
+/// the request or delivery that caused it.
+pub(crate) fn session_span(name: &'static str, id: &SessionId) -> tracing::Span {
+    let span = tracing::info_span!("session_action", otel.name = name, session = %id);
+    agentfleet::telemetry::otel::adopt_linked(&span, id);
+    span
+}
+
+async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
     let new = NewSession {
         id: id.clone(),
         agent: req.agent.clone(),

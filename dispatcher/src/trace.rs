@@ -20,7 +20,7 @@ const MAX_RECORDS: usize = 20_000;
     tag = "sessions",
     params(("id" = String, Path, description = "The session id")),
     responses(
-        (status = 200, description = "`session_id`, `status`, `summary` and `records`", body = Object),
+        (status = 200, description = "`session_id`, `status`, `otel_trace_id` (the session's OpenTelemetry trace), `summary` and `records`", body = Object),
         (status = 400, description = "`id` is not a session id", body = crate::error::ErrorBody),
         (status = 404, description = "No such session", body = crate::error::ErrorBody),
         (status = 503, description = "Redis is down", body = crate::error::ErrorBody),
@@ -32,9 +32,13 @@ pub(crate) async fn trace(State(s): State<AppState>, Path(id): Path<String>) -> 
     let raw = s.store.trace(&id, MAX_RECORDS).await.map_err(|e| ApiError::unavailable(&e))?;
     let records: Vec<Value> = raw.iter().filter_map(|r| serde_json::from_str(r).ok()).collect();
     let summary = summarize(&records, view.meta.step);
-    Ok(axum::Json(
-        serde_json::json!({ "session_id": id, "status": view.meta.status, "summary": summary, "records": records }),
-    ))
+    Ok(axum::Json(serde_json::json!({
+        "session_id": id,
+        "status": view.meta.status,
+        "otel_trace_id": agentfleet::telemetry::otel::trace_id(&id).to_string(),
+        "summary": summary,
+        "records": records,
+    })))
 }
 
 /// Totals over the records: steps, tokens, cost, duration, errors and tools used.
@@ -45,8 +49,13 @@ pub(crate) fn summarize(records: &[Value], step: u32) -> Value {
     for r in records.iter().filter(|r| r["action"] == "tool_call") {
         *tools.entry(r["tool_name"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
     }
-    let first = records.iter().filter_map(|r| r["ts_ms"].as_u64()).min().unwrap_or(0);
-    let last = records.iter().filter_map(|r| Some(r["ts_ms"].as_u64()? + r["duration_ms"].as_u64().unwrap_or(0))).max();
+    // A record's `ts_ms` is when its action ended.
+    let first = records
+        .iter()
+        .filter_map(|r| Some(r["ts_ms"].as_u64()?.saturating_sub(r["duration_ms"].as_u64().unwrap_or(0))))
+        .min()
+        .unwrap_or(0);
+    let last = records.iter().filter_map(|r| r["ts_ms"].as_u64()).max();
     let steps = records.iter().filter_map(|r| r["step"].as_u64()).max().unwrap_or(u64::from(step));
     serde_json::json!({
         "steps": steps,

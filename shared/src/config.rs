@@ -81,6 +81,73 @@ pub struct TelemetryConfig {
     /// JSON field names whose values never appear in traces or logs (e.g. `card_number`). API
     /// keys and tool header values are always redacted.
     pub redact_fields: Vec<String>,
+    /// OpenTelemetry trace export (`[telemetry.otlp]`); off unless an endpoint is set.
+    pub otlp: OtlpConfig,
+}
+
+/// OpenTelemetry export of spans over OTLP (HTTP, protobuf): one trace per session, with a span
+/// per step and a child span per action (`crate::telemetry::otel`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://otel-collector:4318`; `/v1/traces` is
+    /// appended unless the URL already ends with it. Empty (the default) turns export off. The
+    /// environment variable `OTEL_EXPORTER_OTLP_ENDPOINT` overrides it; extra request headers
+    /// (an API key of a hosted backend) come from `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub endpoint: String,
+    /// The fraction of sessions traced, 0.0 to 1.0. Decided from the session id, so every
+    /// worker and the dispatcher agree on a session. Default 1.0.
+    pub sample_ratio: f64,
+    /// The longest a finished span waits before it is sent, in ms. Default 5000.
+    pub batch_delay_ms: u64,
+    /// Finished spans held for export; beyond this new spans are dropped, so a slow or absent
+    /// collector never slows a step. Default 8192.
+    pub max_queue_size: usize,
+    /// Timeout of one export request, in ms. Default 10000.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            sample_ratio: 1.0,
+            batch_delay_ms: 5_000,
+            max_queue_size: 8_192,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl OtlpConfig {
+    /// True when spans are exported.
+    pub fn enabled(&self) -> bool {
+        !self.endpoint.is_empty()
+    }
+
+    /// The URL spans are posted to.
+    pub fn traces_url(&self) -> String {
+        let base = self.endpoint.trim_end_matches('/');
+        if base.ends_with("/v1/traces") { base.to_owned() } else { format!("{base}/v1/traces") }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.enabled() {
+            check_url(&self.endpoint, &["http", "https"]).map_err(|p| ("endpoint".to_owned(), p))?;
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(("sample_ratio".into(), "must be a number from 0.0 to 1.0".into()));
+        }
+        let counts = [
+            ("max_queue_size", self.max_queue_size as u64),
+            ("batch_delay_ms", self.batch_delay_ms),
+            ("timeout_ms", self.timeout_ms),
+        ];
+        match counts.iter().find(|(_, v)| *v == 0) {
+            Some((field, _)) => Err(((*field).to_owned(), "must be at least 1".into())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Signed webhooks: the signing secret and how deliveries are retried.
@@ -604,6 +671,7 @@ impl Config {
         set(&mut self.anthropic.base_url, "ANTHROPIC_BASE_URL");
         self.anthropic.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
         set(&mut self.openai.base_url, "OPENAI_BASE_URL");
+        set(&mut self.telemetry.otlp.endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT");
         self.openai.api_key = env("OPENAI_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
         self.webhooks.secret = env(&self.webhooks.secret_env).filter(|k| !k.is_empty()).map(SecretString::from);
     }
@@ -633,6 +701,7 @@ impl Config {
         for (name, agent) in &self.agents {
             self.validate_agent(agent).map_err(|(f, p)| (format!("agents.{name}.{f}"), p))?;
         }
+        self.telemetry.otlp.validate().map_err(|(f, p)| (format!("telemetry.otlp.{f}"), p))?;
         for (name, tenant) in &self.tenants {
             if let Some(cap) = tenant.daily_cap_usd
                 && (!cap.is_finite() || cap <= 0.0)
@@ -861,6 +930,18 @@ mod tests {
 
         let e = parse("this is = = not toml").expect_err("syntax");
         assert_eq!(e.field, "(file)");
+    }
+
+    #[test]
+    fn otlp_export_is_off_unless_an_endpoint_is_set_in_the_file_or_the_environment() {
+        assert!(!parse(MINIMAL).expect("valid").telemetry.otlp.enabled());
+        let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4318/".to_owned());
+        let cfg = Config::parse(MINIMAL, Path::new("test.toml"), &env).expect("valid");
+        assert!(cfg.telemetry.otlp.enabled());
+        assert_eq!(cfg.telemetry.otlp.traces_url(), "http://collector:4318/v1/traces");
+        let text = format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
+        let otlp = parse(&text).expect("valid").telemetry.otlp;
+        assert_eq!((otlp.traces_url().as_str(), otlp.sample_ratio), ("https://otel.example/v1/traces", 0.25));
     }
 
     #[test]

@@ -4,19 +4,81 @@
 //! and to the session's `trace` stream. Metrics go through the typed helpers in [`metric`], so names
 //! and labels are defined once and session ids never become labels.
 
-use serde::Serialize;
-use tracing_subscriber::EnvFilter;
+pub mod otel;
 
-/// Installs the JSON log subscriber; `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
+use serde::Serialize;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+use crate::config::TelemetryConfig;
+
+/// What [`init`] set up. [`Telemetry::shutdown`] sends the spans still buffered.
+#[must_use = "dropping it skips the final flush of spans"]
+pub struct Telemetry {
+    otel: Option<otel::OtelGuard>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the span export, if any. It blocks up to the export timeout: call it from
+    /// a blocking context (`tokio::task::spawn_blocking`) or after the runtime.
+    pub fn shutdown(self) {
+        if let Some(otel) = self.otel {
+            otel.shutdown();
+        }
+    }
+}
+
+/// Installs the process's subscriber: JSON log lines filtered by `RUST_LOG` (default `info`), and,
+/// when `[telemetry.otlp]` has an endpoint, OpenTelemetry spans of agentfleet's own code (and of
+/// the HTTP layer) exported as `service` (see [`otel`]).
+pub fn init(cfg: &TelemetryConfig, service: &str) -> Result<Telemetry, otel::OtelError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).try_init();
+    let logs = tracing_subscriber::fmt::layer().json().with_current_span(false).with_filter(filter);
+    if !cfg.otlp.enabled() {
+        let _ = tracing_subscriber::registry().with(logs).try_init();
+        return Ok(Telemetry { otel: None });
+    }
+    let (tracer, guard) = otel::install(&cfg.otlp, service)?;
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            *meta.level() <= tracing::Level::INFO
+                && (meta.target().starts_with("agentfleet") || meta.target().starts_with("tower_http"))
+        }));
+    let _ = tracing_subscriber::registry().with(logs).with(spans).try_init();
+    Ok(Telemetry { otel: Some(guard) })
+}
+
+/// A session reached a final or waiting status: counts it by outcome and, when it is final, writes
+/// its session span (a session that waits for people goes on in the same trace later).
+pub fn session_ended(
+    id: &crate::domain::SessionId,
+    meta: &crate::store::Meta,
+    status: crate::domain::SessionStatus,
+    error: &str,
+) {
+    metric::session_ended(meta.agent.as_str(), status.as_str());
+    if status.is_terminal() {
+        otel::session_ended(&otel::SessionEnd {
+            id,
+            agent: meta.agent.as_str(),
+            tenant: &meta.tenant,
+            status: status.as_str(),
+            step: meta.step,
+            created_ms: meta.created_ms,
+            error,
+        });
+    }
 }
 
 /// One action of a session, as recorded in its trace.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TraceRecord<'a> {
-    /// Unix ms.
+    /// When the action ended, Unix ms (it began `duration_ms` earlier).
     pub ts_ms: u64,
     /// The agent.
     pub agent_id: &'a str,
@@ -58,6 +120,7 @@ impl TraceRecord<'_> {
         let json =
             serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"error":"unserializable trace: {e}"}}"#));
         tracing::info!(target: "agentfleet::trace", record = %json, "trace");
+        otel::record_span(self);
         json
     }
 }

@@ -24,7 +24,6 @@ struct Args {
 /// Parses the command line, loads the config and runs the worker until SIGTERM or SIGINT.
 #[tokio::main]
 pub async fn main() -> ExitCode {
-    telemetry::init_logging();
     let args = Args::parse();
     let env = |k: &str| std::env::var(k).ok();
     let cfg = match Config::load(&args.config, &env) {
@@ -39,15 +38,24 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let telemetry = match telemetry::init(&cfg.telemetry, "agentfleet-worker") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agentfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     telemetry::set_redaction(cfg.secrets(&env), cfg.telemetry.redact_fields.clone());
-    match run(cfg, &env).await {
+    let code = match run(cfg, &env).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "worker failed");
             eprintln!("agentfleet-worker: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {

@@ -233,7 +233,8 @@ impl Engine {
             Ok(m) => m,
             Err(e) => return self.dead_letter(body, "malformed", &e.to_string()).await,
         };
-        let span = info_span!("step", session = %msg.session_id, step = msg.step);
+        let span = info_span!("step", otel.kind = "consumer", session = %msg.session_id, step = msg.step, attempt = msg.attempt);
+        crate::telemetry::otel::adopt(&span, &msg.session_id);
         self.handle_step(msg, pool).instrument(span).await
     }
 
@@ -311,7 +312,7 @@ impl Engine {
     async fn run(&self, msg: &StepMessage, state: SessionState, timings: &Timings) -> Result<After, StepError> {
         let Some(agent) = self.agents.get(state.meta.agent.as_str()).cloned() else {
             let why = format!("agent `{}` is not configured on this worker", state.meta.agent);
-            self.end(msg, &state.meta.agent, state.meta.phase, SessionStatus::Failed, why).await?;
+            self.end(msg, &state.meta, state.meta.phase, SessionStatus::Failed, why).await?;
             return Ok(After::Nothing);
         };
         let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone(), timings };
@@ -325,14 +326,14 @@ impl Engine {
     async fn end(
         &self,
         msg: &StepMessage,
-        agent: &Name,
+        meta: &crate::store::Meta,
         phase: Phase,
         status: SessionStatus,
         error: String,
     ) -> Result<bool, StepError> {
         let trace = TraceRecord {
             ts_ms: now_ms(),
-            agent_id: agent.as_str(),
+            agent_id: meta.agent.as_str(),
             session_id: msg.session_id.as_str(),
             step: msg.step,
             action: if status == SessionStatus::BudgetExhausted { "budget" } else { "error" },
@@ -344,14 +345,14 @@ impl Engine {
         let end = StepEnd { status, result: String::new(), error, escalation: String::new(), trace };
         let applied = self.store.end_step(&msg.session_id, msg.step, phase, &end, now_ms()).await?;
         if applied {
-            self.ended(&msg.session_id, agent, status).await;
+            self.ended(&msg.session_id, meta, status, &end.error).await;
         }
         Ok(applied)
     }
 
     /// A cancel took effect at this step boundary: index, metric and `session.cancelled`.
     async fn cancelled(&self, msg: &StepMessage, meta: &crate::store::Meta) {
-        self.ended(&msg.session_id, &meta.agent, SessionStatus::Cancelled).await;
+        self.ended(&msg.session_id, meta, SessionStatus::Cancelled, "").await;
         let event = lifecycle_event(
             meta,
             &msg.session_id,
@@ -365,9 +366,10 @@ impl Engine {
         }
     }
 
-    /// Counts a session that ended or paused, and takes an ended one out of the live index.
-    async fn ended(&self, id: &SessionId, agent: &Name, status: SessionStatus) {
-        metric::session_ended(agent.as_str(), status.as_str());
+    /// Counts a session that ended or paused; takes an ended one out of the live index and writes
+    /// its session span.
+    async fn ended(&self, id: &SessionId, meta: &crate::store::Meta, status: SessionStatus, error: &str) {
+        crate::telemetry::session_ended(id, meta, status, error);
         if status.is_terminal() {
             if let Err(e) = self.store.deactivate(id).await {
                 warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
@@ -561,7 +563,8 @@ impl StepCtx<'_> {
 
     /// A session this step ended or paused: metrics, the live and waiting indexes, and its event.
     async fn finished(&self, status: SessionStatus, summary: &str, detail: serde_json::Value) {
-        self.engine.ended(self.id(), &self.agent.name, status).await;
+        let error = if status.is_terminal() && status != SessionStatus::Completed { summary } else { "" };
+        self.engine.ended(self.id(), &self.meta, status, error).await;
         if matches!(status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
             let kind = match detail["kind"].as_str() {
                 Some("approval") => "approval",
@@ -581,7 +584,7 @@ impl StepCtx<'_> {
 
     /// Ends or pauses the session from this step; `finished` runs when the change applied.
     async fn end(&self, phase: Phase, status: SessionStatus, why: String) -> Result<After, StepError> {
-        if self.engine.end(self.msg, &self.agent.name, phase, status, why.clone()).await? {
+        if self.engine.end(self.msg, &self.meta, phase, status, why.clone()).await? {
             self.finished(status, &why, serde_json::json!({ "reason": why })).await;
         }
         Ok(After::Nothing)
