@@ -939,7 +939,8 @@ mod tests {
         let cfg = Config::parse(MINIMAL, Path::new("test.toml"), &env).expect("valid");
         assert!(cfg.telemetry.otlp.enabled());
         assert_eq!(cfg.telemetry.otlp.traces_url(), "http://collector:4318/v1/traces");
-        let text = format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
+        let text =
+            format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
         let otlp = parse(&text).expect("valid").telemetry.otlp;
         assert_eq!((otlp.traces_url().as_str(), otlp.sample_ratio), ("https://otel.example/v1/traces", 0.25));
     }
