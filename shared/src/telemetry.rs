@@ -45,10 +45,13 @@ pub fn init(cfg: &TelemetryConfig, service: &str) -> Result<Telemetry, otel::Ote
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            *meta.level() <= tracing::Level::INFO
-                && (meta.target().starts_with("agentfleet") || meta.target().starts_with("tower_http"))
-        }));
+        // Targets match by prefix (`agentfleet` covers `agentfleet_worker`, …) and give tracing a
+        // static answer per call site, so debug events elsewhere cost nothing.
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("agentfleet", tracing::Level::INFO)
+                .with_target("tower_http", tracing::Level::INFO),
+        );
     let _ = tracing_subscriber::registry().with(logs).with(spans).try_init();
     Ok(Telemetry { otel: Some(guard) })
 }

@@ -164,6 +164,11 @@ impl TestFleet {
         self.metrics_ports.get(i).map(|p| format!("http://127.0.0.1:{p}/metrics"))
     }
 
+    /// Process ids of the worker processes still running.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().flatten().map(Child::id).collect()
+    }
+
     /// Indexes of the worker processes still running.
     pub fn live_workers(&self) -> Vec<usize> {
         (0..self.workers.len()).filter(|i| self.workers[*i].is_some()).collect()
@@ -350,15 +355,19 @@ system_prompt = "You are a local model."
 tools = ["search_knowledge_base", "lookup_customer"]
 "#;
 
-/// The worker binary built beside the test binaries (`target/<profile>/agentfleet-test-worker`).
+/// The worker binary built beside this one: `target/<profile>/agentfleet-test-worker`, next to a
+/// binary of this package or one folder above a test binary (`target/<profile>/deps/`).
 fn worker_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("test binary has no target dir")?;
-    let bin = profile_dir.join("agentfleet-test-worker");
-    if !bin.exists() {
-        bail!("{} is missing: run the tests with `cargo test -p agentfleet-tests`, which builds it", bin.display());
+    let dir = exe.parent().context("this binary has no folder")?;
+    let candidates = [dir.join("agentfleet-test-worker"), dir.parent().unwrap_or(dir).join("agentfleet-test-worker")];
+    match candidates.iter().find(|c| c.exists()) {
+        Some(bin) => Ok(bin.clone()),
+        None => bail!(
+            "{} is missing: build it with `cargo test -p agentfleet-tests` or `cargo build -p agentfleet-tests --bins`",
+            candidates[1].display()
+        ),
     }
-    Ok(bin)
 }
 
 /// True when a session will not move without outside help.
