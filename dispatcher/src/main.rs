@@ -18,6 +18,11 @@ struct Args {
     config: PathBuf,
 }
 
+/// mimalloc: the step path allocates many short-lived buffers, and glibc malloc cost a quarter of
+/// the worker's CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();

@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::model_server::Faults;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::StreamExt as _;
@@ -43,6 +44,10 @@ struct Args {
     /// Sessions run first and not measured (connections, queues, caches).
     #[arg(long, default_value_t = 100)]
     warmup: u32,
+    /// The scripted model's delay before each answer, in ms: with it, `--concurrency` steps can be
+    /// waiting on the model at once, which measures memory per session in flight.
+    #[arg(long, default_value_t = 0)]
+    model_latency_ms: u64,
     /// Longest the measured run may take, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
@@ -97,6 +102,8 @@ impl Group {
 }
 
 struct Run {
+    /// Until every session was created.
+    submit: Duration,
     wall: Duration,
     steps: u64,
     sessions: u32,
@@ -113,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
+    fleet.model.set_faults(Faults { latency_ms: args.model_latency_ms, ..Default::default() });
     let outcome = measure(&fleet, &args).await;
     fleet.cleanup().await?;
     outcome
@@ -139,7 +147,10 @@ async fn measure(fleet: &TestFleet, args: &Args) -> anyhow::Result<()> {
         "steps": run.steps,
         "workers": args.workers,
         "concurrency_per_worker": args.concurrency,
+        "model_latency_ms": args.model_latency_ms,
         "wall_s": round(secs, 3),
+        // With a model latency above this, every session was waiting on the model at once.
+        "submit_s": round(run.submit.as_secs_f64(), 3),
         "steps_per_s": round(run.steps as f64 / secs, 0),
         "worker_cpu_us_per_step": round(used[0] * 1e6 / run.steps as f64, 0),
         "worker_cpu_cores": round(used[0] / secs, 2),
@@ -179,6 +190,7 @@ async fn run_batch(fleet: &TestFleet, args: &Args, n: u32, label: &str) -> anyho
     let created: Vec<anyhow::Result<_>> =
         futures::stream::iter(0..n).map(|_| fleet.submit_json(&body)).buffer_unordered(args.submitters).collect().await;
     let ids = created.into_iter().collect::<anyhow::Result<Vec<_>>>().context("submitting")?;
+    let submit = started.elapsed();
     let mut redis = fleet.redis().await?;
     let active = format!("{}:active", fleet.config.redis.key_prefix);
     let deadline = started + Duration::from_secs(args.timeout_s);
@@ -206,5 +218,5 @@ async fn run_batch(fleet: &TestFleet, args: &Args, n: u32, label: &str) -> anyho
         }
         steps += status.get(1).cloned().flatten().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
     }
-    Ok(Run { wall, steps, sessions: n })
+    Ok(Run { submit, wall, steps, sessions: n })
 }
