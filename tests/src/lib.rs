@@ -5,4 +5,5 @@ pub mod fleet;
 pub mod model_server;
 pub mod openai_server;
 pub mod otlp_collector;
+pub mod process;
 pub mod tool_server;

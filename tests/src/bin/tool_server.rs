@@ -3,13 +3,11 @@
 //! Prints `listening on http://ADDR` on stdout once bound (logs go to stderr) and serves until
 //! SIGTERM or SIGINT.
 
-use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 
 use agentfleet_tests::tool_server::{Behaviour, ToolServer, ToolServerConfig};
 use anyhow::Context as _;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -43,56 +41,14 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    agentfleet_tests::process::init_stderr_logging();
     let args = Args::parse();
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let server = ToolServer::start(listener, args.config()).await?;
-    announce(&server.base_url())?;
-    shutdown_signal().await;
+    agentfleet_tests::process::announce(&server.base_url())?;
+    agentfleet::shutdown::shutdown_signal().await;
     tracing::info!("shutting down");
     server.stop().await;
     Ok(())
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
-/// The one stdout line scripts wait for.
-fn announce(base_url: &str) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {base_url}").context("writing to stdout")?;
-    stdout.flush().context("flushing stdout")
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(error = %error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
 }
