@@ -50,7 +50,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    telemetry.flush().await;
     code
 }
 

@@ -21,11 +21,16 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Flushes and stops the span export, if any. It blocks up to the export timeout: call it from
-    /// a blocking context (`tokio::task::spawn_blocking`) or after the runtime.
+    /// a blocking context, or use [`Telemetry::flush`] on the runtime.
     pub fn shutdown(self) {
         if let Some(otel) = self.otel {
             otel.shutdown();
         }
+    }
+
+    /// [`Telemetry::shutdown`] on a blocking thread, so the runtime's workers never wait on it.
+    pub async fn flush(self) {
+        let _ = tokio::task::spawn_blocking(move || self.shutdown()).await;
     }
 }
 

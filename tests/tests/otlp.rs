@@ -51,7 +51,7 @@ async fn each_session_is_one_trace_with_a_span_per_step_and_per_action() -> anyh
     }
     check_caller_link(&collector, &traced);
     assert_eq!(collector.requests().1, 0, "every export decoded as OTLP protobuf");
-    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    telemetry.flush().await;
     fleet.cleanup().await
 }
 

@@ -54,7 +54,7 @@ pub async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    telemetry.flush().await;
     code
 }
 

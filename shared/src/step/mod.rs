@@ -563,8 +563,7 @@ impl StepCtx<'_> {
 
     /// A session this step ended or paused: metrics, the live and waiting indexes, and its event.
     async fn finished(&self, status: SessionStatus, summary: &str, detail: serde_json::Value) {
-        let error = if status.is_terminal() && status != SessionStatus::Completed { summary } else { "" };
-        self.engine.ended(self.id(), &self.meta, status, error).await;
+        self.engine.ended(self.id(), &self.meta, status, summary).await;
         if matches!(status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
             let kind = match detail["kind"].as_str() {
                 Some("approval") => "approval",

@@ -200,7 +200,7 @@ pub struct SessionEnd<'a> {
     pub step: u32,
     /// When it was created, Unix ms.
     pub created_ms: u64,
-    /// Why it failed, if it did.
+    /// Why it ended; the span's error message when the status is a failure, unused otherwise.
     pub error: &'a str,
 }
 
