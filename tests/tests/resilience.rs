@@ -248,7 +248,12 @@ async fn the_fleet_keeps_under_the_requests_per_minute_limit() -> anyhow::Result
         times.len(),
         started.elapsed()
     );
-    assert!(busiest <= 650, "{busiest} requests in one 60 s window (limit 600 + 50 burst)");
+    // The bucket grants at most 600 + 50 (burst) tokens in any 60 s window. The model server counts
+    // arrivals, which lag their grants by the time in transit (request building, the HTTP call, a
+    // busy 2-core machine): arrivals in a 60 s window come from grants in 60 s + that lag, at the
+    // refill rate of 10/s. Allowing up to 1 s of lag gives 660; a limiter that leaked would overshoot
+    // by far more (here 26,000 step attempts were sent back to wait for the limit in one run).
+    assert!(busiest <= 660, "{busiest} requests in one 60 s window (limit 600 + 50 burst + 1 s of transit)");
     assert!(busiest >= 500, "only {busiest} requests in the busiest window: the limit was not the bottleneck");
     assert!(waits > 0.0, "no step waited for the rate limit");
     fleet.cleanup().await
