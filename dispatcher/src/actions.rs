@@ -8,8 +8,8 @@
 
 use agentfleet::amqp::StepPublisher;
 use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
+use agentfleet::lifecycle::lifecycle_event;
 use agentfleet::llm::ToolOutcome;
-use agentfleet::step::lifecycle_event;
 use agentfleet::store::{CancelOutcome, Meta, ResumeOutcome};
 use agentfleet::telemetry::now_ms;
 use axum::extract::{Path, State};
@@ -84,7 +84,7 @@ async fn cancel_session(s: &AppState, id: &SessionId) -> Result<ActionStatus, Ap
             let view = load(s, id).await?;
             let _ = s.store.deactivate(id).await;
             let _ = s.store.unwait(id).await;
-            agentfleet::telemetry::session_ended(id, &view.meta, SessionStatus::Cancelled, "");
+            agentfleet::lifecycle::session_ended(id, &view.meta, SessionStatus::Cancelled, "");
             event(s, &view.meta, id, "session.cancelled", "cancelled by request").await;
             ActionStatus::Cancelled
         }

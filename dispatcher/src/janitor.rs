@@ -117,7 +117,7 @@ impl Janitor {
             }
             _ => {
                 if self.store.expire_wait(id, meta.status, SessionStatus::Failed, &why, "", now).await? {
-                    agentfleet::telemetry::session_ended(id, &meta, SessionStatus::Failed, &why);
+                    agentfleet::lifecycle::session_ended(id, &meta, SessionStatus::Failed, &why);
                     self.store.deactivate(id).await?;
                     self.event(&meta, id, "session.failed", &why).await;
                 }
@@ -138,7 +138,7 @@ impl Janitor {
     }
 
     async fn event(&self, meta: &Meta, id: &SessionId, kind: &str, summary: &str) {
-        let event = agentfleet::step::lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
+        let event = agentfleet::lifecycle::lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
         if let Err(e) = self.publisher.publish_event(kind, &event).await {
             warn!(error = %e, kind, "publishing an event failed");
         }

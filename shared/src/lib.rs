@@ -10,6 +10,8 @@ pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod failpoint;
+pub mod guard;
+pub mod lifecycle;
 pub mod llm;
 pub mod ratelimit;
 pub mod shutdown;

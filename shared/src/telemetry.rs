@@ -61,28 +61,6 @@ pub fn init(cfg: &TelemetryConfig, service: &str) -> Result<Telemetry, otel::Ote
     Ok(Telemetry { otel: Some(guard) })
 }
 
-/// A session reached a final or waiting status: counts it by outcome and, when it is final, writes
-/// its session span (a session that waits for people goes on in the same trace later).
-pub fn session_ended(
-    id: &crate::domain::SessionId,
-    meta: &crate::store::Meta,
-    status: crate::domain::SessionStatus,
-    error: &str,
-) {
-    metric::session_ended(meta.agent.as_str(), status.as_str());
-    if status.is_terminal() {
-        otel::session_ended(&otel::SessionEnd {
-            id,
-            agent: meta.agent.as_str(),
-            tenant: &meta.tenant,
-            status: status.as_str(),
-            step: meta.step,
-            created_ms: meta.created_ms,
-            error,
-        });
-    }
-}
-
 /// One action of a session, as recorded in its trace.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TraceRecord<'a> {

@@ -14,10 +14,11 @@ use agentfleet::breaker::Breakers;
 use agentfleet::budget::Limits;
 use agentfleet::config::Config;
 use agentfleet::domain::{Name, SessionId, StepMessage};
+use agentfleet::guard::FleetGuard;
 use agentfleet::llm::ModelClients;
 use agentfleet::ratelimit::RateLimiter;
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
-use agentfleet::store::{NewSession, RedisStore, SessionStore};
+use agentfleet::store::{AdminStore, NewSession, RedisStore};
 use agentfleet_tests::fleet::{FleetOptions, config_text};
 use agentfleet_tests::model_server::{ModelServer, ModelServerConfig};
 use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
@@ -107,8 +108,10 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
         max_tool_deferrals: 3,
     };
     let engine = Engine::new(EngineParts {
-        breakers: Breakers::new(store.connection(), "growth"),
-        limiter: RateLimiter::new(store.connection(), "growth"),
+        guard: Arc::new(FleetGuard::new(
+            Breakers::new(store.connection(), "growth"),
+            RateLimiter::new(store.connection(), "growth"),
+        )),
         store: store.clone(),
         publisher: recorder.clone(),
         llm: ModelClients::new(&cfg)?,
@@ -135,7 +138,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
         let before_len: isize = redis::cmd("LLEN").arg(&msgs_key).query_async(&mut inspect).await?;
         let before = net_input_bytes(&mut inspect).await?;
         let body = serde_json::to_vec(&StepMessage { session_id: id.clone(), step, attempt: 0 })?;
-        assert_eq!(engine.handle(&body, "default").await, Disposition::Ack);
+        assert_eq!(engine.handle(&body, &Name::parse("default")?).await, Disposition::Ack);
         let after = net_input_bytes(&mut inspect).await?;
         let new_msgs: Vec<String> =
             redis::cmd("LRANGE").arg(&msgs_key).arg(before_len).arg(-1).query_async(&mut inspect).await?;

@@ -15,6 +15,7 @@ use agentfleet::amqp::{self, AmqpPublisher, Topology};
 use agentfleet::breaker::Breakers;
 use agentfleet::config::Config;
 use agentfleet::domain::Name;
+use agentfleet::guard::FleetGuard;
 use agentfleet::llm::ModelClients;
 use agentfleet::ratelimit::RateLimiter;
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
@@ -68,9 +69,12 @@ impl Worker {
             max_tool_deferrals: cfg.worker.max_tool_deferrals,
         };
         let prefix = cfg.redis.key_prefix.clone();
+        let guard = FleetGuard::new(
+            Breakers::new(store.connection(), prefix.clone()),
+            RateLimiter::new(store.connection(), prefix),
+        );
         let engine = Engine::new(EngineParts {
-            breakers: Breakers::new(store.connection(), prefix.clone()),
-            limiter: RateLimiter::new(store.connection(), prefix),
+            guard: Arc::new(guard),
             store: Arc::new(store),
             publisher: Arc::new(publisher),
             llm,
@@ -163,7 +167,7 @@ impl Worker {
 }
 
 async fn handle_delivery(engine: &Engine, delivery: Delivery, pool: &Name) {
-    let result = match engine.handle(&delivery.data, pool.as_str()).await {
+    let result = match engine.handle(&delivery.data, pool).await {
         Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
     };

@@ -10,29 +10,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 
-use super::{After, StepCtx, StepError};
-use crate::breaker::Permit;
+use super::{Next, StepCtx, StepError};
+use crate::breaker::BreakerConfig;
 use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
-use crate::config::{OnDailyCap, OnModelFailure};
-use crate::domain::{MicroUsd, Phase, SessionStatus, StepMessage};
+use crate::config::{OnDailyCap, OnModelFailure, ProviderConfig};
+use crate::domain::{MicroUsd, Phase};
 use crate::failpoint;
+use crate::guard::{Admission, Gate, Outcome, Pass, RateGate, WaitFor};
+use crate::lifecycle::Ending;
 use crate::llm::anthropic::CallSpec;
-use crate::llm::{self, Block, LlmError, ModelReply, StopReason, Usage};
-use crate::ratelimit::{Acquire, Tokens};
-use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, StepEnd, UsageTotals};
+use crate::llm::{self, Block, LlmError, ModelReply, StopReason, ToolUse, Usage};
+use crate::ratelimit::Tokens;
+use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, UsageTotals};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
-
-/// How long a session waits at a daily cap before it tries again.
-const DAILY_CAP_RETRY: Duration = Duration::from_secs(600);
-
-/// The provider protections a call passed through.
-struct Guard {
-    breaker: String,
-    breaker_cfg: crate::breaker::BreakerConfig,
-    rate_key: String,
-    rate: Option<crate::ratelimit::RateLimit>,
-    probe: bool,
-}
 
 /// One planned model call.
 struct Call {
@@ -44,10 +34,12 @@ struct Call {
 }
 
 impl StepCtx<'_> {
-    pub(super) async fn model_phase(&self, state: SessionState) -> Result<After, StepError> {
+    /// Plans, calls and checkpoints the model call of this step; what comes next is the tool phase
+    /// (when the model asked for tools), the next step, or nothing (the session ended).
+    pub(super) async fn model_phase(&self, state: SessionState) -> Result<Next, StepError> {
         let messages = match raw_messages(&state.messages) {
             Ok(m) => m,
-            Err(why) => return self.end_llm(SessionStatus::Failed, why).await,
+            Err(why) => return self.fail_llm(why).await,
         };
         let spent = Spent {
             steps: self.msg.step.saturating_sub(1),
@@ -58,20 +50,18 @@ impl StepCtx<'_> {
         let rates = Rates::of(&self.agent.price);
         match budget::plan(&state.meta.limits, &spent, self.msg.step, input, self.agent.max_tokens, rates) {
             Plan::Call { max_tokens, reserve } => {
-                self.call(&state, Call { messages, max_tokens, reserve, summary: None }).await
+                self.call(state, Call { messages, max_tokens, reserve, summary: None }).await
             }
             Plan::Summarize { max_tokens, reserve, hit } => {
                 let messages = match with_summary_prompt(messages) {
                     Ok(m) => m,
-                    Err(e) => {
-                        return self.end_llm(SessionStatus::Failed, format!("unreadable conversation: {e}")).await;
-                    }
+                    Err(e) => return self.fail_llm(format!("unreadable conversation: {e}")).await,
                 };
-                self.call(&state, Call { messages, max_tokens, reserve, summary: Some(hit) }).await
+                self.call(state, Call { messages, max_tokens, reserve, summary: Some(hit) }).await
             }
             Plan::Stop { hit } => {
-                let why = format!("{hit}; not even the summary call could be afforded, so there is no summary");
-                self.exhausted(hit, why).await
+                let ending = Ending::Exhausted { limit: hit.label(), reason: hit.to_string(), summary: None };
+                self.settle(Phase::Llm, ending).await
             }
         }
     }
@@ -91,15 +81,24 @@ impl StepCtx<'_> {
         }
     }
 
-    async fn call(&self, state: &SessionState, call: Call) -> Result<After, StepError> {
-        let guard = match self.admit(&call).await {
-            Ok(guard) => guard,
-            Err((wait, why)) => return Ok(After::Postpone(wait, why)),
+    async fn call(&self, state: SessionState, call: Call) -> Result<Next, StepError> {
+        let provider = self.engine.agents.provider(self.agent.provider);
+        let breaker_cfg = provider.breaker();
+        let gate = self.gate(&provider, &breaker_cfg, &call);
+        let pass = match self.engine.guard.admit(&gate, now_ms()).await {
+            Admission::Pass(pass) => pass,
+            Admission::Wait { after, why: WaitFor::Breaker } => {
+                return Ok(Next::Postpone(after.max(Duration::from_secs(1)), "the model provider's breaker is open"));
+            }
+            Admission::Wait { after, why: WaitFor::RateLimit } => {
+                let after = after.max(Duration::from_millis(200));
+                return Ok(Next::Postpone(after, "waiting for the provider rate limit"));
+            }
         };
-        let caps = self.daily_caps(state);
+        let caps = self.daily_caps(&state);
         let verdict = self.engine.store.daily_reserve(&caps, call.reserve.cost).await?;
         if verdict != DailyVerdict::Reserved {
-            return self.daily_cap_reached(state, verdict).await;
+            return self.daily_cap_reached(&state, verdict).await;
         }
         let reservation = ulid::Ulid::new().to_string();
         self.engine.store.reserve(self.id(), &reservation, &call.reserve).await?;
@@ -115,13 +114,13 @@ impl StepCtx<'_> {
         let took = started.elapsed();
         metric::phase_duration("llm", took);
         self.timings.add(took);
-        self.report(&guard, &call, &reply).await;
+        self.report(&gate, pass, &call, &reply).await;
         match reply {
             Ok(reply) => {
                 failpoint::hit("after_model_call");
-                self.reconcile(state, &caps, &reservation, &call, &reply, took).await?;
+                self.reconcile(&state, &caps, &reservation, &call, &reply, took).await?;
                 failpoint::hit("after_model_reconcile");
-                self.model_replied(state.clone(), reply, call.summary).await
+                self.model_replied(state, reply, call.summary).await
             }
             Err(e) => {
                 self.settle_failed_call(&caps, &reservation, &call, &e, took).await?;
@@ -130,54 +129,24 @@ impl StepCtx<'_> {
         }
     }
 
-    /// The provider's breaker and rate limit, before anything is reserved: `Err(wait)` when the step
-    /// must wait (in the delay queues) for the breaker's cool-down or for the rate limit.
-    async fn admit(&self, call: &Call) -> Result<Guard, (Duration, &'static str)> {
-        let provider = self.engine.agents.provider(self.agent.provider);
-        let guard = Guard {
+    /// The provider's breaker and rate limit, as one gate.
+    fn gate<'g>(&self, provider: &'g ProviderConfig, breaker_cfg: &'g BreakerConfig, call: &Call) -> Gate<'g> {
+        let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
+        Gate {
             breaker: format!("model:{}", self.agent.provider.as_str()),
-            breaker_cfg: provider.breaker(),
-            rate_key: format!("{}:{}", self.agent.provider.as_str(), self.agent.model),
-            rate: provider.rate_limits.get(&self.agent.model).cloned(),
-            probe: false,
-        };
-        let permit =
-            self.engine.breakers.check(&guard.breaker, &guard.breaker_cfg, now_ms()).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "model breaker check failed; letting the call through");
-                Permit::Allow
-            });
-        if let Permit::Deny { retry_after } = permit {
-            metric::breaker_rejected(&guard.breaker);
-            return Err((retry_after.max(Duration::from_secs(1)), "the model provider's breaker is open"));
+            breaker_cfg,
+            rate: provider.rate_limits.get(&self.agent.model).map(|limit| RateGate {
+                key: format!("{}:{}", self.agent.provider.as_str(), self.agent.model),
+                limit,
+                estimate,
+            }),
         }
-        if let Some(limit) = &guard.rate {
-            let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
-            match self.engine.limiter.acquire(&guard.rate_key, limit, 1, estimate, now_ms()).await {
-                Ok(Acquire::Wait { retry_after }) => {
-                    metric::retry("rate_limit");
-                    return Err((retry_after.max(Duration::from_millis(200)), "waiting for the provider rate limit"));
-                }
-                Ok(Acquire::Granted) => {}
-                Err(e) => tracing::warn!(error = %e, "rate limiter unavailable; letting the call through"),
-            }
-        }
-        Ok(Guard { probe: permit.is_probe(), ..guard })
     }
 
-    /// Feeds the outcome of a call to the provider's breaker and rate limiter (best effort).
-    async fn report(&self, guard: &Guard, call: &Call, reply: &Result<ModelReply, LlmError>) {
+    /// Tells the guard how the call went: provider failures are evidence for the breaker, and the
+    /// tokens used settle the rate limit.
+    async fn report(&self, gate: &Gate<'_>, pass: Pass, call: &Call, reply: &Result<ModelReply, LlmError>) {
         let failed = reply.as_ref().err().is_some_and(LlmError::is_provider_failure);
-        let (b, now) = (&self.engine.breakers, now_ms());
-        match b.record(&guard.breaker, &guard.breaker_cfg, guard.probe, !failed, now).await {
-            Ok(Some(t)) => {
-                tracing::warn!(breaker = guard.breaker, transition = t.as_str(), "circuit breaker changed state");
-                metric::breaker_transition(&guard.breaker, t.as_str());
-                metric::breaker_state(&guard.breaker, super::transition_state(t));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "recording the model breaker outcome failed"),
-        }
-        let Some(limit) = &guard.rate else { return };
         let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
         let actual = match reply {
             Ok(r) => Tokens {
@@ -187,15 +156,9 @@ impl StepCtx<'_> {
             Err(e) if e.is_unbilled() => Tokens::default(),
             Err(_) => estimate,
         };
-        let limiter = &self.engine.limiter;
-        if let Err(e) = limiter.settle(&guard.rate_key, limit, estimate, actual, now).await {
-            tracing::warn!(error = %e, "settling the rate limit failed");
-        }
-        if let Ok(r) = reply
-            && let Err(e) = limiter.observe_headers(&guard.rate_key, limit, &r.rate_headers, now).await
-        {
-            tracing::warn!(error = %e, "applying the rate-limit headers failed");
-        }
+        let headers = reply.as_ref().ok().map(|r| &r.rate_headers);
+        let outcome = Outcome { healthy: Some(!failed), actual, headers };
+        self.engine.guard.report(gate, pass, &outcome, now_ms()).await;
     }
 
     async fn reconcile(
@@ -297,104 +260,78 @@ impl StepCtx<'_> {
         }
     }
 
+    /// Checkpoints the reply: what the model decided, and the messages to append.
     async fn model_replied(
         &self,
         mut state: SessionState,
         reply: ModelReply,
         summary: Option<LimitHit>,
-    ) -> Result<After, StepError> {
+    ) -> Result<Next, StepError> {
         let blocks = reply.blocks();
         let text = llm::text_of(&blocks);
-        let has_tools = blocks.iter().any(|b| matches!(b, Block::ToolUse(_)));
-        let (outcome, nudge) = match summary {
+        let calls: Vec<ToolUse> = blocks
+            .into_iter()
+            .filter_map(|b| match b {
+                Block::ToolUse(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        let (decision, nudge) = match summary {
             Some(hit) => {
-                let done = ModelOutcome::Done {
-                    status: SessionStatus::BudgetExhausted,
-                    result: text.clone(),
-                    error: hit.to_string(),
-                };
-                (done, None)
+                let ending = Ending::Exhausted { limit: hit.label(), reason: hit.to_string(), summary: Some(text) };
+                (Decision::End(ending), None)
             }
-            None => decide(&reply.stop_reason, has_tools, &text),
+            None => decide(&reply.stop_reason, !calls.is_empty(), text),
         };
         let assistant = reply.assistant_message();
         let mut messages: Vec<String> = summary.map(|_| llm::user_message(SUMMARY_PROMPT)).into_iter().collect();
         messages.push(assistant.clone());
         messages.extend(nudge.map(llm::user_message));
-        let commit = ModelCommit { messages, outcome: outcome.clone() };
+        let commit = ModelCommit { messages, outcome: decision.outcome() };
         if !self.engine.store.commit_model(self.id(), self.msg.step, &commit, now_ms()).await? {
-            return Ok(After::Nothing);
+            return Ok(Next::Nothing);
         }
-        match outcome {
-            ModelOutcome::Tools => {
+        match decision {
+            Decision::Tools => {
                 state.messages.push(assistant);
                 state.meta.phase = Phase::Tools;
-                // The tool phase counts its own deferrals: model retries must not use them up.
-                let fresh = StepMessage { attempt: 0, ..self.msg.clone() };
-                StepCtx { msg: &fresh, meta: self.meta.clone(), ..*self }.tool_phase(state).await
+                Ok(Next::Tools(Box::new(state), calls))
             }
-            ModelOutcome::Next => Ok(After::Publish(self.msg.step + 1)),
-            ModelOutcome::Done { status, error, .. } => {
-                let line = if error.is_empty() { text.clone() } else { error };
-                self.finished(status, &line, serde_json::json!({ "result": text })).await;
-                if let Some(hit) = summary {
-                    self.exhausted_event(hit, &text).await;
-                }
-                Ok(After::Nothing)
+            Decision::Next => Ok(Next::Publish(self.msg.step + 1)),
+            Decision::End(ending) => {
+                self.engine.announce(self.msg, &self.meta, Some(self.agent), &ending).await;
+                Ok(Next::Nothing)
             }
         }
     }
 
-    async fn model_failed(&self, e: LlmError, took: Duration) -> Result<After, StepError> {
-        let attempts_left = self.msg.attempt + 1 < self.engine.settings.max_model_attempts;
+    async fn model_failed(&self, e: LlmError, took: Duration) -> Result<Next, StepError> {
+        let attempts_left = self.msg.attempt.saturating_add(1) < self.engine.settings.max_model_attempts;
         if e.is_retryable() && attempts_left {
             let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
             return Err(StepError::Retry { after, reason: "model_api" });
         }
         let why = if e.is_retryable() {
-            format!("the model API kept failing after {} attempts ({took:?} the last): {e}", self.msg.attempt + 1)
+            let attempts = self.msg.attempt.saturating_add(1);
+            format!("the model API kept failing after {attempts} attempts ({took:?} the last): {e}")
         } else {
             e.to_string()
         };
         match self.agent.on_model_failure {
-            OnModelFailure::Fail => self.end_llm(SessionStatus::Failed, why).await,
+            OnModelFailure::Fail => self.fail_llm(why).await,
             OnModelFailure::Escalate => {
                 let escalation = serde_json::json!({ "kind": "model_failure", "reason": why });
-                let trace = TraceRecord { error: Some(why.clone()), ..self.trace("escalation") }.emit();
-                let end = StepEnd {
-                    status: SessionStatus::AwaitingHuman,
-                    result: String::new(),
-                    error: why,
-                    escalation: escalation.to_string(),
-                    trace,
-                };
-                if self.engine.store.end_step(self.id(), self.msg.step, Phase::Llm, &end, now_ms()).await? {
-                    let summary = "the model API is failing; a human is asked to decide";
-                    self.finished(SessionStatus::AwaitingHuman, summary, escalation).await;
-                }
-                Ok(After::Nothing)
+                let summary = "the model API is failing; a human is asked to decide".to_owned();
+                self.settle(Phase::Llm, Ending::AwaitingHuman { escalation, summary }).await
             }
         }
     }
 
-    async fn end_llm(&self, status: SessionStatus, why: String) -> Result<After, StepError> {
-        self.end(Phase::Llm, status, why).await
+    async fn fail_llm(&self, reason: String) -> Result<Next, StepError> {
+        self.settle(Phase::Llm, Ending::Failed { reason, result: String::new() }).await
     }
 
-    /// Ends the session `budget_exhausted` without a summary.
-    async fn exhausted(&self, hit: LimitHit, why: String) -> Result<After, StepError> {
-        let after = self.end_llm(SessionStatus::BudgetExhausted, why).await?;
-        self.exhausted_event(hit, "").await;
-        Ok(after)
-    }
-
-    async fn exhausted_event(&self, hit: LimitHit, summary: &str) {
-        metric::budget_exhausted(self.agent.name.as_str(), hit.label());
-        let detail = serde_json::json!({ "limit": hit.label(), "reason": hit.to_string(), "result": summary });
-        self.event("session.budget_exhausted", &hit.to_string(), detail).await;
-    }
-
-    async fn daily_cap_reached(&self, state: &SessionState, verdict: DailyVerdict) -> Result<After, StepError> {
+    async fn daily_cap_reached(&self, state: &SessionState, verdict: DailyVerdict) -> Result<Next, StepError> {
         let who = match verdict {
             DailyVerdict::TenantCap => format!("tenant `{}`", state.meta.tenant),
             _ => format!("agent `{}`", self.agent.name),
@@ -402,19 +339,8 @@ impl StepCtx<'_> {
         let why = format!("the daily spend cap of {who} is reached");
         metric::daily_cap_reached(self.agent.name.as_str());
         match self.agent.budget.on_daily_cap {
-            OnDailyCap::Fail => self.end_llm(SessionStatus::Failed, why).await,
-            OnDailyCap::Pause => {
-                let trace = TraceRecord { error: Some(why.clone()), ..self.trace("budget") }.emit();
-                let end = StepEnd {
-                    status: SessionStatus::Paused,
-                    result: String::new(),
-                    error: why,
-                    escalation: String::new(),
-                    trace,
-                };
-                self.engine.store.end_step(self.id(), self.msg.step, Phase::Llm, &end, now_ms()).await?;
-                Ok(After::Postpone(DAILY_CAP_RETRY, "waiting for a daily spend cap"))
-            }
+            OnDailyCap::Fail => self.fail_llm(why).await,
+            OnDailyCap::Pause => self.settle(Phase::Llm, Ending::Paused { reason: why }).await,
         }
     }
 }
@@ -448,28 +374,52 @@ fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, String> {
         .collect()
 }
 
+/// What a model reply decides for the session.
+#[derive(Debug)]
+enum Decision {
+    /// Run the tools it asked for.
+    Tools,
+    /// Go on to the next step's model call.
+    Next,
+    /// The session ends.
+    End(Ending),
+}
+
+impl Decision {
+    /// The checkpoint's outcome.
+    fn outcome(&self) -> ModelOutcome {
+        match self {
+            Self::Tools => ModelOutcome::Tools,
+            Self::Next => ModelOutcome::Next,
+            Self::End(ending) => {
+                let (result, error, _) = ending.fields();
+                ModelOutcome::Done { status: ending.status(), result, error }
+            }
+        }
+    }
+}
+
 /// What a reply's stop reason means for the session, and the user nudge to append, if any.
-fn decide(stop: &StopReason, has_tools: bool, text: &str) -> (ModelOutcome, Option<&'static str>) {
-    let done = |status: SessionStatus, error: String| ModelOutcome::Done { status, result: text.to_owned(), error };
+fn decide(stop: &StopReason, has_tools: bool, text: String) -> (Decision, Option<&'static str>) {
+    let failed = |reason: String, result: String| Decision::End(Ending::Failed { reason, result });
     match stop {
         StopReason::ToolUse | StopReason::EndTurn | StopReason::StopSequence | StopReason::MaxTokens if has_tools => {
-            (ModelOutcome::Tools, None)
+            (Decision::Tools, None)
         }
-        StopReason::EndTurn if text.trim().is_empty() => (
-            ModelOutcome::Next,
-            Some("Your last response was empty. Continue with the task, or give your final answer."),
-        ),
-        StopReason::EndTurn | StopReason::StopSequence => (done(SessionStatus::Completed, String::new()), None),
-        StopReason::ToolUse => (ModelOutcome::Next, Some("You stopped to use a tool but sent no tool call. Continue.")),
+        StopReason::EndTurn if text.trim().is_empty() => {
+            (Decision::Next, Some("Your last response was empty. Continue with the task, or give your final answer."))
+        }
+        StopReason::EndTurn | StopReason::StopSequence => (Decision::End(Ending::Completed { result: text }), None),
+        StopReason::ToolUse => (Decision::Next, Some("You stopped to use a tool but sent no tool call. Continue.")),
         StopReason::MaxTokens => (
-            ModelOutcome::Next,
+            Decision::Next,
             Some(
                 "Your previous response was cut off by the output token limit. Continue from where you stopped, more briefly.",
             ),
         ),
-        StopReason::PauseTurn => (ModelOutcome::Next, None),
-        StopReason::Refusal => (done(SessionStatus::Failed, "the model refused to continue".into()), None),
-        StopReason::Other(s) => (done(SessionStatus::Failed, format!("unknown stop_reason `{s}`")), None),
+        StopReason::PauseTurn => (Decision::Next, None),
+        StopReason::Refusal => (failed("the model refused to continue".into(), text), None),
+        StopReason::Other(s) => (failed(format!("unknown stop_reason `{s}`"), text), None),
     }
 }
 
@@ -486,20 +436,21 @@ mod tests {
 
     #[test]
     fn every_stop_reason_has_a_decision() {
-        let tools = |s| matches!(decide(&s, true, "").0, ModelOutcome::Tools);
+        use crate::domain::SessionStatus;
+        let tools = |s| matches!(decide(&s, true, String::new()).0, Decision::Tools);
         assert!(tools(StopReason::ToolUse));
         assert!(tools(StopReason::MaxTokens));
-        let done = |s| match decide(&s, false, "answer").0 {
-            ModelOutcome::Done { status, .. } => Some(status),
+        let done = |s| match decide(&s, false, "answer".into()).0 {
+            Decision::End(ending) => Some(ending.status()),
             _ => None,
         };
         assert_eq!(done(StopReason::EndTurn), Some(SessionStatus::Completed));
         assert_eq!(done(StopReason::StopSequence), Some(SessionStatus::Completed));
         assert_eq!(done(StopReason::Refusal), Some(SessionStatus::Failed));
         assert_eq!(done(StopReason::Other("x".into())), Some(SessionStatus::Failed));
-        assert!(matches!(decide(&StopReason::PauseTurn, false, "").0, ModelOutcome::Next));
-        let (next, nudge) = decide(&StopReason::MaxTokens, false, "cut");
-        assert!(matches!(next, ModelOutcome::Next) && nudge.is_some());
+        assert!(matches!(decide(&StopReason::PauseTurn, false, String::new()).0, Decision::Next));
+        let (next, nudge) = decide(&StopReason::MaxTokens, false, "cut".into());
+        assert!(matches!(next, Decision::Next) && nudge.is_some());
     }
 
     #[test]

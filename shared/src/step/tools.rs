@@ -4,16 +4,20 @@
 
 use std::time::{Duration, Instant};
 
-use super::{After, StepCtx, StepError, last_tool_uses, transition_state};
-use crate::breaker::Permit;
-use crate::domain::{Phase, SessionStatus};
-use crate::llm::{self, ToolOutcome, ToolUse};
+use super::{Next, StepCtx, StepError};
+use crate::domain::Phase;
+use crate::guard::{Admission, Gate, Outcome};
+use crate::lifecycle::Ending;
+use crate::llm::{self, Block, ToolOutcome, ToolUse};
+use crate::store::SessionState;
 use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
 use crate::tools::{Health, ToolRun};
 
 impl StepCtx<'_> {
-    pub(super) async fn tool_phase(&self, state: crate::store::SessionState) -> Result<After, StepError> {
-        let calls = match last_tool_uses(&state.messages) {
+    /// Runs the tool calls of this step and checkpoints their results. `calls` are the model's, when
+    /// the model phase ran in this delivery; otherwise they are read from the stored conversation.
+    pub(super) async fn tool_phase(&self, state: SessionState, calls: Option<Vec<ToolUse>>) -> Result<Next, StepError> {
+        let calls = match calls.map_or_else(|| last_tool_uses(&state.messages), Ok) {
             Ok(calls) if !calls.is_empty() => calls,
             Ok(_) => return self.fail_tools("the last assistant message has no tool_use".into()).await,
             Err(why) => return self.fail_tools(why).await,
@@ -41,7 +45,8 @@ impl StepCtx<'_> {
             }
         }
         if let Some(escalation) = escalation {
-            return self.pause_for_human(escalation).await;
+            let summary = escalation["input"]["reason"].as_str().unwrap_or("the agent asked for a human").to_owned();
+            return self.settle(Phase::Tools, Ending::AwaitingHuman { escalation, summary }).await;
         }
         if let Some(after) = later {
             // The finished calls are in the ledger; the redelivery runs only the one that waits.
@@ -56,7 +61,7 @@ impl StepCtx<'_> {
             .collect();
         let user = llm::tool_results_message(&ordered);
         let applied = self.engine.store.commit_tools(self.id(), self.msg.step, &user, now_ms()).await?;
-        Ok(if applied { After::Publish(self.msg.step + 1) } else { After::Nothing })
+        Ok(if applied { Next::Publish(self.msg.step + 1) } else { Next::Nothing })
     }
 
     /// The first call that must wait for a person and has not been approved yet.
@@ -68,33 +73,19 @@ impl StepCtx<'_> {
         })
     }
 
-    async fn pause_for_approval(&self, call: &ToolUse, why: String) -> Result<After, StepError> {
+    async fn pause_for_approval(&self, call: &ToolUse, reason: String) -> Result<Next, StepError> {
         let request = serde_json::json!({
             "kind": "approval",
             "tool_use_id": call.id,
             "tool": call.name,
             "input": call.input,
-            "reason": why,
+            "reason": reason,
         });
-        let trace = TraceRecord {
-            tool_name: Some(&call.name),
-            input_summary: summary_of(&call.input.to_string(), 200),
-            output_summary: why.clone(),
-            success: true,
-            ..self.trace("approval_requested")
-        }
-        .emit();
-        let end = crate::store::StepEnd {
-            status: SessionStatus::AwaitingApproval,
-            result: String::new(),
-            error: String::new(),
-            escalation: request.to_string(),
-            trace,
-        };
-        if self.engine.store.end_step(self.id(), self.msg.step, Phase::Tools, &end, now_ms()).await? {
-            self.finished(SessionStatus::AwaitingApproval, &why, request).await;
-        }
-        Ok(After::Nothing)
+        self.settle(Phase::Tools, Ending::AwaitingApproval { request, reason }).await
+    }
+
+    async fn fail_tools(&self, reason: String) -> Result<Next, StepError> {
+        self.settle(Phase::Tools, Ending::Failed { reason, result: String::new() }).await
     }
 
     async fn run_tool(&self, call: &ToolUse) -> Result<ToolRun, StepError> {
@@ -133,43 +124,59 @@ impl StepCtx<'_> {
     async fn guarded_run(&self, call: &ToolUse, key: &str, may_fall_back: bool) -> ToolRun {
         let tools = &self.agent.tools;
         let Some((cfg, fallback)) = tools.breaker(&call.name) else { return tools.run(call, key).await };
-        let name = format!("tool:{}", call.name);
-        let permit = self.engine.breakers.check(&name, cfg, now_ms()).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, breaker = name, "breaker check failed; letting the call through");
-            Permit::Allow
-        });
-        if let Permit::Deny { retry_after } = permit {
-            metric::breaker_rejected(&name);
-            return match fallback.filter(|_| may_fall_back) {
-                Some(fb) => {
-                    let alternative = ToolUse { name: fb.to_owned(), ..call.clone() };
-                    Box::pin(self.guarded_run(&alternative, key, false)).await
-                }
-                None => {
-                    let secs = retry_after.as_secs().max(1);
-                    let why = format!("Tool `{}` is temporarily unavailable; retry after {secs} s.", call.name);
-                    ToolRun::Done(ToolOutcome::error(why), Health::Unrated)
-                }
-            };
-        }
-        let run = tools.run(call, key).await;
-        let health = match &run {
-            ToolRun::Done(_, health) => *health,
-            // A deferral only follows timeouts, connection errors, 408, 429 and 5xx.
-            ToolRun::Later(..) => Health::Down,
-            ToolRun::Escalate(_) => Health::Up,
-        };
-        if health != Health::Unrated {
-            match self.engine.breakers.record(&name, cfg, permit.is_probe(), health == Health::Up, now_ms()).await {
-                Ok(Some(t)) => {
-                    tracing::warn!(breaker = name, transition = t.as_str(), "circuit breaker changed state");
-                    metric::breaker_transition(&name, t.as_str());
-                    metric::breaker_state(&name, transition_state(t));
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, breaker = name, "recording a breaker outcome failed"),
+        let gate = Gate { breaker: format!("tool:{}", call.name), breaker_cfg: cfg, rate: None };
+        let pass = match self.engine.guard.admit(&gate, now_ms()).await {
+            Admission::Pass(pass) => pass,
+            Admission::Wait { after, .. } => {
+                return match fallback.filter(|_| may_fall_back) {
+                    Some(fb) => {
+                        let alternative = ToolUse { name: fb.to_owned(), ..call.clone() };
+                        Box::pin(self.guarded_run(&alternative, key, false)).await
+                    }
+                    None => {
+                        let secs = after.as_secs().max(1);
+                        let why = format!("Tool `{}` is temporarily unavailable; retry after {secs} s.", call.name);
+                        ToolRun::Done(ToolOutcome::error(why), Health::Unrated)
+                    }
+                };
             }
-        }
+        };
+        let run = tools.run(call, key).await;
+        let healthy = match &run {
+            ToolRun::Done(_, Health::Unrated) => None,
+            ToolRun::Done(_, health) => Some(*health == Health::Up),
+            // A deferral only follows timeouts, connection errors, 408, 429 and 5xx.
+            ToolRun::Later(..) => Some(false),
+            ToolRun::Escalate(_) => Some(true),
+        };
+        let outcome = Outcome { healthy, ..Outcome::default() };
+        self.engine.guard.report(&gate, pass, &outcome, now_ms()).await;
         run
+    }
+}
+
+/// The tool calls of the stored conversation's last (assistant) message.
+fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {
+    let last = messages.last().ok_or("the conversation is empty")?;
+    let content = llm::stored_content(last).map_err(|e| format!("the last message is unreadable: {e}"))?;
+    Ok(content
+        .iter()
+        .filter_map(|b| match Block::view(b) {
+            Block::ToolUse(t) => Some(t),
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_tool_uses_are_read_from_the_stored_message() {
+        let msg = r#"{"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"tool_use","id":"a","name":"x","input":{}},{"type":"tool_use","id":"b","name":"y","input":{"q":1}}]}"#;
+        let calls = last_tool_uses(&[msg.to_owned()]).expect("reads");
+        assert_eq!(calls.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(last_tool_uses(&[]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! worker that lost its lease, or a duplicate message, can never apply a step twice. Messages are
 //! appended, never rewritten: a step's write cost does not grow with the conversation.
 
+mod memory;
 mod redis;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::budget::{Limits, Reservation};
 use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
 use crate::llm::{ToolOutcome, Usage};
 
+pub use self::memory::{MemoryStore, Snapshot};
 pub use self::redis::RedisStore;
 
 /// A store operation that failed.
@@ -24,6 +26,10 @@ pub enum StoreError {
     /// script may have run. Re-read and let the fencing decide; never ack on it.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// The store did not answer (an in-process store's injected fault): for a write, as unknown as
+    /// a Redis error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// Stored data that does not parse (a bug or a foreign writer).
     #[error("corrupt session data: {0}")]
     Corrupt(String),
@@ -274,13 +280,11 @@ impl UsageTotals {
     }
 }
 
-/// The session store. Redis in production; the trait is the seam for other backends.
+/// What a worker needs to run a step: claim and lease, the budget's reservations, the fenced
+/// checkpoints, and the indexes a step's ending touches. Redis in production ([`RedisStore`]); in
+/// memory ([`MemoryStore`]) for fast tests of the engine.
 #[async_trait]
-pub trait SessionStore: Send + Sync {
-    /// Creates the session unless it exists; true when this call created it.
-    async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError>;
-    /// Maps `key` to `id` unless it maps to a session already; returns the session it maps to.
-    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError>;
+pub trait StepStore: Send + Sync {
     /// Decides what `msg` means and, when it is current, takes the lease with `token` and loads.
     async fn claim(&self, msg: &StepMessage, token: &str, lease_ms: u64, now_ms: u64) -> Result<Claim, StoreError>;
     /// Extends our lease; false when it is no longer ours.
@@ -309,8 +313,6 @@ pub trait SessionStore: Send + Sync {
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError>;
     /// Corrects the daily spend by `delta` micro-USD.
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError>;
-    /// The daily spend of an agent and a tenant on `day`, micro-USD.
-    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError>;
     /// The model phase's checkpoint; false when fenced out.
     async fn commit_model(
         &self,
@@ -344,14 +346,30 @@ pub trait SessionStore: Send + Sync {
         end: &StepEnd,
         now_ms: u64,
     ) -> Result<bool, StoreError>;
+    /// Takes an ended session out of the index of live sessions.
+    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError>;
+    /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).
+    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError>;
+    /// Takes a session out of the waiting index.
+    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError>;
+}
+
+/// What the dispatcher needs to administer sessions: create, show, list, resume, cancel, and the
+/// janitor's indexes.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    /// Creates the session unless it exists; true when this call created it.
+    async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError>;
+    /// Maps `key` to `id` unless it maps to a session already; returns the session it maps to.
+    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError>;
+    /// The daily spend of an agent and a tenant on `day`, micro-USD.
+    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError>;
     /// The session for the API, or `None`.
     async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError>;
     /// Checks the connection.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Puts the session in the index of live sessions (or refreshes its time there).
     async fn activate(&self, id: &SessionId, now_ms: u64) -> Result<(), StoreError>;
-    /// Takes an ended session out of the index of live sessions.
-    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError>;
     /// Up to `limit` live sessions not touched in the index since `before_ms`, oldest first.
     async fn stalled(&self, before_ms: u64, limit: usize) -> Result<Vec<SessionId>, StoreError>;
     /// The session's meta hash, or `None`.
@@ -360,10 +378,6 @@ pub trait SessionStore: Send + Sync {
     async fn trace(&self, id: &SessionId, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Appends a trace record written outside a step (a person's decision).
     async fn append_trace(&self, id: &SessionId, record: &str) -> Result<(), StoreError>;
-    /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).
-    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError>;
-    /// Takes a session out of the waiting index.
-    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError>;
     /// Waiting sessions with their deadlines, soonest first; only those due by `due_by_ms` if given.
     async fn waiting(&self, due_by_ms: Option<u64>, limit: usize) -> Result<Vec<(SessionId, u64)>, StoreError>;
     /// Resumes a session waiting in `expected`: records `result` for `tool_use_id` (if any) and
@@ -397,6 +411,11 @@ pub trait SessionStore: Send + Sync {
         limit: usize,
     ) -> Result<(Vec<(SessionId, Meta)>, Option<String>), StoreError>;
 }
+
+/// Both halves: what the dispatcher holds (it also ends sessions, as a step does).
+pub trait SessionStore: StepStore + AdminStore {}
+
+impl<T: StepStore + AdminStore + ?Sized> SessionStore for T {}
 
 /// How a step ends or pauses a session outside the model checkpoint.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! The Redis implementation of [`SessionStore`](super::SessionStore).
+//! The Redis implementation of [`StepStore`](super::StepStore) and [`AdminStore`](super::AdminStore).
 //!
 //! One multiplexed connection (auto-reconnecting) carries every command of the process, so
 //! concurrent steps pipeline on the wire instead of queueing for pooled connections. Every key of a
@@ -12,8 +12,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{
-    CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, ListFilter, Meta, ModelCommit, ModelOutcome, NewSession,
-    ResumeOutcome, SessionState, SessionStore, SessionView, StepEnd, StoreError, UsageTotals,
+    AdminStore, CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, ListFilter, Meta, ModelCommit, ModelOutcome,
+    NewSession, ResumeOutcome, SessionState, SessionView, StepEnd, StepStore, StoreError, UsageTotals,
 };
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
@@ -151,52 +151,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl SessionStore for RedisStore {
-    async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError> {
-        let k = self.keys(&new.id);
-        let goal = crate::llm::user_message(&new.input);
-        let fields = [
-            ("agent", new.agent.to_string()),
-            ("tenant", new.tenant.clone()),
-            ("status", "queued".to_owned()),
-            ("step", "1".to_owned()),
-            ("phase", "llm".to_owned()),
-            ("published", "0".to_owned()),
-            ("max_steps", new.limits.max_steps.to_string()),
-            ("max_cost", new.limits.max_cost.0.to_string()),
-            ("max_cost_per_step", new.limits.max_cost_per_step.0.to_string()),
-            ("max_tokens", new.limits.max_tokens.to_string()),
-            ("alert_permille", new.limits.alert_permille.to_string()),
-            ("summary_max_tokens", new.limits.summary_max_tokens.to_string()),
-            ("created_ms", now_ms.to_string()),
-            ("updated_ms", now_ms.to_string()),
-            ("metadata", new.metadata.to_string()),
-            ("callback_url", new.callback_url.clone().unwrap_or_default()),
-        ];
-        let mut inv = self.scripts.create.key(&k.meta);
-        inv.key(&k.msgs).key(&k.usage).arg(goal);
-        for (f, v) in fields {
-            inv.arg(f).arg(v);
-        }
-        let created: i64 = inv.invoke_async(&mut self.conn()).await?;
-        if created == 1 {
-            let _: i64 = redis::cmd("ZADD")
-                .arg(self.sessions_key())
-                .arg(now_ms)
-                .arg(new.id.as_str())
-                .query_async(&mut self.conn())
-                .await?;
-        }
-        Ok(created == 1)
-    }
-
-    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError> {
-        let idem_key = format!("{}:idem:{{{key}}}", self.prefix);
-        let existing: String =
-            self.scripts.idempotency.key(idem_key).arg(id.as_str()).arg(ttl_s).invoke_async(&mut self.conn()).await?;
-        SessionId::parse(&existing).map_err(|e| StoreError::Corrupt(e.to_string()))
-    }
-
+impl StepStore for RedisStore {
     async fn claim(&self, msg: &StepMessage, token: &str, lease_ms: u64, now_ms: u64) -> Result<Claim, StoreError> {
         let k = self.keys(&msg.session_id);
         let reply: Vec<Value> = self
@@ -338,14 +293,6 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
-    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {
-        let (agent_key, tenant_key) = self.daily_keys(agent, tenant, day);
-        let (a, t): (Option<i64>, Option<i64>) =
-            redis::pipe().get(agent_key).get(tenant_key).query_async(&mut self.conn()).await?;
-        let non_negative = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-        Ok((non_negative(a), non_negative(t)))
-    }
-
     async fn record_tool(
         &self,
         id: &SessionId,
@@ -405,6 +352,82 @@ impl SessionStore for RedisStore {
         Ok(applied == 1)
     }
 
+    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZREM").arg(self.active_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.waiting_key())
+            .arg(deadline_ms)
+            .arg(id.as_str())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZREM").arg(self.waiting_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AdminStore for RedisStore {
+    async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError> {
+        let k = self.keys(&new.id);
+        let goal = crate::llm::user_message(&new.input);
+        let fields = [
+            ("agent", new.agent.to_string()),
+            ("tenant", new.tenant.clone()),
+            ("status", "queued".to_owned()),
+            ("step", "1".to_owned()),
+            ("phase", "llm".to_owned()),
+            ("published", "0".to_owned()),
+            ("max_steps", new.limits.max_steps.to_string()),
+            ("max_cost", new.limits.max_cost.0.to_string()),
+            ("max_cost_per_step", new.limits.max_cost_per_step.0.to_string()),
+            ("max_tokens", new.limits.max_tokens.to_string()),
+            ("alert_permille", new.limits.alert_permille.to_string()),
+            ("summary_max_tokens", new.limits.summary_max_tokens.to_string()),
+            ("created_ms", now_ms.to_string()),
+            ("updated_ms", now_ms.to_string()),
+            ("metadata", new.metadata.to_string()),
+            ("callback_url", new.callback_url.clone().unwrap_or_default()),
+        ];
+        let mut inv = self.scripts.create.key(&k.meta);
+        inv.key(&k.msgs).key(&k.usage).arg(goal);
+        for (f, v) in fields {
+            inv.arg(f).arg(v);
+        }
+        let created: i64 = inv.invoke_async(&mut self.conn()).await?;
+        if created == 1 {
+            let _: i64 = redis::cmd("ZADD")
+                .arg(self.sessions_key())
+                .arg(now_ms)
+                .arg(new.id.as_str())
+                .query_async(&mut self.conn())
+                .await?;
+        }
+        Ok(created == 1)
+    }
+
+    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError> {
+        let idem_key = format!("{}:idem:{{{key}}}", self.prefix);
+        let existing: String =
+            self.scripts.idempotency.key(idem_key).arg(id.as_str()).arg(ttl_s).invoke_async(&mut self.conn()).await?;
+        SessionId::parse(&existing).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {
+        let (agent_key, tenant_key) = self.daily_keys(agent, tenant, day);
+        let (a, t): (Option<i64>, Option<i64>) =
+            redis::pipe().get(agent_key).get(tenant_key).query_async(&mut self.conn()).await?;
+        let non_negative = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+        Ok((non_negative(a), non_negative(t)))
+    }
+
     async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError> {
         let k = self.keys(id);
         let (meta, usage, messages): (HashMap<String, String>, HashMap<String, u64>, Vec<String>) = redis::pipe()
@@ -432,11 +455,6 @@ impl SessionStore for RedisStore {
             .arg(id.as_str())
             .query_async(&mut self.conn())
             .await?;
-        Ok(())
-    }
-
-    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("ZREM").arg(self.active_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -476,21 +494,6 @@ impl SessionStore for RedisStore {
             .arg(record)
             .query_async(&mut self.conn())
             .await?;
-        Ok(())
-    }
-
-    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("ZADD")
-            .arg(self.waiting_key())
-            .arg(deadline_ms)
-            .arg(id.as_str())
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(())
-    }
-
-    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("ZREM").arg(self.waiting_key()).arg(id.as_str()).query_async(&mut self.conn()).await?;
         Ok(())
     }
 

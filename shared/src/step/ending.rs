@@ -1,0 +1,115 @@
+//! Settling an [`Ending`]: one fenced write, then the session's metrics, indexes and event.
+
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::{Agent, Engine, Next, StepError};
+use crate::domain::{Phase, SessionId, StepMessage};
+use crate::lifecycle::{Ending, lifecycle_event, session_ended};
+use crate::store::Meta;
+use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
+
+/// How long a session waits at a daily cap before it tries again.
+const DAILY_CAP_RETRY: Duration = Duration::from_secs(600);
+
+impl Engine {
+    /// Ends or pauses the session at this step and phase (fenced), and announces it when the write
+    /// applied. A pause is tried again after a while.
+    pub(super) async fn settle(
+        &self,
+        msg: &StepMessage,
+        meta: &Meta,
+        agent: Option<&Agent>,
+        phase: Phase,
+        ending: Ending,
+    ) -> Result<Next, StepError> {
+        let trace = self.ending_trace(msg, meta, &ending).emit();
+        let applied = self.store.end_step(&msg.session_id, msg.step, phase, &ending.step_end(trace), now_ms()).await?;
+        if applied {
+            self.announce(msg, meta, agent, &ending).await;
+        }
+        Ok(match ending {
+            Ending::Paused { .. } => Next::Postpone(DAILY_CAP_RETRY, "waiting for a daily spend cap"),
+            _ => Next::Nothing,
+        })
+    }
+
+    /// A session this step ended or left waiting: metrics, the live and waiting indexes, and its
+    /// event. A pause says nothing: the session goes on by itself.
+    pub(super) async fn announce(&self, msg: &StepMessage, meta: &Meta, agent: Option<&Agent>, ending: &Ending) {
+        if matches!(ending, Ending::Paused { .. }) {
+            return;
+        }
+        let (id, status) = (&msg.session_id, ending.status());
+        session_ended(id, meta, status, ending.line());
+        if status.is_terminal() {
+            self.leave_indexes(id).await;
+        }
+        if let (Some(kind), Some(agent)) = (ending.escalation_kind(), agent) {
+            metric::escalation(agent.name.as_str(), kind);
+            let deadline = now_ms() + agent.wait_deadline_s(status) * 1000;
+            if let Err(e) = self.store.wait_until(id, deadline).await {
+                warn!(error = %e, "indexing the wait failed; its deadline will not be enforced");
+            }
+        }
+        if let Ending::Exhausted { limit, .. } = ending {
+            metric::budget_exhausted(meta.agent.as_str(), limit);
+        }
+        if let Some((kind, detail)) = ending.event() {
+            let event = lifecycle_event(meta, id, msg.step, kind, ending.line(), detail);
+            if let Err(e) = self.publisher.publish_event(kind, &event).await {
+                warn!(error = %e, kind, "publishing an event failed");
+            }
+        }
+    }
+
+    /// Takes an ended session out of the live and waiting indexes (best effort).
+    pub(super) async fn leave_indexes(&self, id: &SessionId) {
+        if let Err(e) = self.store.deactivate(id).await {
+            warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
+        }
+        if let Err(e) = self.store.unwait(id).await {
+            warn!(error = %e, "removing the session from the waiting index failed");
+        }
+    }
+
+    /// The trace record of an ending written by `settle`.
+    fn ending_trace<'a>(&'a self, msg: &'a StepMessage, meta: &'a Meta, ending: &'a Ending) -> TraceRecord<'a> {
+        let base = TraceRecord {
+            ts_ms: now_ms(),
+            agent_id: meta.agent.as_str(),
+            session_id: msg.session_id.as_str(),
+            step: msg.step,
+            worker: &self.settings.worker_id,
+            ..Default::default()
+        };
+        match ending {
+            Ending::AwaitingHuman { escalation, .. } if escalation["kind"] == "model_failure" => {
+                let why = escalation["reason"].as_str().unwrap_or_default().to_owned();
+                TraceRecord { action: "escalation", error: Some(why), ..base }
+            }
+            Ending::AwaitingHuman { escalation, .. } => TraceRecord {
+                action: "escalation",
+                tool_name: Some(crate::config::ESCALATE_TO_HUMAN),
+                input_summary: summary_of(&escalation.to_string(), 200),
+                success: true,
+                ..base
+            },
+            Ending::AwaitingApproval { request, reason } => TraceRecord {
+                action: "approval_requested",
+                tool_name: request["tool"].as_str(),
+                input_summary: summary_of(&request["input"].to_string(), 200),
+                output_summary: reason.clone(),
+                success: true,
+                ..base
+            },
+            Ending::Exhausted { .. } | Ending::Paused { .. } => {
+                TraceRecord { action: "budget", error: Some(ending.fields().1), ..base }
+            }
+            Ending::Completed { .. } | Ending::Failed { .. } => {
+                TraceRecord { action: "error", error: Some(ending.fields().1), ..base }
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Finish: publish what comes next with a confirm, give the lease back, and only then ack.
+
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::{Disposition, Engine, Next, StepError};
+use crate::domain::{Name, SessionId, StepMessage};
+use crate::telemetry::metric;
+
+impl Engine {
+    /// Settles the delivery of a step that held the lease, by what its phases left to do.
+    pub(super) async fn finish(
+        &self,
+        msg: &StepMessage,
+        pool: &Name,
+        token: &str,
+        next: Result<Next, StepError>,
+    ) -> Disposition {
+        match next {
+            Ok(Next::Publish(step)) => self.publish_next(msg, pool, token, step).await,
+            // A phase never leaves tools to run for `finish`; treat it as nothing to do.
+            Ok(Next::Nothing | Next::Tools(..)) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::step_handled("done");
+                Disposition::Ack
+            }
+            Ok(Next::Postpone(after, why)) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::step_handled("postponed");
+                self.later(msg, pool, after, why).await
+            }
+            Err(StepError::Retry { after, reason }) => {
+                self.release(&msg.session_id, token, 0).await;
+                metric::retry(reason);
+                let retry = StepMessage { attempt: msg.attempt.saturating_add(1), ..msg.clone() };
+                self.later(&retry, pool, after, reason).await
+            }
+            Err(StepError::Unknown(e)) => {
+                self.release(&msg.session_id, token, 0).await;
+                self.later(msg, pool, Duration::from_secs(1), &e.to_string()).await
+            }
+        }
+    }
+
+    async fn publish_next(&self, msg: &StepMessage, pool: &Name, token: &str, next: u32) -> Disposition {
+        let next_msg = StepMessage { session_id: msg.session_id.clone(), step: next, attempt: 0 };
+        match self.publisher.publish_step(pool, &next_msg, None).await {
+            Ok(()) => {
+                self.release(&msg.session_id, token, next).await;
+                metric::step_handled("advanced");
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "publishing the next step failed; the redelivery will publish it");
+                self.release(&msg.session_id, token, 0).await;
+                Disposition::Requeue
+            }
+        }
+    }
+
+    /// Publishes the session's current step, whose predecessor's worker died before publishing it.
+    pub(super) async fn republish(&self, id: &SessionId, current: u32, agent: &Name, routed: &Name) -> Disposition {
+        let pool = self.agents.get(agent.as_str()).map_or(routed, |a| &a.pool);
+        let msg = StepMessage { session_id: id.clone(), step: current, attempt: 0 };
+        match self.publisher.publish_step(pool, &msg, None).await {
+            Ok(()) => {
+                if let Err(e) = self.store.mark_published(id, current).await {
+                    warn!(error = %e, "marking the republished step failed");
+                }
+                metric::step_handled("republished");
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "republishing the current step failed");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    /// Sends a copy of `msg` through a delay tier and acks; requeues when even that fails.
+    pub(super) async fn later(&self, msg: &StepMessage, pool: &Name, after: Duration, why: &str) -> Disposition {
+        warn!(reason = why, after_ms = after.as_millis() as u64, "step postponed");
+        match self.publisher.publish_step(pool, msg, Some(after)).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                warn!(error = %e, "could not postpone the step; requeueing it");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    /// Sends a message that can never run to the dead-letter queue, with the reason.
+    pub(super) async fn dead_letter(&self, body: &[u8], reason: &'static str, detail: &str) -> Disposition {
+        warn!(reason, detail, "dead-lettering a step message");
+        match self.publisher.dead_letter(body, &format!("{reason}: {detail}")).await {
+            Ok(()) => {
+                metric::dead_lettered(reason);
+                Disposition::Ack
+            }
+            Err(e) => {
+                warn!(error = %e, "dead-lettering failed; requeueing");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn release(&self, id: &SessionId, token: &str, published: u32) {
+        if let Err(e) = self.store.release(id, token, published).await {
+            warn!(error = %e, "releasing the lease failed; it will expire");
+        }
+    }
+}

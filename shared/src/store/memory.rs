@@ -1,0 +1,458 @@
+//! An in-memory [`StepStore`]: the same verdicts and fencing as the Redis scripts, in one process.
+//!
+//! It exists so the step engine's edge cases (a duplicate, a stale or future step, a lost lease,
+//! every ending, a tool already in the ledger, a write whose outcome is unknown) can be tested in
+//! milliseconds with no services. The Redis store stays the one the integration tests and the
+//! fleet use. Each method mirrors its Lua script in `store/lua/`; keep them in step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    CallUsage, Claim, DailyCaps, DailyVerdict, Meta, ModelCommit, ModelOutcome, NewSession, SessionState, StepEnd,
+    StepStore, StoreError, UsageTotals,
+};
+use crate::budget::Reservation;
+use crate::domain::{Phase, SessionId, SessionStatus, StepMessage};
+use crate::llm::ToolOutcome;
+
+/// One session, as the Redis keys of its hash tag hold it.
+#[derive(Debug, Clone)]
+struct Session {
+    meta: Meta,
+    msgs: Vec<String>,
+    ledger: HashMap<String, ToolOutcome>,
+    usage: UsageTotals,
+    resv: BTreeMap<String, Reservation>,
+    lease: Option<(String, Instant)>,
+    trace: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<SessionId, Session>,
+    active: HashMap<SessionId, u64>,
+    waiting: HashMap<SessionId, u64>,
+    daily: HashMap<String, u64>,
+    /// Writes that will fail with an unknown outcome: by method name, whether the write applies.
+    faults: Vec<(&'static str, bool)>,
+}
+
+/// Session state in one process's memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+/// A session's stored state, for tests to inspect.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The meta hash.
+    pub meta: Meta,
+    /// The conversation.
+    pub messages: Vec<String>,
+    /// The tool ledger.
+    pub ledger: HashMap<String, ToolOutcome>,
+    /// The usage counters.
+    pub usage: UsageTotals,
+    /// Open reservations.
+    pub open_reservations: usize,
+    /// The lease holder's token, if the lease is live.
+    pub lease: Option<String>,
+    /// Trace records, oldest first.
+    pub trace: Vec<String>,
+    /// Whether the session is in the live index.
+    pub active: bool,
+    /// Its wait deadline, if it waits for people.
+    pub waiting_until: Option<u64>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates the session unless it exists; true when this call created it.
+    pub fn create(&self, new: &NewSession, now_ms: u64) -> bool {
+        let mut st = self.lock();
+        if st.sessions.contains_key(&new.id) {
+            return false;
+        }
+        let meta = Meta {
+            agent: new.agent.clone(),
+            tenant: new.tenant.clone(),
+            status: SessionStatus::Queued,
+            step: 1,
+            phase: Phase::Llm,
+            published: 0,
+            limits: new.limits,
+            alerted: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            result: None,
+            error: None,
+            escalation: None,
+            metadata: new.metadata.to_string(),
+            approved: Vec::new(),
+            callback_url: new.callback_url.clone(),
+            cancel_requested: false,
+        };
+        let session = Session {
+            meta,
+            msgs: vec![crate::llm::user_message(&new.input)],
+            ledger: HashMap::new(),
+            usage: UsageTotals::default(),
+            resv: BTreeMap::new(),
+            lease: None,
+            trace: Vec::new(),
+        };
+        st.sessions.insert(new.id.clone(), session);
+        st.active.insert(new.id.clone(), now_ms);
+        true
+    }
+
+    /// The session's state, or `None`.
+    pub fn snapshot(&self, id: &SessionId) -> Option<Snapshot> {
+        let st = self.lock();
+        let s = st.sessions.get(id)?;
+        Some(Snapshot {
+            meta: s.meta.clone(),
+            messages: s.msgs.clone(),
+            ledger: s.ledger.clone(),
+            usage: s.usage,
+            open_reservations: s.resv.len(),
+            lease: s.lease.as_ref().filter(|(_, until)| *until > Instant::now()).map(|(t, _)| t.clone()),
+            trace: s.trace.clone(),
+            active: st.active.contains_key(id),
+            waiting_until: st.waiting.get(id).copied(),
+        })
+    }
+
+    /// Changes a session in place (a test's way to stage a state, e.g. a cancel request).
+    pub fn update(&self, id: &SessionId, f: impl FnOnce(&mut Meta)) {
+        if let Some(s) = self.lock().sessions.get_mut(id) {
+            f(&mut s.meta);
+        }
+    }
+
+    /// Gives the lease to `token` for `ttl`, as another worker's claim would.
+    pub fn take_lease(&self, id: &SessionId, token: &str, ttl: Duration) {
+        if let Some(s) = self.lock().sessions.get_mut(id) {
+            s.lease = Some((token.to_owned(), Instant::now() + ttl));
+        }
+    }
+
+    /// Records a tool result, as an earlier delivery of the step would have.
+    pub fn put_ledger(&self, id: &SessionId, tool_use_id: &str, outcome: ToolOutcome) {
+        if let Some(s) = self.lock().sessions.get_mut(id) {
+            s.ledger.entry(tool_use_id.to_owned()).or_insert(outcome);
+        }
+    }
+
+    /// The next call of the write `method` fails with an unknown outcome, as a Redis time-out does;
+    /// the write is applied first when `applied`.
+    pub fn fail_next(&self, method: &'static str, applied: bool) {
+        self.lock().faults.push((method, applied));
+    }
+
+    /// The daily spend counted for `agent` on `day`, micro-USD.
+    pub fn daily_agent_spend(&self, agent: &str, day: u64) -> u64 {
+        self.lock().daily.get(&format!("{day}:agent:{agent}")).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a write; an injected fault for `method` applies it (or not) and then fails.
+    fn write<T>(&self, method: &'static str, f: impl FnOnce(&mut State) -> T) -> Result<T, StoreError> {
+        let mut st = self.lock();
+        let fault = st.faults.iter().position(|(m, _)| *m == method).map(|i| st.faults.remove(i));
+        match fault {
+            None => Ok(f(&mut st)),
+            Some((_, applied)) => {
+                if applied {
+                    f(&mut st);
+                }
+                Err(StoreError::Unavailable(format!("injected: the outcome of `{method}` is unknown")))
+            }
+        }
+    }
+}
+
+fn lease_live(s: &Session) -> Option<&str> {
+    s.lease.as_ref().filter(|(_, until)| *until > Instant::now()).map(|(t, _)| t.as_str())
+}
+
+fn fenced(s: &Session, step: u32, phase: Phase) -> bool {
+    s.meta.step == step && s.meta.phase == phase
+}
+
+fn orphan_record(s: &Session, id: &SessionId, step: u32, token: &str, rid: &str, r: &Reservation, now: u64) -> String {
+    serde_json::json!({
+        "ts_ms": now, "agent_id": s.meta.agent, "session_id": id, "step": step, "action": "model_call",
+        "input_summary": format!("reservation {rid}"), "output_summary": "",
+        "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+        "cost_usd": r.cost as f64 / 1e6, "cost_micro_usd": r.cost, "duration_ms": 0, "success": false,
+        "error": "the worker died before this call was reconciled: counted at its reserved worst case",
+        "worker": token.split('|').nth(1).unwrap_or_default(),
+    })
+    .to_string()
+}
+
+#[async_trait]
+impl StepStore for MemoryStore {
+    async fn claim(&self, msg: &StepMessage, token: &str, lease_ms: u64, now_ms: u64) -> Result<Claim, StoreError> {
+        self.write("claim", |st| {
+            let Some(s) = st.sessions.get_mut(&msg.session_id) else { return Claim::Missing };
+            let (n, cur) = (msg.step, s.meta.step);
+            let status = s.meta.status;
+            if status.is_terminal() {
+                return Claim::Terminal(status);
+            }
+            if matches!(status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
+                return Claim::Paused(status);
+            }
+            if n > cur {
+                return Claim::Future { current: cur };
+            }
+            if n < cur && s.meta.published >= cur {
+                return Claim::Stale;
+            }
+            if let Some(holder) = lease_live(s) {
+                let hstep: Option<u32> = holder.split('|').next().and_then(|h| h.parse().ok());
+                if !(hstep.is_some_and(|h| h < cur) && n == cur) {
+                    return Claim::Busy;
+                }
+            }
+            if n < cur {
+                return Claim::Republish { current: cur, agent: s.meta.agent.clone() };
+            }
+            if s.meta.cancel_requested {
+                s.meta.status = SessionStatus::Cancelled;
+                s.meta.phase = Phase::Done;
+                s.meta.error = Some("cancelled by request".into());
+                s.meta.updated_ms = now_ms;
+                return Claim::Cancelled(Box::new(s.meta.clone()));
+            }
+            s.lease = Some((token.to_owned(), Instant::now() + Duration::from_millis(lease_ms)));
+            if s.meta.published < n {
+                s.meta.published = n;
+            }
+            s.meta.status = SessionStatus::Running;
+            s.meta.updated_ms = now_ms;
+            for (rid, r) in std::mem::take(&mut s.resv) {
+                s.usage.cost_micro_usd += r.cost;
+                s.usage.input_tokens += r.input_tokens;
+                s.usage.output_tokens += r.output_tokens;
+                s.usage.model_calls += 1;
+                s.usage.unreconciled_calls += 1;
+                let record = orphan_record(s, &msg.session_id, n, token, &rid, &r, now_ms);
+                s.trace.push(record);
+            }
+            Claim::Run(Box::new(SessionState {
+                meta: s.meta.clone(),
+                messages: s.msgs.clone(),
+                ledger: s.ledger.clone(),
+                usage: s.usage,
+            }))
+        })
+    }
+
+    async fn renew(&self, id: &SessionId, token: &str, lease_ms: u64) -> Result<bool, StoreError> {
+        self.write("renew", |st| {
+            let Some(s) = st.sessions.get_mut(id) else { return false };
+            match &mut s.lease {
+                Some((t, until)) if t == token && *until > Instant::now() => {
+                    *until = Instant::now() + Duration::from_millis(lease_ms);
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+
+    async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError> {
+        self.write("release", |st| {
+            let Some(s) = st.sessions.get_mut(id) else { return };
+            if s.lease.as_ref().is_some_and(|(t, _)| t == token) {
+                s.lease = None;
+            }
+            if published > s.meta.published {
+                s.meta.published = published;
+            }
+        })
+    }
+
+    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
+        self.write("reserve", |st| {
+            if let Some(s) = st.sessions.get_mut(id) {
+                s.resv.insert(reservation_id.to_owned(), *r);
+            }
+        })
+    }
+
+    async fn reconcile(
+        &self,
+        id: &SessionId,
+        reservation_id: &str,
+        call: &CallUsage<'_>,
+    ) -> Result<Option<UsageTotals>, StoreError> {
+        self.write("reconcile", |st| {
+            let s = st.sessions.get_mut(id)?;
+            s.resv.remove(reservation_id)?;
+            let u = &mut s.usage;
+            u.input_tokens += call.usage.input_tokens;
+            u.output_tokens += call.usage.output_tokens;
+            u.cache_creation_input_tokens += call.usage.cache_creation_input_tokens;
+            u.cache_read_input_tokens += call.usage.cache_read_input_tokens;
+            u.cost_micro_usd += call.cost_micro_usd;
+            u.model_calls += 1;
+            s.trace.push(call.trace.to_owned());
+            Some(s.usage)
+        })
+    }
+
+    async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError> {
+        self.write("cancel_reservation", |st| {
+            if let Some(s) = st.sessions.get_mut(id) {
+                s.trace.push(trace.to_owned());
+                s.usage.model_errors += 1;
+                s.resv.remove(reservation_id);
+            }
+        })
+    }
+
+    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError> {
+        self.write("mark_alert", |st| match st.sessions.get_mut(id) {
+            Some(s) if s.meta.alerted.is_none() => {
+                s.meta.alerted = Some(limit.to_owned());
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
+        self.write("daily_reserve", |st| {
+            let keys = [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant)];
+            let limits = [(caps.agent_cap, DailyVerdict::AgentCap), (caps.tenant_cap, DailyVerdict::TenantCap)];
+            for (key, (cap, verdict)) in keys.iter().zip(limits) {
+                let spent = st.daily.get(key).copied().unwrap_or(0);
+                if cap.is_some_and(|cap| spent + amount > cap) {
+                    return verdict;
+                }
+            }
+            for key in keys {
+                *st.daily.entry(key).or_default() += amount;
+            }
+            DailyVerdict::Reserved
+        })
+    }
+
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
+        self.write("daily_settle", |st| {
+            for key in [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant)] {
+                if let Some(v) = st.daily.get_mut(&key) {
+                    *v = v.saturating_add_signed(delta);
+                }
+            }
+        })
+    }
+
+    async fn commit_model(&self, id: &SessionId, step: u32, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+        self.write("commit_model", |st| {
+            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, Phase::Llm)) else { return false };
+            s.msgs.extend(c.messages.iter().cloned());
+            s.meta.updated_ms = now_ms;
+            match &c.outcome {
+                ModelOutcome::Tools => s.meta.phase = Phase::Tools,
+                ModelOutcome::Next => s.meta.step = step + 1,
+                ModelOutcome::Done { status, result, error } => {
+                    s.meta.phase = Phase::Done;
+                    s.meta.status = *status;
+                    s.meta.result = Some(result.clone());
+                    s.meta.error = Some(error.clone());
+                }
+            }
+            true
+        })
+    }
+
+    async fn record_tool(
+        &self,
+        id: &SessionId,
+        tool_use_id: &str,
+        outcome: &ToolOutcome,
+        trace: &str,
+    ) -> Result<(), StoreError> {
+        self.write("record_tool", |st| {
+            if let Some(s) = st.sessions.get_mut(id) {
+                s.ledger.entry(tool_use_id.to_owned()).or_insert_with(|| outcome.clone());
+                s.trace.push(trace.to_owned());
+            }
+        })
+    }
+
+    async fn commit_tools(&self, id: &SessionId, step: u32, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+        self.write("commit_tools", |st| {
+            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, Phase::Tools)) else { return false };
+            s.msgs.push(user.to_owned());
+            s.meta.step = step + 1;
+            s.meta.phase = Phase::Llm;
+            s.meta.updated_ms = now_ms;
+            true
+        })
+    }
+
+    async fn end_step(
+        &self,
+        id: &SessionId,
+        step: u32,
+        phase: Phase,
+        end: &StepEnd,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.write("end_step", |st| {
+            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, phase)) else { return false };
+            s.meta.status = end.status;
+            s.meta.updated_ms = now_ms;
+            match end.status {
+                SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval => {
+                    s.meta.escalation = Some(end.escalation.clone());
+                }
+                SessionStatus::Paused => s.meta.error = Some(end.error.clone()),
+                _ => {
+                    s.meta.phase = Phase::Done;
+                    s.meta.result = Some(end.result.clone());
+                    s.meta.error = Some(end.error.clone());
+                }
+            }
+            s.trace.push(end.trace.clone());
+            true
+        })
+    }
+
+    async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
+        self.write("deactivate", |st| {
+            st.active.remove(id);
+        })
+    }
+
+    async fn wait_until(&self, id: &SessionId, deadline_ms: u64) -> Result<(), StoreError> {
+        self.write("wait_until", |st| {
+            st.waiting.insert(id.clone(), deadline_ms);
+        })
+    }
+
+    async fn unwait(&self, id: &SessionId) -> Result<(), StoreError> {
+        self.write("unwait", |st| {
+            st.waiting.remove(id);
+        })
+    }
+}

@@ -1,0 +1,438 @@
+//! The step engine's edge cases, fast: the in-memory step store and publisher, the real engine,
+//! model client and tools, and the scripted model and tool servers in this process. No RabbitMQ,
+//! no Redis: every test here runs in milliseconds.
+//!
+//! Covered: duplicate delivery, a stale step, a future step, a lease held by another worker, every
+//! ending (completed, failed, budget exhausted, awaiting a human, awaiting approval, paused at a
+//! daily cap, and a cancel at the step boundary), a tool already in the ledger, and writes whose
+//! outcome is unknown, applied or not.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentfleet::amqp::{PublishError, StepPublisher};
+use agentfleet::budget::Limits;
+use agentfleet::config::Config;
+use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use agentfleet::guard::OpenGuard;
+use agentfleet::llm::{ModelClients, ToolOutcome};
+use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
+use agentfleet::store::{MemoryStore, NewSession, Snapshot};
+use agentfleet_tests::fleet::{FleetOptions, config_text};
+use agentfleet_tests::model_server::{Faults, ModelServer, ModelServerConfig};
+use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+
+/// What the engine sent to the broker.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Step messages, with the delay tier's wait when postponed.
+    steps: Vec<(StepMessage, Option<Duration>)>,
+    /// Dead-lettered bodies, with the reason.
+    dead: Vec<String>,
+    /// Event kinds.
+    events: Vec<String>,
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Sent>);
+
+impl Recorder {
+    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl StepPublisher for Recorder {
+    async fn publish_step(&self, _: &Name, msg: &StepMessage, delay: Option<Duration>) -> Result<(), PublishError> {
+        self.sent().steps.push((msg.clone(), delay));
+        Ok(())
+    }
+    async fn dead_letter(&self, _: &[u8], reason: &str) -> Result<(), PublishError> {
+        self.sent().dead.push(reason.to_owned());
+        Ok(())
+    }
+    async fn publish_event(&self, kind: &str, _: &serde_json::Value) -> Result<(), PublishError> {
+        self.sent().events.push(kind.to_owned());
+        Ok(())
+    }
+}
+
+/// Agents beyond the harness's `support`: a tiny daily cap that pauses, and one that escalates
+/// when the model keeps failing.
+const AGENTS: &str = r#"
+[agents.capped]
+model = "claude-sonnet-4-5"
+system_prompt = "You are thrifty."
+tools = ["search_knowledge_base"]
+budget = { daily_cap_usd = 0.0001, on_daily_cap = "pause" }
+
+[agents.careful]
+model = "claude-sonnet-4-5"
+system_prompt = "You ask for help."
+tools = ["search_knowledge_base"]
+on_model_failure = "escalate"
+"#;
+
+/// One engine over the in-memory store, with its servers.
+struct Rig {
+    engine: Engine,
+    store: Arc<MemoryStore>,
+    sent: Arc<Recorder>,
+    model: ModelServer,
+    tools: ToolServer,
+    cfg: Config,
+    pool: Name,
+}
+
+impl Rig {
+    async fn start() -> anyhow::Result<Self> {
+        let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
+        let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
+        let opts = FleetOptions { max_steps: 50, extra_config: AGENTS.into(), ..Default::default() };
+        let text = config_text("engine", &opts, &model.base_url(), &tools.base_url());
+        let env = |k: &str| (k == "ANTHROPIC_API_KEY").then(|| "test-key".to_owned());
+        let cfg = Config::parse(&text, std::path::Path::new("engine.toml"), &env)?;
+        let store = Arc::new(MemoryStore::new());
+        let sent = Arc::new(Recorder::default());
+        let settings = EngineSettings {
+            worker_id: "unit".into(),
+            lease: Duration::from_secs(60),
+            max_model_attempts: 1,
+            max_tool_deferrals: 3,
+        };
+        let engine = Engine::new(EngineParts {
+            store: store.clone(),
+            publisher: sent.clone(),
+            llm: ModelClients::new(&cfg)?,
+            agents: Agents::build(&cfg, &env)?,
+            guard: Arc::new(OpenGuard),
+            settings,
+        });
+        Ok(Self { engine, store, sent, model, tools, cfg, pool: Name::parse("default")? })
+    }
+
+    /// A new session of `agent` with this goal, lowered to `max_steps` when given.
+    fn session(&self, agent: &str, goal: &str, max_steps: Option<u32>) -> anyhow::Result<SessionId> {
+        let id = SessionId::generate();
+        let budget = &self.cfg.agent(agent).ok_or_else(|| anyhow::anyhow!("no agent {agent}"))?.budget;
+        let mut limits = Limits::of(budget);
+        if let Some(n) = max_steps {
+            limits.max_steps = n;
+        }
+        let new = NewSession {
+            id: id.clone(),
+            agent: Name::parse(agent)?,
+            tenant: "t1".into(),
+            input: goal.into(),
+            metadata: serde_json::json!({}),
+            limits,
+            callback_url: None,
+        };
+        anyhow::ensure!(self.store.create(&new, 1), "the session existed");
+        Ok(id)
+    }
+
+    async fn deliver(&self, id: &SessionId, step: u32) -> anyhow::Result<Disposition> {
+        let body = serde_json::to_vec(&StepMessage { session_id: id.clone(), step, attempt: 0 })?;
+        Ok(self.engine.handle(&body, &self.pool).await)
+    }
+
+    /// Delivers step 1, then every step the engine publishes, until it publishes none.
+    async fn run(&self, id: &SessionId) -> anyhow::Result<Snapshot> {
+        self.deliver(id, 1).await?;
+        for _ in 0..100 {
+            let next = self.sent.sent().steps.pop();
+            let Some((msg, _)) = next else { return self.snapshot(id) };
+            let body = serde_json::to_vec(&msg)?;
+            anyhow::ensure!(self.engine.handle(&body, &self.pool).await == Disposition::Ack, "a step was requeued");
+        }
+        anyhow::bail!("the session did not settle in 100 deliveries")
+    }
+
+    fn snapshot(&self, id: &SessionId) -> anyhow::Result<Snapshot> {
+        self.store.snapshot(id).ok_or_else(|| anyhow::anyhow!("no session {id}"))
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.sent.sent().events.clone()
+    }
+
+    fn published(&self) -> Vec<(StepMessage, Option<Duration>)> {
+        self.sent.sent().steps.clone()
+    }
+
+    async fn stop(self) {
+        self.model.stop().await;
+        self.tools.stop().await;
+    }
+}
+
+fn roles(s: &Snapshot) -> Vec<String> {
+    s.messages
+        .iter()
+        .map(|m| serde_json::from_str::<serde_json::Value>(m).map(|v| v["role"].as_str().unwrap_or("?").to_owned()))
+        .collect::<Result<_, _>>()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_session_runs_to_completion_step_by_step() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=3] look things up", None)?;
+    let s = rig.run(&id).await?;
+    assert_eq!(s.meta.status, SessionStatus::Completed);
+    assert_eq!((s.meta.step, s.meta.phase, s.meta.published), (3, Phase::Done, 3));
+    assert_eq!(roles(&s), ["user", "assistant", "user", "assistant", "user", "assistant"]);
+    assert_eq!(s.usage.model_calls, 3);
+    assert_eq!(rig.model.stats().answered_total, 3);
+    assert_eq!(rig.tools.stats().calls_total, 2);
+    assert!(!s.active && s.lease.is_none() && s.open_reservations == 0);
+    assert_eq!(rig.events(), ["session.completed"]);
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_duplicate_delivery_changes_nothing() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=3] twice", None)?;
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let after_one = rig.snapshot(&id)?;
+    assert_eq!((after_one.meta.step, after_one.meta.published), (2, 2));
+    // The same message again: its successor is in the broker, so it is dropped.
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let again = rig.snapshot(&id)?;
+    assert_eq!(again.messages, after_one.messages);
+    assert_eq!(rig.model.stats().requests_total, 1, "the duplicate made no model call");
+    assert_eq!(rig.tools.stats().calls_total, 1, "the duplicate ran no tool");
+    assert_eq!(rig.published().len(), 1, "the duplicate published nothing");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stale_step_is_dropped_and_a_lost_successor_is_republished() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=4] stale", None)?;
+    rig.deliver(&id, 1).await?;
+    rig.deliver(&id, 2).await?;
+    assert_eq!(rig.snapshot(&id)?.meta.step, 3);
+    // Step 1 again, long after: step 3 is known to be in the broker.
+    rig.sent.sent().steps.clear();
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    assert!(rig.published().is_empty(), "a stale step publishes nothing");
+    // A worker that checkpointed step 3 but died before publishing step 4 left `published` at 3.
+    rig.deliver(&id, 3).await?;
+    rig.store.update(&id, |m| m.published = 3);
+    rig.sent.sent().steps.clear();
+    assert_eq!(rig.deliver(&id, 3).await?, Disposition::Ack);
+    let republished: Vec<u32> = rig.published().iter().map(|(m, _)| m.step).collect();
+    assert_eq!(republished, [4], "the lost successor is published again");
+    assert_eq!(rig.snapshot(&id)?.meta.published, 4);
+    assert_eq!(rig.model.stats().requests_total, 3, "no step ran twice");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_future_step_is_dead_lettered_with_its_reason() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=3] future", None)?;
+    assert_eq!(rig.deliver(&id, 5).await?, Disposition::Ack);
+    let dead = rig.sent.sent().dead.clone();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].starts_with("future_step: step 5 is ahead of the session (at 1)"), "{dead:?}");
+    let unknown = SessionId::generate();
+    rig.deliver(&unknown, 1).await?;
+    assert!(rig.sent.sent().dead[1].starts_with("unknown_session"));
+    rig.engine.handle(b"{not json", &rig.pool).await;
+    assert!(rig.sent.sent().dead[2].starts_with("malformed"));
+    assert_eq!(rig.model.stats().requests_total, 0);
+    assert_eq!(rig.snapshot(&id)?.meta.step, 1);
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lease_held_by_another_worker_makes_the_step_wait() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=2] busy", None)?;
+    rig.store.take_lease(&id, "1|other-worker|n", Duration::from_secs(30));
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let sent = rig.published();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].0.step, sent[0].1), (1, Some(Duration::from_secs(1))), "sent back through a delay tier");
+    assert_eq!(rig.model.stats().requests_total, 0, "no model call while another worker holds the lease");
+    assert_eq!(rig.snapshot(&id)?.lease.as_deref(), Some("1|other-worker|n"), "the holder keeps its lease");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_is_fenced_out() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=3] fenced", None)?;
+    // This worker's model checkpoint is lost (applied by nobody); meanwhile another worker runs
+    // step 1 to its end. The redelivery of step 1 then finds the session moved on: nothing is
+    // written twice.
+    rig.store.fail_next("commit_model", false);
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let (copy, delay) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no copy"))?;
+    assert_eq!((copy.step, delay), (1, Some(Duration::from_secs(1))), "an unknown outcome is re-read later");
+    let lost = rig.snapshot(&id)?;
+    assert_eq!((lost.meta.step, lost.meta.phase), (1, Phase::Llm), "nothing of the lost checkpoint applied");
+    rig.store.update(&id, |m| {
+        m.step = 2;
+        m.published = 2;
+    });
+    rig.sent.sent().steps.clear();
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!(s.messages.len(), 1, "the fenced-out worker appended nothing");
+    assert!(rig.published().is_empty());
+    assert_eq!(s.usage.model_calls, 1, "its model call is still counted, once");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tool_already_in_the_ledger_is_not_run_again() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=2] ledger", None)?;
+    // The tool checkpoint's outcome is unknown: the tool ran and its result is in the ledger.
+    rig.store.fail_next("commit_tools", false);
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!((s.meta.step, s.meta.phase, s.ledger.len()), (1, Phase::Tools, 1));
+    assert_eq!(rig.tools.stats().calls_total, 1);
+    // A result recorded by an earlier delivery is what the conversation gets.
+    let tool_use_id = s.ledger.keys().next().cloned().unwrap_or_default();
+    rig.store.put_ledger(&id, &tool_use_id, ToolOutcome::error("ignored: the first write wins"));
+    let (copy, _) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no copy"))?;
+    rig.sent.sent().steps.clear();
+    assert_eq!(copy.step, 1);
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!(rig.tools.stats().calls_total, 1, "the tool did not run again");
+    assert_eq!(rig.model.stats().requests_total, 1, "nor did the model");
+    assert_eq!((s.meta.step, s.meta.phase), (2, Phase::Llm));
+    let results: serde_json::Value = serde_json::from_str(&s.messages[2])?;
+    assert_eq!(results["content"][0]["tool_use_id"], tool_use_id.as_str());
+    assert!(!results["content"][0]["is_error"].as_bool().unwrap_or(false), "the ledger's first result is used");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_applied_with_an_unknown_outcome_resumes_from_its_phase() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    let id = rig.session("support", "[steps=2] applied", None)?;
+    rig.store.fail_next("commit_model", true);
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!((s.meta.step, s.meta.phase), (1, Phase::Tools), "the model checkpoint applied");
+    assert_eq!(rig.tools.stats().calls_total, 0, "the step stopped at the unknown outcome");
+    let s = {
+        let (copy, _) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no copy"))?;
+        rig.sent.sent().steps.clear();
+        rig.deliver(&copy.session_id, copy.step).await?;
+        rig.snapshot(&id)?
+    };
+    assert_eq!((s.meta.step, s.meta.phase), (2, Phase::Llm));
+    assert_eq!(rig.model.stats().requests_total, 1, "the model was not called again");
+    assert_eq!(rig.tools.stats().calls_total, 1);
+    assert_eq!(roles(&s), ["user", "assistant", "user"]);
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_ending_settles_once_with_its_event() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+
+    let refused = rig.session("support", "[stop=refusal] no", None)?;
+    let s = rig.run(&refused).await?;
+    assert_eq!(s.meta.status, SessionStatus::Failed);
+    assert_eq!(s.meta.error.as_deref(), Some("the model refused to continue"));
+
+    let long = rig.session("support", "[steps=10] too long", Some(2))?;
+    let s = rig.run(&long).await?;
+    assert_eq!(s.meta.status, SessionStatus::BudgetExhausted);
+    assert!(s.meta.result.as_deref().is_some_and(|r| !r.is_empty()), "the summary is the result");
+    assert_eq!(rig.model.stats().tool_choice_seen.get("none"), Some(&1), "one summary call");
+
+    let human = rig.session("support", "I want a human, please. me@example.com", None)?;
+    let s = rig.run(&human).await?;
+    assert_eq!(s.meta.status, SessionStatus::AwaitingHuman);
+    assert!(s.meta.escalation.as_deref().is_some_and(|e| e.contains("\"kind\":\"human\"")));
+    assert!(s.waiting_until.is_some() && s.active, "a waiting session is indexed with its deadline");
+
+    let refund = rig.session("support", "[refund=500] refund me", None)?;
+    let s = rig.run(&refund).await?;
+    assert_eq!(s.meta.status, SessionStatus::AwaitingApproval);
+    assert!(s.meta.escalation.as_deref().is_some_and(|e| e.contains("issue_refund")));
+    assert_eq!(rig.tools.stats().by_tool.get("issue_refund"), None, "nothing refunded before approval");
+
+    let capped = rig.session("capped", "[steps=2] thrifty", None)?;
+    assert_eq!(rig.deliver(&capped, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&capped)?;
+    assert_eq!(s.meta.status, SessionStatus::Paused);
+    let (again, after) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no retry"))?;
+    assert_eq!((again.step, after), (1, Some(Duration::from_secs(600))), "tried again after the cap's wait");
+    rig.sent.sent().steps.clear();
+
+    let cancelled = rig.session("support", "[steps=3] stop me", None)?;
+    rig.deliver(&cancelled, 1).await?;
+    rig.store.update(&cancelled, |m| m.cancel_requested = true);
+    let s = rig.run_from(&cancelled, 2).await?;
+    assert_eq!(s.meta.status, SessionStatus::Cancelled);
+    assert!(!s.active);
+
+    let events = rig.events();
+    let count = |k: &str| events.iter().filter(|e| *e == k).count();
+    for kind in [
+        "session.failed",
+        "session.budget_exhausted",
+        "session.escalated",
+        "session.awaiting_approval",
+        "session.cancelled",
+    ] {
+        assert_eq!(count(kind), 1, "{kind} once in {events:?}");
+    }
+    assert_eq!(count("session.budget_alert"), 1, "the two-step budget crossed its alert threshold once");
+    assert_eq!(events.len(), 6, "a pause announces nothing: {events:?}");
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_model_escalates_when_the_agent_says_so() -> anyhow::Result<()> {
+    let rig = Rig::start().await?;
+    rig.model.set_faults(Faults { rate_500: 1.0, ..Faults::default() });
+    let id = rig.session("careful", "[steps=2] the model is down", None)?;
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!(s.meta.status, SessionStatus::AwaitingHuman);
+    assert!(s.meta.escalation.as_deref().is_some_and(|e| e.contains("model_failure")));
+    assert_eq!((s.usage.model_calls, s.usage.model_errors), (0, 1), "an API error is not billed");
+    assert_eq!(rig.events(), ["session.escalated"]);
+    rig.stop().await;
+    Ok(())
+}
+
+impl Rig {
+    /// Delivers `step`, then every step the engine publishes.
+    async fn run_from(&self, id: &SessionId, step: u32) -> anyhow::Result<Snapshot> {
+        self.sent.sent().steps.clear();
+        self.deliver(id, step).await?;
+        for _ in 0..100 {
+            let next = self.sent.sent().steps.pop();
+            let Some((msg, _)) = next else { return self.snapshot(id) };
+            self.engine.handle(&serde_json::to_vec(&msg)?, &self.pool).await;
+        }
+        anyhow::bail!("the session did not settle")
+    }
+}
