@@ -180,27 +180,36 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The Prometheus recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The exporter refused its settings or could not bind its listener.
+    #[error("prometheus exporter: {0}")]
+    Exporter(#[from] metrics_exporter_prometheus::BuildError),
+    /// Another recorder is installed in this process already.
+    #[error("a metrics recorder is already installed")]
+    AlreadyInstalled,
+}
+
 /// Installs the Prometheus recorder with explicit buckets, serving `/metrics` on `listen`.
 pub fn install_metrics(
     listen: Option<std::net::SocketAddr>,
-) -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, MetricsError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-        .map_err(|e| e.to_string())?;
+    let builder = PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?;
     match listen {
         Some(addr) => {
             let builder = builder.with_http_listener(addr);
-            let (recorder, exporter) = builder.build().map_err(|e| e.to_string())?;
+            let (recorder, exporter) = builder.build()?;
             let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
             tokio::spawn(exporter);
             metric::describe();
             Ok(handle)
         }
         None => {
-            let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+            let handle = builder.install_recorder()?;
             metric::describe();
             Ok(handle)
         }

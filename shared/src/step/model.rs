@@ -39,7 +39,7 @@ impl StepCtx<'_> {
     pub(super) async fn model_phase(&self, state: SessionState) -> Result<Next, StepError> {
         let messages = match raw_messages(&state.messages) {
             Ok(m) => m,
-            Err(why) => return self.fail_llm(why).await,
+            Err(why) => return self.fail_llm(why.to_string()).await,
         };
         let spent = Spent {
             steps: self.msg.step.saturating_sub(1),
@@ -366,11 +366,19 @@ fn with_summary_prompt(mut messages: Vec<Box<RawValue>>) -> Result<Vec<Box<RawVa
     Ok(messages)
 }
 
-fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, String> {
+/// A stored message that is not JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("stored message {index} is not JSON: {source}")]
+struct NotJson {
+    index: usize,
+    source: serde_json::Error,
+}
+
+fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, NotJson> {
     stored
         .iter()
         .enumerate()
-        .map(|(i, m)| RawValue::from_string(m.clone()).map_err(|e| format!("stored message {i} is not JSON: {e}")))
+        .map(|(index, m)| RawValue::from_string(m.clone()).map_err(|source| NotJson { index, source }))
         .collect()
 }
 

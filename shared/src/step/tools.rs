@@ -20,7 +20,7 @@ impl StepCtx<'_> {
         let calls = match calls.map_or_else(|| last_tool_uses(&state.messages), Ok) {
             Ok(calls) if !calls.is_empty() => calls,
             Ok(_) => return self.fail_tools("the last assistant message has no tool_use".into()).await,
-            Err(why) => return self.fail_tools(why).await,
+            Err(why) => return self.fail_tools(why.to_string()).await,
         };
         let pending: Vec<&ToolUse> = calls.iter().filter(|c| !state.ledger.contains_key(&c.id)).collect();
         if let Some((call, why)) = self.first_unapproved(&pending) {
@@ -155,10 +155,19 @@ impl StepCtx<'_> {
     }
 }
 
+/// The stored conversation does not end with a readable assistant message.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error("the conversation is empty")]
+    Empty,
+    #[error("the last message is unreadable: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// The tool calls of the stored conversation's last (assistant) message.
-fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, String> {
-    let last = messages.last().ok_or("the conversation is empty")?;
-    let content = llm::stored_content(last).map_err(|e| format!("the last message is unreadable: {e}"))?;
+fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, Unreadable> {
+    let last = messages.last().ok_or(Unreadable::Empty)?;
+    let content = llm::stored_content(last)?;
     Ok(content
         .iter()
         .filter_map(|b| match Block::view(b) {
