@@ -8,7 +8,6 @@
 
 use agentfleet::amqp::StepPublisher;
 use agentfleet::domain::{Name, SessionId, SessionStatus, StepMessage};
-use agentfleet::lifecycle::lifecycle_event;
 use agentfleet::llm::ToolOutcome;
 use agentfleet::store::{CancelOutcome, Meta, ResumeOutcome};
 use agentfleet::telemetry::now_ms;
@@ -21,17 +20,9 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::sessions::{load, path_id, session_span};
+use crate::session_ref::{event, load, path_id, session_span};
 
 const MAX_TEXT_BYTES: usize = 64 * 1024;
-
-/// Publishes a lifecycle event; failures are logged, never returned to the client.
-pub(crate) async fn event(s: &AppState, meta: &Meta, id: &SessionId, kind: &str, summary: &str) {
-    let event = lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
-    if let Err(e) = s.publisher.publish_event(kind, &event).await {
-        tracing::warn!(error = %e, kind, session = %id, "publishing an event failed");
-    }
-}
 
 /// The answer to a cancel, a reply, an approval or a rejection.
 #[derive(Serialize, ToSchema)]
@@ -208,13 +199,7 @@ pub(crate) async fn approve(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
     };
-    let note = body.note;
-    let p = approval(&s, &id).await?;
-    tracing::info!(session = %id, tool_use_id = p.tool_use_id, note = note.as_deref().unwrap_or(""), "tool call approved");
-    let expected = p.meta.status;
-    let resumed = resume(&s, &id, &p, expected, None, true).instrument(session_span("session.approve", &id)).await?;
-    agentfleet::telemetry::metric::human_decision("approved");
-    Ok(resumed)
+    decide(&s, &id, Verdict::Approve { note: body.note }).await
 }
 
 /// Rejects the tool call a session waits on: the reason becomes the tool's error result.
@@ -241,12 +226,34 @@ pub(crate) async fn reject(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = path_id(&id)?;
     text("reason", &body.reason)?;
-    let p = approval(&s, &id).await?;
-    let result = ToolOutcome::error(format!("A reviewer rejected this call: {}", body.reason));
+    decide(&s, &id, Verdict::Reject { reason: body.reason }).await
+}
+
+/// What a reviewer decided about the tool call a session waits on.
+enum Verdict {
+    /// The call runs; the note is only logged.
+    Approve { note: Option<String> },
+    /// The reason becomes the tool's error result.
+    Reject { reason: String },
+}
+
+/// Applies a verdict to the approval a session waits on, and resumes it.
+async fn decide(s: &AppState, id: &SessionId, verdict: Verdict) -> Result<impl IntoResponse + use<>, ApiError> {
+    let p = approval(s, id).await?;
+    let (result, approve, span, decision) = match verdict {
+        Verdict::Approve { note } => {
+            let note = note.as_deref().unwrap_or("");
+            tracing::info!(session = %id, tool_use_id = p.tool_use_id, note, "tool call approved");
+            (None, true, "session.approve", "approved")
+        }
+        Verdict::Reject { reason } => {
+            let result = ToolOutcome::error(format!("A reviewer rejected this call: {reason}"));
+            (Some(result), false, "session.reject", "rejected")
+        }
+    };
     let expected = p.meta.status;
-    let resumed =
-        resume(&s, &id, &p, expected, Some(result), false).instrument(session_span("session.reject", &id)).await?;
-    agentfleet::telemetry::metric::human_decision("rejected");
+    let resumed = resume(s, id, &p, expected, result, approve).instrument(session_span(span, id)).await?;
+    agentfleet::telemetry::metric::human_decision(decision);
     Ok(resumed)
 }
 
@@ -283,7 +290,7 @@ async fn resume(
 }
 
 /// Publishes the session's current step so a worker resumes it.
-pub(crate) async fn publish_step(s: &AppState, id: &SessionId, meta: &Meta, step: u32) -> Result<(), ApiError> {
+async fn publish_step(s: &AppState, id: &SessionId, meta: &Meta, step: u32) -> Result<(), ApiError> {
     let Some(agent) = s.cfg.agent(meta.agent.as_str()) else {
         return Err(ApiError::conflict(format!("agent `{}` is no longer configured", meta.agent)));
     };

@@ -12,17 +12,15 @@
 //! its idempotency key, so a retry or a redelivery returns the session it already created.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agentfleet::amqp::{self, PublishError, StepPublisher};
-use futures::StreamExt;
+use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
+use agentfleet::amqp::{Backoff, PublishError, StepPublisher};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Acker, BasicProperties};
-use tokio::sync::Semaphore;
+use lapin::{Acker, BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::AppState;
@@ -33,91 +31,44 @@ use crate::sessions::{CreateSession, Created, create_session};
 const PREFETCH: u16 = 32;
 /// How long a stopping intake waits for the requests in flight.
 const GRACE: Duration = Duration::from_secs(10);
-/// The first wait before a retry (of a connection or a request); it doubles up to `MAX_BACKOFF`.
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A connection that lived this long starts the next one's backoff afresh.
-const HEALTHY: Duration = Duration::from_secs(30);
 const CONSUMER_TAG: &str = "dispatcher-intake";
 /// The longest idempotency key the API takes; a longer `message_id` is not used as one.
 const MAX_KEY: usize = 255;
 
 /// Consumes the requests queue until `shutdown`, reconnecting with backoff when the broker goes.
 pub(crate) async fn run(state: AppState, shutdown: CancellationToken) {
-    let mut backoff = FIRST_BACKOFF;
-    while !shutdown.is_cancelled() {
-        let started = Instant::now();
-        match consume(&state, &shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                if started.elapsed() > HEALTHY {
-                    backoff = FIRST_BACKOFF;
-                }
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "intake lost the broker; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
+    let settings = Settings {
+        url: state.cfg.amqp.url.clone(),
+        connection_name: "dispatcher/intake".into(),
+        prefetch: PREFETCH,
+        queues: vec![QueueTag {
+            queue: state.publisher.topology().requests_queue(),
+            consumer_tag: CONSUMER_TAG.into(),
+            key: (),
+        }],
+        grace: GRACE,
+    };
+    consumer::run(settings, Arc::new(Intake { state, shutdown: shutdown.clone() }), shutdown).await;
     info!("intake stopped");
 }
 
-/// One connection's life: consume, hand each delivery to a task, drain on shutdown.
-async fn consume(state: &AppState, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
-    let conn = amqp::connect(&state.cfg.amqp.url, "dispatcher/intake").await?;
-    let ch = conn.create_channel().await?;
-    let topology = state.publisher.topology();
-    topology.declare(&ch, &crate::agent_pools(&state.cfg)).await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let queue = topology.requests_queue();
-    let mut deliveries = ch
-        .basic_consume(
-            queue.as_str().into(),
-            CONSUMER_TAG.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    info!(queue, prefetch = PREFETCH, "intake consuming");
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(usize::from(PREFETCH)));
-    let ended = loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            p = permits.clone().acquire_owned() => p.map_err(|_| lapin::Error::from(std::io::Error::other("semaphore closed")))?,
-        };
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            d = deliveries.next() => d,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                let (state, shutdown) = (state.clone(), shutdown.clone());
-                tracker.spawn(async move {
-                    handle(&state, delivery, &shutdown).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => break Err(e),
-            None => break Err(lapin::Error::from(std::io::Error::other("the broker cancelled the intake consumer"))),
-        }
-    };
-    if ended.is_ok() {
-        drain(&ch, &tracker).await;
-        let _ = conn.close(200, "dispatcher shutting down".into()).await;
-    }
-    ended
+/// The intake's handler. It holds the shutdown token: a request retried while Redis or the broker
+/// is down gives up (and is requeued) when the dispatcher stops.
+struct Intake {
+    state: AppState,
+    shutdown: CancellationToken,
 }
 
-/// Stops new deliveries and waits, up to `GRACE`, for the requests in flight.
-async fn drain(ch: &lapin::Channel, tracker: &TaskTracker) {
-    let _ = ch.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
-    tracker.close();
-    if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
-        warn!(in_flight = tracker.len(), "intake grace period over; unsettled requests will be redelivered");
+impl Handler for Intake {
+    type Key = ();
+    type Link = ();
+
+    async fn declare(&self, _conn: &Connection, ch: &Channel) -> Result<(), lapin::Error> {
+        self.state.publisher.topology().declare(ch, &crate::agent_pools(&self.state.cfg)).await
+    }
+
+    async fn handle(&self, delivery: Delivery, _queue: &QueueTag<()>, _link: &()) {
+        handle(&self.state, delivery, &self.shutdown).await;
     }
 }
 
@@ -271,11 +222,11 @@ async fn with_retries<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>>>(
     transient: impl Fn(&E) -> bool,
     mut attempt: impl FnMut() -> F,
 ) -> Option<Result<T, E>> {
-    let mut wait = FIRST_BACKOFF;
+    let mut backoff = Backoff::default();
     loop {
         match attempt().await {
             Err(e) if transient(&e) => {
-                warn!(error = ?e, retry_in_ms = wait.as_millis() as u64, "session request failed for now; retrying");
+                warn!(error = ?e, retry_in_ms = backoff.peek().as_millis() as u64, "session request failed for now; retrying");
             }
             done => return Some(done),
         }
@@ -284,9 +235,8 @@ async fn with_retries<T, E: std::fmt::Debug, F: Future<Output = Result<T, E>>>(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
         }
-        wait = (wait * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -8,6 +8,7 @@ mod gauges;
 mod intake;
 mod janitor;
 mod openapi;
+mod session_ref;
 pub mod sessions;
 mod trace;
 mod webhooks;
@@ -30,6 +31,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 pub use error::ApiError;
 pub use janitor::Janitor;
@@ -87,18 +90,50 @@ impl Dispatcher {
         Janitor::new(self.state.store.clone(), self.state.publisher.clone(), self.state.cfg.clone())
     }
 
-    /// Serves, with the janitor and the AMQP intake, until `shutdown`; in-flight requests finish first.
+    /// Serves, with the janitor, the AMQP intake, the webhook deliverer and the gauges, until
+    /// `shutdown`. Then in-flight requests finish and the tasks drain, all within
+    /// `dispatcher.shutdown_grace_ms`; past it the rest is abandoned (unsettled deliveries are
+    /// redelivered).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tokio::spawn(self.janitor().run(shutdown.clone()));
-        tokio::spawn(webhooks::run(self.state.cfg.clone(), self.state.store.clone(), shutdown.clone()));
-        tokio::spawn(intake::run(self.state.clone(), shutdown.clone()));
-        let gauges =
-            gauges::Gauges { cfg: self.state.cfg.clone(), store: self.state.store.clone(), breakers: self.breakers };
-        tokio::spawn(gauges.run(shutdown.clone()));
+        // A child token, so a server that fails stops the tasks too.
+        let stop = shutdown.child_token();
+        let grace = Duration::from_millis(self.state.cfg.dispatcher.shutdown_grace_ms);
+        let tasks = self.spawn_tasks(&stop);
         let app = router(self.state);
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        let serve = axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let stopped = async {
+            let served = serve.await;
+            stop.cancel();
+            tasks.wait().await;
+            served
+        };
+        tokio::select! {
+            served = stopped => served?,
+            () = deadline(&stop, grace) => {
+                warn!(tasks = tasks.len(), grace_ms = grace.as_millis() as u64, "shutdown grace period over; stopping anyway");
+            }
+        }
         Ok(())
     }
+
+    /// The background tasks, on one tracker (closed: it only waits now).
+    fn spawn_tasks(&self, stop: &CancellationToken) -> TaskTracker {
+        let tasks = TaskTracker::new();
+        let s = &self.state;
+        tasks.spawn(self.janitor().run(stop.clone()));
+        tasks.spawn(webhooks::run(s.cfg.clone(), s.store.clone(), stop.clone()));
+        tasks.spawn(intake::run(s.clone(), stop.clone()));
+        let gauges = gauges::Gauges { cfg: s.cfg.clone(), store: s.store.clone(), breakers: self.breakers.clone() };
+        tasks.spawn(gauges.run(stop.clone()));
+        tasks.close();
+        tasks
+    }
+}
+
+/// Resolves `grace` after `stop` is cancelled.
+async fn deadline(stop: &CancellationToken, grace: Duration) {
+    stop.cancelled().await;
+    tokio::time::sleep(grace).await;
 }
 
 /// The API's routes. A new route goes in [`routes`] too, and its handler in `openapi::ApiDoc`.

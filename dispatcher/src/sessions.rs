@@ -15,6 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::session_ref::{event, load, path_id, session_span};
 
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -115,14 +116,6 @@ pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created,
     store_and_queue(s, &req, id.clone()).instrument(session_span("session.create", &id)).await
 }
 
-/// A span in the session's own trace (see `agentfleet::telemetry::otel`), linked to the span of
-/// the request or delivery that caused it.
-pub(crate) fn session_span(name: &'static str, id: &SessionId) -> tracing::Span {
-    let span = tracing::info_span!("session_action", otel.name = name, session = %id);
-    agentfleet::telemetry::otel::adopt_linked(&span, id);
-    span
-}
-
 async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
     let new = NewSession {
         id: id.clone(),
@@ -145,7 +138,7 @@ async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Cre
     if created {
         metric::session_created(req.agent.as_str());
         let summary = agentfleet::telemetry::summarize(&req.input, 200);
-        crate::actions::event(s, &view.meta, &id, "session.created", &summary).await;
+        event(s, &view.meta, &id, "session.created", &summary).await;
     }
     Ok(Created { id, status: view.meta.status, created })
 }
@@ -202,19 +195,6 @@ async fn publish_first_step(s: &AppState, id: &SessionId, pool: &Name) -> Result
         tracing::warn!(error = %e, session = %id, "marking step 1 published failed");
     }
     Ok(())
-}
-
-pub(crate) async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, ApiError> {
-    s.store
-        .view(id)
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?
-        .ok_or_else(|| ApiError::not_found(format!("no session `{id}`")))
-}
-
-/// Parses the `{id}` of a path.
-pub(crate) fn path_id(id: &str) -> Result<SessionId, ApiError> {
-    SessionId::parse(id).map_err(|e| ApiError::invalid(format!("id: {e}")))
 }
 
 /// The query of `GET /v1/sessions`.

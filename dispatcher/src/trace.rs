@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::sessions::{load, path_id};
+use crate::session_ref::{load, path_id};
 
 /// The most records one answer returns (the stream keeps about 10,000).
 const MAX_RECORDS: usize = 20_000;

@@ -17,30 +17,27 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentfleet::amqp::{self, AmqpPublisher, PublishError, Topology};
+use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
+use agentfleet::amqp::{AmqpPublisher, PublishError, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
-use agentfleet::store::SessionStore;
+use agentfleet::store::{SessionStore, StoreError};
 use agentfleet::webhooks::{self as wh, Signer};
-use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 /// Deliveries in flight at once (also the AMQP prefetch).
 const CONCURRENCY: u16 = 32;
 /// Deliveries of one message (connection losses, crashes) before the broker dead-letters it.
 const DELIVERY_LIMIT: i64 = 20;
-/// The consumer tag, for the cancel at shutdown.
+/// The consumer tag (for the cancel at shutdown) and the connection's name.
 const CONSUMER_TAG: &str = "dispatcher/webhooks";
 
 /// Delivers webhooks until `shutdown`, reconnecting to the broker as needed.
@@ -56,20 +53,15 @@ pub(crate) async fn run(cfg: Arc<Config>, store: Arc<dyn SessionStore>, shutdown
         let var = &deliverer.cfg.webhooks.secret_env;
         warn!(env = %var, "no webhook signing secret: events with a URL are dead-lettered, not sent");
     }
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        match deliverer.consume(&shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "webhooks: broker connection lost");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let settings = Settings {
+        url: deliverer.cfg.amqp.url.clone(),
+        connection_name: CONSUMER_TAG.into(),
+        prefetch: CONCURRENCY,
+        queues: vec![QueueTag { queue: deliverer.queue.clone(), consumer_tag: CONSUMER_TAG.into(), key: () }],
+        // In-flight POSTs get their timeout, and a little; the rest go to another dispatcher.
+        grace: Duration::from_millis(deliverer.cfg.webhooks.timeout_ms) + Duration::from_secs(2),
+    };
+    consumer::run(settings, deliverer, shutdown).await;
     info!("webhook deliverer stopped");
 }
 
@@ -117,113 +109,6 @@ impl Deliverer {
         Ok(Self { cfg, store, http, signer, topology, queue })
     }
 
-    /// One connection's life. It is closed whatever happens: a connection dropped unclosed would
-    /// live on in the background, and a broker's sockets are few.
-    async fn consume(self: &Arc<Self>, shutdown: &CancellationToken) -> Result<(), lapin::Error> {
-        let conn = amqp::connect(&self.cfg.amqp.url, "dispatcher/webhooks").await?;
-        let result = self.serve(&conn, shutdown).await;
-        let _ = conn.close(200, "webhook deliverer stopping".into()).await;
-        result
-    }
-
-    /// Declares, consumes with bounded concurrency, and drains on shutdown.
-    async fn serve(
-        self: &Arc<Self>,
-        conn: &lapin::Connection,
-        shutdown: &CancellationToken,
-    ) -> Result<(), lapin::Error> {
-        let ch = conn.create_channel().await?;
-        let publish = conn.create_channel().await?;
-        publish.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.declare(&ch).await?;
-        ch.basic_qos(CONCURRENCY, BasicQosOptions::default()).await?;
-        let opts = BasicConsumeOptions::default();
-        let mut deliveries =
-            ch.basic_consume(self.queue.as_str().into(), CONSUMER_TAG.into(), opts, FieldTable::default()).await?;
-        info!(queue = %self.queue, concurrency = CONCURRENCY, "delivering webhooks");
-        let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(usize::from(CONCURRENCY)));
-        let ended = loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
-                p = permits.clone().acquire_owned() => p.map_err(|_| closed("semaphore closed"))?,
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
-                d = deliveries.next() => d,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    let (this, publish) = (self.clone(), publish.clone());
-                    tracker.spawn(async move {
-                        this.handle(&publish, delivery).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => break Err(e),
-                None => break Err(closed("the broker cancelled the webhook consumer")),
-            }
-        };
-        if ended.is_ok() {
-            self.drain(&ch, &tracker).await;
-        }
-        ended
-    }
-
-    /// Stops new deliveries and waits for in-flight POSTs (their timeout, and a little); the rest
-    /// are redelivered to another dispatcher.
-    async fn drain(&self, ch: &Channel, tracker: &TaskTracker) {
-        let _ = ch.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
-        tracker.close();
-        let grace = Duration::from_millis(self.cfg.webhooks.timeout_ms) + Duration::from_secs(2);
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            warn!(in_flight = tracker.len(), "webhooks still in flight at shutdown will be redelivered");
-        }
-    }
-
-    /// The fleet topology, then the webhook queue and its retry tiers. Idempotent.
-    async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
-        self.topology.declare(ch, &[]).await?;
-        declare_queues(ch, &self.topology, &self.cfg.amqp.prefix).await
-    }
-
-    /// Attempts one delivery and settles the message: acked once it was delivered, skipped,
-    /// handed to a retry tier or dead-lettered; requeued only when none of that could be done.
-    async fn handle(&self, publish: &Channel, delivery: Delivery) {
-        let attempt = attempts_made(&delivery) + 1;
-        use agentfleet::telemetry::metric::webhook_delivery;
-        let settled = match self.attempt(&delivery.data, attempt).await {
-            Outcome::Delivered => {
-                webhook_delivery("delivered");
-                Ok(())
-            }
-            Outcome::NoReceiver => Ok(()),
-            Outcome::Failed(reason) if attempt < self.cfg.webhooks.max_attempts.max(1) => {
-                webhook_delivery("retry");
-                self.retry(publish, &delivery, attempt, &reason).await
-            }
-            Outcome::Failed(reason) => {
-                webhook_delivery("gave_up");
-                let reason = format!("webhook not delivered after {attempt} attempts: {reason}");
-                self.dead_letter(publish, &delivery, attempt, &reason).await
-            }
-            Outcome::Poison(reason) => {
-                webhook_delivery("gave_up");
-                self.dead_letter(publish, &delivery, attempt, &reason).await
-            }
-        };
-        let result = match settled {
-            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
-            Err(e) => {
-                warn!(error = %e, "webhooks: could not re-publish a failed delivery; requeueing it");
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
-            }
-        };
-        if let Err(e) = result {
-            warn!(error = %e, "webhooks: could not settle a delivery; the broker will deliver it again");
-        }
-    }
-
     /// Finds the receiver and POSTs the body, signed.
     async fn attempt(&self, body: &[u8], attempt: u32) -> Outcome {
         let event: Event = match serde_json::from_slice(body) {
@@ -233,7 +118,7 @@ impl Deliverer {
         let url = match self.receiver(&event).await {
             Ok(Some(url)) => url,
             Ok(None) => return Outcome::NoReceiver,
-            Err(reason) => return Outcome::Failed(reason),
+            Err(e) => return Outcome::Failed(format!("reading the session: {e}")),
         };
         let Some(signer) = &self.signer else {
             let var = &self.cfg.webhooks.secret_env;
@@ -251,10 +136,10 @@ impl Deliverer {
     }
 
     /// The session's `callback_url`, else its agent's `webhook_url`.
-    async fn receiver(&self, event: &Event) -> Result<Option<String>, String> {
+    async fn receiver(&self, event: &Event) -> Result<Option<String>, StoreError> {
         let agent_url = || self.cfg.agent(&event.agent).and_then(|a| a.webhook_url.clone());
         let Ok(id) = SessionId::parse(&event.session_id) else { return Ok(agent_url()) };
-        let meta = self.store.meta(&id).await.map_err(|e| format!("reading the session: {e}"))?;
+        let meta = self.store.meta(&id).await?;
         let callback = meta.and_then(|m| m.callback_url).filter(|u| !u.is_empty());
         Ok(callback.or_else(agent_url))
     }
@@ -297,6 +182,60 @@ impl Deliverer {
         headers.insert("x-agentfleet-reason".into(), long(reason));
         headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         publish_confirmed(ch, &self.topology.dead(), "", &d.data, event_props(d, headers)).await
+    }
+}
+
+/// The deliverer consumes `<prefix>.webhooks`; its link is a confirming channel on the same
+/// connection for the re-publishes.
+impl Handler for Deliverer {
+    type Key = ();
+    type Link = Channel;
+
+    /// The fleet topology, then the webhook queue and its retry tiers (idempotent); and the
+    /// confirming channel that retries and dead letters are published on.
+    async fn declare(&self, conn: &Connection, ch: &Channel) -> Result<Channel, lapin::Error> {
+        let publish = conn.create_channel().await?;
+        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.topology.declare(ch, &[]).await?;
+        declare_queues(ch, &self.topology, &self.cfg.amqp.prefix).await?;
+        Ok(publish)
+    }
+
+    /// Attempts one delivery and settles the message: acked once it was delivered, skipped,
+    /// handed to a retry tier or dead-lettered; requeued only when none of that could be done.
+    async fn handle(&self, delivery: Delivery, _queue: &QueueTag<()>, publish: &Channel) {
+        let attempt = attempts_made(&delivery) + 1;
+        use agentfleet::telemetry::metric::webhook_delivery;
+        let settled = match self.attempt(&delivery.data, attempt).await {
+            Outcome::Delivered => {
+                webhook_delivery("delivered");
+                Ok(())
+            }
+            Outcome::NoReceiver => Ok(()),
+            Outcome::Failed(reason) if attempt < self.cfg.webhooks.max_attempts.max(1) => {
+                webhook_delivery("retry");
+                self.retry(publish, &delivery, attempt, &reason).await
+            }
+            Outcome::Failed(reason) => {
+                webhook_delivery("gave_up");
+                let reason = format!("webhook not delivered after {attempt} attempts: {reason}");
+                self.dead_letter(publish, &delivery, attempt, &reason).await
+            }
+            Outcome::Poison(reason) => {
+                webhook_delivery("gave_up");
+                self.dead_letter(publish, &delivery, attempt, &reason).await
+            }
+        };
+        let result = match settled {
+            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                warn!(error = %e, "webhooks: could not re-publish a failed delivery; requeueing it");
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "webhooks: could not settle a delivery; the broker will deliver it again");
+        }
     }
 }
 

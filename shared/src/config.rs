@@ -366,6 +366,10 @@ pub struct DispatcherConfig {
     /// A queued or running session that has not moved for this long gets its current step
     /// re-published by the janitor. Default 300 s.
     pub stall_after_s: u64,
+    /// How long the dispatcher may take to stop after SIGTERM: in-flight HTTP requests, then its
+    /// background tasks (intake, webhook deliverer, janitor, gauges). Default 25000 ms (under the
+    /// pod's default 30 s grace).
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for DispatcherConfig {
@@ -377,6 +381,7 @@ impl Default for DispatcherConfig {
             idempotency_ttl_s: 86_400,
             janitor_interval_s: 60,
             stall_after_s: 300,
+            shutdown_grace_ms: 25_000,
         }
     }
 }

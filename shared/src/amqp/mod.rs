@@ -4,6 +4,14 @@
 //! into one quorum queue per pool with a delivery limit that dead-letters to `<prefix>.dead`.
 //! Delays go through per-tier fanout exchanges into quorum queues whose TTL dead-letters back to the
 //! step exchange with the original routing key: no worker ever sleeps to wait.
+//!
+//! Every consumer of these queues runs the one loop in [`consumer`]; [`Backoff`] paces every
+//! reconnect.
+
+mod backoff;
+pub mod consumer;
+
+pub use backoff::Backoff;
 
 use std::time::Duration;
 
@@ -203,14 +211,14 @@ impl AmqpPublisher {
         patience: Duration,
     ) -> Result<Self, PublishError> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut wait = Duration::from_millis(200);
+        let mut backoff = Backoff::default();
         loop {
+            let wait = backoff.peek();
             match Self::connect(url, name, topology.clone(), pools.clone()).await {
                 Ok(p) => return Ok(p),
                 Err(e) if tokio::time::Instant::now() + wait < deadline => {
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker not ready; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
                 Err(e) => return Err(e),
             }
