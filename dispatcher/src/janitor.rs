@@ -138,10 +138,8 @@ impl Janitor {
     }
 
     async fn event(&self, meta: &Meta, id: &SessionId, kind: &str, summary: &str) {
-        let event = agentfleet::lifecycle::lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
-        if let Err(e) = self.publisher.publish_event(kind, &event).await {
-            warn!(error = %e, kind, "publishing an event failed");
-        }
+        let publisher = self.publisher.as_ref();
+        agentfleet::lifecycle::publish(publisher, meta, id, meta.step, kind, summary, serde_json::json!({})).await;
     }
 
     async fn revive(&self, id: &SessionId, cutoff: u64, now: u64) -> Result<bool, agentfleet::store::StoreError> {

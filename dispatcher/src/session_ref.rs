@@ -4,9 +4,8 @@
 //! These helpers sit below `sessions` (create, list, show) and `actions` (cancel, reply, approve,
 //! reject), which both use them, so neither of those modules imports the other.
 
-use agentfleet::amqp::StepPublisher;
 use agentfleet::domain::SessionId;
-use agentfleet::lifecycle::lifecycle_event;
+use agentfleet::lifecycle;
 use agentfleet::store::{Meta, SessionView};
 
 use crate::AppState;
@@ -36,8 +35,5 @@ pub(crate) fn path_id(id: &str) -> Result<SessionId, ApiError> {
 
 /// Publishes a lifecycle event; failures are logged, never returned to the client.
 pub(crate) async fn event(s: &AppState, meta: &Meta, id: &SessionId, kind: &str, summary: &str) {
-    let event = lifecycle_event(meta, id, meta.step, kind, summary, serde_json::json!({}));
-    if let Err(e) = s.publisher.publish_event(kind, &event).await {
-        tracing::warn!(error = %e, kind, session = %id, "publishing an event failed");
-    }
+    lifecycle::publish(s.publisher.as_ref(), meta, id, meta.step, kind, summary, serde_json::json!({})).await;
 }

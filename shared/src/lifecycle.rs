@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use crate::amqp::StepPublisher;
 use crate::domain::{SessionId, SessionStatus};
 use crate::store::{Meta, StepEnd};
 use crate::telemetry::{metric, now_ms, otel, summarize};
@@ -162,6 +163,23 @@ pub fn lifecycle_event(meta: &Meta, id: &SessionId, step: u32, kind: &str, summa
         "detail": detail,
         "at_ms": now_ms(),
     })
+}
+
+/// Publishes a lifecycle event on the events exchange; a failure is logged, never returned: the
+/// session's state is already stored, and an event is a notice of it.
+pub async fn publish(
+    publisher: &dyn StepPublisher,
+    meta: &Meta,
+    id: &SessionId,
+    step: u32,
+    kind: &str,
+    summary: &str,
+    detail: Value,
+) {
+    let event = lifecycle_event(meta, id, step, kind, summary, detail);
+    if let Err(e) = publisher.publish_event(kind, &event).await {
+        tracing::warn!(error = %e, kind, session = %id, "publishing an event failed");
+    }
 }
 
 #[cfg(test)]

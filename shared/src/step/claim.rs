@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::{Disposition, Engine};
 use crate::domain::{Name, SessionId, StepMessage};
-use crate::lifecycle::{lifecycle_event, session_ended};
+use crate::lifecycle::{self, session_ended};
 use crate::store::{Claim, Meta, SessionState, StepStore};
 use crate::telemetry::{metric, now_ms};
 
@@ -65,12 +65,9 @@ impl Engine {
         let status = crate::domain::SessionStatus::Cancelled;
         session_ended(&msg.session_id, meta, status, "");
         self.leave_indexes(&msg.session_id).await;
-        let detail = serde_json::json!({});
-        let event =
-            lifecycle_event(meta, &msg.session_id, msg.step, "session.cancelled", "cancelled by request", detail);
-        if let Err(e) = self.publisher.publish_event("session.cancelled", &event).await {
-            warn!(error = %e, "publishing session.cancelled failed");
-        }
+        let (kind, detail) = ("session.cancelled", serde_json::json!({}));
+        let why = "cancelled by request";
+        lifecycle::publish(self.publisher.as_ref(), meta, &msg.session_id, msg.step, kind, why, detail).await;
     }
 
     /// Starts renewing the lease every third of its time-to-live while the step runs.

@@ -3,11 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
-
 use super::{Agent, Engine};
 use crate::domain::{SessionId, StepMessage};
-use crate::lifecycle::lifecycle_event;
+use crate::lifecycle;
 use crate::store::Meta;
 use crate::telemetry::{TraceRecord, metric, now_ms};
 
@@ -42,10 +40,8 @@ impl StepCtx<'_> {
 
     /// Publishes a lifecycle event about this session; a failure is logged, never fatal.
     pub(super) async fn event(&self, kind: &str, summary: &str, detail: serde_json::Value) {
-        let event = lifecycle_event(&self.meta, self.id(), self.msg.step, kind, summary, detail);
-        if let Err(e) = self.engine.publisher.publish_event(kind, &event).await {
-            warn!(error = %e, kind, "publishing an event failed");
-        }
+        let publisher = self.engine.publisher.as_ref();
+        lifecycle::publish(publisher, &self.meta, self.id(), self.msg.step, kind, summary, detail).await;
     }
 }
 

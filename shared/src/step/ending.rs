@@ -6,7 +6,7 @@ use tracing::warn;
 
 use super::{Agent, Engine, Next, StepError};
 use crate::domain::{Phase, SessionId, StepMessage};
-use crate::lifecycle::{Ending, lifecycle_event, session_ended};
+use crate::lifecycle::{self, Ending, session_ended};
 use crate::store::Meta;
 use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
 
@@ -57,10 +57,7 @@ impl Engine {
             metric::budget_exhausted(meta.agent.as_str(), limit);
         }
         if let Some((kind, detail)) = ending.event() {
-            let event = lifecycle_event(meta, id, msg.step, kind, ending.line(), detail);
-            if let Err(e) = self.publisher.publish_event(kind, &event).await {
-                warn!(error = %e, kind, "publishing an event failed");
-            }
+            lifecycle::publish(self.publisher.as_ref(), meta, id, msg.step, kind, ending.line(), detail).await;
         }
     }
 
