@@ -17,13 +17,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use agentfleet::domain::SessionId;
 use agentfleet::webhooks::{self, DEFAULT_TOLERANCE};
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, eventually, queue_depth, try_eventually};
-use lapin::Channel;
+use agentfleet_tests::serve::Served;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
 use futures::future::try_join_all;
+use lapin::Channel;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -94,10 +95,10 @@ async fn receive(State(r): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, b
     StatusCode::NO_CONTENT
 }
 
-/// Serves `receiver` on `listener` until the test ends.
-fn serve(listener: TcpListener, receiver: Arc<Receiver>) {
+/// Serves `receiver` on `listener` until the returned server is dropped.
+fn serve(listener: TcpListener, receiver: Arc<Receiver>) -> anyhow::Result<Served> {
     let app = Router::new().route("/{*path}", post(receive)).with_state(receiver);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    Served::start("webhook receiver", listener, app)
 }
 
 fn options(extra_config: String) -> FleetOptions {
@@ -167,7 +168,7 @@ async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let receiver = Arc::new(Receiver { healthy: AtomicBool::new(true), ..Default::default() });
-    serve(listener, receiver.clone());
+    let _server = serve(listener, receiver.clone())?;
     let hooked = format!(
         "[agents.hooked]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"You help.\"\n\
          tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
@@ -240,7 +241,7 @@ async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Resu
         Ok((webhook_backlog(&ch, &fleet).await?.1 > 0).then_some(()))
     })
     .await?;
-    serve(TcpListener::bind(addr).await?, receiver.clone()); // listening, but answering 503
+    let _server = serve(TcpListener::bind(addr).await?, receiver.clone())?; // listening, but answering 503
     let second = (0..5).map(|i| submit(&fleet, "support", format!("[steps=2] late {i}"), Some(&callback)));
     ids.extend(try_join_all(second).await?);
     for s in fleet.wait_settled(&ids, Duration::from_secs(60)).await? {
@@ -288,7 +289,7 @@ async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow:
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let receiver = Arc::new(Receiver::default()); // never healthy
-    serve(listener, receiver.clone());
+    let _server = serve(listener, receiver.clone())?;
     let fleet = TestFleet::start(options("[webhooks]\nmax_attempts = 2\ntimeout_ms = 500\n".into())).await?;
     let failing = submit(&fleet, "support", "[steps=1] failing".into(), Some(&format!("http://{addr}/hooks"))).await?;
     let slow = submit(&fleet, "support", "[steps=1] slow".into(), Some(&format!("http://{addr}/slow"))).await?;
