@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 

@@ -16,7 +16,7 @@ use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, 
 use agentfleet_tests::model_server::Faults;
 use agentfleet_tests::serve::Served;
 use agentfleet_tests::tool_server::{Behaviour, ToolBehaviour, ToolServer, ToolServerConfig};
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, bail};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
