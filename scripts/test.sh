@@ -13,15 +13,26 @@ step() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 step "services (RabbitMQ, Redis)"
 bash scripts/services.sh
 
-# promtool (Debian's `prometheus` package) for tests/tests/observability_promtool.rs.
+# Tools the tests use and never install themselves: promtool (Debian's `prometheus` package) for
+# tests/tests/observability_promtool.rs, openapi-spec-validator for tests/tests/openapi.rs.
 as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 step "promtool"
 command -v promtool >/dev/null ||
     (as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus >/dev/null 2>&1 ||
         (as_root env DEBIAN_FRONTEND=noninteractive apt-get update &&
             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus))
-# The openapi test validates the API's document with this (it installs it itself if this fails).
-python3 -m pip install --quiet openapi-spec-validator || true
+command -v promtool >/dev/null || {
+    echo "promtool is still missing after installing Debian's prometheus package" >&2
+    exit 1
+}
+step "openapi-spec-validator"
+python3 -c 'import openapi_spec_validator' 2>/dev/null ||
+    python3 -m pip install --quiet openapi-spec-validator ||
+    echo "python3 -m pip install openapi-spec-validator failed" >&2
+python3 -c 'import openapi_spec_validator' || {
+    echo "openapi-spec-validator is missing and could not be installed with pip" >&2
+    exit 1
+}
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

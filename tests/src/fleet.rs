@@ -4,6 +4,7 @@
 //! and tool server on port 0, an in-process dispatcher on port 0, and worker *processes* (the real
 //! worker CLI) that tests can SIGKILL and restart. `AMQP_URL` and `REDIS_URL` pick the services.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -281,6 +282,28 @@ impl TestFleet {
         Ok((conn, ch))
     }
 
+    /// Counter `name` with label `label` (`key="value"`), summed over the live worker processes'
+    /// `/metrics`.
+    pub async fn worker_counter(&self, name: &str, label: &str) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for i in self.live_workers() {
+            let url = self.worker_metrics_url(i).context("no metrics port")?;
+            let text = self.http.get(&url).send().await?.error_for_status()?.text().await?;
+            total += prometheus_counter(&text, name, label);
+        }
+        Ok(total)
+    }
+
+    /// Waits until session `id` has status `status` (up to 30 s) and returns it.
+    pub async fn wait_status(&self, id: &SessionId, status: &str) -> anyhow::Result<Value> {
+        let what = format!("session {id} to reach status {status}");
+        try_eventually(&what, Duration::from_secs(30), || async move {
+            let s = self.session(id).await?;
+            Ok((s["status"] == status).then_some(s))
+        })
+        .await
+    }
+
     /// Where this fleet's logs are.
     pub fn log_dir(&self) -> &PathBuf {
         &self.dir
@@ -368,6 +391,66 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
             candidates[1].display()
         ),
     }
+}
+
+/// How often [`eventually`] and [`try_eventually`] look again.
+pub const POLL_EVERY: Duration = Duration::from_millis(25);
+
+/// Polls `check` every [`POLL_EVERY`] until it yields `Some`, and returns that value.
+///
+/// Panics naming `what` (the awaited state, e.g. "session s_… to be cancelled") when `deadline`
+/// passes first. Tests wait on state with this, never on a fixed sleep.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// [`eventually`] for a fallible check: an error of `check` is returned at once; a timeout panics
+/// naming `what`.
+pub async fn try_eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await.with_context(|| format!("while waiting for {what}"))? {
+            return Ok(value);
+        }
+        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// The number of ready messages in `queue` (a passive declare; unacknowledged ones are not counted).
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
+    let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = ch.queue_declare(queue.into(), opts, lapin::types::FieldTable::default()).await?;
+    Ok(q.message_count())
+}
+
+/// The value of counter `name` with label `label` (`key="value"`) in a Prometheus text exposition,
+/// summed over every series that carries that label; 0 when there is none.
+pub fn prometheus_counter(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(series, _)| {
+            series.split_once('{').is_some_and(|(metric, labels)| metric == name && labels.contains(label))
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// True when a session will not move without outside help.

@@ -6,4 +6,6 @@ pub mod model_server;
 pub mod openai_server;
 pub mod otlp_collector;
 pub mod process;
+pub mod serve;
+pub mod stats;
 pub mod tool_server;

@@ -16,7 +16,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+
+use crate::serve::Served;
 
 /// One received span.
 #[derive(Debug, Clone)]
@@ -64,26 +65,21 @@ pub struct Collector {
     /// Where it listens.
     pub addr: SocketAddr,
     received: Arc<Mutex<Received>>,
-    stop: CancellationToken,
+    server: Served,
 }
 
 impl Collector {
     /// Serves on `listener` until dropped.
     pub async fn start(listener: TcpListener) -> anyhow::Result<Self> {
-        let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Received::default()));
         let app = Router::new().route("/v1/traces", post(export)).with_state(received.clone());
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await;
-        });
-        Ok(Self { addr, received, stop })
+        let server = Served::start("otlp collector", listener, app)?;
+        Ok(Self { addr: server.addr, received, server })
     }
 
     /// The base URL to configure as `telemetry.otlp.endpoint`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.base_url()
     }
 
     /// Every span received so far.
@@ -94,12 +90,6 @@ impl Collector {
     /// Export requests received, and how many of them could not be decoded.
     pub fn requests(&self) -> (usize, usize) {
         self.received.lock().map(|r| (r.requests, r.rejected)).unwrap_or_default()
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, eventually};
 use anyhow::{Context, bail, ensure};
 use futures::StreamExt;
 use lapin::options::{
@@ -246,13 +246,9 @@ impl PrivateRedis {
             .spawn()
             .context("starting redis-server")?;
         let me = Self { child, port };
-        for _ in 0..100 {
-            if me.ping().await.is_ok() {
-                return Ok(me);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("private redis-server did not start on port {port}")
+        let what = format!("the private redis-server to answer on port {port}");
+        eventually(&what, Duration::from_secs(5), || async { me.ping().await.ok().map(drop) }).await;
+        Ok(me)
     }
 
     fn url(&self) -> String {

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, eventually};
 use agentfleet_tests::model_server::Faults;
 use futures::future::try_join_all;
 
@@ -21,7 +21,8 @@ async fn wait_until_queues_can_be_declared() -> anyhow::Result<()> {
     use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let url = agentfleet_tests::fleet::amqp_url();
-    for _ in 0..120 {
+    let what = "the restarted broker to accept a quorum queue declaration";
+    eventually(what, Duration::from_secs(60), || async {
         let probe = async {
             let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
             let ch = conn.create_channel().await?;
@@ -34,28 +35,31 @@ async fn wait_until_queues_can_be_declared() -> anyhow::Result<()> {
             conn.close(200, "probe".into()).await?;
             Ok::<(), lapin::Error>(())
         };
-        if probe.await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    anyhow::bail!("the broker did not accept quorum queues within a minute of its restart")
+        probe.await.ok()
+    })
+    .await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
     let url = agentfleet_tests::fleet::amqp_url();
-    if !(url.contains("127.0.0.1") || url.contains("localhost"))
-        || Command::new("rabbitmqctl").arg("-q").arg("status").output().is_err()
-    {
-        println!("skipped: needs a local RabbitMQ node that rabbitmqctl controls");
-        return Ok(());
+    assert!(
+        url.contains("127.0.0.1") || url.contains("localhost"),
+        "this test restarts the broker with rabbitmqctl, so AMQP_URL must name a local node, not {url}"
+    );
+    if let Err(e) = Command::new("rabbitmqctl").arg("-q").arg("status").output() {
+        panic!("this test needs rabbitmqctl ({e}); `bash scripts/services.sh` installs and starts RabbitMQ with it");
     }
     let fleet = TestFleet::start(FleetOptions { workers: 2, concurrency: 8, ..Default::default() }).await?;
     fleet.model.set_faults(Faults { latency_ms: 100, ..Default::default() });
     let goals: Vec<String> = (0..60).map(|i| format!("[steps=5] restart job {i}")).collect();
     let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Restart once the workers are busy: both have taken a full load of steps to the model.
+    eventually("16 model calls before the restart", Duration::from_secs(30), || async {
+        (fleet.model.stats().valid_total >= 16).then_some(())
+    })
+    .await;
 
     let mut in_flight = 0;
     for id in &ids {
@@ -64,24 +68,19 @@ async fn sessions_complete_across_a_broker_restart() -> anyhow::Result<()> {
     assert!(in_flight > 0, "every session finished before the restart: the test proves nothing");
     println!("{in_flight} of {} sessions in flight at the restart", ids.len());
     rabbitmqctl(&["stop_app"])?;
+    // Not a wait for anything: the outage lasts 2 s, so the clients see their connections fail.
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"])?;
     rabbitmqctl(&["await_startup"])?;
     wait_until_queues_can_be_declared().await?;
 
     // The dispatcher's publisher reconnects too: a session created after the restart completes.
-    let mut late = None;
-    for _ in 0..50 {
-        match fleet.submit("support", "[steps=3] after the restart").await {
-            Ok(id) => {
-                late = Some(id);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let late = eventually("the dispatcher to accept a session after the restart", Duration::from_secs(10), || async {
+        fleet.submit("support", "[steps=3] after the restart").await.ok()
+    })
+    .await;
     let mut all = ids.clone();
-    all.push(late.ok_or_else(|| anyhow::anyhow!("the dispatcher never accepted a session after the restart"))?);
+    all.push(late);
     let sessions = fleet.wait_settled(&all, Duration::from_secs(120)).await?;
     for s in &sessions[..ids.len()] {
         assert_eq!(s["status"], "completed", "{s}");

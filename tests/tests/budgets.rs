@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, queue_depth, try_eventually};
 use futures::future::try_join_all;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -183,7 +183,12 @@ async fn the_budget_alert_fires_exactly_once_per_session_that_crosses() -> anyho
     let ids: Vec<SessionId> = try_join_all(bodies.iter().map(|b| fleet.submit_json(b))).await?;
     let sessions = fleet.wait_settled(&ids, Duration::from_secs(120)).await?;
     assert!(sessions.iter().all(|s| s["status"] == "completed"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every 8-step session publishes one alert: wait until all of them are in the queue.
+    let expected = ids.len().div_ceil(2) as u32;
+    try_eventually(&format!("{expected} budget alerts in the events queue"), Duration::from_secs(30), || async {
+        Ok((queue_depth(&ch, queue.name().as_str()).await? >= expected).then_some(()))
+    })
+    .await?;
     let mut alerts: HashMap<String, usize> = HashMap::new();
     while let Some(msg) = ch.basic_get(queue.name().clone(), BasicGetOptions { no_ack: true }).await? {
         let event: Value = serde_json::from_slice(&msg.delivery.data)?;

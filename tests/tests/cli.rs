@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
-use anyhow::{Context, bail, ensure};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
@@ -88,17 +88,12 @@ impl Cli {
 
     /// Polls `status ID --json` until the session is in `status`.
     async fn wait_status(&self, id: &str, status: &str) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("`status {id}` to report {status}");
+        try_eventually(&what, Duration::from_secs(30), || async {
             let s = self.json(&["status", id]).await?;
-            if s["status"] == status {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!("session {id} never reached {status}: {s}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Ok((s["status"] == status).then_some(s))
+        })
+        .await
     }
 }
 
@@ -188,7 +183,7 @@ async fn submit_wait_list_cancel_and_errors() -> anyhow::Result<()> {
     assert!(run.stderr.contains(&format!("no session `{unknown}`")), "the API's message: {run:?}");
     assert!(run.stdout.is_empty(), "{run:?}");
     let run = cli.run(&["status", "nonsense"]).await?;
-    assert!(run.code != Some(0) && run.stderr.contains("id:"), "{run:?}");
+    assert!(run.code.is_some_and(|c| c != 0) && run.stderr.contains("id:"), "{run:?}");
     let run = cli.run(&["list", "--url", "http://127.0.0.1:9"]).await?;
     assert_eq!(run.code, Some(1), "an unreachable dispatcher is an error: {run:?}");
     assert!(!run.stderr.contains("panicked"), "{run:?}");

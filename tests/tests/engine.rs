@@ -19,7 +19,7 @@ use agentfleet::guard::OpenGuard;
 use agentfleet::llm::{ModelClients, ToolOutcome};
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
 use agentfleet::store::{MemoryStore, NewSession, Snapshot};
-use agentfleet_tests::fleet::{FleetOptions, config_text};
+use agentfleet_tests::fleet::{FleetOptions, config_text, eventually};
 use agentfleet_tests::model_server::{Faults, ModelServer, ModelServerConfig};
 use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
 use async_trait::async_trait;
@@ -282,10 +282,12 @@ async fn a_worker_that_lost_its_lease_mid_call_applies_nothing_twice() -> anyhow
         let (rig, id) = (rig.clone(), id.clone());
         async move { rig.deliver(&id, 1).await }
     });
-    wait_for("worker A's model call", || rig.model.stats().requests_total >= 1).await?;
+    let soon = Duration::from_secs(5);
+    eventually("worker A's model call", soon, || async { (rig.model.stats().requests_total >= 1).then_some(()) }).await;
     // A pauses past its lease: the lease expires and worker B runs the same step.
     rig.store.take_lease(&id, "1|worker-a|lost", Duration::from_millis(1));
-    wait_for("the lease to expire", || rig.store.snapshot(&id).is_some_and(|s| s.lease.is_none())).await?;
+    let expired = || async { rig.store.snapshot(&id).is_some_and(|s| s.lease.is_none()).then_some(()) };
+    eventually("the lease to expire", soon, expired).await;
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
     assert_eq!(first.await??, Disposition::Ack);
     let s = rig.snapshot(&id)?;
@@ -295,16 +297,6 @@ async fn a_worker_that_lost_its_lease_mid_call_applies_nothing_twice() -> anyhow
     assert_eq!(s.usage.model_calls, 2, "and both calls are counted, once each");
     assert_eq!(rig.tools.stats().calls_total, 1, "the tool ran once");
     assert_eq!(rig.published().iter().filter(|(m, d)| m.step == 2 && d.is_none()).count(), 1, "step 2 published once");
-    Ok(())
-}
-
-/// Polls `done` every 5 ms for up to 5 s.
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !done() {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     Ok(())
 }
 

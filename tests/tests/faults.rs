@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, eventually};
 use agentfleet_tests::model_server::Faults;
 use futures::future::try_join_all;
 use rand::Rng;
@@ -53,6 +53,7 @@ async fn kill_randomly_until_settled(
     let started = Instant::now();
     let mut kills = 0;
     loop {
+        // Not a wait for anything: the random gap between kills is the fault schedule itself.
         let pause = rand::rng().random_range(300..1_200);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if all_settled(fleet, ids).await? && kills >= 5 {
@@ -84,7 +85,11 @@ async fn sigterm_drains_in_flight_steps() -> anyhow::Result<()> {
     fleet.model.set_faults(Faults { latency_ms: 150, ..Default::default() });
     let goals: Vec<String> = (0..20).map(|i| format!("[steps=4] drain job {i}")).collect();
     let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // SIGTERM once the worker has filled its 8 slots: those model calls are in flight (each takes 150 ms).
+    eventually("8 model calls to reach the model server", Duration::from_secs(30), || async {
+        (fleet.model.stats().valid_total >= 8).then_some(())
+    })
+    .await;
     let started = Instant::now();
     let status = fleet.stop_worker(0)?;
     assert!(status.success(), "the worker exited with {status}");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
 use agentfleet_tests::model_server::Faults;
 use serde_json::{Value, json};
 
@@ -34,14 +34,7 @@ async fn post(fleet: &TestFleet, path: &str, body: Value) -> anyhow::Result<(u16
 }
 
 async fn wait_status(fleet: &TestFleet, id: &SessionId, status: &str) -> anyhow::Result<Value> {
-    for _ in 0..300 {
-        let s = fleet.session(id).await?;
-        if s["status"] == status {
-            return Ok(s);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("session {id} never reached {status}: {}", fleet.session(id).await?)
+    fleet.wait_status(id, status).await
 }
 
 fn tool_results(s: &Value) -> Vec<Value> {
@@ -115,7 +108,12 @@ async fn cancel_stops_a_running_session_at_the_next_step_boundary() -> anyhow::R
     fleet.model.set_faults(Faults { latency_ms: 300, ..Default::default() });
     let id = fleet.submit("support", "[steps=20] long job").await?;
     wait_status(&fleet, &id, "running").await?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Cancel mid-run, once a couple of steps are done (a step takes over 300 ms of model latency).
+    try_eventually(&format!("session {id} to pass step 2"), Duration::from_secs(30), || async {
+        let s = fleet.session(&id).await?;
+        Ok(s["step"].as_u64().is_some_and(|step| step > 2).then_some(()))
+    })
+    .await?;
     let (code, body) = post(&fleet, &format!("/v1/sessions/{id}/cancel"), json!({})).await?;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "cancelling");
@@ -123,8 +121,11 @@ async fn cancel_stops_a_running_session_at_the_next_step_boundary() -> anyhow::R
     let messages = s["messages"].as_array().map_or(0, Vec::len);
     // The step in flight finished whole: the conversation ends with a complete tool round.
     assert_eq!(messages % 2, 1, "odd: goal + (assistant, tool results)*; {messages} messages");
-    assert!(s["step"].as_u64() < Some(20));
+    let step = s["step"].as_u64().unwrap_or_else(|| panic!("a cancelled session reports its step: {s}"));
+    assert!(step < 20, "cancelled at step {step}, before the last of 20");
     let calls_then = fleet.model.stats().valid_total;
+    // Negative check: nothing can be awaited for "no further call", so give one that would come
+    // (the model server counts a call on arrival, before its 300 ms latency) 800 ms to show up.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(fleet.model.stats().valid_total, calls_then, "no model call after the cancel took effect");
     let (code, _) = post(&fleet, &format!("/v1/sessions/{id}/cancel"), json!({})).await?;

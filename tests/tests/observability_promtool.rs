@@ -1,16 +1,16 @@
 //! The metrics both binaries serve pass `promtool check metrics`, the alerting rules pass
 //! `promtool check rules`, and every metric the Grafana dashboard queries is one the fleet exports.
 //!
-//! promtool comes from Debian's `prometheus` package; when it is not on PATH the test installs it
-//! (as root, or through `sudo -n`) and fails with a clear message when it cannot.
+//! promtool comes from Debian's `prometheus` package, which `scripts/test.sh` installs; without it
+//! the test fails and says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
 use futures::future::try_join_all;
 use serde_json::{Value, json};
 
@@ -45,74 +45,17 @@ fn on_path(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Runs `args` as root (directly, or through `sudo -n` when we are not root).
-fn as_root(args: &[&str]) -> std::io::Result<Output> {
-    let mut cmd = if is_root() {
-        let mut c = Command::new(args[0]);
-        c.args(&args[1..]);
-        c
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg("-n").args(args);
-        c
-    };
-    cmd.env("DEBIAN_FRONTEND", "noninteractive").stdin(Stdio::null()).output()
-}
-
 fn output_text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// Makes sure `promtool` is on PATH, installing Debian's `prometheus` package if needed.
+/// Fails the test, naming the fix, when `promtool` is not on PATH (`bash scripts/test.sh` installs it).
 fn ensure_promtool() {
-    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    READY.get_or_init(|| {
-        if on_path("promtool") {
-            return;
-        }
-        if !is_root() && !on_path("sudo") {
-            panic!("promtool is not on PATH and cannot be installed: not root and no sudo; run `apt-get install -y prometheus` as root");
-        }
-        let started = Instant::now();
-        let mut log = String::new();
-        let install = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"];
-        let mut ok = match as_root(&install) {
-            Ok(o) => {
-                log.push_str(&output_text(&o));
-                o.status.success()
-            }
-            Err(e) => {
-                log.push_str(&format!("apt-get install: {e}\n"));
-                false
-            }
-        };
-        if !ok {
-            match as_root(&["apt-get", "update"]) {
-                Ok(o) => log.push_str(&output_text(&o)),
-                Err(e) => log.push_str(&format!("apt-get update: {e}\n")),
-            }
-            ok = match as_root(&install) {
-                Ok(o) => {
-                    log.push_str(&output_text(&o));
-                    o.status.success()
-                }
-                Err(e) => {
-                    log.push_str(&format!("apt-get install: {e}\n"));
-                    false
-                }
-            };
-        }
-        let took = started.elapsed();
-        assert!(
-            ok && on_path("promtool"),
-            "promtool is not on PATH and installing Debian's `prometheus` package failed after {took:?}:\n{log}"
-        );
-        eprintln!("installed promtool (apt-get install prometheus) in {took:.1?}");
-    });
+    assert!(
+        on_path("promtool"),
+        "promtool is not on PATH: install Debian's `prometheus` package (`apt-get install -y prometheus`), \
+         which `bash scripts/test.sh` does"
+    );
 }
 
 /// Runs `promtool args…` with `stdin` (a file) as its input; returns (success, output).
@@ -296,8 +239,8 @@ fn check_dashboard_shape(dash: &Value) {
 /// Polls the dispatcher's `/metrics` until its gauges (refreshed every 5 s) are there.
 async fn dispatcher_metrics(fleet: &TestFleet) -> anyhow::Result<String> {
     let url = format!("{}/metrics", fleet.api);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = "the dispatcher's gauges (sessions_waiting >= 1, queue_messages, queue_consumers, breaker_state)";
+    try_eventually(what, Duration::from_secs(20), || async {
         let text = scrape(&fleet.http, &url).await?;
         let waiting = text
             .lines()
@@ -307,11 +250,9 @@ async fn dispatcher_metrics(fleet: &TestFleet) -> anyhow::Result<String> {
             && text.contains("agentfleet_queue_messages{")
             && text.contains("agentfleet_queue_consumers{")
             && text.contains("agentfleet_breaker_state{");
-        if ready || Instant::now() > deadline {
-            return Ok(text);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        Ok(ready.then_some(text))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, eventually};
 use agentfleet_tests::otlp_collector::{CollectedSpan, Collector};
 use futures::future::try_join_all;
 use serde_json::{Value, json};
@@ -110,21 +110,15 @@ async fn submit_with_traceparent(fleet: &TestFleet, input: &str) -> anyhow::Resu
 /// The spans of one trace, once its session span (written last, by the worker that ended the
 /// session) has arrived.
 async fn wait_for_session_span(collector: &Collector, trace_id: &str) -> anyhow::Result<Vec<CollectedSpan>> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = format!("the session and session.create spans of trace {trace_id} at the collector");
+    let spans = eventually(&what, Duration::from_secs(20), || async {
         let spans: Vec<CollectedSpan> = collector.spans().into_iter().filter(|s| s.trace_id == trace_id).collect();
         let has_root = spans.iter().any(|s| s.name == "session");
         let has_create = spans.iter().any(|s| s.name == "session.create");
-        if has_root && has_create {
-            return Ok(spans);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "trace {trace_id}: no session span after 20 s ({} spans)",
-            spans.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (has_root && has_create).then_some(spans)
+    })
+    .await;
+    Ok(spans)
 }
 
 fn check_session_trace(id: &SessionId, session: &Value, api_trace: &Value, spans: &[CollectedSpan]) {

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use agentfleet::domain::StepMessage;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, queue_depth, try_eventually};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
 
@@ -24,24 +24,21 @@ async fn publish_raw(ch: &Channel, fleet: &TestFleet, body: &[u8]) -> anyhow::Re
     Ok(())
 }
 
-async fn queue_depth(ch: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let opts = QueueDeclareOptions { passive: true, ..Default::default() };
-    Ok(ch.queue_declare(queue.into(), opts, FieldTable::default()).await?.message_count())
+/// Step messages the workers settled as stale (for a finished session or a step already run).
+async fn stale_steps(fleet: &TestFleet) -> anyhow::Result<u64> {
+    fleet.worker_counter("agentfleet_step_messages_total", r#"outcome="stale""#).await
 }
 
-async fn wait_drained(ch: &Channel, fleet: &TestFleet) -> anyhow::Result<()> {
+/// Waits until the workers have settled `at_least` stale step messages in all and the step queue is
+/// empty: every published copy was taken and judged stale.
+async fn wait_stale(ch: &Channel, fleet: &TestFleet, at_least: u64) -> anyhow::Result<u64> {
     let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
-    for _ in 0..100 {
-        if queue_depth(ch, &queue).await? == 0 {
-            // Give in-flight deliveries time to be handled and acked.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if queue_depth(ch, &queue).await? == 0 {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("the step queue did not drain")
+    let what = format!("{at_least} step messages settled as stale and {queue} empty");
+    try_eventually(&what, Duration::from_secs(30), || async {
+        let stale = stale_steps(fleet).await?;
+        Ok((stale >= at_least && queue_depth(ch, &queue).await? == 0).then_some(stale))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +52,8 @@ async fn publishing_the_same_step_twice_changes_nothing() -> anyhow::Result<()> 
     fleet.spawn_worker()?;
     fleet.spawn_worker()?;
     let done = fleet.wait_settled(std::slice::from_ref(&id), Duration::from_secs(60)).await?.remove(0);
-    wait_drained(&ch, &fleet).await?;
+    // The duplicate of step 1 ends up stale, whether it came first to a busy lease or after step 1.
+    let stale_before = wait_stale(&ch, &fleet, 1).await?;
     assert_eq!(done["status"], "completed");
     check_step_conversation(&done, 5).map_err(anyhow::Error::msg)?;
     assert_eq!(done["usage"]["model_calls"], 5, "no model call was repeated");
@@ -67,7 +65,7 @@ async fn publishing_the_same_step_twice_changes_nothing() -> anyhow::Result<()> 
         publish_raw(&ch, &fleet, &again).await?;
         publish_raw(&ch, &fleet, &again).await?;
     }
-    wait_drained(&ch, &fleet).await?;
+    wait_stale(&ch, &fleet, stale_before + 10).await?;
     let after = fleet.session(&id).await?;
     assert_eq!(after, done, "the session changed after duplicate step messages");
     assert_eq!(fleet.model.stats().valid_total, 5);
@@ -209,8 +207,13 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
     let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
     let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
     let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(janitor.sweep().await?, 1, "the stalled session is re-published");
+    // `stall_after_s = 0`: the session counts as stalled once the clock has moved past its last update.
+    let swept = try_eventually("the janitor to re-publish the stalled session", Duration::from_secs(10), || async {
+        let n = janitor.sweep().await?;
+        Ok((n > 0).then_some(n))
+    })
+    .await?;
+    assert_eq!(swept, 1, "the stalled session is re-published");
 
     fleet.spawn_worker()?;
     let done = fleet.wait_settled(std::slice::from_ref(&id), Duration::from_secs(60)).await?;

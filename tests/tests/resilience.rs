@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use agentfleet::breaker::{BreakerState, BreakerStatus, Breakers};
 use agentfleet::domain::SessionId;
 use agentfleet::telemetry::now_ms;
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, eventually, try_eventually};
 use agentfleet_tests::model_server::Faults;
+use agentfleet_tests::serve::Served;
 use agentfleet_tests::tool_server::{Behaviour, ToolBehaviour, ToolServer, ToolServerConfig};
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, bail};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -234,6 +235,7 @@ async fn the_fleet_keeps_under_the_requests_per_minute_limit() -> anyhow::Result
     let goals: Vec<String> = (0..400).map(|i| format!("[steps=5] rate limited job {i}")).collect();
     let started = Instant::now();
     try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    // Not a wait for anything: the fleet runs under the limit for a fixed window, then the window is measured.
     tokio::time::sleep(RUN.saturating_sub(started.elapsed())).await;
 
     let mut times = fleet.model.stats().request_times_ms;
@@ -380,11 +382,10 @@ async fn long_tool_waits_go_through_the_delay_queues() -> anyhow::Result<()> {
         fleet.submit("overloaded_agent", "[steps=2 tool=overloaded] patient job").await?,
     ];
     // `overloaded` recovers after its second refusal.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while backend.stats().by_tool.get("overloaded").copied().unwrap_or(0) < REFUSALS as u64 {
-        ensure!(Instant::now() < deadline, "overloaded was not called twice: {:?}", backend.stats());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("two calls of the overloaded tool", Duration::from_secs(60), || async {
+        (backend.stats().by_tool.get("overloaded").copied().unwrap_or(0) >= REFUSALS as u64).then_some(())
+    })
+    .await;
     backend.set_behaviour(Behaviour::default())?;
     let sessions = fleet.wait_settled(&ids, Duration::from_secs(90)).await?;
     println!("both sessions settled in {:?}", started.elapsed());
@@ -451,11 +452,10 @@ async fn model_retries_do_not_use_up_the_tool_deferrals() -> anyhow::Result<()> 
     let fleet = TestFleet::start(FleetOptions { extra_config: extra, worker_config, ..Default::default() }).await?;
     fleet.model.set_faults(Faults { rate_429: 1.0, retry_after_s: 1, ..Default::default() });
     let id = fleet.submit("throttled_agent", "[steps=2 tool=throttled] unlucky job").await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fleet.model.stats().injected.r429 < 5 {
-        ensure!(Instant::now() < deadline, "the model was not called five times");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("five model calls answered 429", Duration::from_secs(60), || async {
+        (fleet.model.stats().injected.r429 >= 5).then_some(())
+    })
+    .await;
     fleet.model.set_faults(Faults::default());
     let s = fleet.wait_settled(&[id], Duration::from_secs(60)).await?.remove(0);
     println!("model errors {}, tool calls {}", s["usage"]["model_errors"], throttled.calls().len());
@@ -471,6 +471,7 @@ async fn model_retries_do_not_use_up_the_tool_deferrals() -> anyhow::Result<()> 
 struct Throttled {
     url: String,
     state: Arc<ThrottledState>,
+    _server: Served,
 }
 
 struct ThrottledState {
@@ -481,11 +482,10 @@ struct ThrottledState {
 impl Throttled {
     async fn start(refusals: usize) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(ThrottledState { refusals, calls: Mutex::new(Vec::new()) });
         let router = axum::Router::new().route("/throttled", axum::routing::post(throttled)).with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Ok(Self { url, state })
+        let server = Served::start("throttled tool", listener, router)?;
+        Ok(Self { url: server.base_url(), state, _server: server })
     }
 
     fn calls(&self) -> Vec<(Instant, String)> {
@@ -575,15 +575,11 @@ async fn breakers(fleet: &TestFleet) -> anyhow::Result<Breakers> {
 
 /// Waits until breaker `name` has cooled down (the next call would be the probe).
 async fn wait_half_open(breakers: &Breakers, name: &str, limit: Duration) -> anyhow::Result<BreakerState> {
-    let deadline = Instant::now() + limit;
-    loop {
+    try_eventually(&format!("breaker {name} to cool down to half-open"), limit, || async {
         let state = breakers.state(name, now_ms()).await?;
-        if state.status == BreakerStatus::HalfOpen && state.retry_after.is_none() {
-            return Ok(state);
-        }
-        ensure!(Instant::now() < deadline, "breaker {name} did not cool down within {limit:?}: {state:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok((state.status == BreakerStatus::HalfOpen && state.retry_after.is_none()).then_some(state))
+    })
+    .await
 }
 
 /// Every `tool_result` block the session's user messages hold, in order.

@@ -16,13 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentfleet::domain::SessionId;
 use agentfleet::webhooks::{self, DEFAULT_TOLERANCE};
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, eventually, queue_depth, try_eventually};
+use agentfleet_tests::serve::Served;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
 use futures::future::try_join_all;
+use lapin::Channel;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -93,10 +95,10 @@ async fn receive(State(r): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, b
     StatusCode::NO_CONTENT
 }
 
-/// Serves `receiver` on `listener` until the test ends.
-fn serve(listener: TcpListener, receiver: Arc<Receiver>) {
+/// Serves `receiver` on `listener` until the returned server is dropped.
+fn serve(listener: TcpListener, receiver: Arc<Receiver>) -> anyhow::Result<Served> {
     let app = Router::new().route("/{*path}", post(receive)).with_state(receiver);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    Served::start("webhook receiver", listener, app)
 }
 
 fn options(extra_config: String) -> FleetOptions {
@@ -105,16 +107,9 @@ fn options(extra_config: String) -> FleetOptions {
 }
 
 /// Waits until `receiver` has `session.created` and `session.completed` of every session.
-async fn wait_for_events(receiver: &Receiver, ids: &[SessionId], timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let missing = missing_events(receiver, ids);
-        if missing.is_empty() {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{} events never arrived, e.g. {:?}", missing.len(), &missing[..1]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn wait_for_events(receiver: &Receiver, ids: &[SessionId], timeout: Duration) {
+    let what = format!("session.created and session.completed of {} sessions at the receiver", ids.len());
+    eventually(&what, timeout, || async { missing_events(receiver, ids).is_empty().then_some(()) }).await;
 }
 
 fn missing_events(receiver: &Receiver, ids: &[SessionId]) -> Vec<(String, &'static str)> {
@@ -126,11 +121,20 @@ fn missing_events(receiver: &Receiver, ids: &[SessionId]) -> Vec<(String, &'stat
 /// The number of messages in this fleet's dead-letter queue.
 async fn dead_letters(fleet: &TestFleet) -> anyhow::Result<u32> {
     let (conn, ch) = fleet.amqp().await?;
-    let opts = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    let dead = format!("{}.dead", fleet.prefix);
-    let q = ch.queue_declare(dead.as_str().into(), opts, Default::default()).await?;
+    let depth = queue_depth(&ch, &format!("{}.dead", fleet.prefix)).await?;
     let _ = conn.close(200, "checked".into()).await;
-    Ok(q.message_count())
+    Ok(depth)
+}
+
+/// Ready messages in the webhook queue and in each of its retry tiers.
+async fn webhook_backlog(ch: &Channel, fleet: &TestFleet) -> anyhow::Result<(u32, u32)> {
+    let prefix = &fleet.config.amqp.prefix;
+    let main = queue_depth(ch, &webhooks::queue(prefix)).await?;
+    let mut retrying = 0;
+    for (tier, _) in webhooks::RETRY_TIERS {
+        retrying += queue_depth(ch, &webhooks::retry_queue(prefix, tier)).await?;
+    }
+    Ok((main, retrying))
 }
 
 /// Takes every message from this fleet's dead-letter queue: its reason header and event type.
@@ -164,7 +168,7 @@ async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let receiver = Arc::new(Receiver { healthy: AtomicBool::new(true), ..Default::default() });
-    serve(listener, receiver.clone());
+    let _server = serve(listener, receiver.clone())?;
     let hooked = format!(
         "[agents.hooked]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"You help.\"\n\
          tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
@@ -182,9 +186,16 @@ async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
     for s in fleet.wait_settled(&ids, Duration::from_secs(60)).await? {
         assert_eq!(s["status"], "completed", "{s}");
     }
-    wait_for_events(&receiver, &ids, Duration::from_secs(30)).await?;
+    wait_for_events(&receiver, &ids, Duration::from_secs(30)).await;
     let elapsed = started.elapsed();
     fleet.wait_settled(std::slice::from_ref(&silent), Duration::from_secs(30)).await?;
+    let (_conn, ch) = fleet.amqp().await?;
+    try_eventually("the webhook queue and its retry tiers to be empty", Duration::from_secs(30), || async {
+        Ok((webhook_backlog(&ch, &fleet).await? == (0, 0)).then_some(()))
+    })
+    .await?;
+    // Negative check: the silent session's events may still be in the deliverer's hands (taken from
+    // the queue, not yet acknowledged); give a wrongly sent one 500 ms to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let events = receiver.events();
@@ -224,20 +235,34 @@ async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Resu
     let started = Instant::now();
     let first = (0..5).map(|i| submit(&fleet, "support", format!("[steps=2] early {i}"), Some(&callback)));
     let mut ids: Vec<SessionId> = try_join_all(first).await?;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    serve(TcpListener::bind(addr).await?, receiver.clone()); // listening, but answering 503
+    // The receiver stays down until the deliverer has been refused: an event waits in a retry tier.
+    let (_conn, ch) = fleet.amqp().await?;
+    try_eventually("a refused webhook delivery to wait in a retry tier", Duration::from_secs(30), || async {
+        Ok((webhook_backlog(&ch, &fleet).await?.1 > 0).then_some(()))
+    })
+    .await?;
+    let _server = serve(TcpListener::bind(addr).await?, receiver.clone())?; // listening, but answering 503
     let second = (0..5).map(|i| submit(&fleet, "support", format!("[steps=2] late {i}"), Some(&callback)));
     ids.extend(try_join_all(second).await?);
     for s in fleet.wait_settled(&ids, Duration::from_secs(60)).await? {
         assert_eq!(s["status"], "completed", "{s}");
     }
-    tokio::time::sleep(Duration::from_millis(5_000).saturating_sub(started.elapsed())).await;
+    eventually("the unhealthy receiver to answer 503", Duration::from_secs(30), || async {
+        (receiver.refused.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
     assert!(receiver.events().is_empty(), "nothing is accepted while the receiver is down");
     receiver.healthy.store(true, Ordering::SeqCst);
     let healthy_at = started.elapsed();
 
-    wait_for_events(&receiver, &ids, Duration::from_secs(90)).await?;
+    wait_for_events(&receiver, &ids, Duration::from_secs(90)).await;
     let recovered = started.elapsed();
+    try_eventually("the webhook queue and its retry tiers to be empty", Duration::from_secs(30), || async {
+        Ok((webhook_backlog(&ch, &fleet).await? == (0, 0)).then_some(()))
+    })
+    .await?;
+    // Negative check: no event beyond created and completed; give a stray one still in the
+    // deliverer's hands 2 s to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let refused = receiver.refused.load(Ordering::SeqCst);
     let (dup_events, extra) = receiver.duplicates();
@@ -264,17 +289,19 @@ async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow:
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let receiver = Arc::new(Receiver::default()); // never healthy
-    serve(listener, receiver.clone());
+    let _server = serve(listener, receiver.clone())?;
     let fleet = TestFleet::start(options("[webhooks]\nmax_attempts = 2\ntimeout_ms = 500\n".into())).await?;
     let failing = submit(&fleet, "support", "[steps=1] failing".into(), Some(&format!("http://{addr}/hooks"))).await?;
     let slow = submit(&fleet, "support", "[steps=1] slow".into(), Some(&format!("http://{addr}/slow"))).await?;
     fleet.wait_settled(&[failing, slow], Duration::from_secs(60)).await?;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while dead_letters(&fleet).await? < 4 {
-        anyhow::ensure!(Instant::now() < deadline, "{} of 4 events dead-lettered", dead_letters(&fleet).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_conn, ch) = fleet.amqp().await?;
+    let dead = format!("{}.dead", fleet.prefix);
+    try_eventually("4 events in the dead-letter queue", Duration::from_secs(30), || async {
+        Ok((queue_depth(&ch, &dead).await? >= 4).then_some(()))
+    })
+    .await?;
+    // Negative check: each event is dead-lettered once; give a second copy 2 s to show up.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut dead = take_dead_letters(&fleet).await?;
     dead.sort();

@@ -19,7 +19,7 @@ use agentfleet::llm::ModelClients;
 use agentfleet::ratelimit::RateLimiter;
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
 use agentfleet::store::{AdminStore, NewSession, RedisStore};
-use agentfleet_tests::fleet::{FleetOptions, config_text};
+use agentfleet_tests::fleet::{FleetOptions, config_text, eventually};
 use agentfleet_tests::model_server::{ModelServer, ModelServerConfig};
 use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
 use async_trait::async_trait;
@@ -53,13 +53,9 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .spawn()?;
         let me = Self(child, port);
-        for _ in 0..100 {
-            if me.conn().await.is_ok() {
-                return Ok(me);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("private redis-server did not start on port {port}")
+        let what = format!("the private redis-server to answer on port {port}");
+        eventually(&what, Duration::from_secs(5), || async { me.conn().await.ok().map(drop) }).await;
+        Ok(me)
     }
 
     fn url(&self) -> String {

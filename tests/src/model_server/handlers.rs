@@ -87,7 +87,8 @@ fn reject(state: &AppState, error: ApiError) -> Response {
 
 /// Answers a valid request: latency, maybe a fault, else the script's turn.
 async fn answer(state: &AppState, valid: &Validated) -> Response {
-    state.stats.valid(valid.request.max_tokens, &valid.tool_choice);
+    state.stats.max_tokens(valid.request.max_tokens);
+    state.stats.valid(&valid.tool_choice);
     let faults = state.faults();
     tokio::time::sleep(faults.delay()).await;
     if let Some(injection) = faults.draw() {

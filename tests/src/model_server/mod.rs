@@ -34,13 +34,13 @@ mod stats;
 mod tools;
 mod validate;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::serve::Served;
 
 pub use faults::{Faults, InvalidFaults};
 pub use headers::SUPPORTED_VERSIONS;
@@ -63,8 +63,7 @@ pub struct ModelServer {
     /// The address it listens on.
     pub addr: SocketAddr,
     state: Arc<AppState>,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    server: Served,
 }
 
 impl ModelServer {
@@ -73,11 +72,9 @@ impl ModelServer {
     /// Fails when the initial faults have a rate outside `0..=1` or the listener has no address.
     pub async fn start(listener: TcpListener, config: ModelServerConfig) -> anyhow::Result<ModelServer> {
         config.faults.validate().context("invalid initial faults")?;
-        let addr = listener.local_addr().context("listener has no local address")?;
         let state = Arc::new(AppState::new(config));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, handlers::router(Arc::clone(&state)), shutdown.clone()));
-        Ok(ModelServer { addr, state, shutdown, task: Some(task) })
+        let server = Served::start("model server", listener, handlers::router(Arc::clone(&state)))?;
+        Ok(ModelServer { addr: server.addr, state, server })
     }
 
     /// A snapshot of the counters.
@@ -102,52 +99,18 @@ impl ModelServer {
 
     /// `http://IP:PORT`, with a wildcard bind address replaced by 127.0.0.1.
     pub fn base_url(&self) -> String {
-        base_url(self.addr)
+        self.server.base_url()
     }
 
     /// Stops accepting connections and waits for in-flight requests to finish.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(error) = task.await
-        {
-            tracing::warn!(error = %error, "model server task ended abnormally");
-        }
-    }
-}
-
-impl Drop for ModelServer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// `http://IP:PORT` for `addr`, reachable from this host.
-pub(crate) fn base_url(addr: SocketAddr) -> String {
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(Ipv4Addr::LOCALHOST.into());
-    }
-    format!("http://{addr}")
-}
-
-/// Runs axum until `shutdown` is cancelled.
-async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(error) = server.await {
-        tracing::error!(error = %error, "model server stopped with an error");
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base_url_is_reachable() {
-        assert_eq!(base_url("0.0.0.0:8090".parse().expect("addr")), "http://127.0.0.1:8090");
-        assert_eq!(base_url("127.0.0.1:1".parse().expect("addr")), "http://127.0.0.1:1");
-    }
 
     #[tokio::test]
     async fn start_rejects_bad_faults() {

@@ -1,20 +1,19 @@
 //! What the model server saw, for tests to assert on (`GET /admin/stats`).
 //!
-//! Counters are kept behind a plain mutex: every update is a few integer bumps, never held across an
-//! await.
+//! Kept in a [`Recorder`]: its request counters are shared with the OpenAI server's.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
 use super::faults::Injection;
-
-/// How many invalid-request reasons are kept.
-const KEPT_REASONS: usize = 100;
+use crate::stats::{CountsRequests, Recorder, RequestCounters, push_bounded};
 
 /// How many `max_tokens` values are kept.
 const KEPT_MAX_TOKENS: usize = 1000;
+
+/// How many arrival times are kept.
+const KEPT_ARRIVALS: usize = 20_000;
 
 /// Counters of `POST /v1/messages` traffic since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -56,80 +55,54 @@ pub struct Injected {
     pub r500: u64,
 }
 
+impl CountsRequests for ModelStats {
+    fn counters(&mut self) -> RequestCounters<'_> {
+        RequestCounters {
+            requests_total: &mut self.requests_total,
+            valid_total: &mut self.valid_total,
+            invalid_total: &mut self.invalid_total,
+            status_counts: &mut self.status_counts,
+            invalid_reasons: &mut self.invalid_reasons,
+            tool_choice_seen: &mut self.tool_choice_seen,
+        }
+    }
+}
+
 /// The shared, updatable [`ModelStats`].
-#[derive(Debug, Default)]
-pub(crate) struct StatsRecorder(Mutex<ModelStats>);
+pub(crate) type StatsRecorder = Recorder<ModelStats>;
 
-impl StatsRecorder {
-    fn lock(&self) -> MutexGuard<'_, ModelStats> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A copy of the current counters.
-    pub(crate) fn snapshot(&self) -> ModelStats {
-        self.lock().clone()
-    }
-
-    /// Zeroes everything.
-    pub(crate) fn reset(&self) {
-        *self.lock() = ModelStats::default();
-    }
-
-    /// Counts a request to `/v1/messages`.
-    pub(crate) fn request(&self) {
-        self.lock().requests_total += 1;
-    }
-
-    /// Counts a rejected request and keeps its reason.
-    pub(crate) fn invalid(&self, reason: &str) {
-        let mut stats = self.lock();
-        stats.invalid_total += 1;
-        push_bounded(&mut stats.invalid_reasons, reason.to_owned(), KEPT_REASONS);
-    }
-
-    /// Counts a request that passed validation.
-    pub(crate) fn valid(&self, max_tokens: u64, tool_choice: &str) {
-        let mut stats = self.lock();
-        stats.valid_total += 1;
-        push_bounded(&mut stats.max_tokens_seen, max_tokens, KEPT_MAX_TOKENS);
-        *stats.tool_choice_seen.entry(tool_choice.to_owned()).or_default() += 1;
+/// What only the Messages API server counts; the request counters are [`Recorder`]'s.
+impl Recorder<ModelStats> {
+    /// Keeps the `max_tokens` of a valid request.
+    pub(crate) fn max_tokens(&self, max_tokens: u64) {
+        self.update(|stats| push_bounded(&mut stats.max_tokens_seen, max_tokens, KEPT_MAX_TOKENS));
     }
 
     /// Notes a request's arrival time.
     pub(crate) fn arrived(&self, at_ms: u64) {
-        push_bounded(&mut self.lock().request_times_ms, at_ms, 20_000);
+        self.update(|stats| push_bounded(&mut stats.request_times_ms, at_ms, KEPT_ARRIVALS));
     }
 
     /// Counts a successful response and what it billed.
     pub(crate) fn billed(&self, input_tokens: u64, output_tokens: u64) {
-        let mut stats = self.lock();
-        stats.answered_total += 1;
-        stats.billed_input_tokens += input_tokens;
-        stats.billed_output_tokens += output_tokens;
+        self.update(|stats| {
+            stats.answered_total += 1;
+            stats.billed_input_tokens += input_tokens;
+            stats.billed_output_tokens += output_tokens;
+        });
     }
 
     /// Counts an injected fault.
     pub(crate) fn injected(&self, injection: Injection) {
-        let mut stats = self.lock();
-        let counter = match injection {
-            Injection::RateLimited => &mut stats.injected.r429,
-            Injection::Overloaded => &mut stats.injected.r529,
-            Injection::ServerError => &mut stats.injected.r500,
-        };
-        *counter += 1;
+        self.update(|stats| {
+            let counter = match injection {
+                Injection::RateLimited => &mut stats.injected.r429,
+                Injection::Overloaded => &mut stats.injected.r529,
+                Injection::ServerError => &mut stats.injected.r500,
+            };
+            *counter += 1;
+        });
     }
-
-    /// Counts a response status.
-    pub(crate) fn status(&self, status: u16) {
-        *self.lock().status_counts.entry(status).or_default() += 1;
-    }
-}
-
-/// Appends `item`, dropping the oldest entries beyond `cap`.
-fn push_bounded<T>(items: &mut Vec<T>, item: T, cap: usize) {
-    items.push(item);
-    let excess = items.len().saturating_sub(cap);
-    items.drain(..excess);
 }
 
 #[cfg(test)]
@@ -140,7 +113,8 @@ mod tests {
     fn counts_and_resets() {
         let recorder = StatsRecorder::default();
         recorder.request();
-        recorder.valid(512, "auto");
+        recorder.valid("auto");
+        recorder.max_tokens(512);
         recorder.injected(Injection::RateLimited);
         recorder.status(429);
         recorder.request();
@@ -154,13 +128,6 @@ mod tests {
         assert_eq!(stats.tool_choice_seen["auto"], 1);
         recorder.reset();
         assert_eq!(recorder.snapshot(), ModelStats::default());
-    }
-
-    #[test]
-    fn keeps_only_the_latest() {
-        let mut items: Vec<u32> = (0..5).collect();
-        push_bounded(&mut items, 5, 3);
-        assert_eq!(items, [3, 4, 5]);
     }
 
     #[test]

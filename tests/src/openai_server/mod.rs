@@ -35,13 +35,12 @@ mod script;
 mod stats;
 mod validate;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::serve::Served;
 
 pub use stats::OpenAiStats;
 
@@ -53,8 +52,7 @@ pub struct OpenAiServer {
     /// The address it listens on.
     pub addr: SocketAddr,
     state: Arc<AppState>,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    server: Served,
 }
 
 impl OpenAiServer {
@@ -69,11 +67,9 @@ impl OpenAiServer {
     }
 
     fn serve(listener: TcpListener, api_key: Option<String>) -> anyhow::Result<Self> {
-        let addr = listener.local_addr().context("listener has no local address")?;
         let state = Arc::new(AppState::new(api_key));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, handlers::router(Arc::clone(&state)), shutdown.clone()));
-        Ok(Self { addr, state, shutdown, task: Some(task) })
+        let server = Served::start("openai server", listener, handlers::router(Arc::clone(&state)))?;
+        Ok(Self { addr: server.addr, state, server })
     }
 
     /// A snapshot of the counters.
@@ -88,41 +84,18 @@ impl OpenAiServer {
 
     /// `http://IP:PORT/v1`, with a wildcard bind address replaced by 127.0.0.1.
     pub fn base_url(&self) -> String {
-        base_url(self.addr)
+        base_url(&self.server)
     }
 
     /// Stops accepting connections and waits for in-flight requests to finish.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(error) = task.await
-        {
-            tracing::warn!(error = %error, "openai server task ended abnormally");
-        }
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 
-impl Drop for OpenAiServer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// `http://IP:PORT/v1` for `addr`, reachable from this host.
-fn base_url(addr: SocketAddr) -> String {
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(Ipv4Addr::LOCALHOST.into());
-    }
-    format!("http://{addr}/v1")
-}
-
-/// Runs axum until `shutdown` is cancelled.
-async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(error) = server.await {
-        tracing::error!(error = %error, "openai server stopped with an error");
-    }
+/// `http://IP:PORT/v1` for `server`, reachable from this host.
+fn base_url(server: &Served) -> String {
+    format!("{}/v1", server.base_url())
 }
 
 #[cfg(test)]
@@ -130,9 +103,11 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
-    #[test]
-    fn base_url_is_reachable() {
-        assert_eq!(base_url("0.0.0.0:8091".parse().expect("addr")), "http://127.0.0.1:8091/v1");
+    #[tokio::test]
+    async fn base_url_ends_in_v1() {
+        let server = OpenAiServer::start(TcpListener::bind("127.0.0.1:0").await.expect("bind")).await.expect("start");
+        assert_eq!(server.base_url(), format!("http://{}/v1", server.addr));
+        server.stop().await;
     }
 
     async fn post(server: &OpenAiServer, body: &str, key: Option<&str>) -> (u16, Value) {

@@ -1,14 +1,12 @@
 //! What the OpenAI server saw, for tests to assert on (`GET /admin/stats`).
 //!
-//! Counters sit behind a plain mutex: every update is a few integer bumps, never held across an await.
+//! Kept in a [`Recorder`], whose request counters are shared with the Messages API server's.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-/// How many invalid-request reasons are kept.
-const KEPT_REASONS: usize = 100;
+use crate::stats::{CountsRequests, Recorder, RequestCounters};
 
 /// Counters of `POST /v1/chat/completions` traffic since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,55 +25,26 @@ pub struct OpenAiStats {
     pub tool_choice_seen: BTreeMap<String, u64>,
 }
 
-/// The shared, updatable [`OpenAiStats`].
-#[derive(Debug, Default)]
-pub(crate) struct StatsRecorder(Mutex<OpenAiStats>);
-
-impl StatsRecorder {
-    fn lock(&self) -> MutexGuard<'_, OpenAiStats> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A copy of the current counters.
-    pub(crate) fn snapshot(&self) -> OpenAiStats {
-        self.lock().clone()
-    }
-
-    /// Zeroes everything.
-    pub(crate) fn reset(&self) {
-        *self.lock() = OpenAiStats::default();
-    }
-
-    /// Counts a request.
-    pub(crate) fn request(&self) {
-        self.lock().requests_total += 1;
-    }
-
-    /// Counts a rejected request and keeps its reason.
-    pub(crate) fn invalid(&self, reason: &str) {
-        let mut stats = self.lock();
-        stats.invalid_total += 1;
-        stats.invalid_reasons.push(reason.to_owned());
-        let excess = stats.invalid_reasons.len().saturating_sub(KEPT_REASONS);
-        stats.invalid_reasons.drain(..excess);
-    }
-
-    /// Counts a request that passed validation.
-    pub(crate) fn valid(&self, tool_choice: &str) {
-        let mut stats = self.lock();
-        stats.valid_total += 1;
-        *stats.tool_choice_seen.entry(tool_choice.to_owned()).or_default() += 1;
-    }
-
-    /// Counts a response status.
-    pub(crate) fn status(&self, status: u16) {
-        *self.lock().status_counts.entry(status).or_default() += 1;
+impl CountsRequests for OpenAiStats {
+    fn counters(&mut self) -> RequestCounters<'_> {
+        RequestCounters {
+            requests_total: &mut self.requests_total,
+            valid_total: &mut self.valid_total,
+            invalid_total: &mut self.invalid_total,
+            status_counts: &mut self.status_counts,
+            invalid_reasons: &mut self.invalid_reasons,
+            tool_choice_seen: &mut self.tool_choice_seen,
+        }
     }
 }
+
+/// The shared, updatable [`OpenAiStats`]: a [`Recorder`] counts everything it has.
+pub(crate) type StatsRecorder = Recorder<OpenAiStats>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::KEPT_REASONS;
 
     #[test]
     fn counts_keep_the_latest_reasons_and_reset() {

@@ -24,8 +24,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::serve::Served;
 
 pub use behaviour::{Behaviour, InvalidBehaviour, ToolBehaviour};
 pub use stats::ToolStats;
@@ -45,8 +45,7 @@ pub struct ToolServer {
     /// The address it listens on.
     pub addr: SocketAddr,
     state: Arc<AppState>,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    server: Served,
 }
 
 impl ToolServer {
@@ -55,11 +54,9 @@ impl ToolServer {
     /// Fails when the initial behaviour is invalid or the listener has no address.
     pub async fn start(listener: TcpListener, config: ToolServerConfig) -> anyhow::Result<ToolServer> {
         config.behaviour.validate().context("invalid initial behaviour")?;
-        let addr = listener.local_addr().context("listener has no local address")?;
         let state = Arc::new(AppState::new(config));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, handlers::router(Arc::clone(&state)), shutdown.clone()));
-        Ok(ToolServer { addr, state, shutdown, task: Some(task) })
+        let server = Served::start("tool server", listener, handlers::router(Arc::clone(&state)))?;
+        Ok(ToolServer { addr: server.addr, state, server })
     }
 
     /// A snapshot of the counters.
@@ -86,31 +83,12 @@ impl ToolServer {
 
     /// `http://IP:PORT`, with a wildcard bind address replaced by 127.0.0.1.
     pub fn base_url(&self) -> String {
-        crate::model_server::base_url(self.addr)
+        self.server.base_url()
     }
 
     /// Stops accepting connections and waits for in-flight calls to finish.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(error) = task.await
-        {
-            tracing::warn!(error = %error, "tool server task ended abnormally");
-        }
-    }
-}
-
-impl Drop for ToolServer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// Runs axum until `shutdown` is cancelled.
-async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(error) = server.await {
-        tracing::error!(error = %error, "tool server stopped with an error");
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

@@ -3,9 +3,10 @@
 //! A key counted more than once means the client repeated a call; [`ToolStats::repeats`] sums those.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
+
+use crate::stats::Recorder;
 
 /// Counters since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,38 +31,25 @@ impl ToolStats {
 }
 
 /// The shared, updatable [`ToolStats`].
-#[derive(Debug, Default)]
-pub(crate) struct ToolStatsRecorder(Mutex<ToolStats>);
+pub(crate) type ToolStatsRecorder = Recorder<ToolStats>;
 
-impl ToolStatsRecorder {
-    fn lock(&self) -> MutexGuard<'_, ToolStats> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A copy of the counters.
-    pub(crate) fn snapshot(&self) -> ToolStats {
-        self.lock().clone()
-    }
-
-    /// Zeroes everything.
-    pub(crate) fn reset(&self) {
-        *self.lock() = ToolStats::default();
-    }
-
+/// What the tool server counts.
+impl Recorder<ToolStats> {
     /// Counts one call of `tool`, under its key when it has one.
     pub(crate) fn call(&self, tool: &str, key: Option<&str>) {
-        let mut stats = self.lock();
-        stats.calls_total += 1;
-        *stats.by_tool.entry(tool.to_owned()).or_default() += 1;
-        match key {
-            Some(key) => *stats.by_key.entry(key.to_owned()).or_default() += 1,
-            None => stats.missing_key += 1,
-        }
+        self.update(|stats| {
+            stats.calls_total += 1;
+            *stats.by_tool.entry(tool.to_owned()).or_default() += 1;
+            match key {
+                Some(key) => *stats.by_key.entry(key.to_owned()).or_default() += 1,
+                None => stats.missing_key += 1,
+            }
+        });
     }
 
     /// Counts an injected failure.
     pub(crate) fn failure(&self) {
-        self.lock().failures_injected += 1;
+        self.update(|stats| stats.failures_injected += 1);
     }
 }
 
