@@ -78,12 +78,16 @@ impl Limits {
             self.max_steps = lower("budget.max_steps", self.max_steps, v)?;
         }
         if let Some(v) = o.max_cost_usd {
-            self.max_cost =
-                MicroUsd(lower("budget.max_cost_usd", self.max_cost.0, checked_usd("budget.max_cost_usd", v)?)?);
+            self.max_cost = MicroUsd::new(lower(
+                "budget.max_cost_usd",
+                self.max_cost.get(),
+                checked_usd("budget.max_cost_usd", v)?,
+            )?);
         }
         if let Some(v) = o.max_cost_per_step_usd {
             let v = checked_usd("budget.max_cost_per_step_usd", v)?;
-            self.max_cost_per_step = MicroUsd(lower("budget.max_cost_per_step_usd", self.max_cost_per_step.0, v)?);
+            self.max_cost_per_step =
+                MicroUsd::new(lower("budget.max_cost_per_step_usd", self.max_cost_per_step.get(), v)?);
         }
         if let Some(v) = o.max_tokens {
             self.max_tokens = lower("budget.max_tokens", self.max_tokens, v)?;
@@ -106,7 +110,7 @@ fn usd(v: f64) -> MicroUsd {
 }
 
 fn checked_usd(field: &str, v: f64) -> Result<u64, String> {
-    MicroUsd::from_usd(v).map(|m| m.0).map_err(|_| format!("{field}: must be a non-negative number of USD"))
+    MicroUsd::from_usd(v).map(MicroUsd::get).map_err(|_| format!("{field}: must be a non-negative number of USD"))
 }
 
 fn lower<T: PartialOrd + fmt::Display + Copy>(field: &str, limit: T, asked: T) -> Result<T, String> {
@@ -247,10 +251,10 @@ fn output_room(l: &Limits, s: &Spent, input: u64, r: Rates) -> (u64, LimitHit) {
     let summary_out = u64::from(l.summary_max_tokens);
     let sp = SUMMARY_PROMPT_TOKENS;
     // One step: input·in + out·out ≤ per-step cap.
-    let per_step = floor_div(l.max_cost_per_step.0 as f64 - input as f64 * r.input, r.output);
+    let per_step = floor_div(l.max_cost_per_step.get() as f64 - input as f64 * r.input, r.output);
     // This call and the summary after it (whose input is this call's input and output, plus the
     // prompt): input·in + out·out + (input + out + sp)·in + summary·out ≤ what is left.
-    let cost_left = l.max_cost.0.saturating_sub(s.cost.0) as f64;
+    let cost_left = l.max_cost.get().saturating_sub(s.cost.get()) as f64;
     let fixed = (2 * input + sp) as f64 * r.input + summary_out as f64 * r.output;
     let by_cost = floor_div(cost_left - fixed, r.output + r.input);
     // Tokens likewise: (input + out) + (input + out + sp + summary) ≤ what is left.
@@ -268,8 +272,8 @@ fn output_room(l: &Limits, s: &Spent, input: u64, r: Rates) -> (u64, LimitHit) {
 
 fn summarize(l: &Limits, s: &Spent, input: u64, r: Rates, hit: LimitHit) -> Plan {
     let input = input + SUMMARY_PROMPT_TOKENS;
-    let per_step = floor_div(l.max_cost_per_step.0 as f64 - input as f64 * r.input, r.output);
-    let by_cost = floor_div(l.max_cost.0.saturating_sub(s.cost.0) as f64 - input as f64 * r.input, r.output);
+    let per_step = floor_div(l.max_cost_per_step.get() as f64 - input as f64 * r.input, r.output);
+    let by_cost = floor_div(l.max_cost.get().saturating_sub(s.cost.get()) as f64 - input as f64 * r.input, r.output);
     let by_tokens = l.max_tokens.saturating_sub(s.tokens).saturating_sub(input);
     let out = u64::from(l.summary_max_tokens).min(per_step).min(by_cost).min(by_tokens);
     if out < MIN_SUMMARY_OUTPUT {
@@ -291,7 +295,7 @@ pub fn alert_crossed(l: &Limits, s: &Spent) -> Option<&'static str> {
     let reached = |used: f64, limit: f64| limit > 0.0 && used * 1000.0 >= limit * f64::from(l.alert_permille);
     if reached(f64::from(s.steps), f64::from(l.max_steps)) {
         Some("max_steps")
-    } else if reached(s.cost.0 as f64, l.max_cost.0 as f64) {
+    } else if reached(s.cost.get() as f64, l.max_cost.get() as f64) {
         Some("max_cost_usd")
     } else if reached(s.tokens as f64, l.max_tokens as f64) {
         Some("max_tokens")
@@ -307,8 +311,8 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_steps: 10,
-            max_cost: MicroUsd(100_000),
-            max_cost_per_step: MicroUsd(20_000),
+            max_cost: MicroUsd::new(100_000),
+            max_cost_per_step: MicroUsd::new(20_000),
             max_tokens: 100_000,
             alert_permille: 750,
             summary_max_tokens: 300,
@@ -345,13 +349,13 @@ mod tests {
         loop {
             match plan(&l, &spent, step, 2_000 + u64::from(step) * 500, 4_096, rates) {
                 Plan::Call { reserve, .. } => {
-                    spent.cost.0 += reserve.cost;
+                    spent.cost = spent.cost.saturating_add(MicroUsd::new(reserve.cost));
                     spent.tokens += reserve.input_tokens + reserve.output_tokens;
                     spent.steps += 1;
                     step += 1;
                 }
                 Plan::Summarize { reserve, hit, .. } => {
-                    assert!(spent.cost.0 + reserve.cost <= l.max_cost.0, "{hit}: {spent:?} + {reserve:?}");
+                    assert!(spent.cost.get() + reserve.cost <= l.max_cost.get(), "{hit}: {spent:?} + {reserve:?}");
                     assert!(spent.tokens + reserve.input_tokens + reserve.output_tokens <= l.max_tokens);
                     break;
                 }
@@ -362,7 +366,7 @@ mod tests {
 
     #[test]
     fn nothing_fits_means_stop() {
-        let spent = Spent { cost: MicroUsd(99_990), ..Default::default() };
+        let spent = Spent { cost: MicroUsd::new(99_990), ..Default::default() };
         assert!(matches!(plan(&limits(), &spent, 2, 1_000, 1_024, sonnet()), Plan::Stop { hit: LimitHit::Cost(_) }));
     }
 
@@ -370,7 +374,7 @@ mod tests {
     fn requests_may_lower_limits_but_not_raise_them() {
         let l = limits();
         let lower = l.lowered(&Overrides { max_steps: Some(3), max_cost_usd: Some(0.05), ..Default::default() });
-        assert_eq!(lower.map(|l| (l.max_steps, l.max_cost)), Ok((3, MicroUsd(50_000))));
+        assert_eq!(lower.map(|l| (l.max_steps, l.max_cost)), Ok((3, MicroUsd::new(50_000))));
         let e = l.lowered(&Overrides { max_cost_usd: Some(5.0), ..Default::default() }).expect_err("raise");
         assert!(e.starts_with("budget.max_cost_usd"), "{e}");
         assert!(l.lowered(&Overrides { max_steps: Some(0), ..Default::default() }).is_err());
@@ -382,6 +386,9 @@ mod tests {
         let l = limits();
         assert_eq!(alert_crossed(&l, &Spent { steps: 7, ..Default::default() }), None);
         assert_eq!(alert_crossed(&l, &Spent { steps: 8, ..Default::default() }), Some("max_steps"));
-        assert_eq!(alert_crossed(&l, &Spent { cost: MicroUsd(75_000), ..Default::default() }), Some("max_cost_usd"));
+        assert_eq!(
+            alert_crossed(&l, &Spent { cost: MicroUsd::new(75_000), ..Default::default() }),
+            Some("max_cost_usd")
+        );
     }
 }

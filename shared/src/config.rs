@@ -774,7 +774,7 @@ impl Price {
             + per_token(self.output, usage.output_tokens)
             + per_token(self.cache_write.unwrap_or(self.input * 1.25), usage.cache_creation_input_tokens)
             + per_token(self.cache_read.unwrap_or(self.input * 0.1), usage.cache_read_input_tokens);
-        MicroUsd(total.ceil() as u64)
+        MicroUsd::new(total.ceil() as u64)
     }
 }
 
@@ -950,7 +950,7 @@ mod tests {
         let sonnet = default_prices()["claude-sonnet-4-20250514"];
         let usage = crate::llm::Usage { input_tokens: 1_000, output_tokens: 100, ..Default::default() };
         // 1000 × 3 + 100 × 15 = 4500 micro-USD
-        assert_eq!(sonnet.cost(&usage), MicroUsd(4_500));
+        assert_eq!(sonnet.cost(&usage), MicroUsd::new(4_500));
     }
 }
 

@@ -112,9 +112,37 @@ impl From<Name> for String {
 
 /// Money as integer micro-USD: no float ever accumulates a rounding error in a budget.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct MicroUsd(pub u64);
+pub struct MicroUsd(u64);
 
 impl MicroUsd {
+    /// No money.
+    pub const ZERO: Self = Self(0);
+
+    /// An amount of micro-USD.
+    pub const fn new(micro_usd: u64) -> Self {
+        Self(micro_usd)
+    }
+
+    /// The amount in micro-USD.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The sum, or `None` on overflow.
+    pub fn checked_add(self, other: Self) -> Option<Self> {
+        self.0.checked_add(other.0).map(Self)
+    }
+
+    /// The sum, capped at the largest amount.
+    pub fn saturating_add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+
+    /// The difference, floored at zero.
+    pub fn saturating_sub(self, other: Self) -> Self {
+        Self(self.0.saturating_sub(other.0))
+    }
+
     /// From dollars, rounded to the nearest micro-dollar; negative or non-finite values are an error.
     pub fn from_usd(usd: f64) -> Result<Self, ParseError> {
         if !usd.is_finite() || usd < 0.0 {
@@ -318,7 +346,7 @@ mod tests {
 
     #[test]
     fn money_is_integer_micro_usd() {
-        assert_eq!(MicroUsd::from_usd(1.5), Ok(MicroUsd(1_500_000)));
+        assert_eq!(MicroUsd::from_usd(1.5), Ok(MicroUsd::new(1_500_000)));
         assert!(MicroUsd::from_usd(-1.0).is_err());
         assert!(MicroUsd::from_usd(f64::NAN).is_err());
     }
