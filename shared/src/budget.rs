@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::config::{BudgetConfig, Price};
 use crate::domain::MicroUsd;
+use crate::llm::Usage;
 
 /// The user message of the last, tool-less call.
 pub const SUMMARY_PROMPT: &str = "Budget limit reached. Summarize what you have accomplished so far.";
@@ -223,6 +224,17 @@ impl Rates {
     }
 }
 
+/// The cost of a call's usage at `price`, rounded up to the micro-dollar. Cache writes default to
+/// 1.25 × and cache reads to 0.1 × the input price.
+pub fn cost(price: &Price, usage: &Usage) -> MicroUsd {
+    let per_token = |usd_per_mtok: f64, tokens: u64| usd_per_mtok * tokens as f64; // micro-USD
+    let total = per_token(price.input, usage.input_tokens)
+        + per_token(price.output, usage.output_tokens)
+        + per_token(price.cache_write.unwrap_or(price.input * 1.25), usage.cache_creation_input_tokens)
+        + per_token(price.cache_read.unwrap_or(price.input * 0.1), usage.cache_read_input_tokens);
+    MicroUsd::new(total.ceil() as u64)
+}
+
 /// An upper estimate of a request's input tokens from its size in bytes: about one token per three
 /// bytes (English runs nearer four; code, JSON and non-Latin text nearer three), plus framing.
 pub fn estimate_input_tokens(request_bytes: usize) -> u64 {
@@ -321,6 +333,14 @@ mod tests {
 
     fn sonnet() -> Rates {
         Rates::of(&Price { input: 3.0, output: 15.0, cache_write: None, cache_read: None })
+    }
+
+    #[test]
+    fn cost_is_rounded_up_micro_usd() {
+        let sonnet = crate::config::default_prices()["claude-sonnet-4-20250514"];
+        let usage = Usage { input_tokens: 1_000, output_tokens: 100, ..Default::default() };
+        // 1000 × 3 + 100 × 15 = 4500 micro-USD
+        assert_eq!(cost(&sonnet, &usage), MicroUsd::new(4_500));
     }
 
     #[test]

@@ -157,6 +157,84 @@ impl MicroUsd {
     }
 }
 
+/// Which API an agent's model speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// The Anthropic Messages API.
+    #[default]
+    Anthropic,
+    /// An OpenAI-compatible chat-completions API (Ollama, vLLM, llama.cpp, …).
+    Openai,
+}
+
+impl Provider {
+    /// The provider's name, for breakers, rate limits and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+/// An approval rule that does not parse.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ApprovalRuleError {
+    /// Not three words.
+    #[error("`{0}` must read `<field> <op> <number>`, e.g. `amount > 100`")]
+    Shape(String),
+    /// An operator that is not a comparison.
+    #[error("`{0}` is not one of > >= < <= == !=")]
+    Operator(String),
+    /// A value that is not a number.
+    #[error("`{0}` is not a number")]
+    Number(String),
+}
+
+/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRule {
+    field: String,
+    op: String,
+    value: f64,
+}
+
+impl ApprovalRule {
+    /// Parses `amount > 100`.
+    pub fn parse(rule: &str) -> Result<Self, ApprovalRuleError> {
+        let parts: Vec<&str> = rule.split_whitespace().collect();
+        let [field, op, value] = parts[..] else {
+            return Err(ApprovalRuleError::Shape(rule.to_owned()));
+        };
+        if !["<", "<=", ">", ">=", "==", "!="].contains(&op) {
+            return Err(ApprovalRuleError::Operator(op.to_owned()));
+        }
+        let value = value.parse::<f64>().map_err(|_| ApprovalRuleError::Number(value.to_owned()))?;
+        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
+    }
+
+    /// True when `input` matches; a missing or non-numeric field does not match.
+    pub fn matches(&self, input: &serde_json::Value) -> bool {
+        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
+        match self.op.as_str() {
+            "<" => x < self.value,
+            "<=" => x <= self.value,
+            ">" => x > self.value,
+            ">=" => x >= self.value,
+            "==" => x == self.value,
+            _ => x != self.value,
+        }
+    }
+}
+
+impl fmt::Display for ApprovalRule {
+    /// `amount > 100`, with the number as parsed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.field, self.op, self.value)
+    }
+}
+
 /// Where a session is in its life. Stored in Redis as its `Display` text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -21,6 +21,7 @@ use thiserror::Error;
 
 use crate::breaker::BreakerConfig;
 use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
+pub use crate::domain::ApprovalRule;
 use crate::domain::Name;
 use crate::llm::{ToolOutcome, ToolUse};
 use crate::telemetry::metric;
@@ -127,42 +128,6 @@ pub fn escalate_definition() -> ToolConfig {
     }
 }
 
-/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApprovalRule {
-    field: String,
-    op: String,
-    value: f64,
-}
-
-impl ApprovalRule {
-    /// Parses `amount > 100`.
-    pub fn parse(rule: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = rule.split_whitespace().collect();
-        let [field, op, value] = parts[..] else {
-            return Err(format!("`{rule}` must read `<field> <op> <number>`, e.g. `amount > 100`"));
-        };
-        if !["<", "<=", ">", ">=", "==", "!="].contains(&op) {
-            return Err(format!("`{op}` is not one of > >= < <= == !="));
-        }
-        let value = value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?;
-        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
-    }
-
-    /// True when `input` matches; a missing or non-numeric field does not match.
-    pub fn matches(&self, input: &serde_json::Value) -> bool {
-        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
-        match self.op.as_str() {
-            "<" => x < self.value,
-            "<=" => x <= self.value,
-            ">" => x > self.value,
-            ">=" => x >= self.value,
-            "==" => x == self.value,
-            _ => x != self.value,
-        }
-    }
-}
-
 impl ToolSet {
     /// Builds the tools `names` from `defs`, reading header values from `env`.
     pub fn build(
@@ -192,7 +157,7 @@ impl ToolSet {
                 fallback: def.fallback.as_ref().filter(|f| names.contains(f)).map(Name::to_string),
                 approval: match (&def.requires_approval, &def.approval_rule) {
                     (true, _) => Approval::Always,
-                    (false, Some(rule)) => Approval::When(ApprovalRule::parse(rule).map_err(err)?),
+                    (false, Some(rule)) => Approval::When(ApprovalRule::parse(rule).map_err(|e| err(e.to_string()))?),
                     (false, None) => Approval::Never,
                 },
             };
@@ -225,7 +190,7 @@ impl ToolSet {
             Approval::Never => None,
             Approval::Always => Some(format!("`{}` always needs approval", call.name)),
             Approval::When(rule) if rule.matches(&call.input) => {
-                Some(format!("`{}` needs approval when {} {} {}", call.name, rule.field, rule.op, rule.value))
+                Some(format!("`{}` needs approval when {rule}", call.name))
             }
             Approval::When(_) => None,
         }

@@ -12,29 +12,9 @@ pub mod openai;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use crate::domain::Provider;
 pub use anthropic::{AnthropicClient, LlmError};
 pub use openai::OpenAiClient;
-
-/// Which API an agent's model speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Provider {
-    /// The Anthropic Messages API.
-    #[default]
-    Anthropic,
-    /// An OpenAI-compatible chat-completions API (Ollama, vLLM, llama.cpp, …).
-    Openai,
-}
-
-impl Provider {
-    /// The provider's name, for breakers, rate limits and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Anthropic => "anthropic",
-            Self::Openai => "openai",
-        }
-    }
-}
 
 /// The model clients of a process, one per provider; each agent names the one it uses.
 #[derive(Clone)]

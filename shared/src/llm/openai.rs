@@ -69,6 +69,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+pub use crate::config::OpenAiConfig;
+
 use super::anthropic::CallSpec;
 use super::{LlmError, ModelReply, RawBlock, StopReason, Usage};
 
@@ -100,38 +102,6 @@ const MAX_RETRY_AFTER_SECS: f64 = 86_400.0;
 pub fn invalid_arguments(input: &Value) -> Option<&str> {
     let object = input.as_object().filter(|o| o.len() == 1)?;
     object.get(INVALID_ARGUMENTS_KEY)?.as_str()
-}
-
-/// Where and how to reach an OpenAI-compatible server.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OpenAiConfig {
-    /// The API base, up to and including the version segment; `/chat/completions` is appended.
-    /// Default `http://127.0.0.1:11434/v1` (Ollama; vLLM listens on `:8000/v1`, `llama-server` on
-    /// `:8080/v1`).
-    pub base_url: String,
-    /// Sent as `Authorization: Bearer <key>` when set; local servers usually need none. Never read
-    /// from the file: the config loader sets it from the environment. Default none.
-    #[serde(skip)]
-    pub api_key: Option<SecretString>,
-    /// Request timeout. Default 300000 ms: local models on modest hardware answer slowly.
-    pub timeout_ms: u64,
-}
-
-impl Default for OpenAiConfig {
-    fn default() -> Self {
-        Self { base_url: "http://127.0.0.1:11434/v1".into(), api_key: None, timeout_ms: 300_000 }
-    }
-}
-
-impl fmt::Debug for OpenAiConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiConfig")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .field("timeout_ms", &self.timeout_ms)
-            .finish()
-    }
 }
 
 /// A chat-completions client. Cheap to clone; one per process.

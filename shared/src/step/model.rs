@@ -207,7 +207,7 @@ impl StepCtx<'_> {
         reply: &ModelReply,
         took: Duration,
     ) -> Result<(), StepError> {
-        let cost = self.agent.price.cost(&reply.usage);
+        let cost = budget::cost(&self.agent.price, &reply.usage);
         let agent = self.agent.name.as_str();
         metric::model_call(agent, &self.agent.model, reply.stop_reason.label(), took);
         metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.get());
