@@ -13,6 +13,7 @@
 use std::fmt;
 
 use serde::Serialize;
+use thiserror::Error;
 
 use crate::config::{BudgetConfig, Price};
 use crate::domain::MicroUsd;
@@ -74,7 +75,7 @@ impl Limits {
     }
 
     /// These limits lowered by `o`; raising any is an error naming the field.
-    pub fn lowered(mut self, o: &Overrides) -> Result<Self, String> {
+    pub fn lowered(mut self, o: &Overrides) -> Result<Self, OverrideError> {
         if let Some(v) = o.max_steps {
             self.max_steps = lower("budget.max_steps", self.max_steps, v)?;
         }
@@ -95,12 +96,12 @@ impl Limits {
         }
         if let Some(v) = o.alert_threshold {
             if !(0.0..=1.0).contains(&v) {
-                return Err("budget.alert_threshold: must be between 0 and 1".into());
+                return Err(OverrideError::AlertThreshold);
             }
             self.alert_permille = lower("budget.alert_threshold", self.alert_permille, (v * 1000.0).round() as u32)?;
         }
         if self.max_steps == 0 {
-            return Err("budget.max_steps: must be at least 1".into());
+            return Err(OverrideError::NoSteps);
         }
         Ok(self)
     }
@@ -110,12 +111,40 @@ fn usd(v: f64) -> MicroUsd {
     MicroUsd::from_usd(v).unwrap_or_default()
 }
 
-fn checked_usd(field: &str, v: f64) -> Result<u64, String> {
-    MicroUsd::from_usd(v).map(MicroUsd::get).map_err(|_| format!("{field}: must be a non-negative number of USD"))
+fn checked_usd(field: &'static str, v: f64) -> Result<u64, OverrideError> {
+    MicroUsd::from_usd(v).map(MicroUsd::get).map_err(|_| OverrideError::NotUsd(field))
 }
 
-fn lower<T: PartialOrd + fmt::Display + Copy>(field: &str, limit: T, asked: T) -> Result<T, String> {
-    if asked > limit { Err(format!("{field}: may lower the agent's limit ({limit}), not raise it")) } else { Ok(asked) }
+fn lower<T: PartialOrd + fmt::Display + Copy>(field: &'static str, limit: T, asked: T) -> Result<T, OverrideError> {
+    if asked > limit { Err(OverrideError::Raises { field, limit: limit.to_string() }) } else { Ok(asked) }
+}
+
+/// A request's budget that the agent's limits do not allow; the text starts with the field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OverrideError {
+    /// The request asked for more than the agent allows.
+    #[error("{field}: may lower the agent's limit ({limit}), not raise it")]
+    Raises {
+        /// The field, e.g. `budget.max_cost_usd`.
+        field: &'static str,
+        /// The agent's limit, as configured.
+        limit: String,
+    },
+    /// An amount of money that is negative or not a number.
+    #[error("{0}: must be a non-negative number of USD")]
+    NotUsd(&'static str),
+    /// An alert threshold outside 0..=1.
+    #[error("budget.alert_threshold: must be between 0 and 1")]
+    AlertThreshold,
+    /// No steps at all.
+    #[error("budget.max_steps: must be at least 1")]
+    NoSteps,
+}
+
+impl From<OverrideError> for String {
+    fn from(e: OverrideError) -> Self {
+        e.to_string()
+    }
 }
 
 /// What the session has used so far.
@@ -396,7 +425,7 @@ mod tests {
         let lower = l.lowered(&Overrides { max_steps: Some(3), max_cost_usd: Some(0.05), ..Default::default() });
         assert_eq!(lower.map(|l| (l.max_steps, l.max_cost)), Ok((3, MicroUsd::new(50_000))));
         let e = l.lowered(&Overrides { max_cost_usd: Some(5.0), ..Default::default() }).expect_err("raise");
-        assert!(e.starts_with("budget.max_cost_usd"), "{e}");
+        assert!(e.to_string().starts_with("budget.max_cost_usd"), "{e}");
         assert!(l.lowered(&Overrides { max_steps: Some(0), ..Default::default() }).is_err());
         assert!(l.lowered(&Overrides { max_cost_usd: Some(-1.0), ..Default::default() }).is_err());
     }
