@@ -71,8 +71,7 @@ use serde_json::{Value, json};
 
 pub use crate::config::OpenAiConfig;
 
-use super::anthropic::CallSpec;
-use super::{LlmError, ModelReply, RawBlock, StopReason, Usage};
+use super::types::{CallSpec, LlmError, ModelReply, RawBlock, StopReason, Usage};
 
 /// The one key of a `tool_use` input that stands for arguments that were not a JSON object; its value
 /// is the raw text the model wrote. See the module docs.
@@ -152,10 +151,10 @@ impl OpenAiClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| LlmError::Transport(describe(&e)))?;
+            .map_err(|e| LlmError::transport(&e))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(|e| LlmError::Transport(describe(&e)))?;
+        let bytes = response.bytes().await.map_err(|e| LlmError::transport(&e))?;
         if status.is_success() {
             parse_reply(&bytes, prepared.used_ids)
         } else {
@@ -185,18 +184,6 @@ fn headers(key: Option<&SecretString>) -> Result<HeaderMap, LlmError> {
         headers.insert(AUTHORIZATION, value);
     }
     Ok(headers)
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        // The same text as the Anthropic client's: `LlmError::is_unbilled` matches on it.
-        "connection failed".into()
-    } else {
-        // reqwest's Display includes the URL, never headers.
-        e.to_string()
-    }
 }
 
 /// `retry-after-ms` (OpenAI's own) or `retry-after` in seconds.

@@ -16,8 +16,7 @@ use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Sp
 use crate::config::{OnDailyCap, OnModelFailure};
 use crate::domain::{MicroUsd, Phase, SessionStatus, StepMessage};
 use crate::failpoint;
-use crate::llm::anthropic::CallSpec;
-use crate::llm::{self, Block, LlmError, ModelReply, StopReason, Usage};
+use crate::llm::{self, Block, CallSpec, LlmError, ModelReply, StopReason, Usage};
 use crate::ratelimit::{Acquire, Tokens};
 use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, StepEnd, UsageTotals};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
