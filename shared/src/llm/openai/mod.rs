@@ -32,7 +32,7 @@
 //!
 //! # Edge cases, decided
 //!
-//! - **Stop reason**: a non-empty `tool_calls` means [`StopReason::ToolUse`] whatever `finish_reason`
+//! - **Stop reason**: a non-empty `tool_calls` means [`StopReason::ToolUse`](super::StopReason::ToolUse) whatever `finish_reason`
 //!   says (Ollama and several vLLM tool parsers say `stop`). Otherwise `stop` → `EndTurn`, `length` →
 //!   `MaxTokens`, `content_filter` → `Refusal`, `tool_calls`/`function_call` without calls → `ToolUse`
 //!   (the engine then nudges the model), a non-empty `refusal` → `Refusal`, any other value →
