@@ -440,7 +440,7 @@ fn remaining(v: &SessionView, steps_used: u32) -> Remaining {
     let l = &v.meta.limits;
     Remaining {
         steps: l.max_steps.saturating_sub(steps_used),
-        cost_usd: usd(l.max_cost.0.saturating_sub(v.usage.cost_micro_usd)),
+        cost_usd: usd(l.max_cost.get().saturating_sub(v.usage.cost_micro_usd)),
         tokens: l.max_tokens.saturating_sub(v.usage.total_tokens()),
     }
 }

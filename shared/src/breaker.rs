@@ -29,21 +29,18 @@
 //! has no key at all, so healthy breakers cost no memory and a `check` on them writes nothing.
 
 use std::fmt;
-use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::time::Duration;
 
 use redis::Script;
 use redis::aio::ConnectionManager;
-use serde::{Deserialize, Deserializer};
 use thiserror::Error;
+
+pub use crate::config::BreakerConfig;
 
 /// How long a breaker key outlives the last time it matters, so a renamed tool leaves nothing behind.
 /// (Failures a day apart with nothing in between therefore do not add up.)
 const KEY_GRACE: Duration = Duration::from_secs(24 * 3600);
-
-/// The default `failure_threshold` (checked at compile time).
-const DEFAULT_THRESHOLD: NonZeroU32 = NonZeroU32::new(5).expect("5 is not zero");
 
 /// A breaker operation that failed.
 #[derive(Debug, Error)]
@@ -56,28 +53,6 @@ pub enum BreakerError {
     Corrupt(String),
 }
 
-/// A breaker's settings, per tool or provider. In TOML durations are in milliseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerConfig {
-    /// Consecutive failures, counted across the fleet, that open the breaker. Default 5.
-    pub failure_threshold: NonZeroU32,
-    /// How long an open breaker refuses calls before it lets one probe through. Key `cool_down_ms`.
-    /// Default 60000 ms.
-    #[serde(rename = "cool_down_ms", deserialize_with = "millis")]
-    pub cool_down: Duration,
-    /// How long a probe may stay out before another caller may probe (its worker may have died). Key
-    /// `probe_timeout_ms`. Default: the cool-down. Set it above the tool's timeout with its retries.
-    #[serde(rename = "probe_timeout_ms", deserialize_with = "opt_millis")]
-    pub probe_timeout: Option<Duration>,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self { failure_threshold: DEFAULT_THRESHOLD, cool_down: Duration::from_secs(60), probe_timeout: None }
-    }
-}
-
 impl BreakerConfig {
     /// The probe timeout in effect: the configured one or the cool-down, at least 1 ms.
     pub fn effective_probe_timeout(&self) -> Duration {
@@ -88,14 +63,6 @@ impl BreakerConfig {
     fn key_ttl(&self) -> Duration {
         self.cool_down.max(self.effective_probe_timeout()) + KEY_GRACE
     }
-}
-
-fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    u64::deserialize(d).map(Duration::from_millis)
-}
-
-fn opt_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    Option::<u64>::deserialize(d).map(|ms| ms.map(Duration::from_millis))
 }
 
 /// What `check` decided about one call.
@@ -339,6 +306,8 @@ impl Breakers {
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
 
     #[derive(Deserialize)]

@@ -13,9 +13,11 @@
 use std::fmt;
 
 use serde::Serialize;
+use thiserror::Error;
 
 use crate::config::{BudgetConfig, Price};
 use crate::domain::MicroUsd;
+use crate::llm::Usage;
 
 /// The user message of the last, tool-less call.
 pub const SUMMARY_PROMPT: &str = "Budget limit reached. Summarize what you have accomplished so far.";
@@ -73,29 +75,33 @@ impl Limits {
     }
 
     /// These limits lowered by `o`; raising any is an error naming the field.
-    pub fn lowered(mut self, o: &Overrides) -> Result<Self, String> {
+    pub fn lowered(mut self, o: &Overrides) -> Result<Self, OverrideError> {
         if let Some(v) = o.max_steps {
             self.max_steps = lower("budget.max_steps", self.max_steps, v)?;
         }
         if let Some(v) = o.max_cost_usd {
-            self.max_cost =
-                MicroUsd(lower("budget.max_cost_usd", self.max_cost.0, checked_usd("budget.max_cost_usd", v)?)?);
+            self.max_cost = MicroUsd::new(lower(
+                "budget.max_cost_usd",
+                self.max_cost.get(),
+                checked_usd("budget.max_cost_usd", v)?,
+            )?);
         }
         if let Some(v) = o.max_cost_per_step_usd {
             let v = checked_usd("budget.max_cost_per_step_usd", v)?;
-            self.max_cost_per_step = MicroUsd(lower("budget.max_cost_per_step_usd", self.max_cost_per_step.0, v)?);
+            self.max_cost_per_step =
+                MicroUsd::new(lower("budget.max_cost_per_step_usd", self.max_cost_per_step.get(), v)?);
         }
         if let Some(v) = o.max_tokens {
             self.max_tokens = lower("budget.max_tokens", self.max_tokens, v)?;
         }
         if let Some(v) = o.alert_threshold {
             if !(0.0..=1.0).contains(&v) {
-                return Err("budget.alert_threshold: must be between 0 and 1".into());
+                return Err(OverrideError::AlertThreshold);
             }
             self.alert_permille = lower("budget.alert_threshold", self.alert_permille, (v * 1000.0).round() as u32)?;
         }
         if self.max_steps == 0 {
-            return Err("budget.max_steps: must be at least 1".into());
+            return Err(OverrideError::NoSteps);
         }
         Ok(self)
     }
@@ -105,12 +111,40 @@ fn usd(v: f64) -> MicroUsd {
     MicroUsd::from_usd(v).unwrap_or_default()
 }
 
-fn checked_usd(field: &str, v: f64) -> Result<u64, String> {
-    MicroUsd::from_usd(v).map(|m| m.0).map_err(|_| format!("{field}: must be a non-negative number of USD"))
+fn checked_usd(field: &'static str, v: f64) -> Result<u64, OverrideError> {
+    MicroUsd::from_usd(v).map(MicroUsd::get).map_err(|_| OverrideError::NotUsd(field))
 }
 
-fn lower<T: PartialOrd + fmt::Display + Copy>(field: &str, limit: T, asked: T) -> Result<T, String> {
-    if asked > limit { Err(format!("{field}: may lower the agent's limit ({limit}), not raise it")) } else { Ok(asked) }
+fn lower<T: PartialOrd + fmt::Display + Copy>(field: &'static str, limit: T, asked: T) -> Result<T, OverrideError> {
+    if asked > limit { Err(OverrideError::Raises { field, limit: limit.to_string() }) } else { Ok(asked) }
+}
+
+/// A request's budget that the agent's limits do not allow; the text starts with the field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum OverrideError {
+    /// The request asked for more than the agent allows.
+    #[error("{field}: may lower the agent's limit ({limit}), not raise it")]
+    Raises {
+        /// The field, e.g. `budget.max_cost_usd`.
+        field: &'static str,
+        /// The agent's limit, as configured.
+        limit: String,
+    },
+    /// An amount of money that is negative or not a number.
+    #[error("{0}: must be a non-negative number of USD")]
+    NotUsd(&'static str),
+    /// An alert threshold outside 0..=1.
+    #[error("budget.alert_threshold: must be between 0 and 1")]
+    AlertThreshold,
+    /// No steps at all.
+    #[error("budget.max_steps: must be at least 1")]
+    NoSteps,
+}
+
+impl From<OverrideError> for String {
+    fn from(e: OverrideError) -> Self {
+        e.to_string()
+    }
 }
 
 /// What the session has used so far.
@@ -219,6 +253,17 @@ impl Rates {
     }
 }
 
+/// The cost of a call's usage at `price`, rounded up to the micro-dollar. Cache writes default to
+/// 1.25 × and cache reads to 0.1 × the input price.
+pub fn cost(price: &Price, usage: &Usage) -> MicroUsd {
+    let per_token = |usd_per_mtok: f64, tokens: u64| usd_per_mtok * tokens as f64; // micro-USD
+    let total = per_token(price.input, usage.input_tokens)
+        + per_token(price.output, usage.output_tokens)
+        + per_token(price.cache_write.unwrap_or(price.input * 1.25), usage.cache_creation_input_tokens)
+        + per_token(price.cache_read.unwrap_or(price.input * 0.1), usage.cache_read_input_tokens);
+    MicroUsd::new(total.ceil() as u64)
+}
+
 /// An upper estimate of a request's input tokens from its size in bytes: about one token per three
 /// bytes (English runs nearer four; code, JSON and non-Latin text nearer three), plus framing.
 pub fn estimate_input_tokens(request_bytes: usize) -> u64 {
@@ -247,10 +292,10 @@ fn output_room(l: &Limits, s: &Spent, input: u64, r: Rates) -> (u64, LimitHit) {
     let summary_out = u64::from(l.summary_max_tokens);
     let sp = SUMMARY_PROMPT_TOKENS;
     // One step: input·in + out·out ≤ per-step cap.
-    let per_step = floor_div(l.max_cost_per_step.0 as f64 - input as f64 * r.input, r.output);
+    let per_step = floor_div(l.max_cost_per_step.get() as f64 - input as f64 * r.input, r.output);
     // This call and the summary after it (whose input is this call's input and output, plus the
     // prompt): input·in + out·out + (input + out + sp)·in + summary·out ≤ what is left.
-    let cost_left = l.max_cost.0.saturating_sub(s.cost.0) as f64;
+    let cost_left = l.max_cost.get().saturating_sub(s.cost.get()) as f64;
     let fixed = (2 * input + sp) as f64 * r.input + summary_out as f64 * r.output;
     let by_cost = floor_div(cost_left - fixed, r.output + r.input);
     // Tokens likewise: (input + out) + (input + out + sp + summary) ≤ what is left.
@@ -268,8 +313,8 @@ fn output_room(l: &Limits, s: &Spent, input: u64, r: Rates) -> (u64, LimitHit) {
 
 fn summarize(l: &Limits, s: &Spent, input: u64, r: Rates, hit: LimitHit) -> Plan {
     let input = input + SUMMARY_PROMPT_TOKENS;
-    let per_step = floor_div(l.max_cost_per_step.0 as f64 - input as f64 * r.input, r.output);
-    let by_cost = floor_div(l.max_cost.0.saturating_sub(s.cost.0) as f64 - input as f64 * r.input, r.output);
+    let per_step = floor_div(l.max_cost_per_step.get() as f64 - input as f64 * r.input, r.output);
+    let by_cost = floor_div(l.max_cost.get().saturating_sub(s.cost.get()) as f64 - input as f64 * r.input, r.output);
     let by_tokens = l.max_tokens.saturating_sub(s.tokens).saturating_sub(input);
     let out = u64::from(l.summary_max_tokens).min(per_step).min(by_cost).min(by_tokens);
     if out < MIN_SUMMARY_OUTPUT {
@@ -291,7 +336,7 @@ pub fn alert_crossed(l: &Limits, s: &Spent) -> Option<&'static str> {
     let reached = |used: f64, limit: f64| limit > 0.0 && used * 1000.0 >= limit * f64::from(l.alert_permille);
     if reached(f64::from(s.steps), f64::from(l.max_steps)) {
         Some("max_steps")
-    } else if reached(s.cost.0 as f64, l.max_cost.0 as f64) {
+    } else if reached(s.cost.get() as f64, l.max_cost.get() as f64) {
         Some("max_cost_usd")
     } else if reached(s.tokens as f64, l.max_tokens as f64) {
         Some("max_tokens")
@@ -307,8 +352,8 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_steps: 10,
-            max_cost: MicroUsd(100_000),
-            max_cost_per_step: MicroUsd(20_000),
+            max_cost: MicroUsd::new(100_000),
+            max_cost_per_step: MicroUsd::new(20_000),
             max_tokens: 100_000,
             alert_permille: 750,
             summary_max_tokens: 300,
@@ -317,6 +362,14 @@ mod tests {
 
     fn sonnet() -> Rates {
         Rates::of(&Price { input: 3.0, output: 15.0, cache_write: None, cache_read: None })
+    }
+
+    #[test]
+    fn cost_is_rounded_up_micro_usd() {
+        let sonnet = crate::config::default_prices()["claude-sonnet-4-20250514"];
+        let usage = Usage { input_tokens: 1_000, output_tokens: 100, ..Default::default() };
+        // 1000 × 3 + 100 × 15 = 4500 micro-USD
+        assert_eq!(cost(&sonnet, &usage), MicroUsd::new(4_500));
     }
 
     #[test]
@@ -345,13 +398,13 @@ mod tests {
         loop {
             match plan(&l, &spent, step, 2_000 + u64::from(step) * 500, 4_096, rates) {
                 Plan::Call { reserve, .. } => {
-                    spent.cost.0 += reserve.cost;
+                    spent.cost = spent.cost.saturating_add(MicroUsd::new(reserve.cost));
                     spent.tokens += reserve.input_tokens + reserve.output_tokens;
                     spent.steps += 1;
                     step += 1;
                 }
                 Plan::Summarize { reserve, hit, .. } => {
-                    assert!(spent.cost.0 + reserve.cost <= l.max_cost.0, "{hit}: {spent:?} + {reserve:?}");
+                    assert!(spent.cost.get() + reserve.cost <= l.max_cost.get(), "{hit}: {spent:?} + {reserve:?}");
                     assert!(spent.tokens + reserve.input_tokens + reserve.output_tokens <= l.max_tokens);
                     break;
                 }
@@ -362,7 +415,7 @@ mod tests {
 
     #[test]
     fn nothing_fits_means_stop() {
-        let spent = Spent { cost: MicroUsd(99_990), ..Default::default() };
+        let spent = Spent { cost: MicroUsd::new(99_990), ..Default::default() };
         assert!(matches!(plan(&limits(), &spent, 2, 1_000, 1_024, sonnet()), Plan::Stop { hit: LimitHit::Cost(_) }));
     }
 
@@ -370,9 +423,9 @@ mod tests {
     fn requests_may_lower_limits_but_not_raise_them() {
         let l = limits();
         let lower = l.lowered(&Overrides { max_steps: Some(3), max_cost_usd: Some(0.05), ..Default::default() });
-        assert_eq!(lower.map(|l| (l.max_steps, l.max_cost)), Ok((3, MicroUsd(50_000))));
+        assert_eq!(lower.map(|l| (l.max_steps, l.max_cost)), Ok((3, MicroUsd::new(50_000))));
         let e = l.lowered(&Overrides { max_cost_usd: Some(5.0), ..Default::default() }).expect_err("raise");
-        assert!(e.starts_with("budget.max_cost_usd"), "{e}");
+        assert!(e.to_string().starts_with("budget.max_cost_usd"), "{e}");
         assert!(l.lowered(&Overrides { max_steps: Some(0), ..Default::default() }).is_err());
         assert!(l.lowered(&Overrides { max_cost_usd: Some(-1.0), ..Default::default() }).is_err());
     }
@@ -382,6 +435,9 @@ mod tests {
         let l = limits();
         assert_eq!(alert_crossed(&l, &Spent { steps: 7, ..Default::default() }), None);
         assert_eq!(alert_crossed(&l, &Spent { steps: 8, ..Default::default() }), Some("max_steps"));
-        assert_eq!(alert_crossed(&l, &Spent { cost: MicroUsd(75_000), ..Default::default() }), Some("max_cost_usd"));
+        assert_eq!(
+            alert_crossed(&l, &Spent { cost: MicroUsd::new(75_000), ..Default::default() }),
+            Some("max_cost_usd")
+        );
     }
 }

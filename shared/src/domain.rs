@@ -112,9 +112,37 @@ impl From<Name> for String {
 
 /// Money as integer micro-USD: no float ever accumulates a rounding error in a budget.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct MicroUsd(pub u64);
+pub struct MicroUsd(u64);
 
 impl MicroUsd {
+    /// No money.
+    pub const ZERO: Self = Self(0);
+
+    /// An amount of micro-USD.
+    pub const fn new(micro_usd: u64) -> Self {
+        Self(micro_usd)
+    }
+
+    /// The amount in micro-USD.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The sum, or `None` on overflow.
+    pub fn checked_add(self, other: Self) -> Option<Self> {
+        self.0.checked_add(other.0).map(Self)
+    }
+
+    /// The sum, capped at the largest amount.
+    pub fn saturating_add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+
+    /// The difference, floored at zero.
+    pub fn saturating_sub(self, other: Self) -> Self {
+        Self(self.0.saturating_sub(other.0))
+    }
+
     /// From dollars, rounded to the nearest micro-dollar; negative or non-finite values are an error.
     pub fn from_usd(usd: f64) -> Result<Self, ParseError> {
         if !usd.is_finite() || usd < 0.0 {
@@ -126,6 +154,84 @@ impl MicroUsd {
     /// As dollars, for display.
     pub fn as_usd(self) -> f64 {
         self.0 as f64 / 1_000_000.0
+    }
+}
+
+/// Which API an agent's model speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// The Anthropic Messages API.
+    #[default]
+    Anthropic,
+    /// An OpenAI-compatible chat-completions API (Ollama, vLLM, llama.cpp, …).
+    Openai,
+}
+
+impl Provider {
+    /// The provider's name, for breakers, rate limits and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+/// An approval rule that does not parse.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ApprovalRuleError {
+    /// Not three words.
+    #[error("`{0}` must read `<field> <op> <number>`, e.g. `amount > 100`")]
+    Shape(String),
+    /// An operator that is not a comparison.
+    #[error("`{0}` is not one of > >= < <= == !=")]
+    Operator(String),
+    /// A value that is not a number.
+    #[error("`{0}` is not a number")]
+    Number(String),
+}
+
+/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRule {
+    field: String,
+    op: String,
+    value: f64,
+}
+
+impl ApprovalRule {
+    /// Parses `amount > 100`.
+    pub fn parse(rule: &str) -> Result<Self, ApprovalRuleError> {
+        let parts: Vec<&str> = rule.split_whitespace().collect();
+        let [field, op, value] = parts[..] else {
+            return Err(ApprovalRuleError::Shape(rule.to_owned()));
+        };
+        if !["<", "<=", ">", ">=", "==", "!="].contains(&op) {
+            return Err(ApprovalRuleError::Operator(op.to_owned()));
+        }
+        let value = value.parse::<f64>().map_err(|_| ApprovalRuleError::Number(value.to_owned()))?;
+        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
+    }
+
+    /// True when `input` matches; a missing or non-numeric field does not match.
+    pub fn matches(&self, input: &serde_json::Value) -> bool {
+        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
+        match self.op.as_str() {
+            "<" => x < self.value,
+            "<=" => x <= self.value,
+            ">" => x > self.value,
+            ">=" => x >= self.value,
+            "==" => x == self.value,
+            _ => x != self.value,
+        }
+    }
+}
+
+impl fmt::Display for ApprovalRule {
+    /// `amount > 100`, with the number as parsed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.field, self.op, self.value)
     }
 }
 
@@ -318,7 +424,7 @@ mod tests {
 
     #[test]
     fn money_is_integer_micro_usd() {
-        assert_eq!(MicroUsd::from_usd(1.5), Ok(MicroUsd(1_500_000)));
+        assert_eq!(MicroUsd::from_usd(1.5), Ok(MicroUsd::new(1_500_000)));
         assert!(MicroUsd::from_usd(-1.0).is_err());
         assert!(MicroUsd::from_usd(f64::NAN).is_err());
     }

@@ -24,17 +24,15 @@
 //! Times come from the caller (`now_ms`). A caller whose clock lags the fleet's refills nothing, so
 //! skew makes the limiter stricter, never looser. Keys expire once their buckets would be full again.
 
-use std::num::{NonZeroU32, NonZeroU64};
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{Script, ScriptInvocation};
 use reqwest::header::HeaderMap;
-use serde::Deserialize;
 use thiserror::Error;
 
-/// The default `burst_seconds` (checked at compile time).
-const DEFAULT_BURST_SECONDS: NonZeroU32 = NonZeroU32::new(10).expect("10 is not zero");
+pub use crate::config::RateLimit;
 
 /// The response header with the requests left in the current window.
 pub const REQUESTS_REMAINING: &str = "anthropic-ratelimit-requests-remaining";
@@ -49,32 +47,6 @@ pub enum RateLimitError {
     /// Redis did not answer or answered with an error. For `acquire`, the tokens may have been taken.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-}
-
-/// The limits of one provider+model. Every limit is optional; a missing one is unlimited.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimit {
-    /// Requests per minute. Default: unlimited.
-    pub requests_per_minute: Option<NonZeroU32>,
-    /// Input tokens per minute. Default: unlimited.
-    pub input_tokens_per_minute: Option<NonZeroU64>,
-    /// Output tokens per minute. Default: unlimited.
-    pub output_tokens_per_minute: Option<NonZeroU64>,
-    /// Each bucket holds this many seconds' worth of its per-minute rate: the largest burst after a
-    /// quiet spell. Default 10 (a sixth of a minute); 60 matches a full-minute bucket.
-    pub burst_seconds: NonZeroU32,
-}
-
-impl Default for RateLimit {
-    fn default() -> Self {
-        Self {
-            requests_per_minute: None,
-            input_tokens_per_minute: None,
-            output_tokens_per_minute: None,
-            burst_seconds: DEFAULT_BURST_SECONDS,
-        }
-    }
 }
 
 impl RateLimit {
@@ -262,6 +234,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use reqwest::header::HeaderValue;
+    use serde::Deserialize;
 
     use super::*;
 

@@ -21,6 +21,7 @@ use thiserror::Error;
 
 use crate::breaker::BreakerConfig;
 use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
+pub use crate::domain::ApprovalRule;
 use crate::domain::Name;
 use crate::llm::{ToolOutcome, ToolUse};
 use crate::telemetry::metric;
@@ -30,7 +31,44 @@ use crate::telemetry::metric;
 #[error("tool `{tool}`: {problem}")]
 pub struct ToolSetupError {
     tool: String,
-    problem: String,
+    problem: ToolProblem,
+}
+
+/// Why one tool cannot be built.
+#[derive(Debug, Error)]
+pub enum ToolProblem {
+    /// The input schema does not compile.
+    #[error("{0}")]
+    Schema(String),
+    /// A `builtin` handler with a name the worker does not have.
+    #[error("there is no built-in tool named `{0}`")]
+    NoSuchBuiltin(Name),
+    /// The HTTP client cannot be built.
+    #[error("{0}")]
+    Client(reqwest::Error),
+    /// The HTTP method is not one.
+    #[error("{0}")]
+    Method(String),
+    /// A header's environment variable is not set.
+    #[error("header `{header}` needs the environment variable `{var}`")]
+    MissingEnv {
+        /// The header.
+        header: String,
+        /// The variable.
+        var: String,
+    },
+    /// A header name that is not one.
+    #[error("`{0}` is not a header name")]
+    HeaderName(String),
+    /// A header value (read from this variable) that cannot be sent.
+    #[error("`{0}` is not a valid header value")]
+    HeaderValue(String),
+    /// The approval rule does not parse.
+    #[error(transparent)]
+    ApprovalRule(#[from] crate::domain::ApprovalRuleError),
+    /// The definitions cannot be serialized.
+    #[error("{0}")]
+    Definitions(serde_json::Error),
 }
 
 /// Bounds that apply to every tool of a worker.
@@ -127,42 +165,6 @@ pub fn escalate_definition() -> ToolConfig {
     }
 }
 
-/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApprovalRule {
-    field: String,
-    op: String,
-    value: f64,
-}
-
-impl ApprovalRule {
-    /// Parses `amount > 100`.
-    pub fn parse(rule: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = rule.split_whitespace().collect();
-        let [field, op, value] = parts[..] else {
-            return Err(format!("`{rule}` must read `<field> <op> <number>`, e.g. `amount > 100`"));
-        };
-        if !["<", "<=", ">", ">=", "==", "!="].contains(&op) {
-            return Err(format!("`{op}` is not one of > >= < <= == !="));
-        }
-        let value = value.parse::<f64>().map_err(|_| format!("`{value}` is not a number"))?;
-        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
-    }
-
-    /// True when `input` matches; a missing or non-numeric field does not match.
-    pub fn matches(&self, input: &serde_json::Value) -> bool {
-        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
-        match self.op.as_str() {
-            "<" => x < self.value,
-            "<=" => x <= self.value,
-            ">" => x > self.value,
-            ">=" => x >= self.value,
-            "==" => x == self.value,
-            _ => x != self.value,
-        }
-    }
-}
-
 impl ToolSet {
     /// Builds the tools `names` from `defs`, reading header values from `env`.
     pub fn build(
@@ -175,8 +177,9 @@ impl ToolSet {
         let mut definitions = Vec::new();
         for name in names {
             let def = defs.get(name).cloned().unwrap_or_else(escalate_definition);
-            let err = |problem: String| ToolSetupError { tool: name.to_string(), problem };
-            let validator = jsonschema::validator_for(&def.input_schema).map_err(|e| err(e.to_string()))?;
+            let err = |problem: ToolProblem| ToolSetupError { tool: name.to_string(), problem };
+            let validator =
+                jsonschema::validator_for(&def.input_schema).map_err(|e| err(ToolProblem::Schema(e.to_string())))?;
             let handler = build_handler(name, &def.handler, env).map_err(err)?;
             definitions.push(serde_json::json!({
                 "name": name.as_str(),
@@ -192,14 +195,14 @@ impl ToolSet {
                 fallback: def.fallback.as_ref().filter(|f| names.contains(f)).map(Name::to_string),
                 approval: match (&def.requires_approval, &def.approval_rule) {
                     (true, _) => Approval::Always,
-                    (false, Some(rule)) => Approval::When(ApprovalRule::parse(rule).map_err(err)?),
+                    (false, Some(rule)) => Approval::When(ApprovalRule::parse(rule).map_err(|e| err(e.into()))?),
                     (false, None) => Approval::Never,
                 },
             };
             tools.insert(name.to_string(), tool);
         }
         let definitions = serde_json::value::to_raw_value(&definitions)
-            .map_err(|e| ToolSetupError { tool: "(all)".into(), problem: e.to_string() })?;
+            .map_err(|e| ToolSetupError { tool: "(all)".into(), problem: ToolProblem::Definitions(e) })?;
         Ok(Self { tools, definitions, limits })
     }
 
@@ -225,7 +228,7 @@ impl ToolSet {
             Approval::Never => None,
             Approval::Always => Some(format!("`{}` always needs approval", call.name)),
             Approval::When(rule) if rule.matches(&call.input) => {
-                Some(format!("`{}` needs approval when {} {} {}", call.name, rule.field, rule.op, rule.value))
+                Some(format!("`{}` needs approval when {rule}", call.name))
             }
             Approval::When(_) => None,
         }
@@ -269,28 +272,37 @@ impl ToolSet {
     }
 }
 
-fn build_handler(name: &Name, cfg: &HandlerConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Handler, String> {
+fn build_handler(
+    name: &Name,
+    cfg: &HandlerConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Handler, ToolProblem> {
     match cfg {
         HandlerConfig::Builtin if name.as_str() == ESCALATE_TO_HUMAN => Ok(Handler::Escalate),
-        HandlerConfig::Builtin => Err(format!("there is no built-in tool named `{name}`")),
+        HandlerConfig::Builtin => Err(ToolProblem::NoSuchBuiltin(name.clone())),
         HandlerConfig::Http { url, method, timeout_ms, headers_from_env } => {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_millis(*timeout_ms))
                 .build()
-                .map_err(|e| e.to_string())?;
-            let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+                .map_err(ToolProblem::Client)?;
+            let method =
+                reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ToolProblem::Method(e.to_string()))?;
             let headers = env_headers(headers_from_env, env)?;
             Ok(Handler::Http { client, url: url.clone(), method, headers })
         }
     }
 }
 
-fn env_headers(spec: &BTreeMap<String, String>, env: &dyn Fn(&str) -> Option<String>) -> Result<HeaderMap, String> {
+fn env_headers(
+    spec: &BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<HeaderMap, ToolProblem> {
     let mut headers = HeaderMap::new();
     for (header, var) in spec {
-        let value = env(var).ok_or_else(|| format!("header `{header}` needs the environment variable `{var}`"))?;
-        let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| format!("`{header}` is not a header name"))?;
-        let mut value = HeaderValue::from_str(&value).map_err(|_| format!("`{var}` is not a valid header value"))?;
+        let missing = || ToolProblem::MissingEnv { header: header.clone(), var: var.clone() };
+        let value = env(var).ok_or_else(missing)?;
+        let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| ToolProblem::HeaderName(header.clone()))?;
+        let mut value = HeaderValue::from_str(&value).map_err(|_| ToolProblem::HeaderValue(var.clone()))?;
         value.set_sensitive(true);
         headers.insert(name, value);
     }

@@ -3,10 +3,11 @@
 //! `tool_results_message`, and the whole stored conversation (Anthropic format) sent on every call.
 //! The server validates every request, so `invalid_total == 0` proves the translation is right.
 
-use agentfleet::llm::anthropic::CallSpec;
-use agentfleet::llm::openai::{INVALID_ARGUMENTS_KEY, OpenAiConfig, invalid_arguments};
+use agentfleet::config::OpenAiConfig;
+use agentfleet::llm::openai::{INVALID_ARGUMENTS_KEY, invalid_arguments};
 use agentfleet::llm::{
-    Block, LlmError, ModelReply, OpenAiClient, StopReason, ToolOutcome, ToolUse, tool_results_message, user_message,
+    Block, CallSpec, LlmError, ModelReply, OpenAiClient, StopReason, ToolOutcome, ToolUse, tool_results_message,
+    user_message,
 };
 use agentfleet_tests::openai_server::OpenAiServer;
 use anyhow::{Context as _, Result, bail, ensure};
@@ -201,7 +202,7 @@ async fn errors_are_classified() -> Result<()> {
     drop(closed);
     let unreachable = OpenAiClient::new(&OpenAiConfig { base_url, api_key: None, timeout_ms: 5_000 })?;
     let error = unreachable.create_message(&harness.spec(), &[raw(user_message("hi"))?]).await.expect_err("closed");
-    assert!(matches!(error, LlmError::Transport(_)) && error.is_retryable(), "{error}");
+    assert!(matches!(error, LlmError::Transport { .. }) && error.is_retryable(), "{error}");
 
     let stats = harness.server.stats();
     assert_eq!((stats.requests_total, stats.invalid_total, stats.valid_total), (2, 2, 0));

@@ -10,102 +10,10 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use thiserror::Error;
 
-use super::{ModelReply, RawBlock, StopReason, Usage};
+pub use super::types::{CallSpec, LlmError};
+use super::types::{ModelReply, RawBlock, StopReason, Usage};
 use crate::config::{AnthropicConfig, AuthStyle};
-
-/// A failed model call, classified so the step can decide: retry later, or fail the session.
-#[derive(Debug, Error)]
-pub enum LlmError {
-    /// The API answered with an error status and its error shape.
-    #[error("model API error {status} {kind}: {message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The error's `type` (`rate_limit_error`, `overloaded_error`, …).
-        kind: String,
-        /// The API's own message.
-        message: String,
-        /// The `retry-after` header, when sent.
-        retry_after: Option<Duration>,
-    },
-    /// No answer: timeout, refused connection, reset.
-    #[error("model API unreachable: {0}")]
-    Transport(String),
-    /// A 2xx answer that is not a Messages API response.
-    #[error("model API sent an unreadable response: {0}")]
-    Decode(String),
-    /// The request could not be built (no API key, bad header value).
-    #[error("model request could not be built: {0}")]
-    Request(String),
-}
-
-impl LlmError {
-    /// True for errors that may pass: 408, 429, 5xx, 529, transport failures.
-    /// True for errors that may pass: 408, 429 (unless the account's spend limit is reached),
-    /// 5xx, 529, transport failures, and unreadable answers.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Api { status: 429, .. } => !self.is_spend_limit(),
-            Self::Api { status, .. } => matches!(status, 408 | 500..=599),
-            Self::Transport(_) | Self::Decode(_) => true,
-            Self::Request(_) => false,
-        }
-    }
-
-    /// A refusal because the account's spend or credit limit is reached: waiting will not help.
-    pub fn is_spend_limit(&self) -> bool {
-        let Self::Api { message, .. } = self else { return false };
-        let m = message.to_ascii_lowercase();
-        ["spend limit", "spending limit", "credit balance", "usage limit", "billing"].iter().any(|w| m.contains(w))
-    }
-
-    /// True when the provider itself is failing (5xx, 529, timeouts, unreachable, garbage): what
-    /// its circuit breaker counts. A 4xx or a 429 is an answer from a working provider.
-    pub fn is_provider_failure(&self) -> bool {
-        match self {
-            Self::Api { status, .. } => *status >= 500,
-            Self::Transport(_) | Self::Decode(_) => true,
-            Self::Request(_) => false,
-        }
-    }
-
-    /// True when the call certainly cost nothing: the API answered with an error, the connection
-    /// was never made, or the request was never sent. A timeout or an unreadable 2xx may have
-    /// been billed.
-    pub fn is_unbilled(&self) -> bool {
-        match self {
-            Self::Api { .. } | Self::Request(_) => true,
-            Self::Transport(why) => why == CONNECT_FAILED,
-            Self::Decode(_) => false,
-        }
-    }
-
-    /// The server's `retry-after`, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::Api { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-/// What one model call sends, besides the conversation.
-#[derive(Debug, Clone, Copy)]
-pub struct CallSpec<'a> {
-    /// Model id.
-    pub model: &'a str,
-    /// System prompt (empty for none).
-    pub system: &'a str,
-    /// Output token cap.
-    pub max_tokens: u32,
-    /// The tool definitions as one JSON array, prepared once per agent; `None` for a tool-less call.
-    pub tools: Option<&'a RawValue>,
-    /// `tool_choice` type: `None` for the default (`auto`), `Some("none")` to forbid tool use while
-    /// the definitions stay (the conversation may hold `tool_use` blocks, which need them).
-    pub tool_choice: Option<&'a str>,
-}
 
 #[derive(Serialize)]
 struct RequestBody<'a> {
@@ -201,11 +109,11 @@ impl AnthropicClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| LlmError::Transport(describe(&e)))?;
+            .map_err(|e| LlmError::transport(&e))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let rate_headers = crate::ratelimit::parse_ratelimit_headers(response.headers());
-        let bytes = response.bytes().await.map_err(|e| LlmError::Transport(describe(&e)))?;
+        let bytes = response.bytes().await.map_err(|e| LlmError::transport(&e))?;
         if !status.is_success() {
             return Err(parse_error(status.as_u16(), &bytes, retry_after));
         }
@@ -228,19 +136,6 @@ impl AnthropicClient {
         value.set_sensitive(true);
         h.insert(name, value);
         Ok(h)
-    }
-}
-
-const CONNECT_FAILED: &str = "connection failed";
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        CONNECT_FAILED.into()
-    } else {
-        // reqwest's Display includes the URL, never headers.
-        e.to_string()
     }
 }
 

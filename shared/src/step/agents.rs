@@ -80,7 +80,7 @@ impl Agents {
         let tenant_caps = cfg
             .tenants
             .iter()
-            .filter_map(|(n, t)| Some((n.to_string(), MicroUsd::from_usd(t.daily_cap_usd?).ok()?.0)))
+            .filter_map(|(n, t)| Some((n.to_string(), MicroUsd::from_usd(t.daily_cap_usd?).ok()?.get())))
             .collect();
         Ok(Self { agents, tenant_caps, providers: cfg.providers.clone() })
     }

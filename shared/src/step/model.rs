@@ -18,8 +18,7 @@ use crate::domain::{MicroUsd, Phase};
 use crate::failpoint;
 use crate::guard::{Admission, Gate, Outcome, Pass, RateGate, WaitFor};
 use crate::lifecycle::Ending;
-use crate::llm::anthropic::CallSpec;
-use crate::llm::{self, Block, LlmError, ModelReply, StopReason, ToolUse, Usage};
+use crate::llm::{self, Block, CallSpec, LlmError, ModelReply, StopReason, ToolUse, Usage};
 use crate::ratelimit::Tokens;
 use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, UsageTotals};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
@@ -44,7 +43,7 @@ impl StepCtx<'_> {
         let spent = Spent {
             steps: self.msg.step.saturating_sub(1),
             tokens: state.usage.total_tokens(),
-            cost: MicroUsd(state.usage.cost_micro_usd),
+            cost: MicroUsd::new(state.usage.cost_micro_usd),
         };
         let input = budget::estimate_input_tokens(self.request_bytes(&state.messages));
         let rates = Rates::of(&self.agent.price);
@@ -76,7 +75,7 @@ impl StepCtx<'_> {
             agent: self.agent.name.as_str(),
             tenant: &state.meta.tenant,
             day: now_ms() / 86_400_000,
-            agent_cap: self.agent.budget.daily_cap_usd.and_then(|c| MicroUsd::from_usd(c).ok()).map(|m| m.0),
+            agent_cap: self.agent.budget.daily_cap_usd.and_then(|c| MicroUsd::from_usd(c).ok()).map(MicroUsd::get),
             tenant_cap: self.engine.agents.tenant_cap(&state.meta.tenant),
         }
     }
@@ -170,10 +169,10 @@ impl StepCtx<'_> {
         reply: &ModelReply,
         took: Duration,
     ) -> Result<(), StepError> {
-        let cost = self.agent.price.cost(&reply.usage);
+        let cost = budget::cost(&self.agent.price, &reply.usage);
         let agent = self.agent.name.as_str();
         metric::model_call(agent, &self.agent.model, reply.stop_reason.label(), took);
-        metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.0);
+        metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.get());
         let u = &reply.usage;
         metric::cache_tokens(agent, &self.agent.model, u.cache_read_input_tokens, u.cache_creation_input_tokens);
         let trace = TraceRecord {
@@ -182,16 +181,16 @@ impl StepCtx<'_> {
             input_tokens: reply.usage.input_tokens,
             output_tokens: reply.usage.output_tokens,
             cost_usd: cost.as_usd(),
-            cost_micro_usd: cost.0,
+            cost_micro_usd: cost.get(),
             duration_ms: took.as_millis() as u64,
             success: true,
             ..self.trace(if call.summary.is_some() { "summary_call" } else { "model_call" })
         }
         .emit();
-        let usage = CallUsage { usage: reply.usage, cost_micro_usd: cost.0, trace: &trace };
+        let usage = CallUsage { usage: reply.usage, cost_micro_usd: cost.get(), trace: &trace };
         // `None`: another worker already counted this call's worst case (we had lost the lease).
         if let Some(totals) = self.engine.store.reconcile(self.id(), reservation, &usage).await? {
-            let delta = cost.0 as i64 - call.reserve.cost as i64;
+            let delta = cost.get() as i64 - call.reserve.cost as i64;
             self.engine.store.daily_settle(caps, delta).await?;
             self.maybe_alert(state, &totals).await;
         }
@@ -214,7 +213,7 @@ impl StepCtx<'_> {
             duration_ms: took.as_millis() as u64,
             input_tokens: if e.is_unbilled() { 0 } else { call.reserve.input_tokens },
             output_tokens: if e.is_unbilled() { 0 } else { call.reserve.output_tokens },
-            cost_usd: if e.is_unbilled() { 0.0 } else { MicroUsd(call.reserve.cost).as_usd() },
+            cost_usd: if e.is_unbilled() { 0.0 } else { MicroUsd::new(call.reserve.cost).as_usd() },
             cost_micro_usd: if e.is_unbilled() { 0 } else { call.reserve.cost },
             ..self.trace("model_call")
         }
@@ -239,7 +238,7 @@ impl StepCtx<'_> {
             return;
         }
         let spent =
-            Spent { steps: self.msg.step, tokens: totals.total_tokens(), cost: MicroUsd(totals.cost_micro_usd) };
+            Spent { steps: self.msg.step, tokens: totals.total_tokens(), cost: MicroUsd::new(totals.cost_micro_usd) };
         let Some(limit) = budget::alert_crossed(&state.meta.limits, &spent) else { return };
         match self.engine.store.mark_alert(self.id(), limit).await {
             Ok(true) => {

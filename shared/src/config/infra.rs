@@ -1,0 +1,250 @@
+//! Where the fleet connects and how its processes run: RabbitMQ, Redis, the worker and the
+//! dispatcher, telemetry and webhooks.
+
+use std::fmt;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::agents::default_pool;
+use super::{Invalid, Problem, check_url};
+use crate::domain::Name;
+
+/// Logging, tracing and redaction settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// JSON field names whose values never appear in traces or logs (e.g. `card_number`). API
+    /// keys and tool header values are always redacted.
+    pub redact_fields: Vec<String>,
+    /// OpenTelemetry trace export (`[telemetry.otlp]`); off unless an endpoint is set.
+    pub otlp: OtlpConfig,
+}
+
+/// OpenTelemetry export of spans over OTLP (HTTP, protobuf): one trace per session, with a span
+/// per step and a child span per action (the `telemetry::otel` module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://otel-collector:4318`; `/v1/traces` is
+    /// appended unless the URL already ends with it. Empty (the default) turns export off. The
+    /// environment variable `OTEL_EXPORTER_OTLP_ENDPOINT` overrides it; extra request headers
+    /// (an API key of a hosted backend) come from `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub endpoint: String,
+    /// The fraction of sessions traced, 0.0 to 1.0. Decided from the session id, so every
+    /// worker and the dispatcher agree on a session. Default 1.0.
+    pub sample_ratio: f64,
+    /// The longest a finished span waits before it is sent, in ms. Default 5000.
+    pub batch_delay_ms: u64,
+    /// Finished spans held for export; beyond this new spans are dropped, so a slow or absent
+    /// collector never slows a step. Default 8192.
+    pub max_queue_size: usize,
+    /// Timeout of one export request, in ms. Default 10000.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            sample_ratio: 1.0,
+            batch_delay_ms: 5_000,
+            max_queue_size: 8_192,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl OtlpConfig {
+    /// True when spans are exported.
+    pub fn enabled(&self) -> bool {
+        !self.endpoint.is_empty()
+    }
+
+    /// The URL spans are posted to.
+    pub fn traces_url(&self) -> String {
+        let base = self.endpoint.trim_end_matches('/');
+        if base.ends_with("/v1/traces") { base.to_owned() } else { format!("{base}/v1/traces") }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        if self.enabled() {
+            check_url(&self.endpoint, &["http", "https"]).map_err(|p| Invalid::new("endpoint", p))?;
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(Invalid::new("sample_ratio", Problem::NotAFraction));
+        }
+        let counts = [
+            ("max_queue_size", self.max_queue_size as u64),
+            ("batch_delay_ms", self.batch_delay_ms),
+            ("timeout_ms", self.timeout_ms),
+        ];
+        match counts.iter().find(|(_, v)| *v == 0) {
+            Some((field, _)) => Err(Invalid::new(*field, Problem::AtLeast(1))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Signed webhooks: the signing secret and how deliveries are retried.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The environment variable holding the signing secret. Default `AGENTFLEET_WEBHOOK_SECRET`.
+    pub secret_env: String,
+    /// The signing secret, read from `secret_env` (never put it in the file). Without one, events
+    /// that have a URL are dead-lettered instead of sent unsigned.
+    #[serde(skip)]
+    pub secret: Option<SecretString>,
+    /// Timeout of one POST. Default 5000 ms.
+    pub timeout_ms: u64,
+    /// Attempts per event (retries wait 1 s, 5 s, 30 s, 2 min, then 10 min each) before it is
+    /// dead-lettered. Default 12.
+    pub max_attempts: u32,
+}
+
+impl fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("secret_env", &self.secret_env)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self { secret_env: "AGENTFLEET_WEBHOOK_SECRET".into(), secret: None, timeout_ms: 5_000, max_attempts: 12 }
+    }
+}
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URL. Env `AMQP_URL`. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Prefix of every exchange and queue name. Default `agentfleet`; tests use their own.
+    pub prefix: String,
+    /// Deliveries of one step message before it is dead-lettered. Default 20.
+    pub delivery_limit: u32,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(), prefix: "agentfleet".into(), delivery_limit: 20 }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Redis URL. Env `REDIS_URL`. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key. Default `af`; tests use their own.
+    pub key_prefix: String,
+    /// How long to wait for a reply before the outcome counts as unknown. Default 10000 ms, far
+    /// above tail latency under load (see DESIGN §3).
+    pub response_timeout_ms: u64,
+    /// How long to wait for a connection. Default 5000 ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "af".into(),
+            response_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Steps run at once by one worker (also the AMQP prefetch). Default 64.
+    pub concurrency: u16,
+    /// The pools this worker consumes. Default `["default"]`.
+    pub pools: Vec<Name>,
+    /// Lease time-to-live; renewed at a third of it while a step runs. Default 15000 ms.
+    pub lease_ms: u64,
+    /// How long in-flight steps may take to finish after SIGTERM. Default 25000 ms (under the
+    /// pod's default 30 s grace).
+    pub shutdown_grace_ms: u64,
+    /// Where `/metrics` is served; empty for none. Default `0.0.0.0:9090`.
+    pub metrics_listen: String,
+    /// Model call attempts per step (retries go through the delay queues) before the session
+    /// fails. Default 8.
+    pub max_model_attempts: u32,
+    /// The longest a worker waits in-process for tool retries, per call. Longer waits go through
+    /// the delay queues. Default 2000 ms.
+    pub max_inline_retry_ms: u64,
+    /// Times a step may be sent through the delay queues for a tool's long retry before the call
+    /// counts as failed. Default 5.
+    pub max_tool_deferrals: u32,
+    /// Tool results longer than this are cut, with a marker, before the model sees them. Default
+    /// 32768 bytes.
+    pub max_tool_result_bytes: usize,
+    /// Tool inputs longer than this (as JSON) are refused with an error result. Default 262144.
+    pub max_tool_input_bytes: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            pools: vec![default_pool()],
+            lease_ms: 15_000,
+            shutdown_grace_ms: 25_000,
+            metrics_listen: "0.0.0.0:9090".into(),
+            max_model_attempts: 8,
+            max_inline_retry_ms: 2_000,
+            max_tool_deferrals: 5,
+            max_tool_result_bytes: 32 * 1024,
+            max_tool_input_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Dispatcher settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Where the HTTP API (and `/metrics`) is served. Default `0.0.0.0:8080`.
+    pub listen: String,
+    /// Largest accepted `input`, in bytes. Default 65536.
+    pub max_input_bytes: usize,
+    /// Largest accepted request body, in bytes. Default 262144.
+    pub max_body_bytes: usize,
+    /// How long an `idempotency_key` is remembered. Default 86400 s.
+    pub idempotency_ttl_s: u64,
+    /// How often the janitor looks for stalled sessions. Default 60 s.
+    pub janitor_interval_s: u64,
+    /// A queued or running session that has not moved for this long gets its current step
+    /// re-published by the janitor. Default 300 s.
+    pub stall_after_s: u64,
+    /// How long the dispatcher may take to stop after SIGTERM: in-flight HTTP requests, then its
+    /// background tasks (intake, webhook deliverer, janitor, gauges). Default 25000 ms (under the
+    /// pod's default 30 s grace).
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_input_bytes: 64 * 1024,
+            max_body_bytes: 256 * 1024,
+            idempotency_ttl_s: 86_400,
+            janitor_interval_s: 60,
+            stall_after_s: 300,
+            shutdown_grace_ms: 25_000,
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! Configuration: one TOML file plus environment overrides.
+//!
+//! The file defines the agents, their tools, model prices and the connection settings. The official
+//! SDKs' variable names override the file (`AMQP_URL`, `REDIS_URL`, `ANTHROPIC_API_KEY`,
+//! `ANTHROPIC_BASE_URL`), so the same file works locally and in Kubernetes. Parsing takes the
+//! environment as a lookup function, so tests never touch the process environment.
+//!
+//! Every error names the file, the field and the problem: `config error in agentfleet.toml: field
+//! `agents.support.model`: no price for model ...`.
+//!
+//! This module is a leaf: it uses only the `domain` module, so every other module may read the config
+//! without an import cycle. The sections live in submodules and are re-exported here.
+
+mod agents;
+mod infra;
+mod providers;
+mod tools;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use thiserror::Error;
+
+pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
+pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
+pub use providers::{
+    AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RateLimit, default_prices,
+};
+pub use tools::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
+
+use crate::domain::{ApprovalRuleError, Name, ParseError, Provider};
+use agents::validate_budget;
+use providers::check_price;
+use tools::validate_tool;
+
+/// A config file that cannot be used, with where and why.
+#[derive(Debug, Error)]
+#[error("config error in {}: field `{field}`: {problem}", file.display())]
+pub struct ConfigError {
+    /// The file that was read.
+    pub file: PathBuf,
+    /// The dotted path of the offending field (`agents.support.tools[2]`), or `(file)`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// What is wrong with a field's value.
+#[derive(Debug, Error)]
+pub enum Problem {
+    /// Not a URL at all.
+    #[error("`{url}` is not a URL: {error}")]
+    NotAUrl {
+        /// The value.
+        url: String,
+        /// Why it does not parse.
+        error: url::ParseError,
+    },
+    /// A URL with a scheme this field does not take.
+    #[error("`{url}` must use one of the schemes {schemes:?}")]
+    Scheme {
+        /// The value.
+        url: String,
+        /// The schemes allowed.
+        schemes: &'static [&'static str],
+    },
+    /// A count or duration below its minimum.
+    #[error("must be at least {0}")]
+    AtLeast(u64),
+    /// A sampling ratio outside 0.0..=1.0.
+    #[error("must be a number from 0.0 to 1.0")]
+    NotAFraction,
+    /// An alert threshold outside (0, 1].
+    #[error("must be a fraction in (0, 1]")]
+    NotAnAlertFraction,
+    /// A negative or non-finite price.
+    #[error("prices must be non-negative numbers of USD per million tokens")]
+    NegativePrice,
+    /// An amount of money that is not positive.
+    #[error("must be a positive number of USD")]
+    NotPositiveUsd,
+    /// A per-step cost cap above the session's.
+    #[error("must not exceed max_cost_usd")]
+    StepCostOverTotal,
+    /// A zero token limit.
+    #[error("token limits must be at least 1")]
+    ZeroTokenLimit,
+    /// No `[agents]` at all.
+    #[error("at least one agent is required")]
+    NoAgents,
+    /// An agent's model has no price.
+    #[error("no price for model `{0}`: add `[prices.\"{0}\"]`")]
+    NoPrice(String),
+    /// An agent names a tool that is not defined.
+    #[error("no tool named `{0}` in [tools]")]
+    UnknownTool(Name),
+    /// Escalations can only fail at their deadline.
+    #[error("a wait for a human reply can only `fail` at its deadline")]
+    HumanWaitMustFail,
+    /// A tool's fallback that is itself or not a tool.
+    #[error("`{0}` must be another tool in [tools]")]
+    BadFallback(Name),
+    /// An input schema that does not describe an object.
+    #[error("must be a JSON Schema with `type = \"object\"`")]
+    NotAnObjectSchema,
+    /// An input schema that is not a JSON Schema.
+    #[error("not a valid JSON Schema: {0}")]
+    BadSchema(String),
+    /// An HTTP method that is not one.
+    #[error("`{0}` is not an HTTP method")]
+    BadMethod(String),
+    /// A name (prefix) of the wrong shape.
+    #[error(transparent)]
+    Name(#[from] ParseError),
+    /// An approval rule that does not parse.
+    #[error(transparent)]
+    ApprovalRule(#[from] ApprovalRuleError),
+}
+
+/// A field that failed validation: its dotted path (relative to where it was checked) and why.
+#[derive(Debug, Error)]
+#[error("field `{field}`: {problem}")]
+struct Invalid {
+    field: String,
+    problem: Problem,
+}
+
+impl Invalid {
+    fn new(field: impl Into<String>, problem: Problem) -> Self {
+        Self { field: field.into(), problem }
+    }
+
+    /// The same problem, with the field's path under `prefix`.
+    fn within(self, prefix: &str) -> Self {
+        Self { field: format!("{prefix}.{}", self.field), problem: self.problem }
+    }
+}
+
+/// The whole configuration of a worker or a dispatcher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// RabbitMQ settings.
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    /// Redis settings.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Anthropic Messages API settings.
+    #[serde(default)]
+    pub anthropic: AnthropicConfig,
+    /// OpenAI-compatible API settings, for agents with `provider = "openai"`.
+    #[serde(default)]
+    pub openai: OpenAiConfig,
+    /// Worker settings.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    /// Dispatcher settings.
+    #[serde(default)]
+    pub dispatcher: DispatcherConfig,
+    /// Prices per model in USD per million tokens; merged over the built-in defaults.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+    /// Tools that agents may use, by name.
+    #[serde(default)]
+    pub tools: BTreeMap<Name, ToolConfig>,
+    /// The agents, by name.
+    pub agents: BTreeMap<Name, AgentConfig>,
+    /// Tenants with daily caps, by name (the tenant comes from the request).
+    #[serde(default)]
+    pub tenants: BTreeMap<Name, TenantConfig>,
+    /// Fleet-wide breaker and rate limits per model provider (`anthropic`, `openai`).
+    #[serde(default)]
+    pub providers: BTreeMap<Provider, ProviderConfig>,
+    /// Signed webhooks of lifecycle events (the `webhooks` module).
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+    /// Logging, tracing and redaction.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+impl Config {
+    /// Reads and validates `path`, then applies the environment through `env`.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            field: "(file)".into(),
+            problem: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses and validates the text of a config file named `file`.
+    pub fn parse(text: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let err = |field: String, problem: String| ConfigError { file: file.to_owned(), field, problem };
+        let de = toml::Deserializer::parse(text).map_err(|e| err("(file)".into(), e.to_string().trim().to_owned()))?;
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            err(field, e.into_inner().message().trim().to_owned())
+        })?;
+        cfg.apply_env(env);
+        cfg.prices = default_prices().into_iter().chain(std::mem::take(&mut cfg.prices)).collect();
+        cfg.validate().map_err(|e| err(e.field, e.problem.to_string()))?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        let set = |slot: &mut String, var: &str| {
+            if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+                *slot = v;
+            }
+        };
+        set(&mut self.amqp.url, "AMQP_URL");
+        set(&mut self.redis.url, "REDIS_URL");
+        set(&mut self.anthropic.base_url, "ANTHROPIC_BASE_URL");
+        self.anthropic.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
+        set(&mut self.openai.base_url, "OPENAI_BASE_URL");
+        set(&mut self.telemetry.otlp.endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        self.openai.api_key = env("OPENAI_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
+        self.webhooks.secret = env(&self.webhooks.secret_env).filter(|k| !k.is_empty()).map(SecretString::from);
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        check_url(&self.amqp.url, &["amqp", "amqps"]).map_err(|p| Invalid::new("amqp.url", p))?;
+        check_url(&self.redis.url, &["redis", "rediss"]).map_err(|p| Invalid::new("redis.url", p))?;
+        check_url(&self.anthropic.base_url, &["http", "https"]).map_err(|p| Invalid::new("anthropic.base_url", p))?;
+        check_url(&self.openai.base_url, &["http", "https"]).map_err(|p| Invalid::new("openai.base_url", p))?;
+        Name::parse(&self.amqp.prefix).map_err(|e| Invalid::new("amqp.prefix", e.into()))?;
+        Name::parse(&self.redis.key_prefix).map_err(|e| Invalid::new("redis.key_prefix", e.into()))?;
+        if self.worker.concurrency == 0 {
+            return Err(Invalid::new("worker.concurrency", Problem::AtLeast(1)));
+        }
+        if self.worker.lease_ms < 1_000 {
+            return Err(Invalid::new("worker.lease_ms", Problem::AtLeast(1_000)));
+        }
+        for (name, price) in &self.prices {
+            check_price(price).map_err(|p| Invalid::new(format!("prices.{name}"), p))?;
+        }
+        for (name, tool) in &self.tools {
+            validate_tool(tool, name, &self.tools).map_err(|e| e.within(&format!("tools.{name}")))?;
+        }
+        if self.agents.is_empty() {
+            return Err(Invalid::new("agents", Problem::NoAgents));
+        }
+        for (name, agent) in &self.agents {
+            self.validate_agent(agent).map_err(|e| e.within(&format!("agents.{name}")))?;
+        }
+        self.telemetry.otlp.validate().map_err(|e| e.within("telemetry.otlp"))?;
+        for (name, tenant) in &self.tenants {
+            if let Some(cap) = tenant.daily_cap_usd
+                && (!cap.is_finite() || cap <= 0.0)
+            {
+                return Err(Invalid::new(format!("tenants.{name}.daily_cap_usd"), Problem::NotPositiveUsd));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_agent(&self, agent: &AgentConfig) -> Result<(), Invalid> {
+        if !self.prices.contains_key(&agent.model) {
+            return Err(Invalid::new("model", Problem::NoPrice(agent.model.clone())));
+        }
+        for (i, tool) in agent.tools.iter().enumerate() {
+            if !self.tools.contains_key(tool) && tool.as_str() != ESCALATE_TO_HUMAN {
+                return Err(Invalid::new(format!("tools[{i}]"), Problem::UnknownTool(tool.clone())));
+            }
+        }
+        if agent.max_tokens == 0 {
+            return Err(Invalid::new("max_tokens", Problem::AtLeast(1)));
+        }
+        if let Some(url) = &agent.webhook_url {
+            check_url(url, &["http", "https"]).map_err(|p| Invalid::new("webhook_url", p))?;
+        }
+        if agent.human_wait.on_deadline != OnDeadline::Fail {
+            return Err(Invalid::new("human_wait.on_deadline", Problem::HumanWaitMustFail));
+        }
+        validate_budget(&agent.budget).map_err(|e| e.within("budget"))
+    }
+
+    /// The daily cap of `tenant`, if it has one.
+    pub fn tenant_daily_cap(&self, tenant: &str) -> Option<f64> {
+        self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.daily_cap_usd)
+    }
+
+    /// Every secret value this config uses (API keys, tool header values), for redaction.
+    pub fn secrets(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        let keys = [&self.anthropic.api_key, &self.openai.api_key];
+        let mut out: Vec<String> = keys.into_iter().flatten().map(|k| k.expose_secret().to_owned()).collect();
+        for tool in self.tools.values() {
+            if let HandlerConfig::Http { headers_from_env, .. } = &tool.handler {
+                out.extend(headers_from_env.values().filter_map(|var| env(var)));
+            }
+        }
+        out
+    }
+
+    /// The agent named `name`.
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|(n, _)| n.as_str() == name).map(|(_, a)| a)
+    }
+
+    /// The price of `model`; config validation guarantees one for every agent's model.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model)
+    }
+}
+
+fn check_url(url: &str, schemes: &'static [&'static str]) -> Result<(), Problem> {
+    let parsed = url::Url::parse(url).map_err(|error| Problem::NotAUrl { url: url.to_owned(), error })?;
+    if schemes.contains(&parsed.scheme()) { Ok(()) } else { Err(Problem::Scheme { url: url.to_owned(), schemes }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tools.lookup]
+        description = "Use this to look a customer up."
+        input_schema = { type = "object", properties = { email = { type = "string" } }, required = ["email"] }
+        handler = { kind = "http", url = "http://127.0.0.1:1/tools/lookup" }
+
+        [agents.support]
+        model = "claude-sonnet-4-5"
+        system_prompt = "You help."
+        tools = ["lookup", "escalate_to_human"]
+    "#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &no_env)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_safe_defaults() {
+        let cfg = parse(MINIMAL).expect("valid");
+        let agent = cfg.agent("support").expect("agent");
+        assert_eq!(agent.pool.as_str(), "default");
+        assert_eq!(agent.budget.max_steps, 25);
+        assert_eq!(cfg.anthropic.version, "2023-06-01");
+        assert_eq!(cfg.anthropic.auth, AuthStyle::XApiKey);
+        assert!(cfg.anthropic.api_key.is_none());
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = |k: &str| match k {
+            "AMQP_URL" => Some("amqp://u:p@rabbit:5672/%2f".to_owned()),
+            "REDIS_URL" => Some("redis://cache:6379".to_owned()),
+            "ANTHROPIC_BASE_URL" => Some("http://127.0.0.1:9".to_owned()),
+            "ANTHROPIC_API_KEY" => Some("sk-test".to_owned()),
+            _ => None,
+        };
+        let cfg = Config::parse(MINIMAL, Path::new("t.toml"), &env).expect("valid");
+        assert_eq!(cfg.amqp.url, "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(cfg.redis.url, "redis://cache:6379");
+        assert_eq!(cfg.anthropic.base_url, "http://127.0.0.1:9");
+        assert!(cfg.anthropic.api_key.is_some());
+        assert!(!format!("{:?}", cfg.anthropic).contains("sk-test"));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_problem() {
+        let bad_type = MINIMAL.replace("system_prompt = \"You help.\"", "system_prompt = 3");
+        let e = parse(&bad_type).expect_err("wrong type");
+        assert_eq!(e.field, "agents.support.system_prompt");
+        assert!(e.to_string().starts_with("config error in test.toml: field `agents.support.system_prompt`"), "{e}");
+
+        let unknown_tool = MINIMAL.replace("\"lookup\", ", "\"lookup\", \"nope\", ");
+        let e = parse(&unknown_tool).expect_err("unknown tool");
+        assert_eq!(e.field, "agents.support.tools[1]");
+
+        let no_price = MINIMAL.replace("claude-sonnet-4-5", "gpt-imaginary");
+        let e = parse(&no_price).expect_err("no price");
+        assert_eq!(e.field, "agents.support.model");
+        assert!(e.problem.contains("no price"));
+
+        let typo = MINIMAL.replace("system_prompt", "sytem_prompt");
+        let e = parse(&typo).expect_err("unknown field");
+        assert!(e.problem.contains("unknown field"), "{e}");
+
+        let bad_schema = MINIMAL.replace("type = \"object\", properties", "type = \"array\", properties");
+        assert_eq!(parse(&bad_schema).expect_err("schema").field, "tools.lookup.input_schema");
+
+        let e = parse("this is = = not toml").expect_err("syntax");
+        assert_eq!(e.field, "(file)");
+    }
+
+    #[test]
+    fn error_texts_are_stable() {
+        let no_price = MINIMAL.replace("claude-sonnet-4-5", "gpt-imaginary");
+        assert_eq!(
+            parse(&no_price).expect_err("no price").to_string(),
+            "config error in test.toml: field `agents.support.model`: no price for model `gpt-imaginary`: add \
+             `[prices.\"gpt-imaginary\"]`"
+        );
+        let bad_rule = MINIMAL.replace("handler = {", "approval_rule = \"amount ~ 3\"\nhandler = {");
+        let e = parse(&bad_rule).expect_err("bad rule");
+        assert_eq!(
+            (e.field.as_str(), e.problem.as_str()),
+            ("tools.lookup.approval_rule", "`~` is not one of > >= < <= == !=")
+        );
+        let bad_url = format!("{MINIMAL}\n[amqp]\nurl = \"http://rabbit\"");
+        let e = parse(&bad_url).expect_err("bad scheme");
+        assert_eq!(e.problem, r#"`http://rabbit` must use one of the schemes ["amqp", "amqps"]"#);
+    }
+
+    #[test]
+    fn otlp_export_is_off_unless_an_endpoint_is_set_in_the_file_or_the_environment() {
+        assert!(!parse(MINIMAL).expect("valid").telemetry.otlp.enabled());
+        let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://collector:4318/".to_owned());
+        let cfg = Config::parse(MINIMAL, Path::new("test.toml"), &env).expect("valid");
+        assert!(cfg.telemetry.otlp.enabled());
+        assert_eq!(cfg.telemetry.otlp.traces_url(), "http://collector:4318/v1/traces");
+        let text =
+            format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
+        let otlp = parse(&text).expect("valid").telemetry.otlp;
+        assert_eq!((otlp.traces_url().as_str(), otlp.sample_ratio), ("https://otel.example/v1/traces", 0.25));
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/agentfleet.toml");
+        let cfg = Config::load(&path, &|_| None).expect("example config is valid");
+        let support = cfg.agent("support").expect("support agent");
+        let tools: Vec<&str> = support.tools.iter().map(Name::as_str).collect();
+        assert_eq!(
+            tools,
+            ["search_knowledge_base", "lookup_customer", "create_ticket", "issue_refund", "escalate_to_human"]
+        );
+    }
+}

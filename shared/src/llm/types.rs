@@ -1,0 +1,402 @@
+//! The types of a model call, shared by every provider: what is sent ([`CallSpec`]), what comes
+//! back ([`ModelReply`], its blocks and [`Usage`]), how it fails ([`LlmError`]), and the stored
+//! messages built from them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+/// A failed model call, classified so the step can decide: retry later, or fail the session.
+#[derive(Debug, Error)]
+pub enum LlmError {
+    /// The API answered with an error status and its error shape.
+    #[error("model API error {status} {kind}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error's `type` (`rate_limit_error`, `overloaded_error`, …).
+        kind: String,
+        /// The API's own message.
+        message: String,
+        /// The `retry-after` header, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// No answer: timeout, refused connection, reset.
+    #[error("model API unreachable: {detail}")]
+    Transport {
+        /// Whether the request may have reached the API: `false` only when the connection was
+        /// never made, so the call certainly cost nothing.
+        sent: bool,
+        /// What happened.
+        detail: String,
+    },
+    /// A 2xx answer that is not a Messages API response.
+    #[error("model API sent an unreadable response: {0}")]
+    Decode(String),
+    /// The request could not be built (no API key, bad header value).
+    #[error("model request could not be built: {0}")]
+    Request(String),
+}
+
+impl LlmError {
+    /// True for errors that may pass: 408, 429 (unless the account's spend limit is reached),
+    /// 5xx, 529, transport failures, and unreadable answers.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Api { status: 429, .. } => !self.is_spend_limit(),
+            Self::Api { status, .. } => matches!(status, 408 | 500..=599),
+            Self::Transport { .. } | Self::Decode(_) => true,
+            Self::Request(_) => false,
+        }
+    }
+
+    /// A refusal because the account's spend or credit limit is reached: waiting will not help.
+    pub fn is_spend_limit(&self) -> bool {
+        let Self::Api { message, .. } = self else { return false };
+        let m = message.to_ascii_lowercase();
+        ["spend limit", "spending limit", "credit balance", "usage limit", "billing"].iter().any(|w| m.contains(w))
+    }
+
+    /// True when the provider itself is failing (5xx, 529, timeouts, unreachable, garbage): what
+    /// its circuit breaker counts. A 4xx or a 429 is an answer from a working provider.
+    pub fn is_provider_failure(&self) -> bool {
+        match self {
+            Self::Api { status, .. } => *status >= 500,
+            Self::Transport { .. } | Self::Decode(_) => true,
+            Self::Request(_) => false,
+        }
+    }
+
+    /// True when the call certainly cost nothing: the API answered with an error, the connection
+    /// was never made, or the request was never sent. A timeout or an unreadable 2xx may have
+    /// been billed.
+    pub fn is_unbilled(&self) -> bool {
+        match self {
+            Self::Api { .. } | Self::Request(_) => true,
+            Self::Transport { sent, .. } => !sent,
+            Self::Decode(_) => false,
+        }
+    }
+
+    /// A failed send or read: a timeout may have been billed, a refused connection cannot have been.
+    pub(crate) fn transport(e: &reqwest::Error) -> Self {
+        let (sent, detail) = if e.is_timeout() {
+            (true, "timed out".to_owned())
+        } else if e.is_connect() {
+            (false, "connection failed".to_owned())
+        } else {
+            // reqwest's Display includes the URL, never headers.
+            (true, e.to_string())
+        };
+        Self::Transport { sent, detail }
+    }
+
+    /// The server's `retry-after`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// What one model call sends, besides the conversation.
+#[derive(Debug, Clone, Copy)]
+pub struct CallSpec<'a> {
+    /// Model id.
+    pub model: &'a str,
+    /// System prompt (empty for none).
+    pub system: &'a str,
+    /// Output token cap.
+    pub max_tokens: u32,
+    /// The tool definitions as one JSON array, prepared once per agent; `None` for a tool-less call.
+    pub tools: Option<&'a RawValue>,
+    /// `tool_choice` type: `None` for the default (`auto`), `Some("none")` to forbid tool use while
+    /// the definitions stay (the conversation may hold `tool_use` blocks, which need them).
+    pub tool_choice: Option<&'a str>,
+}
+
+/// One content block exactly as received.
+pub type RawBlock = Box<RawValue>;
+
+/// Token counts of one call, including the prompt-cache fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Uncached input tokens.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Output tokens.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Input tokens written to the cache.
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the cache.
+    #[serde(default, deserialize_with = "null_as_zero")]
+    pub cache_read_input_tokens: u64,
+}
+
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or(0))
+}
+
+/// Why the model stopped. Every documented value is its own variant, so each is handled on purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model finished its turn.
+    EndTurn,
+    /// The model asked for tools.
+    ToolUse,
+    /// The output hit `max_tokens`.
+    MaxTokens,
+    /// A stop sequence matched.
+    StopSequence,
+    /// A long server-side turn was paused; send the content back to let it continue.
+    PauseTurn,
+    /// The model declined for safety reasons.
+    Refusal,
+    /// A value this version does not know.
+    Other(String),
+}
+
+impl StopReason {
+    pub(crate) fn parse(s: &str) -> Self {
+        match s {
+            "end_turn" => Self::EndTurn,
+            "tool_use" => Self::ToolUse,
+            "max_tokens" => Self::MaxTokens,
+            "stop_sequence" => Self::StopSequence,
+            "pause_turn" => Self::PauseTurn,
+            "refusal" => Self::Refusal,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// A bounded label for metrics (`other` for unknown values).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Other(_) => "other",
+            known => match known.as_str() {
+                "end_turn" => "end_turn",
+                "tool_use" => "tool_use",
+                "max_tokens" => "max_tokens",
+                "stop_sequence" => "stop_sequence",
+                "pause_turn" => "pause_turn",
+                _ => "refusal",
+            },
+        }
+    }
+
+    /// The API's text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::EndTurn => "end_turn",
+            Self::ToolUse => "tool_use",
+            Self::MaxTokens => "max_tokens",
+            Self::StopSequence => "stop_sequence",
+            Self::PauseTurn => "pause_turn",
+            Self::Refusal => "refusal",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+/// The parts of a content block the fleet acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    /// Text for the user.
+    Text(String),
+    /// A tool call.
+    ToolUse(ToolUse),
+    /// Anything else (thinking, redacted thinking, server tools, future types): kept, not read.
+    Other,
+}
+
+/// A `tool_use` block.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ToolUse {
+    /// The id a `tool_result` must answer.
+    pub id: String,
+    /// The tool's name.
+    pub name: String,
+    /// The input the model gave; may be anything, it is validated before the tool runs.
+    #[serde(default)]
+    pub input: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockView {
+    Text {
+        text: String,
+    },
+    ToolUse(ToolUse),
+    #[serde(other)]
+    Other,
+}
+
+impl Block {
+    /// Reads the view of a raw block; a block that does not parse as a known type is `Other`.
+    pub fn view(raw: &RawValue) -> Block {
+        match serde_json::from_str::<BlockView>(raw.get()) {
+            Ok(BlockView::Text { text }) => Block::Text(text),
+            Ok(BlockView::ToolUse(t)) => Block::ToolUse(t),
+            Ok(BlockView::Other) | Err(_) => Block::Other,
+        }
+    }
+}
+
+/// A model's answer.
+#[derive(Debug)]
+pub struct ModelReply {
+    /// The API's message id.
+    pub id: String,
+    /// The content blocks exactly as received.
+    pub content: Vec<RawBlock>,
+    /// Why the model stopped.
+    pub stop_reason: StopReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// What the `anthropic-ratelimit-*` headers said remains, for the fleet's rate limiter.
+    pub rate_headers: crate::ratelimit::RateHeaders,
+}
+
+impl ModelReply {
+    /// The parsed views of the content blocks, in order.
+    pub fn blocks(&self) -> Vec<Block> {
+        self.content.iter().map(|b| Block::view(b)).collect()
+    }
+
+    /// All text blocks joined with newlines.
+    pub fn text(&self) -> String {
+        text_of(&self.blocks())
+    }
+
+    /// The assistant message to append to the conversation: the content as received.
+    pub fn assistant_message(&self) -> String {
+        assistant_message(&self.content)
+    }
+}
+
+/// All text blocks of `blocks` joined with newlines.
+pub fn text_of(blocks: &[Block]) -> String {
+    let texts: Vec<&str> = blocks
+        .iter()
+        .filter_map(|b| match b {
+            Block::Text(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    texts.join("\n")
+}
+
+/// `{"role":"assistant","content":[…]}` with each block's bytes unchanged.
+pub fn assistant_message(content: &[RawBlock]) -> String {
+    let blocks: Vec<&str> = content.iter().map(|b| b.get()).collect();
+    format!(r#"{{"role":"assistant","content":[{}]}}"#, blocks.join(","))
+}
+
+/// The content blocks of a stored assistant message, raw.
+pub fn stored_content(message: &str) -> Result<Vec<RawBlock>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Stored {
+        content: Vec<RawBlock>,
+    }
+    Ok(serde_json::from_str::<Stored>(message)?.content)
+}
+
+/// A user message carrying `tool_result` blocks, in the order given.
+pub fn tool_results_message(results: &[(String, ToolOutcome)]) -> String {
+    let blocks: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(id, out)| {
+            serde_json::json!({
+                "type": "tool_result",
+                "tool_use_id": id,
+                "content": out.content,
+                "is_error": out.is_error,
+            })
+        })
+        .collect();
+    serde_json::json!({ "role": "user", "content": blocks }).to_string()
+}
+
+/// A plain user text message.
+pub fn user_message(text: &str) -> String {
+    serde_json::json!({ "role": "user", "content": text }).to_string()
+}
+
+/// What a tool call produced, as the model will see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolOutcome {
+    /// The result text (JSON text for HTTP tools).
+    pub content: String,
+    /// True when the call failed; the text says why.
+    pub is_error: bool,
+}
+
+impl ToolOutcome {
+    /// A successful result.
+    pub fn ok(content: impl Into<String>) -> Self {
+        Self { content: content.into(), is_error: false }
+    }
+
+    /// A failed call, explained to the model.
+    pub fn error(content: impl Into<String>) -> Self {
+        Self { content: content.into(), is_error: true }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_blocks_survive_byte_for_byte() {
+        let body = r#"[{"type":"thinking","thinking":"hm","signature":"c2ln=="},{"type":"text","text":"hi"},{"type":"tool_use","id":"toolu_1","name":"t","input":{"a":1}},{"type":"brand_new","x":[1, 2]}]"#;
+        let content: Vec<RawBlock> = serde_json::from_str(body).expect("json");
+        let msg = assistant_message(&content);
+        assert_eq!(msg, format!(r#"{{"role":"assistant","content":{body}}}"#));
+        let views: Vec<Block> = content.iter().map(|b| Block::view(b)).collect();
+        assert_eq!(views[0], Block::Other);
+        assert_eq!(views[1], Block::Text("hi".into()));
+        assert!(matches!(&views[2], Block::ToolUse(t) if t.name == "t" && t.input["a"] == 1));
+        assert_eq!(views[3], Block::Other);
+        let back = stored_content(&msg).expect("stored");
+        assert_eq!(back.iter().map(|b| b.get()).collect::<Vec<_>>().join(","), body[1..body.len() - 1]);
+    }
+
+    #[test]
+    fn every_stop_reason_is_distinct() {
+        for s in ["end_turn", "tool_use", "max_tokens", "stop_sequence", "pause_turn", "refusal"] {
+            let r = StopReason::parse(s);
+            assert!(!matches!(r, StopReason::Other(_)), "{s}");
+            assert_eq!(r.as_str(), s);
+        }
+        assert_eq!(StopReason::parse("model_context_window_exceeded").as_str(), "model_context_window_exceeded");
+    }
+
+    #[test]
+    fn tool_results_keep_order_and_error_flag() {
+        let msg = tool_results_message(&[("a".into(), ToolOutcome::ok("1")), ("b".into(), ToolOutcome::error("no"))]);
+        let v: serde_json::Value = serde_json::from_str(&msg).expect("json");
+        assert_eq!(v["content"][0]["tool_use_id"], "a");
+        assert_eq!(v["content"][1]["is_error"], true);
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_request_that_never_left_is_unbilled_among_transport_errors() {
+        let refused = LlmError::Transport { sent: false, detail: "connection failed".into() };
+        let timed_out = LlmError::Transport { sent: true, detail: "timed out".into() };
+        assert!(refused.is_unbilled() && refused.is_retryable() && refused.is_provider_failure());
+        assert!(!timed_out.is_unbilled() && timed_out.is_retryable());
+        assert_eq!(refused.to_string(), "model API unreachable: connection failed");
+    }
+}
