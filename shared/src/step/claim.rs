@@ -21,7 +21,7 @@ pub(super) enum Claimed {
         /// The lease token.
         token: String,
         /// The session as loaded.
-        state: SessionState,
+        state: Box<SessionState>,
     },
     /// Nothing to run: the delivery is settled like this.
     Settled(Disposition),
@@ -37,7 +37,7 @@ impl Engine {
             Err(e) => return Claimed::Settled(self.later(msg, pool, Duration::from_secs(1), &e.to_string()).await),
         };
         let settled = match claim {
-            Claim::Run(state) => return Claimed::Run { token, state: *state },
+            Claim::Run(state) => return Claimed::Run { token, state },
             Claim::Missing => self.dead_letter(&body_of(msg), "unknown_session", "no such session").await,
             Claim::Future { current } => {
                 let why = format!("step {} is ahead of the session (at {current})", msg.step);

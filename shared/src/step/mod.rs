@@ -148,7 +148,7 @@ impl Engine {
         };
         let lease = self.hold_lease(&msg, &token);
         let timings = Timings::default();
-        let next = self.phases(&msg, state, &timings).await;
+        let next = self.phases(&msg, *state, &timings).await;
         timings.record();
         lease.stop().await;
         self.finish(&msg, pool, &token, next).await
