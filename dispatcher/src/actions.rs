@@ -338,7 +338,7 @@ impl Escalation {
         let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
         Self {
             session_id: id,
-            tenant: (!meta.tenant.is_empty()).then_some(meta.tenant),
+            tenant: meta.tenant.map(String::from),
             agent: meta.agent,
             status: meta.status,
             kind: text(&e["kind"]),

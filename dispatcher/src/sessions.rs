@@ -2,7 +2,7 @@
 
 use agentfleet::amqp::StepPublisher;
 use agentfleet::budget::{Limits, Overrides};
-use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use agentfleet::store::{Meta, NewSession, SessionView};
 use agentfleet::telemetry::{metric, now_ms};
 use axum::extract::{Path, State};
@@ -54,7 +54,7 @@ struct Valid {
     input: String,
     metadata: serde_json::Value,
     idempotency_key: Option<String>,
-    tenant: String,
+    tenant: Option<TenantId>,
     callback_url: Option<String>,
 }
 
@@ -171,10 +171,7 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
             return Err(ApiError::invalid("callback_url: must be an http(s) URL"));
         }
     }
-    let tenant = match req.tenant {
-        Some(t) => Name::parse(&t).map_err(|e| ApiError::invalid(format!("tenant: {e}")))?.to_string(),
-        None => String::new(),
-    };
+    let tenant = req.tenant.map(|t| TenantId::parse(&t)).transpose().map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(Valid {
         agent,
         pool: agent_cfg.pool.clone(),
@@ -276,7 +273,7 @@ pub(crate) async fn list(
     let filter = agentfleet::store::ListFilter {
         status,
         agent: q.agent,
-        tenant: q.tenant,
+        tenant: q.tenant.map(|t| TenantId::parse(&t)).transpose().map_err(|e| ApiError::invalid(e.to_string()))?,
         created_after_ms: q.created_after_ms,
         created_before_ms: q.created_before_ms,
     };
@@ -292,7 +289,7 @@ fn summary(id: &SessionId, m: &Meta) -> SessionSummary {
     SessionSummary {
         id: id.clone(),
         agent: m.agent.clone(),
-        tenant: (!m.tenant.is_empty()).then(|| m.tenant.clone()),
+        tenant: m.tenant.clone().map(String::from),
         status: m.status,
         step: m.step,
         created_at_ms: m.created_ms,

@@ -110,6 +110,43 @@ impl From<Name> for String {
     }
 }
 
+/// A tenant: whose budget a session spends and whose sessions it is. Spelled like a [`Name`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, example = "acme")]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Checks the tenant's length and characters (those of a [`Name`]).
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        Name::parse(s).map(|n| Self(n.0)).map_err(|e| ParseError::new("tenant", e.problem))
+    }
+
+    /// The tenant as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(t: TenantId) -> Self {
+        t.0
+    }
+}
+
 /// Money as integer micro-USD: no float ever accumulates a rounding error in a budget.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MicroUsd(u64);

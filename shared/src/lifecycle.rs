@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use crate::amqp::StepPublisher;
-use crate::domain::{SessionId, SessionStatus};
+use crate::domain::{SessionId, SessionStatus, TenantId};
 use crate::store::{Meta, StepEnd};
 use crate::telemetry::{metric, now_ms, otel, summarize};
 
@@ -140,7 +140,7 @@ pub fn session_ended(id: &SessionId, meta: &Meta, status: SessionStatus, error: 
         otel::session_ended(&otel::SessionEnd {
             id,
             agent: meta.agent.as_str(),
-            tenant: &meta.tenant,
+            tenant: meta.tenant.as_ref().map_or("", TenantId::as_str),
             status: status.as_str(),
             step: meta.step,
             created_ms: meta.created_ms,
@@ -156,7 +156,7 @@ pub fn lifecycle_event(meta: &Meta, id: &SessionId, step: u32, kind: &str, summa
         "type": kind,
         "session_id": id,
         "agent": meta.agent,
-        "tenant": meta.tenant,
+        "tenant": meta.tenant.as_ref().map_or("", TenantId::as_str),
         "metadata": metadata,
         "step": step,
         "summary": summarize(summary, 500),

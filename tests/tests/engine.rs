@@ -14,7 +14,7 @@ use std::time::Duration;
 use agentfleet::amqp::{PublishError, StepPublisher};
 use agentfleet::budget::Limits;
 use agentfleet::config::Config;
-use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use agentfleet::guard::OpenGuard;
 use agentfleet::llm::{ModelClients, ToolOutcome};
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
@@ -126,7 +126,7 @@ impl Rig {
         let new = NewSession {
             id: id.clone(),
             agent: Name::parse(agent)?,
-            tenant: "t1".into(),
+            tenant: Some(TenantId::parse("t1")?),
             input: goal.into(),
             metadata: serde_json::json!({}),
             limits,

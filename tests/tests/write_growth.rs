@@ -119,7 +119,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
     let new = NewSession {
         id: id.clone(),
         agent: Name::parse("support")?,
-        tenant: String::new(),
+        tenant: None,
         input: "[steps=45] a long conversation".into(),
         metadata: serde_json::json!({}),
         limits: Limits::of(&cfg.agent("support").ok_or_else(|| anyhow::anyhow!("no agent"))?.budget),

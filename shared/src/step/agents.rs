@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{BudgetConfig, Config, OnModelFailure, Price, ProviderConfig, WaitConfig};
-use crate::domain::{MicroUsd, Name, SessionStatus};
+use crate::domain::{MicroUsd, Name, SessionStatus, TenantId};
 use crate::llm::Provider;
 use crate::tools::{ToolLimits, ToolSet, ToolSetupError};
 
@@ -96,8 +96,8 @@ impl Agents {
     }
 
     /// The daily cap of `tenant`, micro-USD.
-    pub fn tenant_cap(&self, tenant: &str) -> Option<u64> {
-        self.tenant_caps.get(tenant).copied()
+    pub fn tenant_cap(&self, tenant: &TenantId) -> Option<u64> {
+        self.tenant_caps.get(tenant.as_str()).copied()
     }
 
     /// The pools of all agents, each once.

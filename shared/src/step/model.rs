@@ -14,7 +14,7 @@ use super::{Next, StepCtx, StepError};
 use crate::breaker::BreakerConfig;
 use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
 use crate::config::{OnDailyCap, OnModelFailure, ProviderConfig};
-use crate::domain::{MicroUsd, Phase};
+use crate::domain::{MicroUsd, Phase, TenantId};
 use crate::failpoint;
 use crate::guard::{Admission, Gate, Outcome, Pass, RateGate, WaitFor};
 use crate::lifecycle::Ending;
@@ -73,10 +73,10 @@ impl StepCtx<'_> {
     fn daily_caps<'s>(&'s self, state: &'s SessionState) -> DailyCaps<'s> {
         DailyCaps {
             agent: self.agent.name.as_str(),
-            tenant: &state.meta.tenant,
+            tenant: state.meta.tenant.as_ref(),
             day: now_ms() / 86_400_000,
             agent_cap: self.agent.budget.daily_cap_usd.and_then(|c| MicroUsd::from_usd(c).ok()).map(MicroUsd::get),
-            tenant_cap: self.engine.agents.tenant_cap(&state.meta.tenant),
+            tenant_cap: state.meta.tenant.as_ref().and_then(|t| self.engine.agents.tenant_cap(t)),
         }
     }
 
@@ -332,7 +332,7 @@ impl StepCtx<'_> {
 
     async fn daily_cap_reached(&self, state: &SessionState, verdict: DailyVerdict) -> Result<Next, StepError> {
         let who = match verdict {
-            DailyVerdict::TenantCap => format!("tenant `{}`", state.meta.tenant),
+            DailyVerdict::TenantCap => format!("tenant `{}`", state.meta.tenant.as_ref().map_or("", TenantId::as_str)),
             _ => format!("agent `{}`", self.agent.name),
         };
         let why = format!("the daily spend cap of {who} is reached");

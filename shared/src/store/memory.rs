@@ -340,7 +340,8 @@ impl StepStore for MemoryStore {
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
         self.write("daily_reserve", |st| {
-            let keys = [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant)];
+            let keys =
+                [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant_key())];
             let limits = [(caps.agent_cap, DailyVerdict::AgentCap), (caps.tenant_cap, DailyVerdict::TenantCap)];
             for (key, (cap, verdict)) in keys.iter().zip(limits) {
                 let spent = st.daily.get(key).copied().unwrap_or(0);
@@ -357,7 +358,9 @@ impl StepStore for MemoryStore {
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
         self.write("daily_settle", |st| {
-            for key in [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant)] {
+            for key in
+                [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant_key())]
+            {
                 if let Some(v) = st.daily.get_mut(&key) {
                     *v = v.saturating_add_signed(delta);
                 }

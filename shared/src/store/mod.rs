@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::budget::{Limits, Reservation};
-use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use crate::llm::{ToolOutcome, Usage};
 
 pub use self::memory::{MemoryStore, Snapshot};
@@ -40,8 +40,8 @@ pub enum StoreError {
 pub struct Meta {
     /// The agent running the session.
     pub agent: Name,
-    /// The tenant that asked for it (empty when none).
-    pub tenant: String,
+    /// The tenant that asked for it, if any.
+    pub tenant: Option<TenantId>,
     /// Lifecycle status.
     pub status: SessionStatus,
     /// The current step, from 1.
@@ -81,8 +81,8 @@ pub struct NewSession {
     pub id: SessionId,
     /// The agent.
     pub agent: Name,
-    /// The tenant (empty for none).
-    pub tenant: String,
+    /// The tenant, if any.
+    pub tenant: Option<TenantId>,
     /// The goal, the first user message.
     pub input: String,
     /// Caller metadata, a JSON object.
@@ -170,7 +170,7 @@ pub struct ListFilter {
     /// Only this agent.
     pub agent: Option<String>,
     /// Only this tenant.
-    pub tenant: Option<String>,
+    pub tenant: Option<TenantId>,
     /// Created at or after (Unix ms).
     pub created_after_ms: Option<u64>,
     /// Created before (Unix ms).
@@ -220,14 +220,21 @@ pub struct CallUsage<'a> {
 pub struct DailyCaps<'a> {
     /// The agent.
     pub agent: &'a str,
-    /// The tenant (empty for none).
-    pub tenant: &'a str,
+    /// The tenant, if any.
+    pub tenant: Option<&'a TenantId>,
     /// The UTC day, as days since the Unix epoch.
     pub day: u64,
     /// The agent's cap, micro-USD.
     pub agent_cap: Option<u64>,
     /// The tenant's cap, micro-USD.
     pub tenant_cap: Option<u64>,
+}
+
+impl DailyCaps<'_> {
+    /// The tenant as it appears in the daily counters' keys (empty for none).
+    pub fn tenant_key(&self) -> &str {
+        self.tenant.map_or("", TenantId::as_str)
+    }
 }
 
 /// Whether a daily reservation was made.

@@ -18,7 +18,7 @@ use super::{
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
 use crate::domain::MicroUsd;
-use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage};
+use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use crate::llm::ToolOutcome;
 
 /// The keys of one session.
@@ -266,7 +266,7 @@ impl StepStore for RedisStore {
     }
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
-        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant, caps.day);
+        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
         let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
         let verdict: i64 = self
             .scripts
@@ -287,7 +287,7 @@ impl StepStore for RedisStore {
     }
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
-        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant, caps.day);
+        let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
         let _: i64 =
             self.scripts.daily_settle.key(agent_key).key(tenant_key).arg(delta).invoke_async(&mut self.conn()).await?;
         Ok(())
@@ -380,7 +380,7 @@ impl AdminStore for RedisStore {
         let goal = crate::llm::user_message(&new.input);
         let fields = [
             ("agent", new.agent.to_string()),
-            ("tenant", new.tenant.clone()),
+            ("tenant", new.tenant.as_ref().map_or_else(String::new, ToString::to_string)),
             ("status", "queued".to_owned()),
             ("step", "1".to_owned()),
             ("phase", "llm".to_owned()),
@@ -656,7 +656,7 @@ impl AdminStore for RedisStore {
 fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
     f.status.is_none_or(|s| s == m.status)
         && f.agent.as_deref().is_none_or(|a| a == m.agent.as_str())
-        && f.tenant.as_deref().is_none_or(|t| t == m.tenant)
+        && f.tenant.as_ref().is_none_or(|t| m.tenant.as_ref() == Some(t))
 }
 
 fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
@@ -721,7 +721,10 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<Meta, StoreError> {
     let num32 = |f: &str| get(f).parse::<u32>().map_err(|_| corrupt(f));
     Ok(Meta {
         agent: Name::parse(get("agent")).map_err(|_| corrupt("agent"))?,
-        tenant: get("tenant").to_owned(),
+        tenant: match get("tenant") {
+            "" => None,
+            t => Some(TenantId::parse(t).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+        },
         status: get("status").parse().map_err(|_| corrupt("status"))?,
         step: num32("step")?,
         phase: get("phase").parse().map_err(|_| corrupt("phase"))?,
