@@ -219,7 +219,7 @@ impl Provider {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum ApprovalRuleError {
     /// Not three words.
-    #[error("`{0}` must read `<field> <op> <number>`, e.g. `amount > 100`")]
+    #[error("`{0}` must read `<field> <op> <number>` or `sum(<field>) <op> <number>`, e.g. `amount > 100`")]
     Shape(String),
     /// An operator that is not a comparison.
     #[error("`{0}` is not one of > >= < <= == !=")]
@@ -229,16 +229,33 @@ pub enum ApprovalRuleError {
     Number(String),
 }
 
-/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`.
+/// A rule on a tool's input that makes a call wait for approval: `<field> <op> <number>`, or
+/// `sum(<field>) <op> <number>` to compare the sum of the field over every call of the tool in the
+/// session (so splitting a large refund into small ones does not avoid it).
+///
+/// Rules fail closed: a call whose field is missing or not a number needs approval.
+///
+/// ```
+/// use agentfleet::domain::ApprovalRule;
+/// use serde_json::json;
+///
+/// let rule = ApprovalRule::parse("amount > 100").unwrap();
+/// assert!(rule.requires(&json!({"amount": 150}), &[]));
+/// assert!(rule.requires(&json!({"amount": "lots"}), &[])); // not a number: ask a person
+/// let sum = ApprovalRule::parse("sum(amount) > 100").unwrap();
+/// assert!(sum.requires(&json!({"amount": 60}), &[&json!({"amount": 60})]));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApprovalRule {
     field: String,
     op: String,
     value: f64,
+    /// Compares the sum over the session's calls of the tool, not one call's value.
+    session_sum: bool,
 }
 
 impl ApprovalRule {
-    /// Parses `amount > 100`.
+    /// Parses `amount > 100` or `sum(amount) > 100`.
     pub fn parse(rule: &str) -> Result<Self, ApprovalRuleError> {
         let parts: Vec<&str> = rule.split_whitespace().collect();
         let [field, op, value] = parts[..] else {
@@ -248,12 +265,42 @@ impl ApprovalRule {
             return Err(ApprovalRuleError::Operator(op.to_owned()));
         }
         let value = value.parse::<f64>().map_err(|_| ApprovalRuleError::Number(value.to_owned()))?;
-        Ok(Self { field: field.to_owned(), op: op.to_owned(), value })
+        if !value.is_finite() {
+            return Err(ApprovalRuleError::Number(value.to_string()));
+        }
+        let (field, session_sum) = match field.strip_prefix("sum(").and_then(|f| f.strip_suffix(')')) {
+            Some(inner) => (inner, true),
+            None => (field, false),
+        };
+        if field.is_empty() || field.contains(['(', ')']) {
+            return Err(ApprovalRuleError::Shape(rule.to_owned()));
+        }
+        Ok(Self { field: field.to_owned(), op: op.to_owned(), value, session_sum })
     }
 
-    /// True when `input` matches; a missing or non-numeric field does not match.
-    pub fn matches(&self, input: &serde_json::Value) -> bool {
-        let Some(x) = input.get(&self.field).and_then(serde_json::Value::as_f64) else { return false };
+    /// True for a `sum(<field>)` rule, which needs the tool's other calls in the session.
+    pub fn is_session_sum(&self) -> bool {
+        self.session_sum
+    }
+
+    /// True when a call with `input` must wait for approval. `others` are the inputs of the tool's
+    /// other calls in the session; only a `sum(..)` rule reads them. A missing or non-numeric field
+    /// (in any input that counts) requires approval.
+    pub fn requires(&self, input: &serde_json::Value, others: &[&serde_json::Value]) -> bool {
+        let counted = if self.session_sum { others } else { &[] };
+        let values: Option<Vec<f64>> =
+            std::iter::once(input).chain(counted.iter().copied()).map(|i| self.number(i)).collect();
+        match values {
+            Some(values) => self.compare(values.iter().sum()),
+            None => true,
+        }
+    }
+
+    fn number(&self, input: &serde_json::Value) -> Option<f64> {
+        input.get(&self.field).and_then(serde_json::Value::as_f64).filter(|x| x.is_finite())
+    }
+
+    fn compare(&self, x: f64) -> bool {
         match self.op.as_str() {
             "<" => x < self.value,
             "<=" => x <= self.value,
@@ -266,9 +313,12 @@ impl ApprovalRule {
 }
 
 impl fmt::Display for ApprovalRule {
-    /// `amount > 100`, with the number as parsed.
+    /// `amount > 100` or `sum(amount) > 100`, with the number as parsed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} {}", self.field, self.op, self.value)
+        match self.session_sum {
+            true => write!(f, "sum({}) {} {}", self.field, self.op, self.value),
+            false => write!(f, "{} {} {}", self.field, self.op, self.value),
+        }
     }
 }
 
@@ -419,6 +469,52 @@ impl StepMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approval_rules_parse_a_field_or_a_session_sum() {
+        let rule = ApprovalRule::parse("amount > 100").expect("parses");
+        assert!(!rule.is_session_sum());
+        assert_eq!(rule.to_string(), "amount > 100");
+        let sum = ApprovalRule::parse("sum(amount) >= 250.5").expect("parses");
+        assert!(sum.is_session_sum());
+        assert_eq!(sum.to_string(), "sum(amount) >= 250.5");
+        for bad in ["amount >> 1", "amount > x", "amount", "sum() > 1", "sum(a(b)) > 1", "amount > inf", "amount > NaN"] {
+            assert!(ApprovalRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn approval_rules_fail_closed_on_a_missing_or_non_numeric_field() {
+        let rule = ApprovalRule::parse("amount > 100").expect("parses");
+        use serde_json::json;
+        assert!(rule.requires(&json!({"amount": 150}), &[]));
+        assert!(!rule.requires(&json!({"amount": 100}), &[]));
+        assert!(rule.requires(&json!({"amount": "150"}), &[]), "a string is not a number");
+        assert!(rule.requires(&json!({"amount": null}), &[]));
+        assert!(rule.requires(&json!({}), &[]), "a missing field");
+        assert!(rule.requires(&json!("amount"), &[]), "not an object");
+        let small = ApprovalRule::parse("amount < 5").expect("parses");
+        assert!(small.requires(&json!({"total": 1000}), &[]), "a missing field needs approval whatever the op");
+    }
+
+    #[test]
+    fn a_call_rule_ignores_the_other_calls() {
+        let rule = ApprovalRule::parse("amount > 100").expect("parses");
+        let earlier = serde_json::json!({"amount": 90});
+        assert!(!rule.requires(&serde_json::json!({"amount": 90}), &[&earlier]));
+    }
+
+    #[test]
+    fn a_sum_rule_adds_the_field_over_the_session() {
+        let rule = ApprovalRule::parse("sum(amount) > 100").expect("parses");
+        use serde_json::json;
+        let (a, b) = (json!({"amount": 40}), json!({"amount": 50}));
+        assert!(!rule.requires(&json!({"amount": 10}), &[&a, &b]), "exactly 100");
+        assert!(rule.requires(&json!({"amount": 11}), &[&a, &b]), "101 split into three");
+        assert!(!rule.requires(&json!({"amount": 100}), &[]), "alone, 100 passes");
+        assert!(rule.requires(&json!({"amount": 1}), &[&a, &json!({"amount": "x"})]), "an unreadable earlier call");
+        assert!(rule.requires(&json!({}), &[]), "a missing field");
+    }
 
     #[test]
     fn session_ids_round_trip_and_reject_garbage() {

@@ -108,6 +108,13 @@ pub enum ToolRun {
     Escalate(serde_json::Value),
     /// The tool asked for a wait longer than the in-process bound: retry the step later.
     Later(Duration, String),
+    /// The call was not run: the tool that would run it (a fallback) needs a person's approval.
+    NeedsApproval {
+        /// The tool that needs approval.
+        tool: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 enum Handler {
@@ -222,16 +229,26 @@ impl ToolSet {
         matches!(tool.handler, Handler::Http { .. }).then(|| (&tool.breaker, tool.fallback.as_deref()))
     }
 
-    /// Why this call must wait for a person's approval before it runs, or `None`.
-    pub fn needs_approval(&self, call: &ToolUse) -> Option<String> {
-        match &self.tools.get(&call.name)?.approval {
-            Approval::Never => None,
-            Approval::Always => Some(format!("`{}` always needs approval", call.name)),
-            Approval::When(rule) if rule.matches(&call.input) => {
-                Some(format!("`{}` needs approval when {rule}", call.name))
-            }
-            Approval::When(_) => None,
-        }
+    /// True when some tool has a `sum(..)` approval rule, which reads the session's earlier calls.
+    pub fn has_session_rules(&self) -> bool {
+        self.tools.values().any(|t| matches!(&t.approval, Approval::When(r) if r.is_session_sum()))
+    }
+
+    /// Why this call must wait for a person's approval before it runs, or `None`. `session` holds
+    /// the session's tool calls (earlier ones and this step's; `call` itself may be among them),
+    /// which a `sum(..)` rule adds up. An unknown tool needs none: it is refused without running.
+    pub fn needs_approval(&self, call: &ToolUse, session: &[ToolUse]) -> Option<String> {
+        let rule = match &self.tools.get(&call.name)?.approval {
+            Approval::Never => return None,
+            Approval::Always => return Some(format!("`{}` always needs approval", call.name)),
+            Approval::When(rule) => rule,
+        };
+        let others: Vec<&serde_json::Value> =
+            session.iter().filter(|c| c.name == call.name && c.id != call.id).map(|c| &c.input).collect();
+        rule.requires(&call.input, &others).then(|| match rule.is_session_sum() {
+            true => format!("`{}` needs approval when {rule} over the session", call.name),
+            false => format!("`{}` needs approval when {rule} (or when the field is not a number)", call.name),
+        })
     }
 
     /// Validates and runs one call. Never fails: every failure is a result the model can read.
@@ -484,16 +501,60 @@ mod tests {
         assert!(e.to_string().contains("KB_TOKEN"), "{e}");
     }
 
+    fn refund_tools(rule: &str) -> ToolSet {
+        let mut defs = BTreeMap::new();
+        let def = |rule: Option<&str>, always: bool| ToolConfig {
+            description: "d".into(),
+            input_schema: serde_json::json!({"type": "object"}),
+            handler: HandlerConfig::Http {
+                url: "http://x/".into(),
+                method: "POST".into(),
+                timeout_ms: 10,
+                headers_from_env: BTreeMap::new(),
+            },
+            approval_rule: rule.map(str::to_owned),
+            requires_approval: always,
+            ..escalate_definition()
+        };
+        defs.insert(Name::parse("refund").expect("name"), def(Some(rule), false));
+        defs.insert(Name::parse("manual").expect("name"), def(None, true));
+        defs.insert(Name::parse("kb").expect("name"), def(None, false));
+        ToolSet::build(&names(&["refund", "manual", "kb"]), &defs, &|_| None, ToolLimits::default()).expect("builds")
+    }
+
+    fn use_of(id: &str, name: &str, input: serde_json::Value) -> ToolUse {
+        ToolUse { id: id.into(), name: name.into(), input }
+    }
+
     #[test]
-    fn approval_rules_compare_a_numeric_field() {
-        let rule = ApprovalRule::parse("amount > 100").expect("parses");
-        assert!(rule.matches(&serde_json::json!({"amount": 150})));
-        assert!(!rule.matches(&serde_json::json!({"amount": 100})));
-        assert!(!rule.matches(&serde_json::json!({"amount": "lots"})));
-        assert!(!rule.matches(&serde_json::json!({})));
-        assert!(ApprovalRule::parse("amount >> 1").is_err());
-        assert!(ApprovalRule::parse("amount > x").is_err());
-        assert!(ApprovalRule::parse("amount").is_err());
+    fn approval_rules_fail_closed() {
+        let tools = refund_tools("amount > 100");
+        assert!(!tools.has_session_rules());
+        let json = |v: serde_json::Value| serde_json::json!({ "amount": v });
+        assert!(tools.needs_approval(&use_of("a", "refund", json(150.into())), &[]).is_some());
+        assert!(tools.needs_approval(&use_of("a", "refund", json(100.into())), &[]).is_none());
+        assert!(tools.needs_approval(&use_of("a", "refund", json("lots".into())), &[]).is_some());
+        assert!(tools.needs_approval(&use_of("a", "refund", serde_json::json!({})), &[]).is_some());
+        assert!(tools.needs_approval(&use_of("a", "manual", json(1.into())), &[]).is_some());
+        assert!(tools.needs_approval(&use_of("a", "kb", serde_json::json!({})), &[]).is_none());
+        assert!(tools.needs_approval(&use_of("a", "nope", serde_json::json!({})), &[]).is_none());
+    }
+
+    #[test]
+    fn a_session_sum_rule_counts_the_tools_other_calls_once() {
+        let tools = refund_tools("sum(amount) > 100");
+        assert!(tools.has_session_rules());
+        let amount = |v: u64| serde_json::json!({ "amount": v });
+        let now = use_of("c", "refund", amount(40));
+        let session = [
+            use_of("a", "refund", amount(40)),
+            use_of("b", "kb", amount(1_000)),
+            now.clone(), // the pending call itself is not counted twice
+        ];
+        assert!(tools.needs_approval(&now, &session).is_none(), "40 + 40 = 80");
+        let more = [use_of("z", "refund", amount(30)), session[0].clone(), now.clone()];
+        let why = tools.needs_approval(&now, &more).expect("30 + 40 + 40 = 110");
+        assert!(why.contains("sum(amount) > 100"), "{why}");
     }
 
     #[test]

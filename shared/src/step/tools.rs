@@ -23,15 +23,17 @@ impl StepCtx<'_> {
             Err(why) => return self.fail_tools(why.to_string()).await,
         };
         let pending: Vec<&ToolUse> = calls.iter().filter(|c| !state.ledger.contains_key(&c.id)).collect();
-        if let Some((call, why)) = self.first_unapproved(&pending) {
+        let session = self.session_calls(&state.messages, &calls);
+        if let Some((call, why)) = self.first_unapproved(&pending, &session) {
             return self.pause_for_approval(call, why).await;
         }
         let started = Instant::now();
-        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c))).await;
+        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c, &session))).await;
         metric::phase_duration("tools", started.elapsed());
         self.timings.add(started.elapsed());
         let mut ledger = state.ledger;
         let mut escalation = None;
+        let mut approval = None;
         let mut later: Option<Duration> = None;
         for (call, run) in pending.into_iter().zip(runs) {
             match run? {
@@ -42,11 +44,18 @@ impl StepCtx<'_> {
                     escalation = Some(serde_json::json!({ "kind": "human", "tool_use_id": call.id, "input": input }));
                 }
                 ToolRun::Later(after, _) => later = Some(later.unwrap_or_default().max(after)),
+                ToolRun::NeedsApproval { tool, reason } => {
+                    approval = approval.or(Some((ToolUse { name: tool, ..call.clone() }, reason)));
+                }
             }
         }
         if let Some(escalation) = escalation {
             let summary = escalation["input"]["reason"].as_str().unwrap_or("the agent asked for a human").to_owned();
             return self.settle(Phase::Tools, Ending::AwaitingHuman { escalation, summary }).await;
+        }
+        if let Some((call, reason)) = approval {
+            // The calls that did run are in the ledger; after the approval only this one runs.
+            return self.pause_for_approval(&call, reason).await;
         }
         if let Some(after) = later {
             // The finished calls are in the ledger; the redelivery runs only the one that waits.
@@ -65,12 +74,26 @@ impl StepCtx<'_> {
     }
 
     /// The first call that must wait for a person and has not been approved yet.
-    fn first_unapproved<'c>(&self, pending: &[&'c ToolUse]) -> Option<(&'c ToolUse, String)> {
-        pending.iter().find_map(|call| {
-            let approved = self.meta.approved.iter().any(|id| id == &call.id);
-            let why = self.agent.tools.needs_approval(call).filter(|_| !approved)?;
-            Some((*call, why))
-        })
+    fn first_unapproved<'c>(&self, pending: &[&'c ToolUse], session: &[ToolUse]) -> Option<(&'c ToolUse, String)> {
+        pending.iter().find_map(|call| Some((*call, self.unapproved(call, session)?)))
+    }
+
+    /// Why `call` must wait for a person, unless its id has been approved.
+    fn unapproved(&self, call: &ToolUse, session: &[ToolUse]) -> Option<String> {
+        let approved = self.meta.approved.iter().any(|id| id == &call.id);
+        self.agent.tools.needs_approval(call, session).filter(|_| !approved)
+    }
+
+    /// Every tool call of the session — the stored conversation's and this step's — once each, for
+    /// the `sum(..)` approval rules. Empty when no tool of the agent has such a rule.
+    fn session_calls(&self, messages: &[String], step: &[ToolUse]) -> Vec<ToolUse> {
+        if !self.agent.tools.has_session_rules() {
+            return Vec::new();
+        }
+        let mut all: Vec<ToolUse> = messages.iter().flat_map(|m| tool_uses(m).unwrap_or_default()).collect();
+        let fresh: Vec<ToolUse> = step.iter().filter(|c| !all.iter().any(|a| a.id == c.id)).cloned().collect();
+        all.extend(fresh);
+        all
     }
 
     async fn pause_for_approval(&self, call: &ToolUse, reason: String) -> Result<Next, StepError> {
@@ -88,10 +111,10 @@ impl StepCtx<'_> {
         self.settle(Phase::Tools, Ending::Failed { reason, result: String::new() }).await
     }
 
-    async fn run_tool(&self, call: &ToolUse) -> Result<ToolRun, StepError> {
+    async fn run_tool(&self, call: &ToolUse, session: &[ToolUse]) -> Result<ToolRun, StepError> {
         let key = format!("{}:{}", self.id(), call.id);
         let started = Instant::now();
-        let run = match self.guarded_run(call, &key, true).await {
+        let run = match self.guarded_run(call, &key, Some(session)).await {
             ToolRun::Later(_, why) if self.msg.attempt >= self.engine.settings.max_tool_deferrals => {
                 let why = format!(
                     "Tool `{}` kept asking to wait ({why}); gave up after {} tries.",
@@ -120,18 +143,23 @@ impl StepCtx<'_> {
     }
 
     /// Runs the call behind its tool's circuit breaker. While the breaker is open the fallback tool
-    /// (if any, and only one level deep) runs instead; without one the model is told when to retry.
-    async fn guarded_run(&self, call: &ToolUse, key: &str, may_fall_back: bool) -> ToolRun {
+    /// (if any, and only one level deep) runs instead — unless the fallback's own approval rule
+    /// holds the call for a person; without one the model is told when to retry. `session` (the
+    /// session's calls, for approval rules) is `None` for the fallback, which cannot fall back.
+    async fn guarded_run(&self, call: &ToolUse, key: &str, session: Option<&[ToolUse]>) -> ToolRun {
         let tools = &self.agent.tools;
         let Some((cfg, fallback)) = tools.breaker(&call.name) else { return tools.run(call, key).await };
         let gate = Gate { breaker: format!("tool:{}", call.name), breaker_cfg: cfg, rate: None };
         let pass = match self.engine.guard.admit(&gate, now_ms()).await {
             Admission::Pass(pass) => pass,
             Admission::Wait { after, .. } => {
-                return match fallback.filter(|_| may_fall_back) {
-                    Some(fb) => {
+                return match fallback.zip(session) {
+                    Some((fb, session)) => {
                         let alternative = ToolUse { name: fb.to_owned(), ..call.clone() };
-                        Box::pin(self.guarded_run(&alternative, key, false)).await
+                        if let Some(reason) = self.unapproved(&alternative, session) {
+                            return ToolRun::NeedsApproval { tool: alternative.name, reason };
+                        }
+                        Box::pin(self.guarded_run(&alternative, key, None)).await
                     }
                     None => {
                         let secs = after.as_secs().max(1);
@@ -148,6 +176,7 @@ impl StepCtx<'_> {
             // A deferral only follows timeouts, connection errors, 408, 429 and 5xx.
             ToolRun::Later(..) => Some(false),
             ToolRun::Escalate(_) => Some(true),
+            ToolRun::NeedsApproval { .. } => None,
         };
         let outcome = Outcome { healthy, ..Outcome::default() };
         self.engine.guard.report(&gate, pass, &outcome, now_ms()).await;
@@ -166,8 +195,15 @@ enum Unreadable {
 
 /// The tool calls of the stored conversation's last (assistant) message.
 fn last_tool_uses(messages: &[String]) -> Result<Vec<ToolUse>, Unreadable> {
-    let last = messages.last().ok_or(Unreadable::Empty)?;
-    let content = llm::stored_content(last)?;
+    tool_uses(messages.last().ok_or(Unreadable::Empty)?)
+}
+
+/// The tool calls of one stored message (none in a user message whose content is a string).
+fn tool_uses(message: &str) -> Result<Vec<ToolUse>, Unreadable> {
+    if !message.contains("tool_use") {
+        return Ok(Vec::new());
+    }
+    let content = llm::stored_content(message)?;
     Ok(content
         .iter()
         .filter_map(|b| match Block::view(b) {
