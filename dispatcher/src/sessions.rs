@@ -5,6 +5,7 @@ use agentfleet::budget::{Limits, Overrides};
 use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use agentfleet::store::{Meta, NewSession, SessionView};
 use agentfleet::telemetry::{metric, now_ms};
+use agentfleet::webhooks::address::check_callback_for;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -165,13 +166,11 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
             "idempotency_key: must be 1-{MAX_IDEMPOTENCY_KEY} printable characters"
         )));
     }
-    if let Some(url) = &req.callback_url {
-        let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-        if !ok {
-            return Err(ApiError::invalid("callback_url: must be an http(s) URL"));
-        }
-    }
     let tenant = req.tenant.map(|t| TenantId::parse(&t)).transpose().map_err(|e| ApiError::invalid(e.to_string()))?;
+    if let Some(url) = &req.callback_url {
+        check_callback_for(&s.cfg, tenant.as_ref().map(TenantId::as_str), url)
+            .map_err(|e| ApiError::invalid(format!("callback_url: {e}")))?;
+    }
     Ok(Valid {
         agent,
         pool: agent_cfg.pool.clone(),

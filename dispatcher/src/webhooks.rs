@@ -10,6 +10,11 @@
 //! goes to `<prefix>.dead` with the reason. Signing and the header format are in
 //! [`agentfleet::webhooks`].
 //!
+//! Where an event may go is checked on every attempt ([`agentfleet::webhooks::address`]): a
+//! `callback_url` against its tenant's prefixes, and every URL's address — the IP host here, each
+//! resolved name in the client's resolver — against the refused ranges. A refused destination is
+//! dead-lettered with the reason at once, never retried.
+//!
 //! `Dispatcher::build` declares these queues before the dispatcher serves, so no event of a
 //! session it creates is published while nothing is bound to keep it; the deliverer declares them
 //! again on every reconnect.
@@ -22,7 +27,8 @@ use agentfleet::amqp::{AmqpPublisher, PublishError, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
 use agentfleet::store::{SessionStore, StoreError};
-use agentfleet::webhooks::{self as wh, Signer};
+use agentfleet::webhooks::address::{self, CallbackError, GuardedResolver};
+use agentfleet::webhooks::{self as wh, Destination, Signer};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
@@ -49,9 +55,8 @@ pub(crate) async fn run(cfg: Arc<Config>, store: Arc<dyn SessionStore>, shutdown
             return;
         }
     };
-    if deliverer.signer.is_none() {
-        let var = &deliverer.cfg.webhooks.secret_env;
-        warn!(env = %var, "no webhook signing secret: events with a URL are dead-lettered, not sent");
+    for missing in deliverer.signer.missing() {
+        warn!(env = %missing.0, "no webhook signing secret: events it would sign are dead-lettered, not sent");
     }
     let settings = Settings {
         url: deliverer.cfg.amqp.url.clone(),
@@ -77,6 +82,14 @@ enum Outcome {
     Poison(String),
 }
 
+/// Where an event goes, and as which tenant it is signed.
+struct Receiver {
+    /// The URL, normalized: POSTed to and signed.
+    url: url::Url,
+    /// The session's tenant, or `""`.
+    tenant: String,
+}
+
 /// The fields of an event the deliverer reads; the body is sent as received.
 #[derive(Deserialize)]
 struct Event {
@@ -91,19 +104,23 @@ struct Deliverer {
     cfg: Arc<Config>,
     store: Arc<dyn SessionStore>,
     http: reqwest::Client,
-    signer: Option<Signer>,
+    signer: Signer,
     topology: Topology,
     queue: String,
 }
 
 impl Deliverer {
     fn new(cfg: Arc<Config>, store: Arc<dyn SessionStore>) -> reqwest::Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.webhooks.timeout_ms.max(1)))
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("agentfleet-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let signer = cfg.webhooks.secret.clone().map(Signer::new);
+            .user_agent(concat!("agentfleet-webhooks/", env!("CARGO_PKG_VERSION")));
+        if !cfg.webhooks.allow_private_addresses {
+            // No proxy either: a proxy would resolve the name itself, past the guarded resolver.
+            http = http.dns_resolver(Arc::new(GuardedResolver)).no_proxy();
+        }
+        let http = http.build()?;
+        let signer = Signer::from_config(&cfg);
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let queue = wh::queue(&cfg.amqp.prefix);
         Ok(Self { cfg, store, http, signer, topology, queue })
@@ -115,16 +132,13 @@ impl Deliverer {
             Ok(e) => e,
             Err(e) => return Outcome::Poison(format!("not a lifecycle event: {e}")),
         };
-        let url = match self.receiver(&event).await {
-            Ok(Some(url)) => url,
+        let to = match self.receiver(&event).await {
+            Ok(Some(Ok(to))) => to,
+            Ok(Some(Err(refused))) => return Outcome::Poison(format!("refused webhook destination: {refused}")),
             Ok(None) => return Outcome::NoReceiver,
             Err(e) => return Outcome::Failed(format!("reading the session: {e}")),
         };
-        let Some(signer) = &self.signer else {
-            let var = &self.cfg.webhooks.secret_env;
-            return Outcome::Poison(format!("no webhook signing secret (env {var}); not sent unsigned"));
-        };
-        let outcome = self.post(signer, &url, &event, body, attempt).await;
+        let outcome = self.post(&to, &event, body, attempt).await;
         match &outcome {
             Outcome::Delivered => debug!(session = %event.session_id, kind = %event.kind, attempt, "webhook delivered"),
             Outcome::Failed(reason) => {
@@ -135,20 +149,44 @@ impl Deliverer {
         outcome
     }
 
-    /// The session's `callback_url`, else its agent's `webhook_url`.
-    async fn receiver(&self, event: &Event) -> Result<Option<String>, StoreError> {
-        let agent_url = || self.cfg.agent(&event.agent).and_then(|a| a.webhook_url.clone());
-        let Ok(id) = SessionId::parse(&event.session_id) else { return Ok(agent_url()) };
-        let meta = self.store.meta(&id).await?;
+    /// The session's `callback_url` (checked again against its tenant's prefixes, which may have
+    /// changed since), else its agent's `webhook_url`; either with its literal address checked.
+    async fn receiver(&self, event: &Event) -> Result<Option<Result<Receiver, CallbackError>>, StoreError> {
+        let meta = match SessionId::parse(&event.session_id) {
+            Ok(id) => self.store.meta(&id).await?,
+            Err(_) => None,
+        };
+        let tenant = meta.as_ref().and_then(|m| m.tenant.as_ref()).map(|t| t.as_str().to_owned()).unwrap_or_default();
         let callback = meta.and_then(|m| m.callback_url).filter(|u| !u.is_empty());
-        Ok(callback.or_else(agent_url))
+        let checked = match callback {
+            Some(url) => address::check_callback_for(&self.cfg, Some(tenant.as_str()).filter(|t| !t.is_empty()), &url),
+            None => match self.cfg.agent(&event.agent).and_then(|a| a.webhook_url.as_deref()) {
+                Some(url) => self.agent_url(url),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(checked.map(|url| Receiver { url, tenant })))
     }
 
-    async fn post(&self, signer: &Signer, url: &str, event: &Event, body: &[u8], attempt: u32) -> Outcome {
-        let (timestamp, signature) = signer.headers(unix_now(), body);
-        let request = self
-            .http
-            .post(url)
+    /// An agent's `webhook_url` (from the config: no tenant prefix applies).
+    fn agent_url(&self, url: &str) -> Result<url::Url, CallbackError> {
+        let parsed = url::Url::parse(url).map_err(|_| CallbackError::NotHttp)?;
+        address::check_destination(&parsed, self.cfg.webhooks.allow_private_addresses)?;
+        Ok(parsed)
+    }
+
+    async fn post(&self, to: &Receiver, event: &Event, body: &[u8], attempt: u32) -> Outcome {
+        let dest = Destination { url: to.url.as_str(), tenant: &to.tenant };
+        let (timestamp, signature) = match self.signer.headers(unix_now(), &dest, body) {
+            Ok(headers) => headers,
+            Err(missing) => return Outcome::Poison(missing.to_string()),
+        };
+        let mut request = self.http.post(to.url.clone());
+        if !to.tenant.is_empty() {
+            request = request.header(wh::TENANT_HEADER, &to.tenant);
+        }
+        let url = dest.url;
+        let request = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(wh::EVENT_HEADER, &event.kind)
             .header(wh::DELIVERY_HEADER, wh::delivery_id(body))
@@ -161,6 +199,10 @@ impl Deliverer {
             Ok(r) => Outcome::Failed(format!("the receiver answered {}", r.status())),
             Err(e) if e.is_timeout() => Outcome::Failed("no answer within the timeout".into()),
             Err(e) if e.is_builder() => Outcome::Poison(format!("unusable webhook URL `{url}`: {e}")),
+            Err(e) if address::refused_in(&e).is_some() => {
+                let refused = address::refused_in(&e).map(ToString::to_string).unwrap_or_default();
+                Outcome::Poison(format!("refused webhook destination: {refused}"))
+            }
             Err(e) => Outcome::Failed(format!("request failed: {}", error_chain(&e))),
         }
     }

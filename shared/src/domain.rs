@@ -478,7 +478,8 @@ mod tests {
         let sum = ApprovalRule::parse("sum(amount) >= 250.5").expect("parses");
         assert!(sum.is_session_sum());
         assert_eq!(sum.to_string(), "sum(amount) >= 250.5");
-        for bad in ["amount >> 1", "amount > x", "amount", "sum() > 1", "sum(a(b)) > 1", "amount > inf", "amount > NaN"] {
+        for bad in ["amount >> 1", "amount > x", "amount", "sum() > 1", "sum(a(b)) > 1", "amount > inf", "amount > NaN"]
+        {
             assert!(ApprovalRule::parse(bad).is_err(), "{bad}");
         }
     }

@@ -9,7 +9,15 @@
 //! | `X-Agentfleet-Event` | the event type, e.g. `session.completed` |
 //! | `X-Agentfleet-Delivery` | the event's id, the same on every retry (deduplicate on it) |
 //! | `X-Agentfleet-Timestamp` | Unix seconds when this attempt was signed |
-//! | `X-Agentfleet-Signature` | `v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>` |
+//! | `X-Agentfleet-Tenant` | the session's tenant (absent, and signed as empty, without one) |
+//! | `X-Agentfleet-Signature` | `v1=<hex HMAC-SHA256(secret, "<timestamp>.<tenant>.<url>.<body>")>` |
+//!
+//! The secret is the tenant's own (`tenants.<name>.webhook_secret_env`), or the fleet's
+//! (`webhooks.secret_env`) for a session whose tenant has none. The signature binds the receiver:
+//! `<url>` is the URL the event was POSTed to, as normalized (lowercase scheme and host, no default
+//! port, e.g. `https://hooks.acme.example/agentfleet`), so an event captured at one receiver does not
+//! verify at another, nor as another tenant's. A receiver verifies with the URL it is reached at and
+//! the tenant it expects — not with the values of the headers.
 //!
 //! Each attempt is signed afresh, so a receiver can refuse old timestamps (replays) without
 //! refusing late retries. A signature header may carry several comma-separated `v1=` values (one
@@ -19,16 +27,22 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use agentfleet::webhooks::{sign, verify};
+//! use agentfleet::webhooks::{Destination, sign, verify};
 //!
 //! let body = br#"{"type":"session.completed"}"#;
-//! let signature = sign(b"s3cret", 1_700_000_000, body);
+//! let here = Destination { url: "https://hooks.acme.example/agentfleet", tenant: "acme" };
+//! let signature = sign(b"s3cret", 1_700_000_000, &here, body);
 //! assert!(signature.starts_with("v1="));
 //! let tolerance = Duration::from_secs(300);
-//! assert!(verify(b"s3cret", "1700000000", body, &signature, 1_700_000_060, tolerance).is_ok());
-//! assert!(verify(b"other", "1700000000", body, &signature, 1_700_000_060, tolerance).is_err());
+//! assert!(verify(b"s3cret", &here, "1700000000", body, &signature, 1_700_000_060, tolerance).is_ok());
+//! assert!(verify(b"other", &here, "1700000000", body, &signature, 1_700_000_060, tolerance).is_err());
+//! let elsewhere = Destination { url: "https://evil.example/", tenant: "acme" };
+//! assert!(verify(b"s3cret", &elsewhere, "1700000000", body, &signature, 1_700_000_060, tolerance).is_err());
 //! ```
 
+pub mod address;
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -36,6 +50,8 @@ use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::config::Config;
 
 /// The event type header.
 pub const EVENT_HEADER: &str = "x-agentfleet-event";
@@ -45,6 +61,8 @@ pub const DELIVERY_HEADER: &str = "x-agentfleet-delivery";
 pub const TIMESTAMP_HEADER: &str = "x-agentfleet-timestamp";
 /// The signature header: `v1=<hex>`.
 pub const SIGNATURE_HEADER: &str = "x-agentfleet-signature";
+/// The tenant header: the session's tenant, absent without one.
+pub const TENANT_HEADER: &str = "x-agentfleet-tenant";
 
 /// The AMQP header counting the delivery attempts an event has had so far.
 pub const ATTEMPT_HEADER: &str = "x-agentfleet-attempt";
@@ -86,28 +104,65 @@ pub enum VerifyError {
     Mismatch,
 }
 
-/// The `X-Agentfleet-Signature` value of `body` signed at `timestamp` (Unix seconds).
-pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    let mac = signed_payload(secret, &timestamp.to_string(), body);
+/// Who an event is signed for: the URL it is POSTed to (normalized) and the session's tenant
+/// (empty without one). Both are part of the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination<'a> {
+    /// The receiver's URL, normalized as `url::Url` prints it.
+    pub url: &'a str,
+    /// The tenant, or `""`.
+    pub tenant: &'a str,
+}
+
+/// The `X-Agentfleet-Signature` value of `body` for `to`, signed at `timestamp` (Unix seconds).
+pub fn sign(secret: &[u8], timestamp: u64, to: &Destination<'_>, body: &[u8]) -> String {
+    let mac = signed_payload(secret, &timestamp.to_string(), to, body);
     format!("{SCHEME}{}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Signs bodies with the fleet's secret, which it never prints.
+/// No secret to sign a tenant's events with: the named variable is unset or empty.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("no webhook signing secret (env {0}); not sent unsigned")]
+pub struct NoSecret(pub String);
+
+/// Signs bodies with the fleet's and the tenants' secrets, which it never prints.
 #[derive(Clone)]
 pub struct Signer {
-    secret: SecretString,
+    fleet: Result<SecretString, NoSecret>,
+    tenants: BTreeMap<String, Result<SecretString, NoSecret>>,
 }
 
 impl Signer {
-    /// A signer with `secret` (`WebhooksConfig.secret`).
-    pub fn new(secret: SecretString) -> Self {
-        Self { secret }
+    /// A signer with the secrets read by `cfg`: `webhooks.secret` and each tenant's
+    /// `webhook_secret` (tenants without `webhook_secret_env` use the fleet's).
+    pub fn from_config(cfg: &Config) -> Self {
+        let fleet = cfg.webhooks.secret.clone().ok_or_else(|| NoSecret(cfg.webhooks.secret_env.clone()));
+        let tenants = cfg
+            .tenants
+            .iter()
+            .filter_map(|(name, t)| {
+                let var = t.webhook_secret_env.clone()?;
+                Some((name.to_string(), t.webhook_secret.clone().ok_or(NoSecret(var))))
+            })
+            .collect();
+        Self { fleet, tenants }
     }
 
-    /// The `X-Agentfleet-Timestamp` and `X-Agentfleet-Signature` values of `body` signed at `now`
-    /// (Unix seconds).
-    pub fn headers(&self, now: u64, body: &[u8]) -> (String, String) {
-        (now.to_string(), sign(self.secret.expose_secret().as_bytes(), now, body))
+    /// The secret for `tenant`'s events: its own when it names one, else the fleet's.
+    pub fn secret(&self, tenant: &str) -> Result<&SecretString, &NoSecret> {
+        self.tenants.get(tenant).unwrap_or(&self.fleet).as_ref()
+    }
+
+    /// The `X-Agentfleet-Timestamp` and `X-Agentfleet-Signature` values of `body` for `to`, signed
+    /// at `now` (Unix seconds) with the tenant's secret.
+    pub fn headers(&self, now: u64, to: &Destination<'_>, body: &[u8]) -> Result<(String, String), NoSecret> {
+        let secret = self.secret(to.tenant).map_err(Clone::clone)?;
+        Ok((now.to_string(), sign(secret.expose_secret().as_bytes(), now, to, body)))
+    }
+
+    /// The variables that are named but hold no secret (the fleet's first), for a warning.
+    pub fn missing(&self) -> impl Iterator<Item = &NoSecret> {
+        std::iter::once(&self.fleet).chain(self.tenants.values()).filter_map(|s| s.as_ref().err())
     }
 }
 
@@ -117,18 +172,20 @@ impl fmt::Debug for Signer {
     }
 }
 
-/// Checks a webhook request: `timestamp` and `signature` are the header values as received, `now`
-/// is the receiver's Unix time in seconds. The comparison takes constant time.
+/// Checks a webhook request that reached `at` (the receiver's own URL, and the tenant it serves):
+/// `timestamp` and `signature` are the header values as received, `now` is the receiver's Unix
+/// time in seconds. The comparison takes constant time.
 pub fn verify(
     secret: &[u8],
+    at: &Destination<'_>,
     timestamp: &str,
     body: &[u8],
     signature: &str,
     now: u64,
     tolerance: Duration,
 ) -> Result<(), VerifyError> {
-    let at: u64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp)?;
-    let age_s = now.abs_diff(at);
+    let signed_at: u64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp)?;
+    let age_s = now.abs_diff(signed_at);
     if age_s > tolerance.as_secs() {
         return Err(VerifyError::Stale { age_s });
     }
@@ -140,7 +197,7 @@ pub fn verify(
     if candidates.is_empty() {
         return Err(VerifyError::Malformed);
     }
-    let expected = signed_payload(secret, timestamp.trim(), body);
+    let expected = signed_payload(secret, timestamp.trim(), at, body);
     let matches = candidates.iter().any(|c| expected.clone().verify_slice(c).is_ok());
     if matches { Ok(()) } else { Err(VerifyError::Mismatch) }
 }
@@ -168,11 +225,15 @@ pub fn retry_queue(prefix: &str, tier: &str) -> String {
     format!("{prefix}.webhooks.retry.{tier}")
 }
 
-fn signed_payload(secret: &[u8], timestamp: &str, body: &[u8]) -> HmacSha256 {
+/// The HMAC of `<timestamp>.<tenant>.<url>.<body>`. A tenant name cannot contain `.` and a
+/// timestamp is digits, so the fields cannot be shifted into one another.
+fn signed_payload(secret: &[u8], timestamp: &str, to: &Destination<'_>, body: &[u8]) -> HmacSha256 {
     // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
     let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
+    for part in [timestamp.as_bytes(), to.tenant.as_bytes(), to.url.as_bytes()] {
+        mac.update(part);
+        mac.update(b".");
+    }
     mac.update(body);
     mac
 }
@@ -185,73 +246,120 @@ mod tests {
     const BODY: &[u8] = br#"{"type":"session.created","session_id":"s_1"}"#;
     const NOW: u64 = 1_760_000_000;
     const TOLERANCE: Duration = DEFAULT_TOLERANCE;
+    const AT: Destination<'static> = Destination { url: "https://hooks.acme.example/agentfleet", tenant: "acme" };
 
-    #[test]
-    fn a_signed_body_verifies() {
-        let sig = sign(SECRET, NOW, BODY);
-        assert_eq!(verify(SECRET, &NOW.to_string(), BODY, &sig, NOW + 10, TOLERANCE), Ok(()));
+    fn check(secret: &[u8], ts: &str, body: &[u8], sig: &str, now: u64) -> Result<(), VerifyError> {
+        verify(secret, &AT, ts, body, sig, now, TOLERANCE)
     }
 
     #[test]
-    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
-        // `printf '42.hello' | openssl dgst -sha256 -hmac Jefe`
-        let expected = "v1=082c9ff76dd1126c52fcebfedf5eb67a8f7c7564850cc6da6c0de51983ea7156";
-        assert_eq!(sign(b"Jefe", 42, b"hello"), expected);
+    fn a_signed_body_verifies() {
+        let sig = sign(SECRET, NOW, &AT, BODY);
+        assert_eq!(check(SECRET, &NOW.to_string(), BODY, &sig, NOW + 10), Ok(()));
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_tenant_url_and_body() {
+        // `printf '42.acme.https://h.example/.hello' | openssl dgst -sha256 -hmac Jefe`
+        let to = Destination { url: "https://h.example/", tenant: "acme" };
+        let expected = "v1=6cd402d14ad34298812e724064ef1a3a49cd6d57157a4d943d9785937573d7a1";
+        assert_eq!(sign(b"Jefe", 42, &to, b"hello"), expected);
+        // Without a tenant the field is empty: `42..https://h.example/.hello`.
+        let mut mac = HmacSha256::new_from_slice(b"Jefe").expect("key");
+        mac.update(b"42..https://h.example/.hello");
+        let untenanted = Destination { tenant: "", ..to };
+        assert_eq!(
+            sign(b"Jefe", 42, &untenanted, b"hello"),
+            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
+    }
+
+    #[test]
+    fn a_signature_for_one_receiver_fails_at_another_and_for_another_tenant() {
+        let sig = sign(SECRET, NOW, &AT, BODY);
+        let ts = NOW.to_string();
+        let other_url = Destination { url: "https://hooks.other.example/agentfleet", ..AT };
+        let other_path = Destination { url: "https://hooks.acme.example/agentfleet/x", ..AT };
+        let other_tenant = Destination { tenant: "globex", ..AT };
+        let no_tenant = Destination { tenant: "", ..AT };
+        for at in [other_url, other_path, other_tenant, no_tenant] {
+            assert_eq!(verify(SECRET, &at, &ts, BODY, &sig, NOW, TOLERANCE), Err(VerifyError::Mismatch), "{at:?}");
+        }
     }
 
     #[test]
     fn a_tampered_body_or_timestamp_is_refused() {
-        let sig = sign(SECRET, NOW, BODY);
+        let sig = sign(SECRET, NOW, &AT, BODY);
         let tampered = br#"{"type":"session.created","session_id":"s_2"}"#;
-        assert_eq!(verify(SECRET, &NOW.to_string(), tampered, &sig, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        assert_eq!(check(SECRET, &NOW.to_string(), tampered, &sig, NOW), Err(VerifyError::Mismatch));
         let later = (NOW + 1).to_string();
-        assert_eq!(verify(SECRET, &later, BODY, &sig, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        assert_eq!(check(SECRET, &later, BODY, &sig, NOW), Err(VerifyError::Mismatch));
         let mut flipped = sig.clone();
         flipped.replace_range(5..6, if &sig[5..6] == "0" { "1" } else { "0" });
-        assert_eq!(verify(SECRET, &NOW.to_string(), BODY, &flipped, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        assert_eq!(check(SECRET, &NOW.to_string(), BODY, &flipped, NOW), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn a_wrong_secret_is_refused() {
-        let sig = sign(b"another secret", NOW, BODY);
-        assert_eq!(verify(SECRET, &NOW.to_string(), BODY, &sig, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        let sig = sign(b"another secret", NOW, &AT, BODY);
+        assert_eq!(check(SECRET, &NOW.to_string(), BODY, &sig, NOW), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn stale_and_future_timestamps_are_refused() {
-        let sig = sign(SECRET, NOW, BODY);
+        let sig = sign(SECRET, NOW, &AT, BODY);
         let ts = NOW.to_string();
-        assert_eq!(verify(SECRET, &ts, BODY, &sig, NOW + 301, TOLERANCE), Err(VerifyError::Stale { age_s: 301 }));
-        assert_eq!(verify(SECRET, &ts, BODY, &sig, NOW - 301, TOLERANCE), Err(VerifyError::Stale { age_s: 301 }));
-        assert_eq!(verify(SECRET, &ts, BODY, &sig, NOW + 300, TOLERANCE), Ok(()));
+        assert_eq!(check(SECRET, &ts, BODY, &sig, NOW + 301), Err(VerifyError::Stale { age_s: 301 }));
+        assert_eq!(check(SECRET, &ts, BODY, &sig, NOW - 301), Err(VerifyError::Stale { age_s: 301 }));
+        assert_eq!(check(SECRET, &ts, BODY, &sig, NOW + 300), Ok(()));
     }
 
     #[test]
     fn malformed_headers_are_refused() {
-        let sig = sign(SECRET, NOW, BODY);
+        let sig = sign(SECRET, NOW, &AT, BODY);
         let ts = NOW.to_string();
-        assert_eq!(verify(SECRET, "yesterday", BODY, &sig, NOW, TOLERANCE), Err(VerifyError::BadTimestamp));
-        assert_eq!(verify(SECRET, &ts, BODY, "", NOW, TOLERANCE), Err(VerifyError::Malformed));
-        assert_eq!(verify(SECRET, &ts, BODY, "v0=abcd", NOW, TOLERANCE), Err(VerifyError::Malformed));
-        assert_eq!(verify(SECRET, &ts, BODY, "v1=not-hex", NOW, TOLERANCE), Err(VerifyError::Malformed));
-        assert_eq!(verify(SECRET, &ts, BODY, &sig[..sig.len() - 2], NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        assert_eq!(check(SECRET, "yesterday", BODY, &sig, NOW), Err(VerifyError::BadTimestamp));
+        assert_eq!(check(SECRET, &ts, BODY, "", NOW), Err(VerifyError::Malformed));
+        assert_eq!(check(SECRET, &ts, BODY, "v0=abcd", NOW), Err(VerifyError::Malformed));
+        assert_eq!(check(SECRET, &ts, BODY, "v1=not-hex", NOW), Err(VerifyError::Malformed));
+        assert_eq!(check(SECRET, &ts, BODY, &sig[..sig.len() - 2], NOW), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn any_of_several_signatures_may_match_during_a_rotation() {
-        let both = format!("{}, {}", sign(b"old", NOW, BODY), sign(SECRET, NOW, BODY));
-        assert_eq!(verify(SECRET, &NOW.to_string(), BODY, &both, NOW, TOLERANCE), Ok(()));
-        assert_eq!(verify(b"old", &NOW.to_string(), BODY, &both, NOW, TOLERANCE), Ok(()));
-        assert_eq!(verify(b"third", &NOW.to_string(), BODY, &both, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        let both = format!("{}, {}", sign(b"old", NOW, &AT, BODY), sign(SECRET, NOW, &AT, BODY));
+        assert_eq!(check(SECRET, &NOW.to_string(), BODY, &both, NOW), Ok(()));
+        assert_eq!(check(b"old", &NOW.to_string(), BODY, &both, NOW), Ok(()));
+        assert_eq!(check(b"third", &NOW.to_string(), BODY, &both, NOW), Err(VerifyError::Mismatch));
+    }
+
+    fn config(tenants: &str, env: &[(&str, &str)]) -> Config {
+        let text = format!("[agents.a]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"x\"\n{tenants}");
+        let env = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned());
+        Config::parse(&text, std::path::Path::new("t.toml"), &env).expect("valid")
     }
 
     #[test]
-    fn the_signer_signs_what_verify_accepts_and_hides_its_secret() {
-        let signer = Signer::new(SecretString::from("whsec_test"));
-        let (ts, sig) = signer.headers(NOW, BODY);
-        assert_eq!(ts, NOW.to_string());
-        assert_eq!(verify(SECRET, &ts, BODY, &sig, NOW, TOLERANCE), Ok(()));
-        assert!(!format!("{signer:?}").contains("whsec"));
+    fn each_tenant_signs_with_its_own_secret_or_the_fleets() {
+        let tenants = "[tenants.acme]\nwebhook_secret_env = \"ACME_SECRET\"\n[tenants.globex]\ndaily_cap_usd = 5.0\n\
+                       [tenants.initech]\nwebhook_secret_env = \"INITECH_SECRET\"\n";
+        let cfg = config(tenants, &[("AGENTFLEET_WEBHOOK_SECRET", "fleet"), ("ACME_SECRET", "acme-secret")]);
+        let signer = Signer::from_config(&cfg);
+        let ts = NOW.to_string();
+        let (_, sig) = signer.headers(NOW, &AT, BODY).expect("acme has a secret");
+        assert_eq!(verify(b"acme-secret", &AT, &ts, BODY, &sig, NOW, TOLERANCE), Ok(()));
+        assert_eq!(verify(b"fleet", &AT, &ts, BODY, &sig, NOW, TOLERANCE), Err(VerifyError::Mismatch));
+        let globex = Destination { tenant: "globex", ..AT };
+        let (_, sig) = signer.headers(NOW, &globex, BODY).expect("the fleet's secret");
+        assert_eq!(verify(b"fleet", &globex, &ts, BODY, &sig, NOW, TOLERANCE), Ok(()));
+        let untenanted = Destination { tenant: "", ..AT };
+        assert!(signer.headers(NOW, &untenanted, BODY).is_ok());
+        // A tenant that names a variable that is not set is never signed with another secret.
+        let initech = Destination { tenant: "initech", ..AT };
+        assert_eq!(signer.headers(NOW, &initech, BODY), Err(NoSecret("INITECH_SECRET".into())));
+        assert_eq!(signer.missing().map(|m| m.0.as_str()).collect::<Vec<_>>(), ["INITECH_SECRET"]);
+        assert!(!format!("{signer:?}").contains("secret\""));
+        assert!(!format!("{:?}", cfg.tenants).contains("acme-secret"));
     }
 
     #[test]
@@ -272,7 +380,6 @@ mod tests {
 
     #[test]
     fn the_config_section_has_defaults_and_reads_the_secret_from_the_named_variable() {
-        use crate::config::Config;
         use secrecy::ExposeSecret;
         let text = r#"
             [agents.a]
@@ -284,6 +391,7 @@ mod tests {
         assert_eq!(cfg.webhooks.secret_env, "AGENTFLEET_WEBHOOK_SECRET");
         assert_eq!((cfg.webhooks.timeout_ms, cfg.webhooks.max_attempts), (5_000, 12));
         assert!(cfg.webhooks.secret.is_none());
+        assert!(!cfg.webhooks.allow_private_addresses);
 
         let text = format!("{text}\n[webhooks]\nsecret_env = \"MY_SECRET\"\nmax_attempts = 3\n");
         let env = |k: &str| (k == "MY_SECRET").then(|| "hush".to_owned());

@@ -2,8 +2,12 @@
 //! also when the receiver is down for a while (the retries go through the queues).
 //!
 //! The receiver is a real HTTP server that checks every signature with
-//! `agentfleet::webhooks::verify`, answers 401 to a bad one (the tests assert there are none), and
-//! records each event by its delivery id.
+//! `agentfleet::webhooks::verify` — against the URL it is reached at and the tenant's secret —
+//! answers 401 to a bad one (the tests assert there are none), and records each event by its
+//! delivery id. Sessions with a `callback_url` belong to the tenant `acme`, whose callback prefix is
+//! the receiver and which has its own signing secret; the agent's `webhook_url` has no tenant and is
+//! signed with the fleet's secret. The receivers are on 127.0.0.1, so these fleets set
+//! `webhooks.allow_private_addresses` — except the ones that check it is refused otherwise.
 //!
 //! Sessions are submitted as soon as the fleet is up: the dispatcher declares the webhook queue
 //! before it serves, so no event is published while nothing is bound to take it.
@@ -28,7 +32,10 @@ use lapin::Channel;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+/// The fleet's secret: events of sessions without a tenant secret.
 const SECRET: &str = "whsec_integration_test";
+/// The tenant `acme`'s own secret.
+const ACME_SECRET: &str = "whsec_acme_integration_test";
 
 /// One event as the receiver accepted it.
 #[derive(Debug, Clone)]
@@ -41,6 +48,8 @@ struct Received {
 /// A webhook receiver: verifies, counts, records.
 #[derive(Default)]
 struct Receiver {
+    /// `http://<addr>`: the URL it is reached at, less the path.
+    base: String,
     /// While false, every well-signed request gets 503.
     healthy: AtomicBool,
     bad_signatures: AtomicUsize,
@@ -50,6 +59,10 @@ struct Receiver {
 }
 
 impl Receiver {
+    fn at(addr: SocketAddr, healthy: bool) -> Self {
+        Self { base: format!("http://{addr}"), healthy: AtomicBool::new(healthy), ..Default::default() }
+    }
+
     fn events(&self) -> Vec<Received> {
         let seen = self.by_delivery.lock().expect("lock");
         seen.values().filter_map(|v| v.first().cloned()).collect()
@@ -71,7 +84,15 @@ async fn receive(State(r): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, b
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (ts, sig) = (header(webhooks::TIMESTAMP_HEADER), header(webhooks::SIGNATURE_HEADER));
-    if webhooks::verify(SECRET.as_bytes(), &ts, &body, &sig, now, DEFAULT_TOLERANCE).is_err() {
+    // The receiver knows its own URL and the tenants it serves; the tenant header only says which.
+    let tenant = header(webhooks::TENANT_HEADER);
+    let secret = match tenant.as_str() {
+        "acme" => ACME_SECRET,
+        "" => SECRET,
+        _ => return StatusCode::UNAUTHORIZED,
+    };
+    let here = webhooks::Destination { url: &format!("{}{}", r.base, uri), tenant: &tenant };
+    if webhooks::verify(secret.as_bytes(), &here, &ts, &body, &sig, now, DEFAULT_TOLERANCE).is_err() {
         r.bad_signatures.fetch_add(1, Ordering::SeqCst);
         return StatusCode::UNAUTHORIZED;
     }
@@ -101,8 +122,16 @@ fn serve(listener: TcpListener, receiver: Arc<Receiver>) -> anyhow::Result<Serve
     Served::start("webhook receiver", listener, app)
 }
 
-fn options(extra_config: String) -> FleetOptions {
-    let env = vec![("AGENTFLEET_WEBHOOK_SECRET".to_owned(), SECRET.to_owned())];
+/// A fleet whose tenant `acme` may call back to `prefix`, with its own secret; `webhooks` is more
+/// of the `[webhooks]` section (private addresses are allowed unless it says otherwise).
+fn options(prefix: &str, webhooks: &str, extra: String) -> FleetOptions {
+    let env = [("AGENTFLEET_WEBHOOK_SECRET", SECRET), ("ACME_WEBHOOK_SECRET", ACME_SECRET)];
+    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let allow = if webhooks.contains("allow_private_addresses") { "" } else { "allow_private_addresses = true\n" };
+    let extra_config = format!(
+        "[webhooks]\n{allow}{webhooks}\n[tenants.acme]\ncallback_prefixes = [\"{prefix}\"]\n\
+         webhook_secret_env = \"ACME_WEBHOOK_SECRET\"\n\n{extra}"
+    );
     FleetOptions { workers: 2, env, extra_config, ..Default::default() }
 }
 
@@ -157,8 +186,17 @@ async fn submit(fleet: &TestFleet, agent: &str, input: String, callback: Option<
     let mut body = json!({ "agent": agent, "input": input });
     if let Some(url) = callback {
         body["callback_url"] = json!(url);
+        body["tenant"] = json!("acme");
     }
     fleet.submit_json(&body).await
+}
+
+/// An agent `hooked` whose `webhook_url` is the receiver at `addr`.
+fn hooked_agent(addr: SocketAddr) -> String {
+    format!(
+        "[agents.hooked]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"You help.\"\n\
+         tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
+    )
 }
 
 /// Ten two-step sessions with a `callback_url`, and sessions of an agent with a `webhook_url`:
@@ -167,13 +205,9 @@ async fn submit(fleet: &TestFleet, agent: &str, input: String, callback: Option<
 async fn every_session_event_arrives_signed_at_its_url() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
-    let receiver = Arc::new(Receiver { healthy: AtomicBool::new(true), ..Default::default() });
+    let receiver = Arc::new(Receiver::at(addr, true));
     let _server = serve(listener, receiver.clone())?;
-    let hooked = format!(
-        "[agents.hooked]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"You help.\"\n\
-         tools = [\"search_knowledge_base\"]\nwebhook_url = \"http://{addr}/agent-hook\"\n"
-    );
-    let fleet = TestFleet::start(options(hooked)).await?;
+    let fleet = TestFleet::start(options(&format!("http://{addr}/"), "", hooked_agent(addr))).await?;
     let callback = format!("http://{addr}/callback");
 
     let started = Instant::now();
@@ -228,8 +262,8 @@ async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Resu
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     drop(listener); // not listening yet: connections are refused
-    let receiver = Arc::new(Receiver::default());
-    let fleet = TestFleet::start(options(String::new())).await?;
+    let receiver = Arc::new(Receiver::at(addr, false));
+    let fleet = TestFleet::start(options(&format!("http://{addr}/"), "", String::new())).await?;
     let callback = format!("http://{addr}/hooks");
 
     let started = Instant::now();
@@ -288,9 +322,10 @@ async fn events_arrive_after_the_receiver_was_down_for_a_while() -> anyhow::Resu
 async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
-    let receiver = Arc::new(Receiver::default()); // never healthy
+    let receiver = Arc::new(Receiver::at(addr, false)); // never healthy
     let _server = serve(listener, receiver.clone())?;
-    let fleet = TestFleet::start(options("[webhooks]\nmax_attempts = 2\ntimeout_ms = 500\n".into())).await?;
+    let opts = options(&format!("http://{addr}/"), "max_attempts = 2\ntimeout_ms = 500\n", String::new());
+    let fleet = TestFleet::start(opts).await?;
     let failing = submit(&fleet, "support", "[steps=1] failing".into(), Some(&format!("http://{addr}/hooks"))).await?;
     let slow = submit(&fleet, "support", "[steps=1] slow".into(), Some(&format!("http://{addr}/slow"))).await?;
     fleet.wait_settled(&[failing, slow], Duration::from_secs(60)).await?;
@@ -312,5 +347,79 @@ async fn events_that_keep_failing_are_dead_lettered_with_the_reason() -> anyhow:
     assert_eq!((refused, timed_out), (2, 2), "{dead:?}");
     assert_eq!(receiver.refused.load(Ordering::SeqCst), 4, "two attempts of each of two events");
     assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    fleet.cleanup().await
+}
+
+/// `POST /v1/sessions`: the status and the body.
+async fn create(fleet: &TestFleet, body: Value) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+    let r = fleet.http.post(format!("{}/v1/sessions", fleet.api)).json(&body).send().await?;
+    Ok((r.status(), r.json().await?))
+}
+
+/// Without `allow_private_addresses`, a `callback_url` is refused at create with a 400 that names
+/// the problem: a literal loopback, private, metadata or IPv6 loopback address, userinfo, a URL
+/// outside the tenant's prefixes, a tenant without prefixes, or no tenant at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_are_checked_when_a_session_is_created() -> anyhow::Result<()> {
+    let prefixes = r#"https://hooks.acme.example/", "http://127.0.0.1:9/", "http://10.0.0.1/", "http://169.254.169.254/", "http://[::1]/"#;
+    let opts = options(prefixes, "allow_private_addresses = false\n", "[tenants.globex]\ndaily_cap_usd = 5.0\n".into());
+    let fleet = TestFleet::start(FleetOptions { workers: 0, ..opts }).await?;
+    let cases = [
+        ("acme", "http://127.0.0.1:9/hook", "loopback"),
+        ("acme", "http://10.0.0.1/hook", "private"),
+        ("acme", "http://169.254.169.254/latest/meta-data", "cloud metadata"),
+        ("acme", "http://[::1]/hook", "loopback"),
+        ("acme", "https://user:pw@hooks.acme.example/hook", "userinfo"),
+        ("acme", "https://hooks.acme.example.evil.test/hook", "callback_prefixes"),
+        ("globex", "https://hooks.acme.example/hook", "no callback_prefixes"),
+        ("", "https://hooks.acme.example/hook", "no callback_prefixes"),
+    ];
+    for (tenant, url, problem) in cases {
+        let mut body = json!({ "agent": "support", "input": "hi", "callback_url": url });
+        if !tenant.is_empty() {
+            body["tenant"] = json!(tenant);
+        }
+        let (status, v) = create(&fleet, body).await?;
+        assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{tenant} {url}: {v}");
+        let text = v.to_string();
+        assert!(text.contains("callback_url") && text.contains(problem), "{tenant} {url}: {text}");
+    }
+    let ok =
+        json!({ "agent": "support", "input": "hi", "tenant": "acme", "callback_url": "https://hooks.acme.example/x" });
+    assert_eq!(create(&fleet, ok).await?.0, reqwest::StatusCode::ACCEPTED);
+    fleet.cleanup().await
+}
+
+/// Without `allow_private_addresses`, a callback whose name resolves to loopback (`localhost`) and
+/// an agent `webhook_url` at `127.0.0.1` are refused when the deliverer connects: every event is
+/// dead-lettered once with the reason, none reaches the receiver, none is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_to_refused_addresses_are_dead_lettered_with_the_reason() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let receiver = Arc::new(Receiver::at(addr, true));
+    let _server = serve(listener, receiver.clone())?;
+    let local = format!("http://localhost:{}/", addr.port());
+    let opts = options(&local, "allow_private_addresses = false\n", hooked_agent(addr));
+    let fleet = TestFleet::start(opts).await?;
+    let by_name = submit(&fleet, "support", "[steps=1] by name".into(), Some(&format!("{local}hook"))).await?;
+    let literal = submit(&fleet, "hooked", "[steps=1] literal".into(), None).await?;
+    fleet.wait_settled(&[by_name, literal], Duration::from_secs(60)).await?;
+
+    let (_conn, ch) = fleet.amqp().await?;
+    let dead = format!("{}.dead", fleet.prefix);
+    try_eventually("4 events in the dead-letter queue", Duration::from_secs(30), || async {
+        Ok((queue_depth(&ch, &dead).await? >= 4).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await; // a second copy would show up by now
+    let dead = take_dead_letters(&fleet).await?;
+    println!("refused webhook destinations: {dead:?}");
+    assert_eq!(dead.len(), 4, "each event once, at its first attempt: {dead:?}");
+    let named = dead.iter().filter(|(r, _)| r.contains("refused") && r.contains("localhost is a loopback")).count();
+    let literal = dead.iter().filter(|(r, _)| r.contains("refused") && r.contains("127.0.0.1 is a loopback")).count();
+    assert_eq!((named, literal), (2, 2), "{dead:?}");
+    assert_eq!(webhook_backlog(&ch, &fleet).await?, (0, 0), "nothing waits in a retry tier");
+    assert_eq!(receiver.accepted_total() + receiver.bad_signatures.load(Ordering::SeqCst), 0);
     fleet.cleanup().await
 }

@@ -1,5 +1,6 @@
 //! The agents, their budgets and waits, and tenants.
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::{Invalid, Problem};
@@ -153,6 +154,18 @@ pub enum OnDailyCap {
 pub struct TenantConfig {
     /// Spend cap of this tenant per UTC day across the fleet, USD.
     pub daily_cap_usd: Option<f64>,
+    /// The URL prefixes a session's `callback_url` must start with, e.g.
+    /// `["https://hooks.acme.example/"]`; each an http(s) URL ending in `/`, without userinfo.
+    /// Default none: the tenant's sessions may not set a `callback_url`.
+    #[serde(default)]
+    pub callback_prefixes: Vec<String>,
+    /// The environment variable holding this tenant's webhook signing secret. Default none: its
+    /// events are signed with the fleet's secret (`webhooks.secret_env`).
+    pub webhook_secret_env: Option<String>,
+    /// The secret read from `webhook_secret_env`. When the variable is named but empty or unset,
+    /// the tenant's events are dead-lettered rather than signed with another secret.
+    #[serde(skip)]
+    pub webhook_secret: Option<SecretString>,
 }
 
 pub(super) fn validate_budget(b: &BudgetConfig) -> Result<(), Invalid> {

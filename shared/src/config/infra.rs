@@ -101,6 +101,10 @@ pub struct WebhooksConfig {
     /// Attempts per event (retries wait 1 s, 5 s, 30 s, 2 min, then 10 min each) before it is
     /// dead-lettered. Default 12.
     pub max_attempts: u32,
+    /// Deliver to loopback, private (RFC 1918, fc00::/7), link-local, unspecified and cloud
+    /// metadata addresses. Default false: such addresses are refused when a callback is created
+    /// and when a delivery connects (names are checked as resolved), and the event is dead-lettered.
+    pub allow_private_addresses: bool,
 }
 
 impl fmt::Debug for WebhooksConfig {
@@ -110,13 +114,20 @@ impl fmt::Debug for WebhooksConfig {
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("timeout_ms", &self.timeout_ms)
             .field("max_attempts", &self.max_attempts)
+            .field("allow_private_addresses", &self.allow_private_addresses)
             .finish()
     }
 }
 
 impl Default for WebhooksConfig {
     fn default() -> Self {
-        Self { secret_env: "AGENTFLEET_WEBHOOK_SECRET".into(), secret: None, timeout_ms: 5_000, max_attempts: 12 }
+        Self {
+            secret_env: "AGENTFLEET_WEBHOOK_SECRET".into(),
+            secret: None,
+            timeout_ms: 5_000,
+            max_attempts: 12,
+            allow_private_addresses: false,
+        }
     }
 }
 

@@ -117,6 +117,9 @@ pub enum Problem {
     /// An approval rule that does not parse.
     #[error(transparent)]
     ApprovalRule(#[from] ApprovalRuleError),
+    /// A callback prefix that could be extended to another host or that carries userinfo.
+    #[error("`{0}` must be an http(s) URL without userinfo, query or fragment, ending in `/`")]
+    BadCallbackPrefix(String),
 }
 
 /// A field that failed validation: its dotted path (relative to where it was checked) and why.
@@ -221,6 +224,10 @@ impl Config {
         set(&mut self.telemetry.otlp.endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT");
         self.openai.api_key = env("OPENAI_API_KEY").filter(|k| !k.is_empty()).map(SecretString::from);
         self.webhooks.secret = env(&self.webhooks.secret_env).filter(|k| !k.is_empty()).map(SecretString::from);
+        for tenant in self.tenants.values_mut() {
+            let secret = tenant.webhook_secret_env.as_deref().and_then(env).filter(|k| !k.is_empty());
+            tenant.webhook_secret = secret.map(SecretString::from);
+        }
     }
 
     fn validate(&self) -> Result<(), Invalid> {
@@ -255,6 +262,9 @@ impl Config {
             {
                 return Err(Invalid::new(format!("tenants.{name}.daily_cap_usd"), Problem::NotPositiveUsd));
             }
+            for (i, prefix) in tenant.callback_prefixes.iter().enumerate() {
+                check_prefix(prefix).map_err(|p| Invalid::new(format!("tenants.{name}.callback_prefixes[{i}]"), p))?;
+            }
         }
         Ok(())
     }
@@ -278,6 +288,11 @@ impl Config {
             return Err(Invalid::new("human_wait.on_deadline", Problem::HumanWaitMustFail));
         }
         validate_budget(&agent.budget).map_err(|e| e.within("budget"))
+    }
+
+    /// The settings of `tenant`, if it has any.
+    pub fn tenant(&self, tenant: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|(n, _)| n.as_str() == tenant).map(|(_, t)| t)
     }
 
     /// The daily cap of `tenant`, if it has one.
@@ -307,6 +322,19 @@ impl Config {
     pub fn price(&self, model: &str) -> Option<&Price> {
         self.prices.get(model)
     }
+}
+
+/// A callback prefix: an http(s) URL without userinfo whose path ends in `/`, so that
+/// `https://hooks.acme.example/` cannot be extended to `https://hooks.acme.example.evil.test/`.
+fn check_prefix(prefix: &str) -> Result<(), Problem> {
+    check_url(prefix, &["http", "https"])?;
+    let parsed = url::Url::parse(prefix).map_err(|error| Problem::NotAUrl { url: prefix.to_owned(), error })?;
+    let userinfo = !parsed.username().is_empty() || parsed.password().is_some();
+    let plain = parsed.query().is_none() && parsed.fragment().is_none() && parsed.path().ends_with('/');
+    if userinfo || !plain || !prefix.ends_with('/') {
+        return Err(Problem::BadCallbackPrefix(prefix.to_owned()));
+    }
+    Ok(())
 }
 
 fn check_url(url: &str, schemes: &'static [&'static str]) -> Result<(), Problem> {
