@@ -6,7 +6,8 @@
 //! - `[steps=N]` or `[steps=N tool=NAME]`: N turns, the first N-1 each call NAME once.
 //! - `[stop=REASON]`: the first turn ends with that stop reason, later turns end with "Recovered.".
 //!   `max_tokens_tool` ends with `max_tokens` and a cut-off `tool_use`. `[stop=` wins over `[steps=`.
-//! - `[refund=AMOUNT]`: one `issue_refund` call with that amount, then an answer quoting its result.
+//! - `[refund=AMOUNT]`: one `issue_refund` call with that amount, then an answer quoting its result;
+//!   `[refund=A,B,..]`: one call per turn with each amount in turn (a refund split into parts).
 //! - `[exotic]`: every turn also carries `redacted_thinking` and a server tool call with its result.
 //! - no directive: the support flow (knowledge base, customer lookup, maybe escalation, answer).
 //! - whatever the goal, a request with `tool_choice: none` gets a text-only summary.
@@ -64,7 +65,7 @@ pub(crate) fn play(ctx: &Context<'_>) -> Turn {
         // `tool_choice: none` forbids tools: the model can only write, e.g. a summary.
         _ if ctx.tool_choice == "none" => summary(ctx),
         Script::Stop(reason) => stop(ctx, reason),
-        Script::Refund(amount) => refund(ctx, *amount),
+        Script::Refund(amounts) => refund(ctx, amounts),
         Script::Steps { n, tool } => steps(ctx, *n, tool),
         Script::Support => support(ctx),
     };
@@ -81,7 +82,7 @@ pub(crate) fn play(ctx: &Context<'_>) -> Turn {
 enum Script {
     Steps { n: usize, tool: String },
     Stop(String),
-    Refund(u64),
+    Refund(Vec<u64>),
     Support,
 }
 
@@ -98,7 +99,7 @@ impl Directives {
         let value = |key: &str| tokens.iter().find_map(|t| t.strip_prefix(key)?.strip_prefix('='));
         let steps = value("steps").and_then(|n| n.parse::<usize>().ok());
         let tool = value("tool").unwrap_or(DEFAULT_STEP_TOOL).to_owned();
-        let refund = value("refund").and_then(|n| n.parse::<u64>().ok());
+        let refund = value("refund").and_then(|n| n.split(',').map(|a| a.parse::<u64>().ok()).collect());
         let script = match (value("stop"), steps, refund) {
             (Some(reason), _, _) => Script::Stop(reason.to_owned()),
             (None, Some(n), _) => Script::Steps { n: n.max(1), tool },
@@ -114,9 +115,11 @@ fn bracketed(text: &str) -> impl Iterator<Item = &str> {
     text.split('[').skip(1).filter_map(|part| part.split_once(']').map(|(inside, _)| inside))
 }
 
-/// `[refund=AMOUNT]`: one `issue_refund` call, then an answer that quotes its result.
-fn refund(ctx: &Context<'_>, amount: u64) -> Turn {
-    if ctx.turn == 0 && ctx.tools.has("issue_refund") {
+/// `[refund=A,B,..]`: one `issue_refund` call per amount, then an answer that quotes the last result.
+fn refund(ctx: &Context<'_>, amounts: &[u64]) -> Turn {
+    if let Some(&amount) = amounts.get(ctx.turn)
+        && ctx.tools.has("issue_refund")
+    {
         let input = json!({ "customer_email": "customer@example.com", "amount": amount, "reason": "duplicate charge" });
         return tool_turn(format!("Refunding {amount}."), "issue_refund", input);
     }
