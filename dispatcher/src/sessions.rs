@@ -42,7 +42,8 @@ pub struct CreateSession {
     /// Lower budget limits for this session.
     #[serde(default)]
     budget: Option<Overrides>,
-    /// Where this session's events are POSTed (signed), instead of the agent's webhook.
+    /// Where this session's events are POSTed (signed), instead of the agent's webhook; it must
+    /// start with one of the tenant's `callback_prefixes`.
     #[serde(default)]
     callback_url: Option<String>,
 }
