@@ -240,6 +240,10 @@ mod tests {
             assert!(e.to_string().contains("allow_private_addresses"), "{e}");
         }
         assert!(check_callback("http://127.0.0.1:9/x", &p, true).is_ok());
+        // Other spellings of an IPv4 address are parsed as one, and refused alike.
+        for url in ["http://2130706433/", "http://0x7f.1/", "http://[::ffff:10.0.0.1]/"] {
+            assert!(matches!(check_callback(url, &p, false), Err(CallbackError::Address(_))), "{url}");
+        }
         // A name is judged when it is resolved, at connect time.
         let hosts = ["https://hooks.acme.example/a"];
         assert!(check_callback(hosts[0], &p, false).is_ok());
