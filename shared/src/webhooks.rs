@@ -278,6 +278,9 @@ mod tests {
             [agents.a]
             model = "claude-sonnet-4-5"
             system_prompt = "x"
+
+            [tenant_defaults]
+            daily_cap_usd = 10.0
         "#;
         let path = std::path::Path::new("t.toml");
         let cfg = Config::parse(text, path, &|_| None).expect("valid");

@@ -153,6 +153,9 @@ pub enum OnDailyCap {
 pub struct TenantConfig {
     /// Spend cap of this tenant per UTC day across the fleet, USD.
     pub daily_cap_usd: Option<f64>,
+    /// Live (not ended) sessions of this tenant at once; default `tenant_defaults.max_live_sessions`.
+    #[serde(default)]
+    pub max_live_sessions: Option<u32>,
 }
 
 pub(super) fn validate_budget(b: &BudgetConfig) -> Result<(), Invalid> {
