@@ -62,9 +62,8 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `dispatcher.listen` and `dispatcher.ops_listen`.
     pub async fn bind(cfg: &Config) -> anyhow::Result<Self> {
-        let bind = |addr: String| async move {
-            TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))
-        };
+        let bind =
+            |addr: String| async move { TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}")) };
         let api = bind(cfg.dispatcher.listen.clone()).await?;
         let ops = bind(cfg.dispatcher.ops_listen.clone()).await?;
         Ok(Self { api, ops })

@@ -102,8 +102,12 @@ async fn prune(s: &AppState, key: &str) -> Result<(), ApiError> {
         }
     }
     if !ended.is_empty() {
-        let _: i64 =
-            redis::cmd("SREM").arg(key).arg(ended).query_async(&mut conn).await.map_err(|e| ApiError::unavailable(&e))?;
+        let _: i64 = redis::cmd("SREM")
+            .arg(key)
+            .arg(ended)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?;
     }
     Ok(())
 }

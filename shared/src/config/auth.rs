@@ -86,8 +86,9 @@ impl TokenConfig {
                 (v.ok_or_else(|| Invalid::new("sha256_env", Problem::EnvUnset(var.clone())))?, "sha256_env")
             }
             (None, None, Some(path)) => {
-                let v = std::fs::read_to_string(path)
-                    .map_err(|e| Invalid::new("sha256_file", Problem::Unreadable(format!("{}: {e}", path.display()))))?;
+                let v = std::fs::read_to_string(path).map_err(|e| {
+                    Invalid::new("sha256_file", Problem::Unreadable(format!("{}: {e}", path.display())))
+                })?;
                 (v, "sha256_file")
             }
             _ => return Err(Invalid::new("sha256", Problem::OneHashSource)),
