@@ -175,7 +175,7 @@ fn warn_if_open(cfg: &Config) {
     if cfg.auth.tokens.is_empty() {
         tracing::error!(
             "no API tokens are configured ([[auth.tokens]]): every API request will be answered 401; \
-             make one with `agentfleet token new`"
+             see README `Tokens, roles, tenants and limits`"
         );
     }
 }

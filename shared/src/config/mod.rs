@@ -127,7 +127,7 @@ pub enum Problem {
     #[error("set exactly one of `sha256`, `sha256_env`, `sha256_file`")]
     OneHashSource,
     /// A hash that is not 64 hex digits.
-    #[error("must be a SHA-256 as 64 hex digits (`agentfleet token new` makes one)")]
+    #[error("must be a SHA-256 as 64 hex digits (the output of sha256sum)")]
     NotASha256,
     /// A token without roles.
     #[error("must name at least one of submit, read, operate, approve, admin")]
