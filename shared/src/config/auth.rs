@@ -1,7 +1,7 @@
 //! API tokens, their roles and tenants, and the fleet-wide defaults of per-tenant limits.
 //!
 //! A token is never in the file: only its SHA-256, inline (`sha256`), from an environment
-//! variable (`sha256_env`) or from a mounted secret file (`sha256_file`). `agentfleet token new`
+//! variable (`sha256_env`) or from a mounted secret file (`sha256_file`). `sha256sum`
 //! makes a token and its hash.
 
 use std::fmt;
