@@ -1,8 +1,8 @@
 //! API tokens, their roles and tenants, and the fleet-wide defaults of per-tenant limits.
 //!
 //! A token is never in the file: only its SHA-256, inline (`sha256`), from an environment
-//! variable (`sha256_env`) or from a mounted secret file (`sha256_file`). `sha256sum`
-//! makes a token and its hash.
+//! variable (`sha256_env`) or from a mounted secret file (`sha256_file`). Make a token with e.g.
+//! `openssl rand -hex 32`, and its hash with `printf %s "$TOKEN" | sha256sum`.
 
 use std::fmt;
 use std::path::PathBuf;
