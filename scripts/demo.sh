@@ -10,6 +10,8 @@
 #   DEMO_SESSIONS       sessions to submit (default 24)
 #   DEMO_TIMEOUT_S      how long the demo waits for outcomes (default 120)
 #   DISPATCHER_PORT     (default 8080)  MODEL_SERVER_PORT (default 8090)  TOOL_SERVER_PORT (default 8091)
+#   OPS_PORT            the dispatcher's /healthz, /readyz, /metrics (default 9090)
+#   AGENTFLEET_TOKEN    the API token the demo uses (default: a fresh random one, printed)
 #   WORKERS             worker processes (default 2)
 # Logs and pid files go to .run/.
 set -euo pipefail
@@ -43,6 +45,12 @@ READY_TIMEOUT_S="${READY_TIMEOUT_S:-60}"
 RUN_DIR="$ROOT/.run"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 DISPATCHER_URL="http://127.0.0.1:$DISPATCHER_PORT"
+OPS_PORT="${OPS_PORT:-9090}"
+OPS_URL="http://127.0.0.1:$OPS_PORT"
+# The API wants a bearer token; the config stores only its SHA-256 (from this variable).
+AGENTFLEET_TOKEN="${AGENTFLEET_TOKEN:-aft_$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')}"
+export AGENTFLEET_TOKEN
+TOKEN_SHA256="$(printf '%s' "$AGENTFLEET_TOKEN" | sha256sum | cut -d' ' -f1)"
 
 say() { printf '\n==> %s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -192,12 +200,13 @@ check_port_free() {
 
 # The config the fleet runs with: the chosen file, or a copy in .run/ with the ports changed.
 fleet_config() {
-    if [[ "$DISPATCHER_PORT" == 8080 && "$TOOL_SERVER_PORT" == 8091 ]]; then
+    if [[ "$DISPATCHER_PORT" == 8080 && "$OPS_PORT" == 9090 && "$TOOL_SERVER_PORT" == 8091 ]]; then
         printf '%s' "$CONFIG"
         return
     fi
     sed -e "s#127\.0\.0\.1:8091/#127.0.0.1:$TOOL_SERVER_PORT/#g" \
         -e "s#^listen = \"[^\"]*\"#listen = \"127.0.0.1:$DISPATCHER_PORT\"#" \
+        -e "s#^ops_listen = \"[^\"]*\"#ops_listen = \"127.0.0.1:$OPS_PORT\"#" \
         "$CONFIG" >"$RUN_DIR/agentfleet.toml"
     printf '%s' "$RUN_DIR/agentfleet.toml"
 }
@@ -228,6 +237,8 @@ start_fleet() {
     local config="$1" i
     say "starting the dispatcher and $WORKERS workers (config: $config)"
     check_port_free "$DISPATCHER_PORT" "dispatcher" DISPATCHER_PORT
+    check_port_free "$OPS_PORT" "dispatcher ops" OPS_PORT
+    FLEET_ENV+=(AGENTFLEET_ADMIN_TOKEN_SHA256="$TOKEN_SHA256")
     start dispatcher env "${FLEET_ENV[@]}" "$BIN/agentfleet-dispatcher" --config "$config"
     for ((i = 1; i <= WORKERS; i++)); do
         start "worker-$i" env "${FLEET_ENV[@]}" "$BIN/agentfleet-worker" --config "$config"
@@ -236,15 +247,15 @@ start_fleet() {
 
 await_ready() {
     local deadline=$((SECONDS + READY_TIMEOUT_S)) status entry
-    until [[ "$(http_status /readyz "$DISPATCHER_PORT")" == 200 ]]; do
+    until [[ "$(http_status /readyz "$OPS_PORT")" == 200 ]]; do
         for entry in "${STARTED[@]}"; do
             is_ours "${entry##*:}" || fail_with_log "${entry%%:*}" "${entry%%:*} exited during start-up"
         done
         ((SECONDS < deadline)) ||
-            fail_with_log dispatcher "the dispatcher was not ready ($DISPATCHER_URL/readyz) within ${READY_TIMEOUT_S} s"
+            fail_with_log dispatcher "the dispatcher was not ready ($OPS_URL/readyz) within ${READY_TIMEOUT_S} s"
         sleep 0.5
     done
-    info "ready: $DISPATCHER_URL/readyz answers 200"
+    info "ready: $OPS_URL/readyz answers 200"
 }
 
 # Counts the error and warning lines in the fleet's JSON logs, so problems do not go unnoticed.
@@ -262,11 +273,13 @@ summarize_logs() {
 print_keep_help() {
     say "the fleet keeps running (--keep); press Ctrl-C to stop it"
     cat <<EOF
-    curl -s $DISPATCHER_URL/readyz
-    curl -s -X POST $DISPATCHER_URL/v1/sessions -H 'content-type: application/json' \\
+    export AGENTFLEET_TOKEN=$AGENTFLEET_TOKEN     # an admin token made for this run
+    curl -s $OPS_URL/readyz
+    curl -s -X POST $DISPATCHER_URL/v1/sessions -H "authorization: Bearer \$AGENTFLEET_TOKEN" \\
+         -H 'content-type: application/json' \\
          -d '{"agent":"support","input":"My invoice looks wrong, I am ann@example.com"}'
-    curl -s $DISPATCHER_URL/v1/sessions/<id>        # status, usage, messages
-    curl -s $DISPATCHER_URL/metrics | grep ^agentfleet_
+    curl -s -H "authorization: Bearer \$AGENTFLEET_TOKEN" $DISPATCHER_URL/v1/sessions/<id>   # status, usage, messages
+    curl -s $OPS_URL/metrics | grep ^agentfleet_
     tail -f .run/worker-1.log                          # JSON logs, one trace record per action
 EOF
 }
@@ -292,7 +305,7 @@ main() {
 
     say "running the demo: $DEMO_SESSIONS sessions"
     local rc=0
-    "$BIN/agentfleet-demo" --url "$DISPATCHER_URL" --count "$DEMO_SESSIONS" --timeout-s "$DEMO_TIMEOUT_S" || rc=$?
+    "$BIN/agentfleet-demo" --url "$DISPATCHER_URL" --ops-url "$OPS_URL" --count "$DEMO_SESSIONS" --timeout-s "$DEMO_TIMEOUT_S" || rc=$?
     summarize_logs
 
     if ((KEEP)); then

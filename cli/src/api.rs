@@ -72,7 +72,18 @@ impl Api {
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             anyhow::bail!("--url {base}: must be an http(s) URL");
         }
-        let http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT).build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        // The API wants a bearer token; until a flag exists, it comes from `AGENTFLEET_TOKEN`.
+        if let Some(token) = std::env::var("AGENTFLEET_TOKEN").ok().filter(|t| !t.is_empty()) {
+            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("AGENTFLEET_TOKEN: not a valid header value"))?;
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .default_headers(headers)
+            .build()?;
         Ok(Self { base, http })
     }
 

@@ -18,9 +18,13 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 use utoipa::ToSchema;
 
+use agentfleet::config::Role;
+use agentfleet::domain::TenantId;
+
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::session_ref::{event, load, path_id, session_span};
+use crate::session_ref::{event, load, load_for, path_id, session_span};
 
 const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -57,8 +61,14 @@ pub(crate) enum ActionStatus {
         (status = 503, description = "Redis is down", body = ErrorBody),
     )
 )]
-pub(crate) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn cancel(
+    caller: Caller,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Operate)?;
     let id = path_id(&id)?;
+    load_for(&s, &caller, &id).await?;
     let status = cancel_session(&s, &id).instrument(session_span("session.cancel", &id)).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id, status })))
 }
@@ -115,8 +125,8 @@ struct Pending {
     tool_use_id: String,
 }
 
-async fn pending(s: &AppState, id: &SessionId) -> Result<Pending, ApiError> {
-    let meta = load(s, id).await?.meta;
+async fn pending(s: &AppState, caller: &Caller, id: &SessionId) -> Result<Pending, ApiError> {
+    let meta = load_for(s, caller, id).await?.meta;
     let escalation: serde_json::Value =
         meta.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()).ok_or_else(|| {
             ApiError::conflict(format!("the session is not waiting for people (it is {})", meta.status))
@@ -154,13 +164,15 @@ fn text(field: &str, value: &str) -> Result<(), ApiError> {
     )
 )]
 pub(crate) async fn reply(
+    caller: Caller,
     State(s): State<AppState>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Reply>,
 ) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Operate)?;
     let id = path_id(&id)?;
     text("text", &body.text)?;
-    let p = pending(&s, &id).await?;
+    let p = pending(&s, &caller, &id).await?;
     if p.meta.status != SessionStatus::AwaitingHuman || p.kind == "approval_timeout" {
         let hint = if p.kind.starts_with("approval") { ": use approve or reject" } else { "" };
         return Err(ApiError::conflict(format!("the session is not awaiting a human reply{hint}")));
@@ -189,17 +201,19 @@ pub(crate) async fn reply(
     )
 )]
 pub(crate) async fn approve(
+    caller: Caller,
     State(s): State<AppState>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Approve)?;
     let id = path_id(&id)?;
     let body: Approve = if body.iter().all(u8::is_ascii_whitespace) {
         Approve::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
     };
-    decide(&s, &id, Verdict::Approve { note: body.note }).await
+    decide(&s, &caller, &id, Verdict::Approve { note: body.note }).await
 }
 
 /// Rejects the tool call a session waits on: the reason becomes the tool's error result.
@@ -220,13 +234,15 @@ pub(crate) async fn approve(
     )
 )]
 pub(crate) async fn reject(
+    caller: Caller,
     State(s): State<AppState>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Reject>,
 ) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Approve)?;
     let id = path_id(&id)?;
     text("reason", &body.reason)?;
-    decide(&s, &id, Verdict::Reject { reason: body.reason }).await
+    decide(&s, &caller, &id, Verdict::Reject { reason: body.reason }).await
 }
 
 /// What a reviewer decided about the tool call a session waits on.
@@ -238,8 +254,13 @@ enum Verdict {
 }
 
 /// Applies a verdict to the approval a session waits on, and resumes it.
-async fn decide(s: &AppState, id: &SessionId, verdict: Verdict) -> Result<impl IntoResponse + use<>, ApiError> {
-    let p = approval(s, id).await?;
+async fn decide(
+    s: &AppState,
+    caller: &Caller,
+    id: &SessionId,
+    verdict: Verdict,
+) -> Result<impl IntoResponse + use<>, ApiError> {
+    let p = approval(s, caller, id).await?;
     let (result, approve, span, decision) = match verdict {
         Verdict::Approve { note } => {
             let note = note.as_deref().unwrap_or("");
@@ -257,8 +278,8 @@ async fn decide(s: &AppState, id: &SessionId, verdict: Verdict) -> Result<impl I
     Ok(resumed)
 }
 
-async fn approval(s: &AppState, id: &SessionId) -> Result<Pending, ApiError> {
-    let p = pending(s, id).await?;
+async fn approval(s: &AppState, caller: &Caller, id: &SessionId) -> Result<Pending, ApiError> {
+    let p = pending(s, caller, id).await?;
     if !p.kind.starts_with("approval") || p.tool_use_id.is_empty() {
         return Err(ApiError::conflict(format!("the session is not awaiting an approval (it is {})", p.meta.status)));
     }
@@ -352,24 +373,59 @@ impl Escalation {
     }
 }
 
-/// Lists the sessions that wait for a human reply or an approval, soonest deadline first.
+/// The query of `GET /v1/escalations`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EscalationQuery {
+    /// Only this tenant's sessions (an admin token; others see only their own tenant).
+    tenant: Option<String>,
+}
+
+/// Lists the sessions of the caller's tenant that wait for a human reply or an approval, soonest
+/// deadline first.
 #[utoipa::path(
     get,
     path = "/v1/escalations",
     tag = "escalations",
+    params(EscalationQuery),
     responses(
         (status = 200, description = "Up to 500 waiting sessions", body = EscalationList),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
         (status = 503, description = "Redis is down", body = ErrorBody),
     )
 )]
-pub(crate) async fn escalations(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn escalations(
+    caller: Caller,
+    State(s): State<AppState>,
+    query: Result<axum::extract::Query<EscalationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Operate)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let only = tenant_scope(&caller, q.tenant.as_deref())?;
     let waiting = s.store.waiting(None, 500).await.map_err(|e| ApiError::unavailable(&e))?;
     let mut escalations = Vec::new();
     for (id, deadline_ms) in waiting {
         let Some(meta) = s.store.meta(&id).await.map_err(|e| ApiError::unavailable(&e))? else { continue };
-        if matches!(meta.status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
+        let mine = caller.sees(&meta) && only.as_ref().is_none_or(|t| meta.tenant.as_ref() == Some(t));
+        if mine && matches!(meta.status, SessionStatus::AwaitingHuman | SessionStatus::AwaitingApproval) {
             escalations.push(Escalation::of(id, meta, deadline_ms));
         }
     }
     Ok(axum::Json(EscalationList { escalations }))
+}
+
+/// The tenant a listing is limited to: an admin's filter (or none: every tenant), else the
+/// caller's own tenant; a non-admin naming another tenant is 403.
+pub(crate) fn tenant_scope(caller: &Caller, asked: Option<&str>) -> Result<Option<TenantId>, ApiError> {
+    let asked = asked.map(TenantId::parse).transpose().map_err(|e| ApiError::invalid(format!("tenant: {e}")))?;
+    if caller.is_admin() {
+        return Ok(asked);
+    }
+    match asked {
+        Some(t) if t != caller.tenant => {
+            Err(ApiError::forbidden(format!("tenant: this token sees only tenant `{}`", caller.tenant)))
+        }
+        _ => Ok(Some(caller.tenant.clone())),
+    }
 }

@@ -5,7 +5,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,37 +16,61 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header (429).
+    retry_after_s: Option<u64>,
 }
 
 impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: String) -> Self {
+        Self { status, kind, message, retry_after_s: None }
+    }
+
+    /// 401 (with `WWW-Authenticate: Bearer`): no credential, or not one this dispatcher knows.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message.into())
+    }
+
+    /// 403: the credential is known but does not allow this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message.into())
+    }
+
+    /// 429: a limit is reached; `retry_after_s`, when known, goes in `Retry-After`.
+    pub fn too_many(message: impl Into<String>, retry_after_s: Option<u64>) -> Self {
+        Self { retry_after_s, ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message.into()) }
+    }
+
+    /// 503: the request took longer than `dispatcher.request_timeout_ms`.
+    pub fn timed_out(limit_ms: u64) -> Self {
+        let message = format!("the request took longer than the limit of {limit_ms} ms; retry later");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+    }
+
     /// 400: the request is malformed or a field is invalid.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, kind: "invalid_request", message: message.into() }
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message.into())
     }
 
     /// 404: no such resource.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, kind: "not_found", message: message.into() }
+        Self::new(StatusCode::NOT_FOUND, "not_found", message.into())
     }
 
     /// 409: the request conflicts with an earlier one.
     pub fn conflict(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::CONFLICT, kind: "conflict", message: message.into() }
+        Self::new(StatusCode::CONFLICT, "conflict", message.into())
     }
 
     /// 413: a field or the body is too large.
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::PAYLOAD_TOO_LARGE, kind: "too_large", message: message.into() }
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message.into())
     }
 
     /// 503: a dependency is down; the client may retry. The detail is logged, not sent.
     pub fn unavailable(detail: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "dependency unavailable");
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            kind: "unavailable",
-            message: "a dependency is unavailable; retry later (with the same idempotency_key)".into(),
-        }
+        let message = "a dependency is unavailable; retry later (with the same idempotency_key)";
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message.into())
     }
 
     /// The HTTP status it answers with.
@@ -74,8 +98,8 @@ pub(crate) struct ErrorBody {
 /// What went wrong.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorDetail {
-    /// `invalid_request`, `not_found`, `conflict`, `too_large`, `unsupported_media_type` or
-    /// `unavailable`.
+    /// `invalid_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `too_large`,
+    /// `unsupported_media_type`, `rate_limited`, `timeout` or `unavailable`.
     #[serde(rename = "type")]
     #[schema(value_type = String, example = "invalid_request")]
     kind: &'static str,
@@ -86,7 +110,15 @@ pub(crate) struct ErrorDetail {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { error: ErrorDetail { kind: self.kind, message: self.message } };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(s) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
     }
 }
 
@@ -101,7 +133,7 @@ impl From<JsonRejection> for ApiError {
         };
         // 422 (a wrong type or a missing field) is still a malformed request: answer 400.
         let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { status };
-        Self { status, kind, message }
+        Self::new(status, kind, message)
     }
 }
 

@@ -3,10 +3,12 @@
 //! Requests are validated once here, at the edge; everything past this point handles typed values.
 
 mod actions;
+mod auth;
 mod error;
 mod gauges;
 mod intake;
 mod janitor;
+mod limits;
 mod openapi;
 mod session_ref;
 pub mod sessions;
@@ -44,29 +46,51 @@ pub struct AppState {
     store: Arc<dyn SessionStore>,
     publisher: Arc<AmqpPublisher>,
     metrics: Option<PrometheusHandle>,
+    /// For the per-tenant limits (the `limits` module).
+    redis: redis::aio::ConnectionManager,
+}
+
+/// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
+/// `/readyz`, `/metrics`, `/openapi.json`) apart from it.
+pub struct Listeners {
+    /// Where the API is served.
+    pub api: TcpListener,
+    /// Where the operations endpoints are served.
+    pub ops: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `dispatcher.listen` and `dispatcher.ops_listen`.
+    pub async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        let bind =
+            |addr: String| async move { TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}")) };
+        let api = bind(cfg.dispatcher.listen.clone()).await?;
+        let ops = bind(cfg.dispatcher.ops_listen.clone()).await?;
+        Ok(Self { api, ops })
+    }
 }
 
 /// The dispatcher, bound and connected, ready to serve.
 pub struct Dispatcher {
     listener: TcpListener,
+    ops_listener: TcpListener,
     state: AppState,
     breakers: agentfleet::breaker::Breakers,
 }
 
 impl Dispatcher {
-    /// Connects to Redis and RabbitMQ (declaring the topology) and binds `listener`, or the
-    /// configured address when `None`.
+    /// Connects to Redis and RabbitMQ (declaring the topology) and serves on `listeners`, or binds
+    /// the configured addresses when `None`.
     pub async fn build(
         cfg: Config,
-        listener: Option<TcpListener>,
+        listeners: Option<Listeners>,
         metrics: Option<PrometheusHandle>,
     ) -> anyhow::Result<Self> {
-        let listener = match listener {
+        let Listeners { api: listener, ops: ops_listener } = match listeners {
             Some(l) => l,
-            None => TcpListener::bind(&cfg.dispatcher.listen)
-                .await
-                .with_context(|| format!("binding {}", cfg.dispatcher.listen))?,
+            None => Listeners::bind(&cfg).await?,
         };
+        warn_if_open(&cfg);
         let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = agent_pools(&cfg);
@@ -76,13 +100,20 @@ impl Dispatcher {
                 .context("connecting to RabbitMQ")?;
         webhooks::declare(&publisher, &cfg.amqp.prefix).await.context("declaring the webhook queues")?;
         let breakers = agentfleet::breaker::Breakers::new(store.connection(), cfg.redis.key_prefix.clone());
-        let state = AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics };
-        Ok(Self { listener, state, breakers })
+        let redis = store.connection();
+        let state =
+            AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics, redis };
+        Ok(Self { listener, ops_listener, state, breakers })
     }
 
-    /// The bound address.
+    /// The bound address of the API.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The bound address of the operations endpoints.
+    pub fn ops_addr(&self) -> std::io::Result<SocketAddr> {
+        self.ops_listener.local_addr()
     }
 
     /// The janitor over this dispatcher's store and publisher.
@@ -99,10 +130,13 @@ impl Dispatcher {
         let stop = shutdown.child_token();
         let grace = Duration::from_millis(self.state.cfg.dispatcher.shutdown_grace_ms);
         let tasks = self.spawn_tasks(&stop);
+        let ops = axum::serve(self.ops_listener, ops_router(self.state.clone()))
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
         let app = router(self.state);
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
         let stopped = async {
-            let served = serve.await;
+            let (served, ops_served) = tokio::join!(serve, ops);
+            let served = served.and(ops_served);
             stop.cancel();
             tasks.wait().await;
             served
@@ -136,9 +170,21 @@ async fn deadline(stop: &CancellationToken, grace: Duration) {
     tokio::time::sleep(grace).await;
 }
 
+/// Logs loudly when no token is configured: the API then refuses every request.
+fn warn_if_open(cfg: &Config) {
+    if cfg.auth.tokens.is_empty() {
+        tracing::error!(
+            "no API tokens are configured ([[auth.tokens]]): every API request will be answered 401; \
+             see README `Tokens, roles, tenants and limits`"
+        );
+    }
+}
+
 /// The API's routes. A new route goes in [`routes`] too, and its handler in `openapi::ApiDoc`.
+/// Every route authenticates its caller (the `auth` module).
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.dispatcher.max_body_bytes;
+    let timeout_ms = state.cfg.dispatcher.request_timeout_ms;
     Router::new()
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))
@@ -148,14 +194,35 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/reject", post(actions::reject))
         .route("/v1/escalations", get(actions::escalations))
         .route("/v1/sessions/{id}/trace", get(trace::trace))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| within(timeout_ms, req, next)))
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state)
+}
+
+/// The operations endpoints, served on `dispatcher.ops_listen` without authentication: keep that
+/// address off the public network. A new route goes in [`ops_routes`] too.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// Runs the request, or answers 503 (JSON) once `timeout_ms` has passed.
+async fn within(
+    timeout_ms: u64,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timed_out(timeout_ms).into_response(),
+    }
 }
 
 /// Each request's span, named after its route (not its path: ids stay out of span names).
@@ -165,8 +232,8 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
 }
 
 /// Every `(method, path)` that [`router`] serves, as the OpenAPI document writes them. Kept beside
-/// the router by hand: the `openapi` integration test checks that the router serves each of them and
-/// that the document lists exactly these.
+/// the router by hand: the `openapi` integration test checks that the routers serve each of these
+/// and of [`ops_routes`], and that the document lists exactly those.
 pub fn routes() -> Vec<(&'static str, &'static str)> {
     vec![
         ("post", "/v1/sessions"),
@@ -178,11 +245,12 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         ("post", "/v1/sessions/{id}/reject"),
         ("get", "/v1/escalations"),
         ("get", "/v1/sessions/{id}/trace"),
-        ("get", "/healthz"),
-        ("get", "/readyz"),
-        ("get", "/metrics"),
-        ("get", "/openapi.json"),
     ]
+}
+
+/// Every `(method, path)` that [`ops_router`] serves.
+pub fn ops_routes() -> Vec<(&'static str, &'static str)> {
+    vec![("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"), ("get", "/openapi.json")]
 }
 
 /// `GET /healthz`.

@@ -58,6 +58,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = telemetry::install_metrics(None).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let shutdown = shutdown_token();
     let dispatcher = Dispatcher::build(cfg, None, Some(metrics)).await?;
-    tracing::info!(addr = %dispatcher.local_addr()?, "dispatcher listening");
+    tracing::info!(addr = %dispatcher.local_addr()?, ops = %dispatcher.ops_addr()?, "dispatcher listening");
     dispatcher.run(shutdown).await
 }

@@ -9,6 +9,7 @@ use agentfleet::lifecycle;
 use agentfleet::store::{Meta, SessionView};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// A span in the session's own trace (see `agentfleet::telemetry::otel`), linked to the span of
@@ -26,6 +27,12 @@ pub(crate) async fn load(s: &AppState, id: &SessionId) -> Result<SessionView, Ap
         .await
         .map_err(|e| ApiError::unavailable(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no session `{id}`")))
+}
+
+/// The session as `caller` may see it: a session of another tenant is 404, exactly like a missing one.
+pub(crate) async fn load_for(s: &AppState, caller: &Caller, id: &SessionId) -> Result<SessionView, ApiError> {
+    let view = load(s, id).await?;
+    if caller.sees(&view.meta) { Ok(view) } else { Err(ApiError::not_found(format!("no session `{id}`"))) }
 }
 
 /// Parses the `{id}` of a path.

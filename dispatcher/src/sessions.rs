@@ -14,9 +14,14 @@ use serde_json::value::RawValue;
 use tracing::Instrument as _;
 use utoipa::{IntoParams, ToSchema};
 
+use agentfleet::config::Role;
+use sha2::{Digest, Sha256};
+
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::session_ref::{event, load, path_id, session_span};
+use crate::session_ref::{event, load, load_for, path_id, session_span};
+use crate::{actions, limits};
 
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -36,7 +41,8 @@ pub struct CreateSession {
     /// 1-255 printable characters: a repeated request with the same key returns the first session.
     #[serde(default)]
     idempotency_key: Option<String>,
-    /// Whose budget the session spends: a name.
+    /// Whose budget the session spends: a name. Only an admin token may set it; otherwise the
+    /// session belongs to the token's tenant.
     #[serde(default)]
     tenant: Option<String>,
     /// Lower budget limits for this session.
@@ -88,34 +94,75 @@ pub(crate) struct SessionCreated {
         (status = 202, description = "The session exists and its first step is queued", body = SessionCreated,
             headers(("idempotent-replayed" = String, description = "`true` when an `idempotency_key` returned an earlier session, else `false`"))),
         (status = 400, description = "The body is malformed or a field is invalid (the message names it)", body = ErrorBody),
-        (status = 409, description = "The `idempotency_key` was used for a session of another agent", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` role, or names a `tenant` without being an admin", body = ErrorBody),
+        (status = 409, description = "The `idempotency_key` was used with a different request", body = ErrorBody),
         (status = 413, description = "The body, `input` or `metadata` is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 429, description = "The tenant has `max_live_sessions` live sessions, or the token created `sessions_per_minute` this minute (see `Retry-After`)", body = ErrorBody),
         (status = 503, description = "Redis or RabbitMQ is down: retry with the same `idempotency_key`", body = ErrorBody),
     )
 )]
 pub(crate) async fn create(
+    caller: Caller,
     State(s): State<AppState>,
-    ApiJson(req): ApiJson<CreateSession>,
+    ApiJson(mut req): ApiJson<CreateSession>,
 ) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Submit)?;
+    req.tenant = Some(tenant_of(&caller, req.tenant)?);
+    limits::check_rate(&s, &caller).await?;
     let c = create_session(&s, req).await?;
     let body = SessionCreated { id: c.id, status: c.status };
     let replayed = if c.created { "false" } else { "true" };
     Ok((StatusCode::ACCEPTED, [("idempotent-replayed", replayed)], axum::Json(body)))
 }
 
-/// Validates a request, creates the session once (per idempotency key), and queues its first step.
+/// The tenant of a session `caller` creates: the token's, or (an admin only) the one it names.
+fn tenant_of(caller: &Caller, named: Option<String>) -> Result<String, ApiError> {
+    match named {
+        Some(t) if caller.is_admin() => Ok(t),
+        Some(_) => Err(ApiError::forbidden(format!(
+            "tenant: only an admin token may name a tenant; this token's sessions belong to `{}`",
+            caller.tenant
+        ))),
+        None => Ok(caller.tenant.to_string()),
+    }
+}
+
+/// Validates a request, creates the session once (per idempotency key and tenant) within the
+/// tenant's live-session limit, and queues its first step. The request's `tenant` is trusted: the
+/// HTTP handler sets it from the caller's token.
 pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created, ApiError> {
     let req = validate(s, req)?;
     let mut id = SessionId::generate();
     if let Some(key) = &req.idempotency_key {
-        id = s
-            .store
-            .remember_idempotency_key(key, &id, s.cfg.dispatcher.idempotency_ttl_s)
-            .await
-            .map_err(|e| ApiError::unavailable(&e))?;
+        let scoped = format!("{}:{key}", req.tenant.as_ref().map_or("-", TenantId::as_str));
+        let ttl = s.cfg.dispatcher.idempotency_ttl_s;
+        let remembered = s.store.remember_idempotency_key(&scoped, &id, &fingerprint(&req), ttl).await;
+        let (existing, same) = remembered.map_err(|e| ApiError::unavailable(&e))?;
+        if !same {
+            return Err(ApiError::conflict("idempotency_key: already used with a different request body"));
+        }
+        id = existing;
+    }
+    if let Some(tenant) = &req.tenant
+        && s.store.meta(&id).await.map_err(|e| ApiError::unavailable(&e))?.is_none()
+    {
+        limits::admit_live(s, tenant, &id).await?;
     }
     store_and_queue(s, &req, id.clone()).instrument(session_span("session.create", &id)).await
+}
+
+/// The SHA-256 of a validated request, so a replayed idempotency key with another body is told apart.
+fn fingerprint(req: &Valid) -> String {
+    let normalized = serde_json::json!({
+        "agent": req.agent.as_str(),
+        "input": req.input,
+        "metadata": req.metadata,
+        "tenant": req.tenant.as_ref().map(TenantId::as_str),
+        "callback_url": req.callback_url,
+        "limits": format!("{:?}", req.limits),
+    });
+    hex::encode(Sha256::digest(normalized.to_string().as_bytes()))
 }
 
 async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
@@ -204,7 +251,7 @@ pub(crate) struct ListQuery {
     status: Option<String>,
     /// Only sessions of this agent.
     agent: Option<String>,
-    /// Only sessions of this tenant.
+    /// Only sessions of this tenant (an admin token; others see only their own tenant).
     tenant: Option<String>,
     /// Only sessions created at or after this time (Unix ms).
     created_after_ms: Option<u64>,
@@ -254,14 +301,18 @@ pub(crate) struct SessionSummary {
     responses(
         (status = 200, description = "A page of sessions", body = SessionList),
         (status = 400, description = "A query parameter or the cursor is invalid", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` role, or names another tenant", body = ErrorBody),
         (status = 503, description = "Redis is down", body = ErrorBody),
     )
 )]
 pub(crate) async fn list(
+    caller: Caller,
     State(s): State<AppState>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Read)?;
     let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let tenant = actions::tenant_scope(&caller, q.tenant.as_deref())?;
     let status = match q.status.as_deref() {
         Some(st) => Some(st.parse::<SessionStatus>().map_err(|e| ApiError::invalid(format!("status: {e}")))?),
         None => None,
@@ -273,7 +324,7 @@ pub(crate) async fn list(
     let filter = agentfleet::store::ListFilter {
         status,
         agent: q.agent,
-        tenant: q.tenant.map(|t| TenantId::parse(&t)).transpose().map_err(|e| ApiError::invalid(e.to_string()))?,
+        tenant,
         created_after_ms: q.created_after_ms,
         created_before_ms: q.created_before_ms,
     };
@@ -312,9 +363,14 @@ fn summary(id: &SessionId, m: &Meta) -> SessionSummary {
         (status = 503, description = "Redis is down", body = ErrorBody),
     )
 )]
-pub(crate) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn get(
+    caller: Caller,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Read)?;
     let id = path_id(&id)?;
-    let view = load(&s, &id).await?;
+    let view = load_for(&s, &caller, &id).await?;
     Ok(axum::Json(render(&id, &view)))
 }
 

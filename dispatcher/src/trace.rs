@@ -6,9 +6,12 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use serde_json::Value;
 
+use agentfleet::config::Role;
+
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::session_ref::{load, path_id};
+use crate::session_ref::{load_for, path_id};
 
 /// The most records one answer returns (the stream keeps about 10,000).
 const MAX_RECORDS: usize = 20_000;
@@ -26,9 +29,14 @@ const MAX_RECORDS: usize = 20_000;
         (status = 503, description = "Redis is down", body = crate::error::ErrorBody),
     )
 )]
-pub(crate) async fn trace(State(s): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn trace(
+    caller: Caller,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Role::Read)?;
     let id = path_id(&id)?;
-    let view = load(&s, &id).await?;
+    let view = load_for(&s, &caller, &id).await?;
     let raw = s.store.trace(&id, MAX_RECORDS).await.map_err(|e| ApiError::unavailable(&e))?;
     let records: Vec<Value> = raw.iter().filter_map(|r| serde_json::from_str(r).ok()).collect();
     let summary = summarize(&records, view.meta.step);

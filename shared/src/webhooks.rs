@@ -334,7 +334,9 @@ mod tests {
     }
 
     fn config(tenants: &str, env: &[(&str, &str)]) -> Config {
-        let text = format!("[agents.a]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"x\"\n{tenants}");
+        let text = format!(
+            "[tenant_defaults]\ndaily_cap_usd = 10.0\n[agents.a]\nmodel = \"claude-sonnet-4-5\"\nsystem_prompt = \"x\"\n{tenants}"
+        );
         let env = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned());
         Config::parse(&text, std::path::Path::new("t.toml"), &env).expect("valid")
     }
@@ -385,6 +387,9 @@ mod tests {
             [agents.a]
             model = "claude-sonnet-4-5"
             system_prompt = "x"
+
+            [tenant_defaults]
+            daily_cap_usd = 10.0
         "#;
         let path = std::path::Path::new("t.toml");
         let cfg = Config::parse(text, path, &|_| None).expect("valid");

@@ -50,6 +50,77 @@ pub struct FleetOptions {
     /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
     /// secret); nothing else of the process environment reaches it.
     pub env: Vec<(String, String)>,
+    /// API tokens besides the harness's admin token ([`ADMIN_TOKEN`]); each one's secret is
+    /// [`token_secret`] of its name.
+    pub tokens: Vec<TestToken>,
+    /// The `[tenant_defaults]` table's lines. Default: a daily cap of 1000 USD and 100000 live
+    /// sessions.
+    pub tenant_defaults: String,
+}
+
+/// An API token of a test fleet.
+#[derive(Debug, Clone)]
+pub struct TestToken {
+    /// Its name (and, through [`token_secret`], its secret).
+    pub name: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its roles: `submit`, `read`, `operate`, `approve`, `admin`.
+    pub roles: Vec<String>,
+    /// Its `sessions_per_minute`, if not the default.
+    pub per_minute: Option<u32>,
+}
+
+impl TestToken {
+    /// A token `name` of `tenant` with `roles`.
+    pub fn new(name: &str, tenant: &str, roles: &[&str]) -> Self {
+        let roles = roles.iter().map(|r| (*r).to_owned()).collect();
+        Self { name: name.to_owned(), tenant: tenant.to_owned(), roles, per_minute: None }
+    }
+}
+
+/// The harness's admin token, of tenant `harness`: `fleet.http` sends it.
+pub const ADMIN_TOKEN: &str = "aft-test-admin-secret";
+
+/// The secret of the test token named `name`.
+pub fn token_secret(name: &str) -> String {
+    format!("aft-test-{name}-secret")
+}
+
+fn sha256_hex(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// The `[[auth.tokens]]` of a test fleet: the admin token and `tokens`.
+fn tokens_toml(tokens: &[TestToken]) -> String {
+    let mut out = format!(
+        "[[auth.tokens]]\nname = \"harness-admin\"\ntenant = \"harness\"\nroles = [\"admin\"]\nsha256 = \"{}\"\nsessions_per_minute = 1000000\n",
+        sha256_hex(ADMIN_TOKEN)
+    );
+    for t in tokens {
+        let roles: Vec<String> = t.roles.iter().map(|r| format!("\"{r}\"")).collect();
+        out += &format!(
+            "\n[[auth.tokens]]\nname = \"{}\"\ntenant = \"{}\"\nroles = [{}]\nsha256 = \"{}\"\n",
+            t.name,
+            t.tenant,
+            roles.join(", "),
+            sha256_hex(&token_secret(&t.name))
+        );
+        if let Some(n) = t.per_minute {
+            out += &format!("sessions_per_minute = {n}\n");
+        }
+    }
+    out
+}
+
+/// An HTTP client that sends `Authorization: Bearer <secret>` with every request.
+pub fn client_with_token(secret: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}")) {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder().default_headers(headers).build().unwrap_or_default()
 }
 
 impl Default for FleetOptions {
@@ -63,6 +134,8 @@ impl Default for FleetOptions {
             extra_config: String::new(),
             worker_config: String::new(),
             env: Vec::new(),
+            tokens: Vec::new(),
+            tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
         }
     }
 }
@@ -81,9 +154,12 @@ pub struct TestFleet {
     pub tools: ToolServer,
     /// The scripted OpenAI-compatible server (agent `local`).
     pub openai: crate::openai_server::OpenAiServer,
-    /// The dispatcher's base URL.
+    /// The dispatcher's API base URL.
     pub api: String,
-    /// An HTTP client.
+    /// The base URL of the dispatcher's operations endpoints (`/healthz`, `/readyz`, `/metrics`,
+    /// `/openapi.json`).
+    pub ops: String,
+    /// An HTTP client that sends the admin token ([`ADMIN_TOKEN`]).
     pub http: reqwest::Client,
     dir: PathBuf,
     dispatcher_stop: CancellationToken,
@@ -109,7 +185,7 @@ impl TestFleet {
         let env = opts.env.clone();
         let lookup = move |k: &str| env.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone());
         let config = Config::load(&config_path, &lookup)?;
-        let (api, dispatcher_stop) = start_dispatcher(config.clone()).await?;
+        let (api, ops, dispatcher_stop) = start_dispatcher(config.clone()).await?;
         let mut fleet = Self {
             prefix,
             config_path,
@@ -118,7 +194,8 @@ impl TestFleet {
             tools,
             openai,
             api,
-            http: reqwest::Client::new(),
+            ops,
+            http: client_with_token(ADMIN_TOKEN),
             dir,
             dispatcher_stop,
             workers: Vec::new(),
@@ -208,6 +285,11 @@ impl TestFleet {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         Ok(child.wait()?)
+    }
+
+    /// An HTTP client for the test token named `name` (one of [`FleetOptions::tokens`]).
+    pub fn client(&self, name: &str) -> reqwest::Client {
+        client_with_token(&token_secret(name))
     }
 
     /// Creates a session through the HTTP API.
@@ -482,10 +564,12 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         .clone()
 }
 
-async fn start_dispatcher(config: Config) -> anyhow::Result<(String, CancellationToken)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let dispatcher = Dispatcher::build(config, Some(listener), Some(metrics_handle())).await?;
+async fn start_dispatcher(config: Config) -> anyhow::Result<(String, String, CancellationToken)> {
+    let api = TcpListener::bind("127.0.0.1:0").await?;
+    let ops = TcpListener::bind("127.0.0.1:0").await?;
+    let (addr, ops_addr) = (api.local_addr()?, ops.local_addr()?);
+    let listeners = agentfleet_dispatcher::Listeners { api, ops };
+    let dispatcher = Dispatcher::build(config, Some(listeners), Some(metrics_handle())).await?;
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
@@ -493,7 +577,7 @@ async fn start_dispatcher(config: Config) -> anyhow::Result<(String, Cancellatio
             tracing::error!(error = %e, "test dispatcher failed");
         }
     });
-    Ok((format!("http://{addr}"), stop))
+    Ok((format!("http://{addr}"), format!("http://{ops_addr}"), stop))
 }
 
 /// The config file of a test fleet: its prefixes, the servers' URLs and one `support` agent.
@@ -520,7 +604,12 @@ shutdown_grace_ms = 10000
 
 [dispatcher]
 listen = "127.0.0.1:0"
+ops_listen = "127.0.0.1:0"
 janitor_interval_s = 1
+
+{tokens}
+[tenant_defaults]
+{tenant_defaults}
 
 [tools.search_knowledge_base]
 description = "Use this FIRST before answering any question."
@@ -558,6 +647,8 @@ budget = {{ max_steps = {max_steps} }}
         max_steps = o.max_steps,
         extra = o.extra_config,
         worker_extra = o.worker_config,
+        tokens = tokens_toml(&o.tokens),
+        tenant_defaults = o.tenant_defaults,
     )
 }
 

@@ -62,6 +62,9 @@ fn config_text(model: &str, tools: &str) -> String {
 [anthropic]
 base_url = "{model}"
 
+[tenant_defaults]
+daily_cap_usd = 1000.0
+
 [tools.issue_refund]
 description = "Refund a customer."
 input_schema = {{ type = "object", properties = {{ amount = {{ type = "number" }} }}, required = ["amount"] }}

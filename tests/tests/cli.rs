@@ -56,6 +56,7 @@ impl Cli {
         let mut child = tokio::process::Command::new(&self.bin)
             .args(args)
             .env("AGENTFLEET_URL", &self.url)
+            .env("AGENTFLEET_TOKEN", agentfleet_tests::fleet::ADMIN_TOKEN)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -238,7 +238,7 @@ fn check_dashboard_shape(dash: &Value) {
 
 /// Polls the dispatcher's `/metrics` until its gauges (refreshed every 5 s) are there.
 async fn dispatcher_metrics(fleet: &TestFleet) -> anyhow::Result<String> {
-    let url = format!("{}/metrics", fleet.api);
+    let url = format!("{}/metrics", fleet.ops);
     let what = "the dispatcher's gauges (sessions_waiting >= 1, queue_messages, queue_consumers, breaker_state)";
     try_eventually(what, Duration::from_secs(20), || async {
         let text = scrape(&fleet.http, &url).await?;

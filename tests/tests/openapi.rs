@@ -14,7 +14,7 @@ const UNKNOWN_ID: &str = "s_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M";
 const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
 async fn document(fleet: &TestFleet) -> anyhow::Result<Value> {
-    let r = fleet.http.get(format!("{}/openapi.json", fleet.api)).send().await?;
+    let r = fleet.http.get(format!("{}/openapi.json", fleet.ops)).send().await?;
     ensure!(r.status() == 200, "GET /openapi.json answered {}", r.status());
     Ok(r.json().await?)
 }
@@ -23,7 +23,10 @@ async fn document(fleet: &TestFleet) -> anyhow::Result<Value> {
 /// it is not JSON).
 async fn call(fleet: &TestFleet, method: &str, url_path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
     let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes())?;
-    let mut req = fleet.http.request(method, format!("{}{url_path}", fleet.api));
+    // The operations endpoints have their own listener.
+    let ops = agentfleet_dispatcher::ops_routes().iter().any(|(_, p)| url_path.split('?').next() == Some(*p));
+    let base = if ops { &fleet.ops } else { &fleet.api };
+    let mut req = fleet.http.request(method, format!("{base}{url_path}"));
     if let Some(body) = body {
         req = req.json(body);
     }
@@ -54,8 +57,8 @@ async fn the_document_lists_exactly_the_routes_the_router_serves() -> anyhow::Re
     let doc = document(&fleet).await?;
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "openapi: {}", doc["openapi"]);
 
-    let routes: BTreeSet<(String, String)> =
-        agentfleet_dispatcher::routes().into_iter().map(|(m, p)| (m.to_owned(), p.to_owned())).collect();
+    let all = agentfleet_dispatcher::routes().into_iter().chain(agentfleet_dispatcher::ops_routes());
+    let routes: BTreeSet<(String, String)> = all.map(|(m, p)| (m.to_owned(), p.to_owned())).collect();
     assert_eq!(documented_routes(&doc), routes, "the document and agentfleet_dispatcher::routes() differ");
     for (method, path) in &routes {
         let (status, body) = call(&fleet, method, &path.replace("{id}", UNKNOWN_ID), None).await?;

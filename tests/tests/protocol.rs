@@ -182,7 +182,7 @@ async fn an_idempotency_key_always_returns_the_same_session() -> anyhow::Result<
     let done = fleet.wait_settled(&[id], Duration::from_secs(60)).await?;
     assert_eq!(done[0]["status"], "completed");
     assert_eq!(fleet.model.stats().valid_total, 2, "one session, two model calls");
-    let ready: Value = fleet.http.get(format!("{}/readyz", fleet.api)).send().await?.json().await?;
+    let ready: Value = fleet.http.get(format!("{}/readyz", fleet.ops)).send().await?.json().await?;
     assert_eq!(ready["checks"], json!({"redis": true, "rabbitmq": true}));
     fleet.cleanup().await
 }

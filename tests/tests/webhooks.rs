@@ -5,8 +5,9 @@
 //! `agentfleet::webhooks::verify` — against the URL it is reached at and the tenant's secret —
 //! answers 401 to a bad one (the tests assert there are none), and records each event by its
 //! delivery id. Sessions with a `callback_url` belong to the tenant `acme`, whose callback prefix is
-//! the receiver and which has its own signing secret; the agent's `webhook_url` has no tenant and is
-//! signed with the fleet's secret. The receivers are on 127.0.0.1, so these fleets set
+//! the receiver and which has its own signing secret; the other sessions belong to the harness
+//! token's tenant `harness`, which has none, so their agent's `webhook_url` is signed with the
+//! fleet's secret. The receivers are on 127.0.0.1, so these fleets set
 //! `webhooks.allow_private_addresses` — except the ones that check it is refused otherwise.
 //!
 //! Sessions are submitted as soon as the fleet is up: the dispatcher declares the webhook queue
@@ -88,7 +89,8 @@ async fn receive(State(r): State<Arc<Receiver>>, uri: Uri, headers: HeaderMap, b
     let tenant = header(webhooks::TENANT_HEADER);
     let secret = match tenant.as_str() {
         "acme" => ACME_SECRET,
-        "" => SECRET,
+        // The harness's admin token's tenant, which has no secret of its own.
+        "harness" | "" => SECRET,
         _ => return StatusCode::UNAUTHORIZED,
     };
     let here = webhooks::Destination { url: &format!("{}{}", r.base, uri), tenant: &tenant };

@@ -154,6 +154,9 @@ pub enum OnDailyCap {
 pub struct TenantConfig {
     /// Spend cap of this tenant per UTC day across the fleet, USD.
     pub daily_cap_usd: Option<f64>,
+    /// Live (not ended) sessions of this tenant at once; default `tenant_defaults.max_live_sessions`.
+    #[serde(default)]
+    pub max_live_sessions: Option<u32>,
     /// The URL prefixes a session's `callback_url` must start with, e.g.
     /// `["https://hooks.acme.example/"]`; each an http(s) URL ending in `/`, without userinfo.
     /// Default none: the tenant's sessions may not set a `callback_url`.

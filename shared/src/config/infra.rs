@@ -227,8 +227,14 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherConfig {
-    /// Where the HTTP API (and `/metrics`) is served. Default `0.0.0.0:8080`.
+    /// Where the HTTP API is served. Default `127.0.0.1:8080` (loopback: put a proxy or a
+    /// Service in front to expose it).
     pub listen: String,
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/openapi.json` are served, apart from the API
+    /// and without authentication. Default `127.0.0.1:9090`.
+    pub ops_listen: String,
+    /// The longest one API request may take before it is answered 503. Default 30000 ms.
+    pub request_timeout_ms: u64,
     /// Largest accepted `input`, in bytes. Default 65536.
     pub max_input_bytes: usize,
     /// Largest accepted request body, in bytes. Default 262144.
@@ -249,7 +255,9 @@ pub struct DispatcherConfig {
 impl Default for DispatcherConfig {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:8080".into(),
+            listen: "127.0.0.1:8080".into(),
+            ops_listen: "127.0.0.1:9090".into(),
+            request_timeout_ms: 30_000,
             max_input_bytes: 64 * 1024,
             max_body_bytes: 256 * 1024,
             idempotency_ttl_s: 86_400,

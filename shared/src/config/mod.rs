@@ -12,6 +12,7 @@
 //! without an import cycle. The sections live in submodules and are re-exported here.
 
 mod agents;
+mod auth;
 mod infra;
 mod providers;
 mod tools;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
+pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
 pub use providers::{
     AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RateLimit, default_prices,
@@ -32,6 +34,7 @@ pub use tools::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 
 use crate::domain::{ApprovalRuleError, Name, ParseError, Provider};
 use agents::validate_budget;
+use auth::validate_auth;
 use providers::check_price;
 use tools::validate_tool;
 
@@ -114,6 +117,27 @@ pub enum Problem {
     /// A name (prefix) of the wrong shape.
     #[error(transparent)]
     Name(#[from] ParseError),
+    /// An environment variable that is not set.
+    #[error("the environment variable `{0}` is not set")]
+    EnvUnset(String),
+    /// A file that cannot be read.
+    #[error("cannot read {0}")]
+    Unreadable(String),
+    /// A token with no hash source, or more than one.
+    #[error("set exactly one of `sha256`, `sha256_env`, `sha256_file`")]
+    OneHashSource,
+    /// A hash that is not 64 hex digits.
+    #[error("must be a SHA-256 as 64 hex digits (the output of sha256sum)")]
+    NotASha256,
+    /// A token without roles.
+    #[error("must name at least one of submit, read, operate, approve, admin")]
+    NoRoles,
+    /// A name used twice.
+    #[error("`{0}` is used twice")]
+    Duplicate(String),
+    /// A required field that is absent.
+    #[error("is required: {0}")]
+    Required(&'static str),
     /// An approval rule that does not parse.
     #[error(transparent)]
     ApprovalRule(#[from] ApprovalRuleError),
@@ -171,9 +195,15 @@ pub struct Config {
     pub tools: BTreeMap<Name, ToolConfig>,
     /// The agents, by name.
     pub agents: BTreeMap<Name, AgentConfig>,
-    /// Tenants with daily caps, by name (the tenant comes from the request).
+    /// Tenants with their own limits, by name (the tenant comes from the caller's token).
     #[serde(default)]
     pub tenants: BTreeMap<Name, TenantConfig>,
+    /// The limits of tenants not in `[tenants]`; `daily_cap_usd` is required.
+    #[serde(default)]
+    pub tenant_defaults: TenantDefaults,
+    /// API tokens (`[[auth.tokens]]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Fleet-wide breaker and rate limits per model provider (`anthropic`, `openai`).
     #[serde(default)]
     pub providers: BTreeMap<Provider, ProviderConfig>,
@@ -205,6 +235,7 @@ impl Config {
             err(field, e.into_inner().message().trim().to_owned())
         })?;
         cfg.apply_env(env);
+        validate_auth(&mut cfg.auth, env).map_err(|e| err(e.field, e.problem.to_string()))?;
         cfg.prices = default_prices().into_iter().chain(std::mem::take(&mut cfg.prices)).collect();
         cfg.validate().map_err(|e| err(e.field, e.problem.to_string()))?;
         Ok(cfg)
@@ -265,6 +296,27 @@ impl Config {
             for (i, prefix) in tenant.callback_prefixes.iter().enumerate() {
                 check_prefix(prefix).map_err(|p| Invalid::new(format!("tenants.{name}.callback_prefixes[{i}]"), p))?;
             }
+            if tenant.max_live_sessions == Some(0) {
+                return Err(Invalid::new(format!("tenants.{name}.max_live_sessions"), Problem::AtLeast(1)));
+            }
+        }
+        self.validate_tenant_defaults()
+    }
+
+    fn validate_tenant_defaults(&self) -> Result<(), Invalid> {
+        let d = &self.tenant_defaults;
+        let Some(cap) = d.daily_cap_usd else {
+            let why = "the daily cap of tenants without their own (there is no unlimited)";
+            return Err(Invalid::new("tenant_defaults.daily_cap_usd", Problem::Required(why)));
+        };
+        if !cap.is_finite() || cap <= 0.0 {
+            return Err(Invalid::new("tenant_defaults.daily_cap_usd", Problem::NotPositiveUsd));
+        }
+        if d.max_live_sessions == Some(0) {
+            return Err(Invalid::new("tenant_defaults.max_live_sessions", Problem::AtLeast(1)));
+        }
+        if self.dispatcher.request_timeout_ms == 0 {
+            return Err(Invalid::new("dispatcher.request_timeout_ms", Problem::AtLeast(1)));
         }
         Ok(())
     }
@@ -295,9 +347,17 @@ impl Config {
         self.tenants.iter().find(|(n, _)| n.as_str() == tenant).map(|(_, t)| t)
     }
 
-    /// The daily cap of `tenant`, if it has one.
-    pub fn tenant_daily_cap(&self, tenant: &str) -> Option<f64> {
-        self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.daily_cap_usd)
+    /// The daily cap of `tenant`, USD: its own, else `tenant_defaults.daily_cap_usd`.
+    pub fn tenant_daily_cap(&self, tenant: &str) -> f64 {
+        let own = self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.daily_cap_usd);
+        // Validation makes the default present; the fallback is never reached.
+        own.or(self.tenant_defaults.daily_cap_usd).unwrap_or(0.0)
+    }
+
+    /// The most live sessions `tenant` may have: its own limit, else the default (1000).
+    pub fn tenant_max_live(&self, tenant: &str) -> u32 {
+        let own = self.tenants.iter().find(|(n, _)| n.as_str() == tenant).and_then(|(_, t)| t.max_live_sessions);
+        own.or(self.tenant_defaults.max_live_sessions).unwrap_or(1000)
     }
 
     /// Every secret value this config uses (API keys, tool header values), for redaction.
@@ -356,6 +416,9 @@ mod tests {
         model = "claude-sonnet-4-5"
         system_prompt = "You help."
         tools = ["lookup", "escalate_to_human"]
+
+        [tenant_defaults]
+        daily_cap_usd = 100.0
     "#;
 
     fn no_env(_: &str) -> Option<String> {
@@ -461,7 +524,9 @@ mod example_tests {
     #[test]
     fn the_shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/agentfleet.toml");
-        let cfg = Config::load(&path, &|_| None).expect("example config is valid");
+        let hash = |k: &str| (k == "AGENTFLEET_ADMIN_TOKEN_SHA256").then(|| "ab".repeat(32));
+        let cfg = Config::load(&path, &hash).expect("example config is valid");
+        assert_eq!(cfg.auth.tokens.len(), 1);
         let support = cfg.agent("support").expect("support agent");
         let tools: Vec<&str> = support.tools.iter().map(Name::as_str).collect();
         assert_eq!(

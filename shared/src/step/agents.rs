@@ -52,6 +52,8 @@ impl Agent {
 pub struct Agents {
     agents: HashMap<String, Arc<Agent>>,
     tenant_caps: HashMap<String, u64>,
+    /// The cap of a tenant without its own (`tenant_defaults.daily_cap_usd`).
+    default_tenant_cap: u64,
     providers: BTreeMap<Provider, ProviderConfig>,
 }
 
@@ -82,7 +84,9 @@ impl Agents {
             .iter()
             .filter_map(|(n, t)| Some((n.to_string(), MicroUsd::from_usd(t.daily_cap_usd?).ok()?.get())))
             .collect();
-        Ok(Self { agents, tenant_caps, providers: cfg.providers.clone() })
+        let default_tenant_cap =
+            cfg.tenant_defaults.daily_cap_usd.and_then(|usd| MicroUsd::from_usd(usd).ok()).map_or(0, MicroUsd::get);
+        Ok(Self { agents, tenant_caps, default_tenant_cap, providers: cfg.providers.clone() })
     }
 
     /// The protections of `provider` (defaults when not configured).
@@ -95,9 +99,9 @@ impl Agents {
         self.agents.get(name)
     }
 
-    /// The daily cap of `tenant`, micro-USD.
+    /// The daily cap of `tenant`, micro-USD: its own, else the fleet's default (never unlimited).
     pub fn tenant_cap(&self, tenant: &TenantId) -> Option<u64> {
-        self.tenant_caps.get(tenant.as_str()).copied()
+        Some(self.tenant_caps.get(tenant.as_str()).copied().unwrap_or(self.default_tenant_cap))
     }
 
     /// The pools of all agents, each once.

@@ -367,8 +367,15 @@ pub trait StepStore: Send + Sync {
 pub trait AdminStore: Send + Sync {
     /// Creates the session unless it exists; true when this call created it.
     async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError>;
-    /// Maps `key` to `id` unless it maps to a session already; returns the session it maps to.
-    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError>;
+    /// Maps `key` (already scoped to its tenant) to `id` and the request's `fingerprint`, unless it
+    /// maps to a session already; returns the session it maps to and whether the fingerprints match.
+    async fn remember_idempotency_key(
+        &self,
+        key: &str,
+        id: &SessionId,
+        fingerprint: &str,
+        ttl_s: u64,
+    ) -> Result<(SessionId, bool), StoreError>;
     /// The daily spend of an agent and a tenant on `day`, micro-USD.
     async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError>;
     /// The session for the API, or `None`.

@@ -413,11 +413,19 @@ impl AdminStore for RedisStore {
         Ok(created == 1)
     }
 
-    async fn remember_idempotency_key(&self, key: &str, id: &SessionId, ttl_s: u64) -> Result<SessionId, StoreError> {
+    async fn remember_idempotency_key(
+        &self,
+        key: &str,
+        id: &SessionId,
+        fingerprint: &str,
+        ttl_s: u64,
+    ) -> Result<(SessionId, bool), StoreError> {
         let idem_key = format!("{}:idem:{{{key}}}", self.prefix);
-        let existing: String =
-            self.scripts.idempotency.key(idem_key).arg(id.as_str()).arg(ttl_s).invoke_async(&mut self.conn()).await?;
-        SessionId::parse(&existing).map_err(|e| StoreError::Corrupt(e.to_string()))
+        let mut inv = self.scripts.idempotency.key(idem_key);
+        let stored: String = inv.arg(id.as_str()).arg(fingerprint).arg(ttl_s).invoke_async(&mut self.conn()).await?;
+        let (existing, stored_fp) = stored.split_once(' ').unwrap_or((stored.as_str(), fingerprint));
+        let existing = SessionId::parse(existing).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((existing, stored_fp == fingerprint))
     }
 
     async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {

@@ -175,7 +175,7 @@ fn round(x: f64, digits: i32) -> f64 {
 async fn wait_ready(fleet: &TestFleet) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if fleet.http.get(format!("{}/readyz", fleet.api)).send().await.is_ok_and(|r| r.status().is_success()) {
+        if fleet.http.get(format!("{}/readyz", fleet.ops)).send().await.is_ok_and(|r| r.status().is_success()) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -26,6 +26,12 @@ struct Args {
     /// The dispatcher's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// The dispatcher's operations base URL (`/healthz`).
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    ops_url: String,
+    /// The API token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "AGENTFLEET_TOKEN", hide_env_values = true)]
+    token: String,
     /// How many sessions to submit (the goals repeat after the built-in dozen).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
@@ -187,18 +193,27 @@ impl Tracked {
 struct Api {
     http: reqwest::Client,
     base: String,
+    ops: String,
 }
 
 impl Api {
-    fn new(base: &str) -> anyhow::Result<Self> {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(10)).build().context("building the client")?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_owned() })
+    fn new(args: &Args) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", args.token))
+            .context("the token is not a valid header value")?;
+        headers.insert(reqwest::header::AUTHORIZATION, bearer);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .default_headers(headers)
+            .build()
+            .context("building the client")?;
+        let trim = |u: &str| u.trim_end_matches('/').to_owned();
+        Ok(Self { http, base: trim(&args.url), ops: trim(&args.ops_url) })
     }
 
     /// Fails with a clear message when the dispatcher does not answer `/healthz`.
     async fn check_reachable(&self) -> anyhow::Result<()> {
-        let url = format!("{}/healthz", self.base);
+        let url = format!("{}/healthz", self.ops);
         let response = self.http.get(&url).send().await.with_context(|| {
             format!("cannot reach the dispatcher at {}; is it running? (`bash scripts/demo.sh` starts one)", self.base)
         })?;
@@ -246,7 +261,7 @@ async fn main() -> ExitCode {
 
 /// The whole demo; `Ok(false)` when some session did not reach a good outcome.
 async fn run(args: &Args) -> anyhow::Result<bool> {
-    let api = Api::new(&args.url)?;
+    let api = Api::new(args)?;
     api.check_reachable().await?;
     let started = Instant::now();
     let run_id = ulid::Ulid::new().to_string().to_lowercase();

@@ -1,0 +1,126 @@
+//! Who is calling: `Authorization: Bearer <token>` checked against the configured tokens' SHA-256
+//! hashes, and what that caller may do and see.
+//!
+//! Secure by default: no token, a malformed header or an unknown token is 401, and with no tokens
+//! configured every API route answers 401. The token is hashed and compared with every configured
+//! hash in constant time, with no early exit, so timing does not tell how close a guess was.
+//!
+//! A caller sees only its own tenant's sessions: another tenant's session answers 404 exactly like
+//! a missing one. An `admin` token has every role and sees every tenant.
+
+use agentfleet::config::{Role, TokenConfig};
+use agentfleet::domain::{Name, TenantId};
+use agentfleet::store::Meta;
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The token's name.
+    pub(crate) name: Name,
+    /// The token's tenant.
+    pub(crate) tenant: TenantId,
+    roles: Vec<Role>,
+    /// Sessions this token may create per minute.
+    pub(crate) per_minute: u32,
+}
+
+impl Caller {
+    fn of(token: &TokenConfig, per_minute: u32) -> Self {
+        let tenant = TenantId::parse(token.tenant.as_str()).unwrap_or_else(|_| unreachable!("a Name is a tenant id"));
+        Self { name: token.name.clone(), tenant, roles: token.roles.clone(), per_minute }
+    }
+
+    /// True for an `admin` token.
+    pub(crate) fn is_admin(&self) -> bool {
+        self.roles.contains(&Role::Admin)
+    }
+
+    /// 403 unless the token has `role` (or is an admin).
+    pub(crate) fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.is_admin() || self.roles.contains(&role) {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!("this token (`{}`) lacks the `{}` role", self.name, role.as_str())))
+    }
+
+    /// True when the caller may see a session of `tenant`.
+    pub(crate) fn sees(&self, meta: &Meta) -> bool {
+        self.is_admin() || meta.tenant.as_ref() == Some(&self.tenant)
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let presented = bearer(parts)?;
+        let auth = &s.cfg.auth;
+        if auth.tokens.is_empty() {
+            return Err(ApiError::unauthorized(
+                "no API tokens are configured on this dispatcher, so every request is refused (see [[auth.tokens]])",
+            ));
+        }
+        let token = find(&auth.tokens, presented).ok_or_else(|| ApiError::unauthorized("unknown bearer token"))?;
+        Ok(Self::of(token, auth.rate_of(token)))
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("missing the `Authorization: Bearer <token>` header: every API route needs a token")
+    })?;
+    let malformed = || ApiError::unauthorized("malformed `Authorization` header: expected `Bearer <token>`");
+    let value = header.to_str().map_err(|_| malformed())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(token)
+}
+
+/// The configured token whose hash is the presented token's: every hash is compared, in constant
+/// time, whatever matches first.
+fn find<'a>(tokens: &'a [TokenConfig], presented: &str) -> Option<&'a TokenConfig> {
+    let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let mut found = None;
+    for token in tokens {
+        if bool::from(token.hash.ct_eq(&hash)) {
+            found = found.or(Some(token));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str, secret: &str) -> TokenConfig {
+        let text = format!(
+            "name = \"{name}\"\ntenant = \"acme\"\nroles = [\"read\"]\nsha256 = \"{}\"",
+            hex::encode(Sha256::digest(secret.as_bytes()))
+        );
+        let mut t: TokenConfig = toml::from_str(&text).expect("token");
+        let hash = hex::decode(t.sha256.as_deref().unwrap_or_default()).expect("hex");
+        t.hash.copy_from_slice(&hash);
+        t
+    }
+
+    #[test]
+    fn a_token_is_found_by_its_hash_only() {
+        let tokens = [token("a", "secret-a"), token("b", "secret-b")];
+        assert_eq!(find(&tokens, "secret-b").map(|t| t.name.as_str()), Some("b"));
+        assert!(find(&tokens, "secret-c").is_none());
+        assert!(find(&tokens, "").is_none());
+    }
+}
