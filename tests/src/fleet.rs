@@ -50,6 +50,8 @@ pub struct FleetOptions {
     /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
     /// secret); nothing else of the process environment reaches it.
     pub env: Vec<(String, String)>,
+    /// `[auth.amqp_users]`: RabbitMQ users and their tenants (default: `guest` publishes for `acme`).
+    pub amqp_users: Vec<(String, String)>,
 }
 
 impl Default for FleetOptions {
@@ -63,6 +65,7 @@ impl Default for FleetOptions {
             extra_config: String::new(),
             worker_config: String::new(),
             env: Vec::new(),
+            amqp_users: vec![("guest".into(), "acme".into())],
         }
     }
 }
@@ -522,6 +525,9 @@ shutdown_grace_ms = 10000
 listen = "127.0.0.1:0"
 janitor_interval_s = 1
 
+[auth.amqp_users]
+{amqp_users}
+
 [tools.search_knowledge_base]
 description = "Use this FIRST before answering any question."
 input_schema = {{ type = "object", properties = {{ query = {{ type = "string" }}, category = {{ type = "string", enum = ["billing", "technical", "account", "product"] }} }}, required = ["query"] }}
@@ -557,6 +563,7 @@ budget = {{ max_steps = {max_steps} }}
         lease_ms = o.lease_ms,
         max_steps = o.max_steps,
         extra = o.extra_config,
+        amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),
         worker_extra = o.worker_config,
     )
 }

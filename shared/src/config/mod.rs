@@ -12,6 +12,7 @@
 //! without an import cycle. The sections live in submodules and are re-exported here.
 
 mod agents;
+mod auth;
 mod infra;
 mod providers;
 mod tools;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
+pub use auth::AuthConfig;
 pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
 pub use providers::{
     AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RateLimit, default_prices,
@@ -180,6 +182,9 @@ pub struct Config {
     /// Logging, tracing and redaction.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Credentials and their tenants (`[auth]`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 impl Config {
@@ -423,6 +428,16 @@ mod tests {
             format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
         let otlp = parse(&text).expect("valid").telemetry.otlp;
         assert_eq!((otlp.traces_url().as_str(), otlp.sample_ratio), ("https://otel.example/v1/traces", 0.25));
+    }
+
+    #[test]
+    fn amqp_users_map_to_tenants() {
+        assert!(parse(MINIMAL).expect("valid").auth.amqp_users.is_empty());
+        let cfg = parse(&format!("{MINIMAL}\n[auth.amqp_users]\nguest = \"acme\"")).expect("valid");
+        assert_eq!(cfg.auth.amqp_tenant("guest").map(|t| t.as_str()), Some("acme"));
+        assert!(cfg.auth.amqp_tenant("bob").is_none());
+        let e = parse(&format!("{MINIMAL}\n[auth]\namqp_users = {{ guest = \"no way\" }}")).expect_err("bad tenant");
+        assert_eq!(e.field, "auth.amqp_users.guest");
     }
 }
 
