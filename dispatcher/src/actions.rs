@@ -48,7 +48,7 @@ pub(crate) enum ActionStatus {
     post,
     path = "/v1/sessions/{id}/cancel",
     tag = "sessions",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 202, description = "`cancelled`, or `cancelling` while a step runs", body = Accepted),
         (status = 400, description = "`id` is not a session id", body = ErrorBody),
@@ -88,6 +88,11 @@ async fn cancel_session(s: &AppState, id: &SessionId) -> Result<ActionStatus, Ap
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reply {
     /// The answer, given to the model as the result of `escalate_to_human`; not blank, at most 64 KiB.
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     text: String,
 }
 
@@ -105,6 +110,11 @@ pub(crate) struct Approve {
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reject {
     /// Given to the model as the tool's error result; not blank, at most 64 KiB.
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     reason: String,
 }
 
@@ -141,7 +151,7 @@ fn text(field: &str, value: &str) -> Result<(), ApiError> {
     post,
     path = "/v1/sessions/{id}/reply",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body = Reply,
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),
@@ -178,7 +188,7 @@ pub(crate) async fn reply(
     post,
     path = "/v1/sessions/{id}/approve",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body(content = Option<Approve>, description = "Optional: an empty body approves too"),
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),
@@ -207,7 +217,7 @@ pub(crate) async fn approve(
     post,
     path = "/v1/sessions/{id}/reject",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body = Reject,
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),
