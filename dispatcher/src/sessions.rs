@@ -207,8 +207,7 @@ pub(crate) struct ListQuery {
     /// Only sessions in this status.
     #[param(value_type = Option<SessionStatus>)]
     status: Option<String>,
-    /// Only sessions of this agent.
-    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    /// Only sessions of this agent (any text: one that names no agent matches nothing).
     agent: Option<String>,
     /// Only sessions of this tenant.
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
