@@ -64,13 +64,20 @@ async fn schemathesis(target: &Target) -> anyhow::Result<(bool, String)> {
         SEED,
         "--request-timeout",
         "10",
+        "--generation-database",
+        "none",
         "--no-color",
     ];
     let header = target.authorization.as_ref().map(|a| format!("Authorization: {a}"));
     if let Some(h) = &header {
         args.extend(["--header", h]);
     }
-    let run = tokio::process::Command::new("python3").args(&args).kill_on_drop(true).output();
+    // In the temporary directory, where schemathesis may leave its `.schemathesis/` state.
+    let run = tokio::process::Command::new("python3")
+        .args(&args)
+        .current_dir(std::env::temp_dir())
+        .kill_on_drop(true)
+        .output();
     let out = tokio::time::timeout(Duration::from_secs(300), run).await.context("schemathesis ran for 5 minutes")??;
     let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), printed))
