@@ -14,7 +14,8 @@ step "services (RabbitMQ, Redis)"
 bash scripts/services.sh
 
 # Tools the tests use and never install themselves: promtool (Debian's `prometheus` package) for
-# tests/tests/observability_promtool.rs, openapi-spec-validator for tests/tests/openapi.rs.
+# tests/tests/observability_promtool.rs, openapi-spec-validator for tests/tests/openapi.rs, schemathesis
+# for tests/tests/schemathesis.rs.
 as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 step "promtool"
 command -v promtool >/dev/null ||
@@ -31,6 +32,15 @@ python3 -c 'import openapi_spec_validator' 2>/dev/null ||
     echo "python3 -m pip install openapi-spec-validator failed" >&2
 python3 -c 'import openapi_spec_validator' || {
     echo "openapi-spec-validator is missing and could not be installed with pip" >&2
+    exit 1
+}
+
+step "schemathesis"
+python3 -c 'import schemathesis' 2>/dev/null ||
+    python3 -m pip install --quiet schemathesis ||
+    echo "python3 -m pip install schemathesis failed" >&2
+python3 -m schemathesis.cli --version >/dev/null || {
+    echo "schemathesis is missing and could not be installed with pip" >&2
     exit 1
 }
 

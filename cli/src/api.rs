@@ -7,6 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
@@ -17,11 +18,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of a body that is not the API's error shape to quote.
 const QUOTE_BYTES: usize = 200;
 
+/// The environment variable `--token` reads.
+const TOKEN_ENV: &str = "AGENTFLEET_TOKEN";
+
+/// The roles a token may have, as the API names them in a 403's message.
+const ROLES: [&str; 5] = ["submit", "read", "operate", "approve", "admin"];
+
 /// Why a request got no usable answer.
 #[derive(Debug)]
 pub(crate) enum ApiError {
     /// The API answered an error: `{"error": {"type", "message"}}`.
     Answered { status: StatusCode, kind: String, message: String },
+    /// 401: no token was sent, or the one sent was not accepted.
+    Unauthenticated { token_sent: bool, message: String },
+    /// 403: the token lacks the role this needs (`role` when the API's message names one).
+    Forbidden { role: Option<String>, message: String },
     /// No answer: the dispatcher is unreachable, or the connection broke.
     Transport(reqwest::Error),
     /// An answer that is not JSON.
@@ -36,6 +47,7 @@ impl ApiError {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
             Self::Transport(_) => true,
+            Self::Unauthenticated { .. } | Self::Forbidden { .. } => false,
         }
     }
 }
@@ -44,6 +56,18 @@ impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Answered { status, kind, message } => write!(f, "{message} ({} {kind})", status.as_u16()),
+            Self::Unauthenticated { token_sent: false, .. } => {
+                write!(f, "no token: pass --token or set {TOKEN_ENV} (401 unauthorized)")
+            }
+            Self::Unauthenticated { token_sent: true, message } => {
+                write!(f, "the token was not accepted: {message} (401 unauthorized)")
+            }
+            Self::Forbidden { role: Some(role), message } => {
+                write!(f, "the token lacks the `{role}` role this needs: {message} (403 forbidden)")
+            }
+            Self::Forbidden { role: None, message } => {
+                write!(f, "the token may not do this: {message} (403 forbidden)")
+            }
             Self::Transport(_) => f.write_str("no answer from the dispatcher"),
             Self::Malformed { status, detail } => write!(f, "the dispatcher answered {status}: {detail}"),
         }
@@ -63,34 +87,36 @@ impl std::error::Error for ApiError {
 pub(crate) struct Api {
     base: Url,
     http: reqwest::Client,
+    token_sent: bool,
 }
 
 impl Api {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:8080`, or with a path prefix).
-    pub(crate) fn new(base: &str) -> anyhow::Result<Self> {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:8080`, or with a path prefix) that
+    /// sends `token`, if any, as `Authorization: Bearer <token>` on every request.
+    pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let base = Url::parse(base).map_err(|e| anyhow::anyhow!("--url {base:?}: {e}"))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
             anyhow::bail!("--url {base}: must be an http(s) URL");
         }
-        let mut headers = reqwest::header::HeaderMap::new();
-        // The API wants a bearer token; until a flag exists, it comes from `AGENTFLEET_TOKEN`.
-        if let Some(token) = std::env::var("AGENTFLEET_TOKEN").ok().filter(|t| !t.is_empty()) {
-            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| anyhow::anyhow!("AGENTFLEET_TOKEN: not a valid header value"))?;
-            headers.insert(reqwest::header::AUTHORIZATION, value);
+        let mut headers = HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("--token: must be printable ASCII"))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .default_headers(headers)
             .build()?;
-        Ok(Self { base, http })
+        Ok(Self { base, http, token_sent: token.is_some() })
     }
 
     /// `GET` the path made of `segments` (each percent-encoded), with `query`.
     pub(crate) async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Value, ApiError> {
         let request = self.http.request(Method::GET, self.url(segments)).query(query);
-        answer(request.send().await.map_err(ApiError::Transport)?).await
+        answer(request.send().await.map_err(ApiError::Transport)?, self.token_sent).await
     }
 
     /// `POST` `body` (or nothing) to the path made of `segments`.
@@ -99,7 +125,7 @@ impl Api {
         if let Some(body) = body {
             request = request.json(body);
         }
-        answer(request.send().await.map_err(ApiError::Transport)?).await
+        answer(request.send().await.map_err(ApiError::Transport)?, self.token_sent).await
     }
 
     /// `GET /v1/sessions/{id}`.
@@ -117,16 +143,37 @@ impl Api {
     }
 }
 
-/// The JSON of a success, or the API's error.
-async fn answer(response: reqwest::Response) -> Result<Value, ApiError> {
+/// The JSON of a success, or the API's error (`token_sent` tells a 401 what was missing).
+async fn answer(response: reqwest::Response, token_sent: bool) -> Result<Value, ApiError> {
     let status = response.status();
     let bytes = response.bytes().await.map_err(ApiError::Transport)?;
     let body = serde_json::from_slice::<Value>(&bytes);
-    match body {
-        Ok(v) if status.is_success() => Ok(v),
-        Ok(v) => Err(error_of(status, &v).unwrap_or_else(|| malformed(status, &bytes))),
-        Err(_) => Err(malformed(status, &bytes)),
+    let error = match body {
+        Ok(v) if status.is_success() => return Ok(v),
+        Ok(v) => error_of(status, &v).unwrap_or_else(|| malformed(status, &bytes)),
+        Err(_) => malformed(status, &bytes),
+    };
+    Err(access_error(error, token_sent))
+}
+
+/// A 401 or 403 as what the user must change: the token, or its role.
+fn access_error(error: ApiError, token_sent: bool) -> ApiError {
+    let (status, message) = match &error {
+        ApiError::Answered { status, message, .. } => (*status, message.clone()),
+        ApiError::Malformed { status, detail } => (*status, detail.clone()),
+        _ => return error,
+    };
+    match status {
+        StatusCode::UNAUTHORIZED => ApiError::Unauthenticated { token_sent, message },
+        StatusCode::FORBIDDEN => ApiError::Forbidden { role: role_in(&message), message },
+        _ => error,
     }
+}
+
+/// The role a 403's message names: the first of [`ROLES`] that appears in it as a word.
+fn role_in(message: &str) -> Option<String> {
+    let words = message.split(|c: char| !c.is_ascii_alphanumeric() && c != '_');
+    words.map(str::to_ascii_lowercase).find(|w| ROLES.contains(&w.as_str()))
 }
 
 /// The API's `{"error": {"type", "message"}}`, when the body has that shape.
@@ -166,6 +213,25 @@ mod tests {
     }
 
     #[test]
+    fn a_401_says_what_is_missing_and_a_403_which_role() {
+        let e = |status, message: &str| ApiError::Answered { status, kind: "x".into(), message: message.into() };
+        let no_token = access_error(e(StatusCode::UNAUTHORIZED, "missing bearer token"), false);
+        assert_eq!(no_token.to_string(), "no token: pass --token or set AGENTFLEET_TOKEN (401 unauthorized)");
+        let rejected = access_error(e(StatusCode::UNAUTHORIZED, "unknown token"), true);
+        assert_eq!(rejected.to_string(), "the token was not accepted: unknown token (401 unauthorized)");
+        let forbidden = access_error(e(StatusCode::FORBIDDEN, "this needs the `operate` role"), true);
+        assert_eq!(
+            forbidden.to_string(),
+            "the token lacks the `operate` role this needs: this needs the `operate` role (403 forbidden)"
+        );
+        assert!(!forbidden.is_transient());
+        let vague = access_error(malformed(StatusCode::FORBIDDEN, b"nope"), true);
+        assert_eq!(vague.to_string(), "the token may not do this: nope (403 forbidden)");
+        let other = access_error(e(StatusCode::CONFLICT, "no"), true);
+        assert_eq!(other.to_string(), "no (409 x)");
+    }
+
+    #[test]
     fn client_errors_are_not_transient() {
         let e = ApiError::Answered { status: StatusCode::CONFLICT, kind: "conflict".into(), message: "no".into() };
         assert!(!e.is_transient());
@@ -173,12 +239,12 @@ mod tests {
 
     #[test]
     fn paths_are_encoded_under_the_base() -> anyhow::Result<()> {
-        let api = Api::new("http://127.0.0.1:8080/fleet/")?;
+        let api = Api::new("http://127.0.0.1:8080/fleet/", None)?;
         assert_eq!(api.url(&["v1", "sessions", "a/b c"]).as_str(), "http://127.0.0.1:8080/fleet/v1/sessions/a%2Fb%20c");
-        let api = Api::new("http://127.0.0.1:8080")?;
+        let api = Api::new("http://127.0.0.1:8080", Some("t"))?;
         assert_eq!(api.url(&["v1", "escalations"]).as_str(), "http://127.0.0.1:8080/v1/escalations");
-        assert!(Api::new("ftp://x").is_err());
-        assert!(Api::new("not a url").is_err());
+        assert!(Api::new("ftp://x", None).is_err());
+        assert!(Api::new("not a url", None).is_err());
         Ok(())
     }
 }

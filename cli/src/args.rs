@@ -25,11 +25,31 @@ pub(crate) struct Args {
     /// The dispatcher's base URL.
     #[arg(long, global = true, env = "AGENTFLEET_URL", default_value = "http://127.0.0.1:8080")]
     pub(crate) url: String,
+    /// The API token, sent as `Authorization: Bearer <token>`.
+    #[arg(long, global = true, env = "AGENTFLEET_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<Token>,
     /// Print the API's JSON (one document) instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+/// An API token; its `Debug` never shows it.
+#[derive(Clone)]
+pub(crate) struct Token(pub(crate) String);
+
+impl std::str::FromStr for Token {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() { Err("the token is empty") } else { Ok(Self(s.trim().to_owned())) }
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
 }
 
 /// What to do.
@@ -183,6 +203,15 @@ mod tests {
         assert!(parse(&["list", "--status", "sleeping"]).is_err());
         assert!(parse(&["list", "--limit", "0"]).is_err());
         assert!(parse(&["list", "--limit", "501"]).is_err());
+    }
+
+    #[test]
+    fn the_token_is_global_and_never_printed() -> Result<(), clap::Error> {
+        let args = parse(&["list", "--token", "sekrit"])?;
+        assert_eq!(args.token.as_ref().map(|t| t.0.as_str()), Some("sekrit"));
+        assert!(!format!("{args:?}").contains("sekrit"));
+        assert!(parse(&["--token", "", "list"]).is_err());
+        Ok(())
     }
 
     #[test]

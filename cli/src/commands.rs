@@ -18,7 +18,7 @@ use crate::view;
 
 /// Runs the command line's command.
 pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
-    let api = Api::new(&args.url)?;
+    let api = Api::new(&args.url, args.token.as_ref().map(|t| t.0.as_str()))?;
     let out = Output { json: args.json };
     match args.command {
         Command::Submit(s) => submit(&api, out, s).await,

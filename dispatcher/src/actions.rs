@@ -52,7 +52,7 @@ pub(crate) enum ActionStatus {
     post,
     path = "/v1/sessions/{id}/cancel",
     tag = "sessions",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 202, description = "`cancelled`, or `cancelling` while a step runs", body = Accepted),
         (status = 400, description = "`id` is not a session id", body = ErrorBody),
@@ -98,6 +98,11 @@ async fn cancel_session(s: &AppState, id: &SessionId) -> Result<ActionStatus, Ap
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reply {
     /// The answer, given to the model as the result of `escalate_to_human`; not blank, at most 64 KiB.
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     text: String,
 }
 
@@ -115,6 +120,11 @@ pub(crate) struct Approve {
 #[serde(deny_unknown_fields)]
 pub(crate) struct Reject {
     /// Given to the model as the tool's error result; not blank, at most 64 KiB.
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     reason: String,
 }
 
@@ -151,7 +161,7 @@ fn text(field: &str, value: &str) -> Result<(), ApiError> {
     post,
     path = "/v1/sessions/{id}/reply",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body = Reply,
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),
@@ -190,7 +200,7 @@ pub(crate) async fn reply(
     post,
     path = "/v1/sessions/{id}/approve",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body(content = Option<Approve>, description = "Optional: an empty body approves too"),
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),
@@ -221,7 +231,7 @@ pub(crate) async fn approve(
     post,
     path = "/v1/sessions/{id}/reject",
     tag = "escalations",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     request_body = Reject,
     responses(
         (status = 202, description = "The session resumed (`running`)", body = Accepted),

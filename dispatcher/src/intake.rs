@@ -1,7 +1,14 @@
 //! AMQP intake: business systems publish session requests to `<prefix>.requests` (DESIGN §4).
 //!
 //! A request is the JSON body of `POST /v1/sessions`, checked by the same extractor and the same
-//! `create_session`, so both doors answer alike. When `reply_to` is set the answer goes there
+//! `create_session`, so both doors answer alike.
+//!
+//! The tenant comes from the credential, as over HTTP: the message's `user_id` property, which
+//! RabbitMQ checks against the publishing connection's user (a message claiming another user is
+//! refused by the broker), mapped to a tenant by `[auth] amqp_users`. A request without `user_id`, or
+//! from a user not in the map, is refused with the reason and creates nothing. A `tenant` in the body
+//! is refused unless it is the user's own tenant, so a business system learns of its mistake instead
+//! of spending another tenant's budget by surprise. When `reply_to` is set the answer goes there
 //! through the default exchange with the request's `correlation_id`: `{"id", "status"}`, or the
 //! API's `{"error": {"type", "message"}}`. Then the request is acked.
 //!
@@ -16,6 +23,8 @@ use std::time::Duration;
 
 use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
 use agentfleet::amqp::{Backoff, PublishError, StepPublisher};
+use agentfleet::config::AuthConfig;
+use agentfleet::domain::TenantId;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -108,29 +117,56 @@ async fn create(state: &AppState, d: &Delivery, shutdown: &CancellationToken) ->
         .await
 }
 
-/// The request in the body, checked exactly as the HTTP API checks it.
+/// The request in the body, checked exactly as the HTTP API checks it, for the publisher's tenant.
 fn parse(state: &AppState, d: &Delivery) -> Result<CreateSession, ApiError> {
     let limit = state.cfg.dispatcher.max_body_bytes;
     if d.data.len() > limit {
         return Err(ApiError::too_large(format!("body: is {} bytes; the limit is {limit}", d.data.len())));
     }
-    let axum::Json(req) = axum::Json::<CreateSession>::from_bytes(&d.data)?;
-    Ok(keyed_by_message_id(d).unwrap_or(req))
+    let tenant = publisher_tenant(&state.cfg.auth, d)?;
+    let axum::Json(_) = axum::Json::<CreateSession>::from_bytes(&d.data)?;
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&d.data).map_err(|e| ApiError::invalid(e.to_string()))?;
+    claim_tenant(&mut body, tenant)?;
+    key_by_message_id(&mut body, d);
+    serde_json::from_value(body.into()).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
-/// The request again with `idempotency_key = "amqp:<message_id>"`, when the message has an id
-/// that makes a valid key and the body no key of its own.
-fn keyed_by_message_id(d: &Delivery) -> Option<CreateSession> {
-    let key = format!("amqp:{}", prop(d.properties.message_id())?);
-    if key.len() > MAX_KEY || key.chars().any(char::is_control) {
-        return None;
+/// The tenant of the RabbitMQ user that published `d`, from its broker-checked `user_id`.
+fn publisher_tenant<'a>(auth: &'a AuthConfig, d: &Delivery) -> Result<&'a TenantId, ApiError> {
+    let Some(user) = prop(d.properties.user_id()) else {
+        return Err(ApiError::invalid(
+            "user_id: the message has no `user_id` property; set it to the RabbitMQ user that publishes",
+        ));
+    };
+    auth.amqp_tenant(user).ok_or_else(|| {
+        ApiError::invalid(format!("user_id: the RabbitMQ user `{user}` has no tenant in `[auth] amqp_users`"))
+    })
+}
+
+/// Sets the body's `tenant` to the publisher's; a different one in the body is refused.
+fn claim_tenant(body: &mut serde_json::Map<String, serde_json::Value>, tenant: &TenantId) -> Result<(), ApiError> {
+    match body.get("tenant") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(claimed) if claimed.as_str() == Some(tenant.as_str()) => {}
+        Some(claimed) => {
+            return Err(ApiError::invalid(format!(
+                "tenant: is {claimed}, but this RabbitMQ user publishes for tenant `{tenant}`; leave `tenant` out"
+            )));
+        }
     }
-    let mut body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&d.data).ok()?;
-    if body.contains_key("idempotency_key") {
-        return None;
+    body.insert("tenant".into(), tenant.as_str().into());
+    Ok(())
+}
+
+/// Sets `idempotency_key = "amqp:<message_id>"`, when the message has an id that makes a valid key
+/// and the body no key of its own.
+fn key_by_message_id(body: &mut serde_json::Map<String, serde_json::Value>, d: &Delivery) {
+    let Some(id) = prop(d.properties.message_id()) else { return };
+    let key = format!("amqp:{id}");
+    if key.len() <= MAX_KEY && !key.chars().any(char::is_control) && !body.contains_key("idempotency_key") {
+        body.insert("idempotency_key".into(), key.into());
     }
-    body.insert("idempotency_key".into(), key.into());
-    serde_json::from_value(body.into()).ok()
 }
 
 /// Answers the request: a reply when `reply_to` is set, else the dead-letter queue for a refusal.

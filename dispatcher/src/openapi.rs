@@ -8,8 +8,20 @@
 //! `#[utoipa::path(...)]` and add the handler to `paths(...)` below: one line. Also add its
 //! `(method, path)` to [`crate::routes`] next to the `.route(...)` in [`crate::router`]; the
 //! `openapi` integration test fails until the router, `routes()` and this document agree.
+//!
+//! What only the config knows is filled in when the document is served: `POST /v1/sessions` takes
+//! one body schema per agent (`oneOf`), each naming the agent and the ranges its `budget` may lower
+//! its limits to, and `input`'s length limit. So a request the document allows is one the server
+//! takes, and `tests/tests/schemathesis.rs` holds the document to that.
 
+use agentfleet::budget::Limits;
+use agentfleet::config::{AgentConfig, Config};
+use agentfleet::domain::Name;
+use axum::extract::State;
+use serde_json::{Value, json};
 use utoipa::OpenApi;
+
+use crate::AppState;
 
 /// The document; `ApiDoc::openapi()` builds it.
 #[derive(OpenApi)]
@@ -49,6 +61,50 @@ pub(crate) struct ApiDoc;
     tag = "operations",
     responses((status = 200, description = "The OpenAPI 3 document of this API", body = Object))
 )]
-pub(crate) async fn serve() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+pub(crate) async fn serve(State(s): State<AppState>) -> axum::Json<Value> {
+    axum::Json(document(&s.cfg))
+}
+
+/// The document for the fleet `cfg` configures.
+pub(crate) fn document(cfg: &Config) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let schemas = &mut doc["components"]["schemas"];
+    let generic = schemas["CreateSession"].take();
+    let variants: Vec<Value> = cfg.agents.iter().map(|(name, agent)| for_agent(&generic, cfg, name, agent)).collect();
+    schemas["CreateSession"] = json!({ "description": generic["description"], "oneOf": variants });
+    // An approval's body is optional (absent or empty), but never `null`, which utoipa's
+    // `Option<Approve>` would allow.
+    let approve = &mut doc["paths"]["/v1/sessions/{id}/approve"]["post"]["requestBody"];
+    approve["content"]["application/json"]["schema"] = json!({ "$ref": "#/components/schemas/Approve" });
+    doc
+}
+
+/// The body of `POST /v1/sessions` for one agent.
+fn for_agent(generic: &Value, cfg: &Config, name: &Name, agent: &AgentConfig) -> Value {
+    let mut schema = generic.clone();
+    schema["title"] = json!(name.as_str());
+    let props = &mut schema["properties"];
+    props["agent"] = json!({ "type": "string", "enum": [name.as_str()], "description": "The agent to run" });
+    props["input"]["maxLength"] = json!(cfg.dispatcher.max_input_bytes);
+    props["budget"] = budget(&Limits::of(&agent.budget));
+    schema
+}
+
+/// The `budget` an agent with `limits` takes: each field may lower its limit, never raise it.
+fn budget(limits: &Limits) -> Value {
+    let field = |kind: &str, minimum: Value, maximum: Value, what: &str| json!({ "type": [kind, "null"], "minimum": minimum, "maximum": maximum, "description": what });
+    json!({
+        "type": ["object", "null"],
+        "description": "Lower budget limits for this session; each at most the agent's own.",
+        "additionalProperties": false,
+        "properties": {
+            "max_steps": field("integer", json!(1), json!(limits.max_steps), "Lower `max_steps`"),
+            "max_cost_usd": field("number", json!(0), json!(limits.max_cost.as_usd()), "Lower `max_cost_usd`"),
+            "max_cost_per_step_usd": field(
+                "number", json!(0), json!(limits.max_cost_per_step.as_usd()), "Lower `max_cost_per_step_usd`"),
+            "max_tokens": field("integer", json!(0), json!(limits.max_tokens), "Lower `max_tokens`"),
+            "alert_threshold": field(
+                "number", json!(0), json!(f64::from(limits.alert_permille) / 1000.0), "Lower `alert_threshold`"),
+        },
+    })
 }

@@ -31,8 +31,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
     /// The agent to run: a name from the config.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     agent: String,
-    /// The first user message; not blank.
+    /// The first user message; not blank, at most `max_input_bytes` (64 KiB by default).
+    #[schema(min_length = 1, pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
     input: String,
     /// Any JSON object (at most 16 KiB), kept with the session and shown back.
     #[serde(default)]
@@ -40,10 +42,12 @@ pub struct CreateSession {
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// 1-255 printable characters: a repeated request with the same key returns the first session.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 255, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     idempotency_key: Option<String>,
     /// Whose budget the session spends: a name. Only an admin token may set it; otherwise the
     /// session belongs to the token's tenant.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
     /// Lower budget limits for this session.
     #[serde(default)]
@@ -51,6 +55,7 @@ pub struct CreateSession {
     /// Where this session's events are POSTed (signed), instead of the agent's webhook; it must
     /// start with one of the tenant's `callback_prefixes`.
     #[serde(default)]
+    #[schema(pattern = r"^[hH][tT][tT][pP][sS]?://[A-Za-z0-9.-]+(:[0-9]{1,4})?(/[!-~]*)?$")]
     callback_url: Option<String>,
 }
 
@@ -249,18 +254,22 @@ pub(crate) struct ListQuery {
     /// Only sessions in this status.
     #[param(value_type = Option<SessionStatus>)]
     status: Option<String>,
-    /// Only sessions of this agent.
+    /// Only sessions of this agent (any text: one that names no agent matches nothing).
     agent: Option<String>,
     /// Only sessions of this tenant (an admin token; others see only their own tenant).
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
     /// Only sessions created at or after this time (Unix ms).
+    #[param(maximum = 18446744073709551615_u64)]
     created_after_ms: Option<u64>,
     /// Only sessions created before this time (Unix ms).
+    #[param(maximum = 18446744073709551615_u64)]
     created_before_ms: Option<u64>,
     /// Sessions per page.
     #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<usize>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page: `<created_ms>:<session id>`.
+    #[param(pattern = "^[0-9]{1,19}:")]
     cursor: Option<String>,
 }
 
@@ -355,7 +364,7 @@ fn summary(id: &SessionId, m: &Meta) -> SessionSummary {
     get,
     path = "/v1/sessions/{id}",
     tag = "sessions",
-    params(("id" = String, Path, description = "The session id, `s_` and a ULID")),
+    params(("id" = String, Path, description = "The session id, `s_` and a ULID", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 200, description = "The session", body = SessionDetail),
         (status = 400, description = "`id` is not a session id", body = ErrorBody),

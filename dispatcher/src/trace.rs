@@ -21,7 +21,7 @@ const MAX_RECORDS: usize = 20_000;
     get,
     path = "/v1/sessions/{id}/trace",
     tag = "sessions",
-    params(("id" = String, Path, description = "The session id")),
+    params(("id" = String, Path, description = "The session id", pattern = "^s_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
         (status = 200, description = "`session_id`, `status`, `otel_trace_id` (the session's OpenTelemetry trace), `summary` and `records`", body = Object),
         (status = 400, description = "`id` is not a session id", body = crate::error::ErrorBody),

@@ -50,15 +50,33 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// Lower `max_steps`.
+    #[serde(default, deserialize_with = "whole")]
     pub max_steps: Option<u32>,
     /// Lower `max_cost_usd`.
     pub max_cost_usd: Option<f64>,
     /// Lower `max_cost_per_step_usd`.
     pub max_cost_per_step_usd: Option<f64>,
     /// Lower `max_tokens`.
+    #[serde(default, deserialize_with = "whole")]
     pub max_tokens: Option<u64>,
     /// Lower `alert_threshold`.
     pub alert_threshold: Option<f64>,
+}
+
+/// A whole number, also when written with a fraction of zero (`25.0`): JSON Schema counts that an
+/// integer, so a client that writes it so is not refused.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::{Deserialize as _, Error as _};
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    let whole = n
+        .as_u64()
+        .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 2f64.powi(64)).map(|f| f as u64));
+    let value = whole.ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected a whole number")))?;
+    T::try_from(value).map(Some).map_err(|_| D::Error::custom(format!("invalid value: {n}, out of range")))
 }
 
 impl Limits {
@@ -348,6 +366,19 @@ pub fn alert_crossed(l: &Limits, s: &Spent) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_take_whole_numbers_written_as_floats() {
+        let parse = |t: &str| serde_json::from_str::<Overrides>(t);
+        let o = parse(r#"{"max_steps": 3.0, "max_tokens": 10}"#).expect("whole numbers");
+        assert_eq!((o.max_steps, o.max_tokens), (Some(3), Some(10)));
+        assert_eq!(parse(r#"{"max_steps": null}"#).expect("null").max_steps, None);
+        for bad in
+            [r#"{"max_steps": 3.5}"#, r#"{"max_steps": -1}"#, r#"{"max_steps": 5000000000}"#, r#"{"max_tokens": "1"}"#]
+        {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     fn limits() -> Limits {
         Limits {

@@ -56,6 +56,8 @@ pub struct FleetOptions {
     /// The `[tenant_defaults]` table's lines. Default: a daily cap of 1000 USD and 100000 live
     /// sessions.
     pub tenant_defaults: String,
+    /// `[auth.amqp_users]`: RabbitMQ users and their tenants (default: `guest` publishes for `acme`).
+    pub amqp_users: Vec<(String, String)>,
 }
 
 /// An API token of a test fleet.
@@ -136,6 +138,7 @@ impl Default for FleetOptions {
             env: Vec::new(),
             tokens: Vec::new(),
             tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
+            amqp_users: vec![("guest".into(), "acme".into())],
         }
     }
 }
@@ -610,6 +613,8 @@ janitor_interval_s = 1
 {tokens}
 [tenant_defaults]
 {tenant_defaults}
+[auth.amqp_users]
+{amqp_users}
 
 [tools.search_knowledge_base]
 description = "Use this FIRST before answering any question."
@@ -646,6 +651,7 @@ budget = {{ max_steps = {max_steps} }}
         lease_ms = o.lease_ms,
         max_steps = o.max_steps,
         extra = o.extra_config,
+        amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),
         worker_extra = o.worker_config,
         tokens = tokens_toml(&o.tokens),
         tenant_defaults = o.tenant_defaults,

@@ -66,8 +66,12 @@ impl Client {
     }
 }
 
+/// The RabbitMQ user the harness connects as; the harness config maps it to tenant `acme`.
+const USER: &str = "guest";
+
 fn request_props(reply_to: Option<&str>, correlation_id: &str) -> BasicProperties {
     let props = BasicProperties::default()
+        .with_user_id(USER.into())
         .with_content_type("application/json".into())
         .with_correlation_id(correlation_id.into())
         .with_message_id(format!("msg-{correlation_id}").into());
@@ -297,6 +301,76 @@ async fn a_request_that_arrives_while_redis_is_down_is_held_until_it_is_back() -
     let event = json_body(&receive(&mut completed, 1, "session.completed events").await?[0])?;
     assert_eq!(event["session_id"], id, "{event}");
     assert_eq!(event["metadata"]["order"], 7, "{event}");
+
+    let _ = client.conn.close(200, "done".into()).await;
+    fleet.cleanup().await
+}
+
+/// The reply to one request published with `props` (a fresh private queue as `reply_to`).
+async fn ask(client: &Client, body: &[u8], props: BasicProperties) -> anyhow::Result<Value> {
+    let (reply_queue, mut replies) = client.private_queue().await?;
+    client.request(body, props.with_reply_to(reply_queue.as_str().into())).await?;
+    json_body(&receive(&mut replies, 1, "replies").await?[0])
+}
+
+fn refusal(reply: &Value) -> &str {
+    assert_eq!(reply["error"]["type"], "invalid_request", "{reply}");
+    assert!(reply.get("id").is_none(), "a refused request created a session: {reply}");
+    reply["error"]["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_is_the_publishing_users_and_requests_without_one_are_refused() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let client = Client::connect(&fleet).await?;
+    let body = br#"{"agent": "support", "input": "[steps=1] whose?"}"#;
+    let anonymous = BasicProperties::default().with_content_type("application/json".into());
+
+    let reply = ask(&client, body, anonymous.clone().with_correlation_id("anon".into())).await?;
+    let message = refusal(&reply);
+    assert!(message.contains("no `user_id` property"), "{message}");
+
+    let reply = ask(&client, body, request_props(None, "mapped")).await?;
+    let id = reply["id"].as_str().with_context(|| format!("no id: {reply}"))?;
+    let session: Value = fleet.http.get(format!("{}/v1/sessions/{id}", fleet.api)).send().await?.json().await?;
+    assert_eq!(session["tenant"], "acme", "the session's tenant is not the user's: {session}");
+
+    let same = br#"{"agent": "support", "input": "[steps=1] mine", "tenant": "acme"}"#;
+    ensure!(ask(&client, same, request_props(None, "same")).await?["id"].is_string(), "own tenant refused");
+    let other = br#"{"agent": "support", "input": "[steps=1] theirs", "tenant": "globex"}"#;
+    let reply = ask(&client, other, request_props(None, "other")).await?;
+    let message = refusal(&reply);
+    assert!(message.starts_with("tenant: ") && message.contains("`acme`"), "{message}");
+
+    // Refused without anyone to answer: dead-lettered with the reason.
+    client.request(body, anonymous.with_correlation_id("anon-dead".into())).await?;
+    let dead = format!("{}.dead", fleet.config.amqp.prefix);
+    let what = "the anonymous request in the dead-letter queue";
+    let reason = eventually(what, WAIT, || async {
+        let msg = client.ch.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true }).await.ok()??;
+        match header(&msg.delivery.properties, "x-agentfleet-reason") {
+            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => Some(String::new()),
+        }
+    })
+    .await;
+    assert!(reason.contains("user_id"), "{reason:?}");
+
+    let _ = client.conn.close(200, "done".into()).await;
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_a_tenant_is_refused() -> anyhow::Result<()> {
+    // The broker checks `user_id` against the connection's user, and the test connects as guest:
+    // so this fleet maps another user, and guest is the unmapped one.
+    let amqp_users = vec![("billing".into(), "acme".into())];
+    let fleet = TestFleet::start(FleetOptions { workers: 0, amqp_users, ..Default::default() }).await?;
+    let client = Client::connect(&fleet).await?;
+    let body = br#"{"agent": "support", "input": "[steps=1] who am I?"}"#;
+    let reply = ask(&client, body, request_props(None, "unmapped")).await?;
+    let message = refusal(&reply);
+    assert!(message.contains("`guest` has no tenant"), "{message}");
 
     let _ = client.conn.close(200, "done".into()).await;
     fleet.cleanup().await

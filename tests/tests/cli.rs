@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
+use agentfleet_tests::serve::Served;
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -40,15 +41,21 @@ impl Run {
     }
 }
 
-/// The CLI, pointed at a fleet's dispatcher through `AGENTFLEET_URL`.
+/// The CLI, pointed at a fleet's dispatcher through `AGENTFLEET_URL`, with `AGENTFLEET_TOKEN` set
+/// to `token` (or unset).
 struct Cli {
     bin: PathBuf,
     url: String,
+    token: Option<String>,
 }
 
 impl Cli {
     fn of(fleet: &TestFleet) -> anyhow::Result<Self> {
-        Ok(Self { bin: cli_binary()?, url: fleet.api.clone() })
+        Ok(Self {
+            bin: cli_binary()?,
+            url: fleet.api.clone(),
+            token: Some(agentfleet_tests::fleet::ADMIN_TOKEN.to_owned()),
+        })
     }
 
     /// Runs `agentfleet ARGS` with `stdin` as its input.
@@ -56,7 +63,8 @@ impl Cli {
         let mut child = tokio::process::Command::new(&self.bin)
             .args(args)
             .env("AGENTFLEET_URL", &self.url)
-            .env("AGENTFLEET_TOKEN", agentfleet_tests::fleet::ADMIN_TOKEN)
+            .env_remove("AGENTFLEET_TOKEN")
+            .envs(self.token.iter().map(|t| ("AGENTFLEET_TOKEN", t)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -217,4 +225,55 @@ async fn a_large_refund_is_approved_from_the_command_line_and_runs_once() -> any
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(fleet.tools.stats().by_tool.get("issue_refund"), Some(&1), "the approved refund ran exactly once");
     fleet.cleanup().await
+}
+
+/// A stand-in for a dispatcher that asks for tokens: no token or an unknown one is a 401,
+/// `reader` may read but not submit (403 naming the role), and any other token may do anything.
+fn guarded_api() -> axum::Router {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    async fn answer(method: axum::http::Method, headers: HeaderMap) -> axum::response::Response {
+        let error = |status: StatusCode, kind: &str, message: &str| {
+            (status, axum::Json(serde_json::json!({"error": {"type": kind, "message": message}}))).into_response()
+        };
+        let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match token {
+            None => error(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token"),
+            Some("wrong") => error(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"),
+            Some("reader") if method == axum::http::Method::POST => {
+                error(StatusCode::FORBIDDEN, "forbidden", "this needs the `submit` role")
+            }
+            Some(_) if method == axum::http::Method::POST => {
+                let created = serde_json::json!({"id": "s_01JD3ZK8Q8YB3Y3C2K9Q2W7X4M", "status": "queued"});
+                (StatusCode::ACCEPTED, axum::Json(created)).into_response()
+            }
+            Some(_) => axum::Json(serde_json::json!({"sessions": [], "next_cursor": null})).into_response(),
+        }
+    }
+    axum::Router::new().fallback(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_refused_token_says_what_to_change() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let served = Served::start("guarded-api", listener, guarded_api())?;
+    let cli = |token: Option<&str>| -> anyhow::Result<Cli> {
+        Ok(Cli { bin: cli_binary()?, url: served.base_url(), token: token.map(str::to_owned) })
+    };
+    let failed = |run: &Run, fragment: &str| {
+        assert_eq!(run.code, Some(1), "{run:?}");
+        assert!(run.stderr.contains(fragment), "stderr does not say {fragment:?}: {run:?}");
+    };
+
+    let no_token = cli(None)?.run(&["list"]).await?;
+    failed(&no_token, "no token: pass --token or set AGENTFLEET_TOKEN (401 unauthorized)");
+    let wrong = cli(None)?.run(&["--token", "wrong", "list"]).await?;
+    failed(&wrong, "the token was not accepted: unknown token (401 unauthorized)");
+    let reader = cli(Some("reader"))?;
+    reader.run(&["list"]).await?.ok()?;
+    let submit = reader.run(&["submit", "--agent", "support", "hello"]).await?;
+    failed(&submit, "the token lacks the `submit` role this needs");
+    let flag_wins = reader.run(&["--token", "admin", "submit", "--agent", "support", "hello"]).await?;
+    assert_eq!(flag_wins.code, Some(0), "--token did not override AGENTFLEET_TOKEN: {flag_wins:?}");
+    Ok(())
 }

@@ -224,3 +224,29 @@ async fn real_answers_match_the_documented_schemas() -> anyhow::Result<()> {
     assert_eq!(checked(f, &doc, reply, &format!("/v1/sessions/{waits}/reply"), Some(&answer)).await?.0, 202);
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_states_what_the_server_checks() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let doc = document(&fleet).await?;
+    let id = &doc["paths"]["/v1/sessions/{id}"]["get"]["parameters"][0]["schema"];
+    assert_eq!(id["pattern"], "^s_[0-9A-HJKMNP-TV-Z]{26}$", "{id}");
+    let list = doc["paths"]["/v1/sessions"]["get"]["parameters"].as_array().context("list parameters")?;
+    let param = |name: &str| list.iter().find(|p| p["name"] == name).map(|p| p["schema"].clone()).unwrap_or_default();
+    assert_eq!((param("limit")["minimum"].clone(), param("limit")["maximum"].clone()), (json!(1), json!(500)));
+    assert_eq!(param("status")["$ref"], "#/components/schemas/SessionStatus");
+    let statuses = &doc["components"]["schemas"]["SessionStatus"];
+    assert!(statuses.to_string().contains("awaiting_approval"), "{statuses}");
+
+    let bodies = doc["components"]["schemas"]["CreateSession"]["oneOf"].as_array().context("oneOf per agent")?;
+    let support = bodies.iter().find(|b| b["properties"]["agent"]["enum"] == json!(["support"])).context("support")?;
+    let props = &support["properties"];
+    assert_eq!(props["input"]["maxLength"], fleet.config.dispatcher.max_input_bytes, "{props}");
+    assert_eq!(
+        (props["idempotency_key"]["minLength"].clone(), props["idempotency_key"]["maxLength"].clone()),
+        (json!(1), json!(255))
+    );
+    assert_eq!(props["budget"]["properties"]["max_steps"]["maximum"], 50, "{props}");
+    assert_eq!(bodies.len(), fleet.config.agents.len());
+    fleet.cleanup().await
+}

@@ -4,13 +4,14 @@
 //! variable (`sha256_env`) or from a mounted secret file (`sha256_file`). Make a token with e.g.
 //! `openssl rand -hex 32`, and its hash with `printf %s "$TOKEN" | sha256sum`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use super::{Invalid, Problem};
-use crate::domain::Name;
+use crate::domain::{Name, TenantId};
 
 /// `[auth]`: who may call the API.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -20,9 +21,19 @@ pub struct AuthConfig {
     pub tokens: Vec<TokenConfig>,
     /// Sessions one token may create per minute, unless the token sets its own. Default 600.
     pub sessions_per_minute: Option<u32>,
+    /// The tenant of each RabbitMQ user that may publish session requests to the requests queue:
+    /// `amqp_users = { billing-system = "acme" }`. A request's user is its `user_id` property, which
+    /// RabbitMQ checks against the publishing connection's user. Default: none, so the AMQP intake
+    /// refuses every request until users are mapped.
+    pub amqp_users: BTreeMap<String, TenantId>,
 }
 
 impl AuthConfig {
+    /// The tenant the RabbitMQ user `user` publishes for, if it is mapped.
+    pub fn amqp_tenant(&self, user: &str) -> Option<&TenantId> {
+        self.amqp_users.get(user)
+    }
+
     /// Sessions per minute of `token`.
     pub fn rate_of(&self, token: &TokenConfig) -> u32 {
         token.sessions_per_minute.or(self.sessions_per_minute).unwrap_or(600)

@@ -201,7 +201,7 @@ pub struct Config {
     /// The limits of tenants not in `[tenants]`; `daily_cap_usd` is required.
     #[serde(default)]
     pub tenant_defaults: TenantDefaults,
-    /// API tokens (`[[auth.tokens]]`).
+    /// API tokens (`[[auth.tokens]]`) and the tenants of AMQP publishers (`[auth] amqp_users`).
     #[serde(default)]
     pub auth: AuthConfig,
     /// Fleet-wide breaker and rate limits per model provider (`anthropic`, `openai`).
@@ -514,6 +514,16 @@ mod tests {
             format!("{MINIMAL}\n[telemetry.otlp]\nendpoint = \"https://otel.example/v1/traces\"\nsample_ratio = 0.25");
         let otlp = parse(&text).expect("valid").telemetry.otlp;
         assert_eq!((otlp.traces_url().as_str(), otlp.sample_ratio), ("https://otel.example/v1/traces", 0.25));
+    }
+
+    #[test]
+    fn amqp_users_map_to_tenants() {
+        assert!(parse(MINIMAL).expect("valid").auth.amqp_users.is_empty());
+        let cfg = parse(&format!("{MINIMAL}\n[auth.amqp_users]\nguest = \"acme\"")).expect("valid");
+        assert_eq!(cfg.auth.amqp_tenant("guest").map(|t| t.as_str()), Some("acme"));
+        assert!(cfg.auth.amqp_tenant("bob").is_none());
+        let e = parse(&format!("{MINIMAL}\n[auth]\namqp_users = {{ guest = \"no way\" }}")).expect_err("bad tenant");
+        assert_eq!(e.field, "auth.amqp_users.guest");
     }
 }
 
