@@ -389,6 +389,7 @@ impl Escalation {
 #[into_params(parameter_in = Query)]
 pub(crate) struct EscalationQuery {
     /// Only this tenant's sessions (an admin token; others see only their own tenant).
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
 }
 

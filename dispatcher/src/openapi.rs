@@ -76,7 +76,28 @@ pub(crate) fn document(cfg: &Config) -> Value {
     // `Option<Approve>` would allow.
     let approve = &mut doc["paths"]["/v1/sessions/{id}/approve"]["post"]["requestBody"];
     approve["content"]["application/json"]["schema"] = json!({ "$ref": "#/components/schemas/Approve" });
+    bearer_auth(&mut doc);
     doc
+}
+
+/// Every API operation (all but the `operations` tag, served on the ops listener) takes a bearer
+/// token, and answers 401 without a valid one and 403 without the role it needs.
+fn bearer_auth(doc: &mut Value) {
+    doc["components"]["securitySchemes"]["bearer"] =
+        json!({ "type": "http", "scheme": "bearer", "description": "An API token from `[[auth.tokens]]`" });
+    let error = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } });
+    let Some(paths) = doc["paths"].as_object_mut() else { return };
+    for operation in paths.values_mut().filter_map(Value::as_object_mut).flat_map(|p| p.values_mut()) {
+        let ops_endpoint = operation["tags"].as_array().is_some_and(|t| t.iter().any(|t| t == "operations"));
+        if ops_endpoint || !operation.is_object() {
+            continue;
+        }
+        operation["security"] = json!([{ "bearer": [] }]);
+        let responses = &mut operation["responses"];
+        responses["401"] = json!({ "description": "No token, or a token that is not accepted", "content": error });
+        responses["403"] =
+            json!({ "description": "The token lacks the role this needs, or may not name a tenant", "content": error });
+    }
 }
 
 /// The body of `POST /v1/sessions` for one agent.
@@ -87,7 +108,36 @@ fn for_agent(generic: &Value, cfg: &Config, name: &Name, agent: &AgentConfig) ->
     props["agent"] = json!({ "type": "string", "enum": [name.as_str()], "description": "The agent to run" });
     props["input"]["maxLength"] = json!(cfg.dispatcher.max_input_bytes);
     props["budget"] = budget(&Limits::of(&agent.budget));
+    callback_url(&mut schema, cfg);
     schema
+}
+
+/// `callback_url` as the config allows it: it must start with a tenant's `callback_prefixes`, so the
+/// document names them; with none configured no session may have one, and the field is left out.
+fn callback_url(schema: &mut Value, cfg: &Config) {
+    let mut prefixes: Vec<&str> =
+        cfg.tenants.values().flat_map(|t| t.callback_prefixes.iter().map(String::as_str)).collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    if prefixes.is_empty() {
+        if let Some(props) = schema["properties"].as_object_mut() {
+            props.remove("callback_url");
+        }
+        return;
+    }
+    let alternatives: Vec<String> = prefixes.iter().map(|p| regex_escape(p)).collect();
+    let field = &mut schema["properties"]["callback_url"];
+    field["pattern"] = json!(format!("^(?:{})[!-~]*$", alternatives.join("|")));
+}
+
+/// `text` as a literal in an ECMA-262 regular expression.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\^$.|?*+()[]{}/".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
 }
 
 /// The `budget` an agent with `limits` takes: each field may lower its limit, never raise it.
