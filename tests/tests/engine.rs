@@ -8,58 +8,17 @@
 //! daily cap, and a cancel at the step boundary), a tool already in the ledger, and writes whose
 //! outcome is unknown, applied or not.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use agentfleet::amqp::{PublishError, StepPublisher};
-use agentfleet::budget::Limits;
-use agentfleet::config::Config;
-use agentfleet::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
+use agentfleet::domain::{Phase, SessionId, SessionStatus};
 use agentfleet::guard::OpenGuard;
-use agentfleet::llm::{ModelClients, ToolOutcome};
-use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
-use agentfleet::store::{MemoryStore, NewSession, Snapshot};
+use agentfleet::llm::ToolOutcome;
+use agentfleet::step::Disposition;
+use agentfleet::store::Snapshot;
+use agentfleet_tests::engine_rig::EngineRig;
 use agentfleet_tests::fleet::{FleetOptions, config_text, eventually};
-use agentfleet_tests::model_server::{Faults, ModelServer, ModelServerConfig};
-use agentfleet_tests::tool_server::{ToolServer, ToolServerConfig};
-use async_trait::async_trait;
-use tokio::net::TcpListener;
-
-/// What the engine sent to the broker.
-#[derive(Debug, Default)]
-struct Sent {
-    /// Step messages, with the delay tier's wait when postponed.
-    steps: Vec<(StepMessage, Option<Duration>)>,
-    /// Dead-lettered bodies, with the reason.
-    dead: Vec<String>,
-    /// Event kinds.
-    events: Vec<String>,
-}
-
-#[derive(Default)]
-struct Recorder(Mutex<Sent>);
-
-impl Recorder {
-    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-#[async_trait]
-impl StepPublisher for Recorder {
-    async fn publish_step(&self, _: &Name, msg: &StepMessage, delay: Option<Duration>) -> Result<(), PublishError> {
-        self.sent().steps.push((msg.clone(), delay));
-        Ok(())
-    }
-    async fn dead_letter(&self, _: &[u8], reason: &str) -> Result<(), PublishError> {
-        self.sent().dead.push(reason.to_owned());
-        Ok(())
-    }
-    async fn publish_event(&self, kind: &str, _: &serde_json::Value) -> Result<(), PublishError> {
-        self.sent().events.push(kind.to_owned());
-        Ok(())
-    }
-}
+use agentfleet_tests::model_server::Faults;
 
 /// Agents beyond the harness's `support`: a tiny daily cap that pauses, and one that escalates
 /// when the model keeps failing.
@@ -77,98 +36,10 @@ tools = ["search_knowledge_base"]
 on_model_failure = "escalate"
 "#;
 
-/// One engine over the in-memory store, with its servers.
-struct Rig {
-    engine: Engine,
-    store: Arc<MemoryStore>,
-    sent: Arc<Recorder>,
-    model: ModelServer,
-    tools: ToolServer,
-    cfg: Config,
-    pool: Name,
-}
-
-impl Rig {
-    async fn start() -> anyhow::Result<Self> {
-        let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
-        let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
-        let opts = FleetOptions { max_steps: 50, extra_config: AGENTS.into(), ..Default::default() };
-        let text = config_text("engine", &opts, &model.base_url(), &tools.base_url());
-        let env = |k: &str| (k == "ANTHROPIC_API_KEY").then(|| "test-key".to_owned());
-        let cfg = Config::parse(&text, std::path::Path::new("engine.toml"), &env)?;
-        let store = Arc::new(MemoryStore::new());
-        let sent = Arc::new(Recorder::default());
-        let settings = EngineSettings {
-            worker_id: "unit".into(),
-            lease: Duration::from_secs(60),
-            max_model_attempts: 1,
-            max_tool_deferrals: 3,
-        };
-        let engine = Engine::new(EngineParts {
-            store: store.clone(),
-            publisher: sent.clone(),
-            llm: ModelClients::new(&cfg)?,
-            agents: Agents::build(&cfg, &env)?,
-            guard: Arc::new(OpenGuard),
-            settings,
-        });
-        Ok(Self { engine, store, sent, model, tools, cfg, pool: Name::parse("default")? })
-    }
-
-    /// A new session of `agent` with this goal, lowered to `max_steps` when given.
-    fn session(&self, agent: &str, goal: &str, max_steps: Option<u32>) -> anyhow::Result<SessionId> {
-        let id = SessionId::generate();
-        let budget = &self.cfg.agent(agent).ok_or_else(|| anyhow::anyhow!("no agent {agent}"))?.budget;
-        let mut limits = Limits::of(budget);
-        if let Some(n) = max_steps {
-            limits.max_steps = n;
-        }
-        let new = NewSession {
-            id: id.clone(),
-            agent: Name::parse(agent)?,
-            tenant: Some(TenantId::parse("t1")?),
-            input: goal.into(),
-            metadata: serde_json::json!({}),
-            limits,
-            callback_url: None,
-        };
-        anyhow::ensure!(self.store.create(&new, 1), "the session existed");
-        Ok(id)
-    }
-
-    async fn deliver(&self, id: &SessionId, step: u32) -> anyhow::Result<Disposition> {
-        let body = serde_json::to_vec(&StepMessage { session_id: id.clone(), step, attempt: 0 })?;
-        Ok(self.engine.handle(&body, &self.pool).await)
-    }
-
-    /// Delivers step 1, then every step the engine publishes, until it publishes none.
-    async fn run(&self, id: &SessionId) -> anyhow::Result<Snapshot> {
-        self.deliver(id, 1).await?;
-        for _ in 0..100 {
-            let next = self.sent.sent().steps.pop();
-            let Some((msg, _)) = next else { return self.snapshot(id) };
-            let body = serde_json::to_vec(&msg)?;
-            anyhow::ensure!(self.engine.handle(&body, &self.pool).await == Disposition::Ack, "a step was requeued");
-        }
-        anyhow::bail!("the session did not settle in 100 deliveries")
-    }
-
-    fn snapshot(&self, id: &SessionId) -> anyhow::Result<Snapshot> {
-        self.store.snapshot(id).ok_or_else(|| anyhow::anyhow!("no session {id}"))
-    }
-
-    fn events(&self) -> Vec<String> {
-        self.sent.sent().events.clone()
-    }
-
-    fn published(&self) -> Vec<(StepMessage, Option<Duration>)> {
-        self.sent.sent().steps.clone()
-    }
-
-    async fn stop(self) {
-        self.model.stop().await;
-        self.tools.stop().await;
-    }
+/// The engine over the harness's config and [`AGENTS`], admitting every call.
+async fn start() -> anyhow::Result<EngineRig> {
+    let opts = FleetOptions { max_steps: 50, extra_config: AGENTS.into(), ..Default::default() };
+    EngineRig::start(|model, tools| config_text("engine", &opts, model, tools), Arc::new(OpenGuard)).await
 }
 
 fn roles(s: &Snapshot) -> Vec<String> {
@@ -181,7 +52,7 @@ fn roles(s: &Snapshot) -> Vec<String> {
 
 #[tokio::test]
 async fn a_session_runs_to_completion_step_by_step() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=3] look things up", None)?;
     let s = rig.run(&id).await?;
     assert_eq!(s.meta.status, SessionStatus::Completed);
@@ -198,7 +69,7 @@ async fn a_session_runs_to_completion_step_by_step() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_duplicate_delivery_changes_nothing() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=3] twice", None)?;
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
     let after_one = rig.snapshot(&id)?;
@@ -216,7 +87,7 @@ async fn a_duplicate_delivery_changes_nothing() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_stale_step_is_dropped_and_a_lost_successor_is_republished() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=4] stale", None)?;
     rig.deliver(&id, 1).await?;
     rig.deliver(&id, 2).await?;
@@ -240,7 +111,7 @@ async fn a_stale_step_is_dropped_and_a_lost_successor_is_republished() -> anyhow
 
 #[tokio::test]
 async fn a_future_step_is_dead_lettered_with_its_reason() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=3] future", None)?;
     assert_eq!(rig.deliver(&id, 5).await?, Disposition::Ack);
     let dead = rig.sent.sent().dead.clone();
@@ -259,7 +130,7 @@ async fn a_future_step_is_dead_lettered_with_its_reason() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn a_lease_held_by_another_worker_makes_the_step_wait() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=2] busy", None)?;
     rig.store.take_lease(&id, "1|other-worker|n", Duration::from_secs(30));
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
@@ -274,7 +145,7 @@ async fn a_lease_held_by_another_worker_makes_the_step_wait() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_lost_its_lease_mid_call_applies_nothing_twice() -> anyhow::Result<()> {
-    let rig = Arc::new(Rig::start().await?);
+    let rig = Arc::new(start().await?);
     rig.model.set_faults(Faults { latency_ms: 300, ..Faults::default() });
     let id = rig.session("support", "[steps=3] two workers", None)?;
     // Worker A claims step 1 and waits on the model.
@@ -302,7 +173,7 @@ async fn a_worker_that_lost_its_lease_mid_call_applies_nothing_twice() -> anyhow
 
 #[tokio::test]
 async fn a_tool_already_in_the_ledger_is_not_run_again() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=2] ledger", None)?;
     // The tool checkpoint's outcome is unknown: the tool ran and its result is in the ledger.
     rig.store.fail_next("commit_tools", false);
@@ -330,7 +201,7 @@ async fn a_tool_already_in_the_ledger_is_not_run_again() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_write_applied_with_an_unknown_outcome_resumes_from_its_phase() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     let id = rig.session("support", "[steps=2] applied", None)?;
     rig.store.fail_next("commit_model", true);
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
@@ -353,7 +224,7 @@ async fn a_write_applied_with_an_unknown_outcome_resumes_from_its_phase() -> any
 
 #[tokio::test]
 async fn every_ending_settles_once_with_its_event() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
 
     let refused = rig.session("support", "[stop=refusal] no", None)?;
     let s = rig.run(&refused).await?;
@@ -412,7 +283,7 @@ async fn every_ending_settles_once_with_its_event() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_failing_model_escalates_when_the_agent_says_so() -> anyhow::Result<()> {
-    let rig = Rig::start().await?;
+    let rig = start().await?;
     rig.model.set_faults(Faults { rate_500: 1.0, ..Faults::default() });
     let id = rig.session("careful", "[steps=2] the model is down", None)?;
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
@@ -423,18 +294,4 @@ async fn a_failing_model_escalates_when_the_agent_says_so() -> anyhow::Result<()
     assert_eq!(rig.events(), ["session.escalated"]);
     rig.stop().await;
     Ok(())
-}
-
-impl Rig {
-    /// Delivers `step`, then every step the engine publishes.
-    async fn run_from(&self, id: &SessionId, step: u32) -> anyhow::Result<Snapshot> {
-        self.sent.sent().steps.clear();
-        self.deliver(id, step).await?;
-        for _ in 0..100 {
-            let next = self.sent.sent().steps.pop();
-            let Some((msg, _)) = next else { return self.snapshot(id) };
-            self.engine.handle(&serde_json::to_vec(&msg)?, &self.pool).await;
-        }
-        anyhow::bail!("the session did not settle")
-    }
 }
