@@ -70,12 +70,7 @@ pub struct AnthropicClient {
 impl AnthropicClient {
     /// A client for the configured endpoint.
     pub fn new(cfg: &AnthropicConfig) -> Result<Self, LlmError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms))
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .build()
-            .map_err(|e| LlmError::Request(e.to_string()))?;
+        let http = super::types::http_client(cfg.timeout_ms)?;
         let version = HeaderValue::from_str(&cfg.version)
             .map_err(|_| LlmError::Request(format!("invalid anthropic version `{}`", cfg.version)))?;
         Ok(Self {

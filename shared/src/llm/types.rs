@@ -280,6 +280,17 @@ impl ModelReply {
     }
 }
 
+/// The HTTP client of a model API: a whole-call timeout of `timeout_ms`, 10 s to connect, and
+/// enough idle connections kept for the steps in flight.
+pub fn http_client(timeout_ms: u64) -> Result<reqwest::Client, LlmError> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(timeout_ms))
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| LlmError::Request(e.to_string()))
+}
+
 /// All text blocks of `blocks` joined with newlines.
 pub fn text_of(blocks: &[Block]) -> String {
     let texts: Vec<&str> = blocks

@@ -66,7 +66,6 @@ mod response;
 mod test_support;
 
 use std::fmt;
-use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
@@ -121,12 +120,7 @@ impl OpenAiClient {
     /// that cannot be a header value.
     pub fn new(cfg: &OpenAiConfig) -> Result<Self, LlmError> {
         let url = chat_url(&cfg.base_url)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms))
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .build()
-            .map_err(|e| LlmError::Request(e.to_string()))?;
+        let http = super::types::http_client(cfg.timeout_ms)?;
         Ok(Self { http, url, headers: headers(cfg.api_key.as_ref())? })
     }
 
