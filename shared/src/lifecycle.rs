@@ -7,6 +7,10 @@
 
 use serde_json::{Value, json};
 
+/// How long a session paused at a daily spend cap waits before it tries again. The janitor revives
+/// one whose delayed message was lost once this (and its stall threshold) have passed.
+pub const PAUSE_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
 use crate::amqp::StepPublisher;
 use crate::domain::{SessionId, SessionStatus, TenantId};
 use crate::store::{Meta, StepEnd};

@@ -100,7 +100,12 @@ impl StepCtx<'_> {
             return self.daily_cap_reached(&state, verdict).await;
         }
         let reservation = ulid::Ulid::new().to_string();
-        self.engine.store.reserve(self.id(), &reservation, &call.reserve).await?;
+        if let Err(e) = self.engine.store.reserve(&self.fence(), &reservation, &call.reserve).await {
+            // No call is made: give the daily reservation back (best effort; a failure only makes
+            // the cap stricter until the day ends).
+            let _ = self.engine.store.daily_settle(&caps, -(call.reserve.cost as i64)).await;
+            return Err(e.into());
+        }
         let spec = CallSpec {
             model: &self.agent.model,
             system: &self.agent.system,
@@ -109,11 +114,17 @@ impl StepCtx<'_> {
             tool_choice: call.summary.map(|_| "none"),
         };
         let started = Instant::now();
-        let reply = self.engine.llm.create_message(self.agent.provider, &spec, &call.messages).await;
+        // A lost lease cancels the call: its reservation stays open, and the claim that took the
+        // lease counts it at its worst case (it may have been billed).
+        let reply =
+            self.lease.guard(self.engine.llm.create_message(self.agent.provider, &spec, &call.messages)).await?;
         let took = started.elapsed();
         metric::phase_duration("llm", took);
         self.timings.add(took);
-        self.report(&gate, pass, &call, &reply).await;
+        if !self.lease.is_lost() {
+            // A call that outlived the lease (a paused worker) says nothing about the provider.
+            self.report(&gate, pass, &call, &reply).await;
+        }
         match reply {
             Ok(reply) => {
                 failpoint::hit("after_model_call");
@@ -240,7 +251,7 @@ impl StepCtx<'_> {
         let spent =
             Spent { steps: self.msg.step, tokens: totals.total_tokens(), cost: MicroUsd::new(totals.cost_micro_usd) };
         let Some(limit) = budget::alert_crossed(&state.meta.limits, &spent) else { return };
-        match self.engine.store.mark_alert(self.id(), limit).await {
+        match self.engine.store.mark_alert(&self.fence(), limit).await {
             Ok(true) => {
                 metric::budget_alert(self.agent.name.as_str(), limit);
                 let detail = serde_json::json!({
@@ -287,7 +298,7 @@ impl StepCtx<'_> {
         messages.push(assistant.clone());
         messages.extend(nudge.map(llm::user_message));
         let commit = ModelCommit { messages, outcome: decision.outcome() };
-        if !self.engine.store.commit_model(self.id(), self.msg.step, &commit, now_ms()).await? {
+        if !self.engine.store.commit_model(&self.fence(), &commit, now_ms()).await? {
             return Ok(Next::Nothing);
         }
         match decision {
@@ -308,7 +319,7 @@ impl StepCtx<'_> {
         let attempts_left = self.msg.attempt.saturating_add(1) < self.engine.settings.max_model_attempts;
         if e.is_retryable() && attempts_left {
             let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
-            return Err(StepError::Retry { after, reason: "model_api" });
+            return Err(StepError::Retry { after, reason: "model_api", tried: self.msg.attempt.saturating_add(1) });
         }
         let why = if e.is_retryable() {
             let attempts = self.msg.attempt.saturating_add(1);
