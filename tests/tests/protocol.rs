@@ -267,8 +267,8 @@ async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() ->
     assert_eq!(swept, 1, "the paused session whose retry is long overdue is re-published");
 
     fleet.spawn_worker()?;
-    let done = fleet.wait_settled(std::slice::from_ref(&id), Duration::from_secs(60)).await?;
-    assert_eq!(done[0]["status"], "completed");
+    let done = fleet.wait_status(&id, "completed").await?;
+    check_step_conversation(&done, 2).map_err(anyhow::Error::msg)?;
     fleet.cleanup().await
 }
 
