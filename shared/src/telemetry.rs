@@ -101,12 +101,21 @@ pub struct TraceRecord<'a> {
 }
 
 impl TraceRecord<'_> {
-    /// Logs the record as a JSON line and returns it as JSON text for the trace stream.
+    /// Logs the record as a JSON line and returns it as JSON text for the trace stream. The error,
+    /// if any, goes through [`redact_error`] first.
     pub fn emit(&self) -> String {
+        let redacted;
+        let record = match &self.error {
+            Some(e) => {
+                redacted = TraceRecord { error: Some(redact_error(e)), ..self.clone() };
+                &redacted
+            }
+            None => self,
+        };
         let json =
-            serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"error":"unserializable trace: {e}"}}"#));
+            serde_json::to_string(record).unwrap_or_else(|e| format!(r#"{{"error":"unserializable trace: {e}"}}"#));
         tracing::info!(target: "agentfleet::trace", record = %json, "trace");
-        otel::record_span(self);
+        otel::record_span(record);
         json
     }
 }
@@ -160,6 +169,12 @@ fn redact_fields(v: &mut serde_json::Value, fields: &[String]) {
         serde_json::Value::Array(items) => items.iter_mut().for_each(|i| redact_fields(i, fields)),
         _ => {}
     }
+}
+
+/// An error text fit for a log line, a trace, a session's `error` field or a dead-letter header:
+/// every URL cut to scheme, host and path ([`crate::scrub::urls_in`]), then [`redact`]ed.
+pub fn redact_error(text: &str) -> String {
+    redact(&crate::scrub::urls_in(text))
 }
 
 /// A redacted summary of `text` (redacted whole, before it is cut, so JSON fields are found).
@@ -408,6 +423,13 @@ mod tests {
         assert_eq!(redact("key sk-ant-secret-123 leaked"), "key [redacted] leaked");
         let json = redact(r#"{"card_number":"4111","nested":[{"Card_Number":"x"}],"ok":1}"#);
         assert!(!json.contains("4111") && !json.contains("\"x\"") && json.contains("\"ok\":1"), "{json}");
+    }
+
+    #[test]
+    fn error_texts_lose_url_secrets() {
+        let text = redact_error("request failed: error sending request for url (http://user:pass@host/p?token=x)");
+        assert!(!text.contains("pass") && !text.contains("token=x"), "{text}");
+        assert!(text.contains("http://[redacted]@host/p?[redacted]"), "{text}");
     }
 
     #[test]
