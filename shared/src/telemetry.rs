@@ -304,10 +304,15 @@ pub mod metric {
         metrics::counter!("agentfleet_cost_micro_usd_total", &labels).increment(cost_micro_usd);
     }
 
-    /// A tool call and its outcome.
-    pub fn tool_call(tool: &str, success: bool, d: Duration) {
+    /// The `tool` label of a call to a tool the agent does not have.
+    pub const UNKNOWN_TOOL: &str = "unknown";
+
+    /// A tool call and its outcome. `tool` is `None` when the agent has no tool by the name the
+    /// model used: that name is the model's to choose, and as a label value a hostile model could
+    /// grow series without bound, so it is counted as [`UNKNOWN_TOOL`].
+    pub fn tool_call(tool: Option<&str>, success: bool, d: Duration) {
         let outcome = if success { "success" } else { "error" };
-        let labels = [("tool", tool.to_owned()), ("outcome", outcome.to_owned())];
+        let labels = [("tool", tool.unwrap_or(UNKNOWN_TOOL).to_owned()), ("outcome", outcome.to_owned())];
         metrics::counter!("agentfleet_tool_calls_total", &labels).increment(1);
         metrics::histogram!("agentfleet_tool_call_duration_seconds", &labels[..1]).record(d.as_secs_f64());
     }

@@ -224,6 +224,11 @@ impl ToolSet {
         self.tools.is_empty()
     }
 
+    /// True when the agent has a tool named `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
     /// The breaker settings and the fallback of an HTTP tool; `None` for built-ins and unknown names.
     pub fn breaker(&self, name: &str) -> Option<(&BreakerConfig, Option<&str>)> {
         let tool = self.tools.get(name)?;
