@@ -567,6 +567,13 @@ mod tests {
     }
 
     #[test]
+    fn durability_is_asked_for_in_the_redis_table() {
+        assert!(!parse(MINIMAL).expect("valid").redis.require_durable);
+        let cfg = parse(&format!("{MINIMAL}\n[redis]\nrequire_durable = true")).expect("valid");
+        assert!(cfg.redis.require_durable);
+    }
+
+    #[test]
     fn secrets_cover_broker_and_redis_passwords_and_webhook_secrets() {
         let text = format!(
             "{MINIMAL}\n[amqp]\nurl = \"amqp://fleet:amqp%2Fpass@mq:5672/%2f\"\n\
