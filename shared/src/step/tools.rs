@@ -128,7 +128,8 @@ impl StepCtx<'_> {
         };
         let ToolRun::Done(outcome, _) = &run else { return Ok(run) };
         let took = started.elapsed();
-        metric::tool_call(&call.name, !outcome.is_error, took);
+        let known = self.agent.tools.contains(&call.name).then_some(call.name.as_str());
+        metric::tool_call(known, !outcome.is_error, took);
         let trace = TraceRecord {
             tool_name: Some(&call.name),
             input_summary: summary_of(&call.input.to_string(), 200),

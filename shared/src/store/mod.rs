@@ -4,6 +4,7 @@
 //! worker that lost its lease, or a duplicate message, can never apply a step twice. Messages are
 //! appended, never rewritten: a step's write cost does not grow with the conversation.
 
+pub mod durability;
 mod memory;
 mod redis;
 
