@@ -49,6 +49,8 @@ pub struct FleetOptions {
     pub extra_config: String,
     /// More `key = value` lines for the `[worker]` table.
     pub worker_config: String,
+    /// More `key = value` lines for the `[dispatcher]` table.
+    pub dispatcher_config: String,
     /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
     /// secret); nothing else of the process environment reaches it.
     pub env: Vec<(String, String)>,
@@ -138,6 +140,7 @@ impl Default for FleetOptions {
             amqp_url: amqp_url(),
             extra_config: String::new(),
             worker_config: String::new(),
+            dispatcher_config: String::new(),
             env: Vec::new(),
             tokens: Vec::new(),
             tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
@@ -645,6 +648,7 @@ shutdown_grace_ms = 10000
 listen = "127.0.0.1:0"
 ops_listen = "127.0.0.1:0"
 janitor_interval_s = 1
+{dispatcher_extra}
 
 {tokens}
 [tenant_defaults]
@@ -689,6 +693,7 @@ budget = {{ max_steps = {max_steps} }}
         extra = o.extra_config,
         amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),
         worker_extra = o.worker_config,
+        dispatcher_extra = o.dispatcher_config,
         tokens = tokens_toml(&o.tokens),
         tenant_defaults = o.tenant_defaults,
     )

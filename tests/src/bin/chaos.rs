@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = 4_000)]
     fault_interval_ms: u64,
     /// The model's latency, in ms (with as much random jitter again).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 300)]
     model_latency_ms: u64,
     /// Malformed requests published to the requests queue; exactly these must be dead-lettered.
     #[arg(long, default_value_t = 5)]
@@ -77,6 +77,12 @@ struct Args {
     /// The agents' `max_steps`.
     #[arg(long, default_value_t = 50)]
     max_steps: u32,
+    /// The janitor's `stall_after_s`: a session standing still this long gets its step published
+    /// again (the safety net for a step message lost with the broker). The production default is
+    /// 300; 120 keeps a lost message from holding the run up for 5 minutes, and still waits out a
+    /// postponement in the 2-minute delay tier (a duplicate would be harmless anyway).
+    #[arg(long, default_value_t = 120)]
+    stall_after_s: u64,
     /// Run the storm check instead of the chaos run.
     #[arg(long)]
     storm_only: bool,
@@ -116,6 +122,7 @@ impl Args {
             timeout_s: self.timeout_s,
             shared_broker: self.shared_broker,
             max_steps: self.max_steps,
+            stall_after_s: self.stall_after_s,
         }
     }
 }
@@ -196,6 +203,7 @@ async fn chaos(settings: &Settings, services: &mut Services) -> anyhow::Result<b
         out.faults.broker_restarts,
         out.faults.storm_s,
     );
+    print_slowest(&rig, &out).await;
     let rows = checks::check(&rig, &out, settings.bad_inputs).await.context("checking")?;
     print_table(&rows);
     let violations: u64 = rows.iter().map(|r| r.violations).sum();
@@ -205,6 +213,34 @@ async fn chaos(settings: &Settings, services: &mut Services) -> anyhow::Result<b
     );
     drop(rig);
     Ok(violations == 0)
+}
+
+/// When the sessions ended (their trace's last record), and what the slowest ones waited for:
+/// the longest pause in their trace.
+async fn print_slowest(rig: &Rig, out: &run::Outcome) {
+    let mut ended: Vec<(u64, usize, String)> = Vec::new();
+    for (i, id) in out.ids.iter().enumerate() {
+        let Some(id) = id else { continue };
+        if let Ok((last_ms, pause)) = checks::trace_summary(rig, id).await {
+            ended.push((last_ms.saturating_sub(out.started_ms), i, pause));
+        }
+    }
+    ended.sort();
+    let at = |q: f64| {
+        let i = ((ended.len() as f64 * q) as usize).min(ended.len().saturating_sub(1));
+        ended.get(i).map_or(f64::NAN, |e| e.0 as f64 / 1000.0)
+    };
+    println!(
+        "sessions ended (since the first submission): p50 {:.1} s, p90 {:.1} s, last {:.1} s",
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
+    for (t, i, pause) in ended.iter().rev().take(3) {
+        let p = &out.planned[*i];
+        let id = out.ids[*i].as_ref().map_or("?", |id| id.as_str());
+        println!("  #{} {} {id} ended at {:.1} s; {pause}", p.index, p.kind.name(), *t as f64 / 1000.0);
+    }
 }
 
 fn print_table(rows: &[Row]) {

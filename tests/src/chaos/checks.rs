@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::run::{Outcome, Rig};
 use super::workload::{CAPPED_MAX_STEPS, Kind, Planned};
-use crate::fleet::{check_step_conversation, queue_depth};
+use crate::fleet::{check_step_conversation, prometheus_counter, queue_depth};
 use crate::model_server::check_conversation;
 
 /// How many examples a row keeps.
@@ -61,6 +61,29 @@ async fn trace(rig: &Rig, id: &SessionId) -> anyhow::Result<Vec<Value>> {
     let reply: redis::streams::StreamRangeReply =
         redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut rig.fleet.redis().await?).await?;
     reply.ids.iter().map(|e| Ok(serde_json::from_str(&e.get::<String>("r").context("trace field r")?)?)).collect()
+}
+
+/// When a session's trace ends (Unix ms), and its longest pause between two records, said with
+/// the records around it.
+pub async fn trace_summary(rig: &Rig, id: &SessionId) -> anyhow::Result<(u64, String)> {
+    let records = trace(rig, id).await?;
+    let ts = |r: &Value| r["ts_ms"].as_u64().unwrap_or(0);
+    let describe = |r: &Value| {
+        let error = r["error"].as_str().map(|e| format!(" ({})", e.chars().take(100).collect::<String>()));
+        format!("step {} {}{}", r["step"], r["action"].as_str().unwrap_or("?"), error.unwrap_or_default())
+    };
+    let last = records.iter().map(ts).max().unwrap_or(0);
+    let gap = records.windows(2).max_by_key(|w| ts(&w[1]).saturating_sub(ts(&w[0])));
+    let pause = match gap {
+        Some(w) => format!(
+            "longest pause {:.1} s, between {} and {}",
+            ts(&w[1]).saturating_sub(ts(&w[0])) as f64 / 1000.0,
+            describe(&w[0]),
+            describe(&w[1])
+        ),
+        None => format!("{} trace records", records.len()),
+    };
+    Ok((last, pause))
 }
 
 /// The model calls a session's trace counts.
@@ -317,6 +340,9 @@ async fn check_queues(rig: &Rig, bad_inputs: usize) -> anyhow::Result<Vec<Row>> 
     } else {
         drained.ok();
     }
+    let metrics = rig.fleet.http.get(format!("{}/metrics", rig.fleet.ops)).send().await?.text().await?;
+    let rescued = prometheus_counter(&metrics, "agentfleet_retries_total", "reason=\"janitor\"");
+    drained.note = format!("the janitor published {rescued} stalled steps again");
     let mut dead = Row::new("dead-lettered only the bad input");
     let depth = u64::from(queue_depth(&ch, &rig.fleet.dead_letter_queue()).await?);
     dead.checked = depth.max(bad_inputs as u64);

@@ -60,6 +60,9 @@ pub struct Settings {
     pub shared_broker: bool,
     /// The agents' `max_steps`.
     pub max_steps: u32,
+    /// The janitor's `stall_after_s`: how long a session may stand still before its step is
+    /// published again.
+    pub stall_after_s: u64,
 }
 
 /// The suite's own Redis and (unless `--shared-broker`) RabbitMQ.
@@ -120,6 +123,7 @@ impl Rig {
             redis_url: services.redis.url(),
             amqp_url: services.amqp_url(),
             extra_config: workload::flaky_config(&flaky.base_url(), s.max_steps),
+            dispatcher_config: format!("stall_after_s = {}", s.stall_after_s),
             ..Default::default()
         })
         .await?;
@@ -463,6 +467,8 @@ pub struct Outcome {
     pub ids: Vec<Option<SessionId>>,
     /// Each session's last view.
     pub sessions: Vec<Option<Value>>,
+    /// When the first session was submitted, Unix ms.
+    pub started_ms: u64,
     /// The faults injected.
     pub faults: FaultLog,
     /// From the first submission until every session ended.
@@ -478,8 +484,9 @@ pub async fn run_chaos(rig: &mut Rig, services: &mut Services, s: &Settings) -> 
     let api = Api::of(&rig.fleet);
     let ids: Arc<Mutex<Vec<Option<SessionId>>>> = Arc::new(Mutex::new(vec![None; planned.len()]));
     // Submissions go on while the faults happen, so that sessions start, run and end throughout.
-    let window = schedule_length(s).mul_f64(0.8);
+    let window = schedule_length(s).mul_f64(0.6);
     let started = Instant::now();
+    let started_ms = agentfleet::telemetry::now_ms();
     let stop_humans = CancellationToken::new();
     let human_work = humans(&api, &planned, &ids, &stop_humans);
     let faults_and_wait = async {
@@ -493,7 +500,7 @@ pub async fn run_chaos(rig: &mut Rig, services: &mut Services, s: &Settings) -> 
     };
     let (done, ()) = tokio::join!(faults_and_wait, human_work);
     let (faults, ids, sessions) = done?;
-    Ok(Outcome { planned, ids, sessions, faults, wall: started.elapsed() })
+    Ok(Outcome { planned, ids, sessions, started_ms, faults, wall: started.elapsed() })
 }
 
 /// One storm run: `sessions` sessions of `steps` steps while `rate` of the model's answers are
@@ -549,6 +556,7 @@ mod tests {
             timeout_s: 300,
             shared_broker: false,
             max_steps: 50,
+            stall_after_s: 60,
         }
     }
 
