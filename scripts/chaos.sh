@@ -44,9 +44,17 @@ DIR="$PROFILE"
 [[ "$PROFILE" == dev ]] && DIR=debug
 BIN="${CARGO_TARGET_DIR:-target}/$DIR/agentfleet-chaos"
 
-# The suite starts private copies of Redis and RabbitMQ: their programs must be installed, which
-# services.sh makes sure of (it also starts the shared ones, which `--shared-broker` uses).
-bash scripts/services.sh
+# The suite starts private copies of Redis and RabbitMQ, so it needs their programs, not the
+# machine's running services (which may be busy or restarting): services.sh installs the programs
+# when one is missing. With --shared-broker it uses the machine's broker, which services.sh starts.
+SHARED=0
+for arg in ${ARGS[@]+"${ARGS[@]}"}; do
+    [[ "$arg" == --shared-broker ]] && SHARED=1
+done
+if [[ "$SHARED" -eq 1 ]] || ! command -v redis-server >/dev/null 2>&1 ||
+    ! { command -v rabbitmq-server >/dev/null 2>&1 || [[ -x /usr/sbin/rabbitmq-server ]]; }; then
+    bash scripts/services.sh
+fi
 
 if [[ "$BUILD" -eq 1 ]]; then
     cargo build --profile "$PROFILE" -p agentfleet-tests --bin agentfleet-chaos --bin agentfleet-test-worker
@@ -54,4 +62,4 @@ fi
 [[ -x "$BIN" ]] || { echo "chaos: $BIN is missing; build it (drop --no-build)" >&2; exit 2; }
 
 # exec: Ctrl-C and SIGTERM reach the suite itself, which stops everything it started.
-exec "$BIN" "${ARGS[@]}"
+exec "$BIN" ${ARGS[@]+"${ARGS[@]}"}
