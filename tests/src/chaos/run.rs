@@ -490,13 +490,19 @@ pub async fn run_chaos(rig: &mut Rig, services: &mut Services, s: &Settings) -> 
     let stop_humans = CancellationToken::new();
     let human_work = humans(&api, &planned, &ids, &stop_humans);
     let faults_and_wait = async {
-        let (log, ()) = tokio::join!(drive_faults(rig, services, s, started), submit_all(&api, &planned, window, &ids));
-        let log = log?;
-        let ids_now = ids.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let deadline = Instant::now() + Duration::from_secs(s.timeout_s);
-        let sessions = wait_final(&api, &ids_now, deadline).await;
+        let run = async {
+            let (log, ()) =
+                tokio::join!(drive_faults(rig, services, s, started), submit_all(&api, &planned, window, &ids));
+            let log = log?;
+            let ids_now = ids.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let deadline = Instant::now() + Duration::from_secs(s.timeout_s);
+            let sessions = wait_final(&api, &ids_now, deadline).await;
+            anyhow::Ok((log, ids_now, sessions))
+        };
+        let done = run.await;
+        // Also when a fault could not be injected: the humans stop, and the error is reported.
         stop_humans.cancel();
-        anyhow::Ok((log, ids_now, sessions))
+        done
     };
     let (done, ()) = tokio::join!(faults_and_wait, human_work);
     let (faults, ids, sessions) = done?;
