@@ -57,6 +57,6 @@ cargo test --workspace
 # The reduced chaos run (docs/RELIABILITY.md), on the debug binaries `cargo test` has just built: a
 # release build would add minutes of compiling. It starts its own Redis and RabbitMQ node.
 step "chaos suite, reduced"
-bash scripts/chaos.sh --debug --sessions 100 --kills 5 --sigstop 1 --broker-restarts 1 --redis-restarts 1
+bash scripts/chaos.sh --debug --sessions 100 --kills 5 --sigstop 1 --broker-restarts 1 --redis-restarts 1 --timeout-s 300
 
 step "all checks passed"
