@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::run::{Outcome, Rig};
 use super::workload::{CAPPED_MAX_STEPS, Kind, Planned};
 use crate::fleet::{check_step_conversation, prometheus_counter, queue_depth};
-use crate::model_server::check_conversation;
+use crate::model_server::{GoalBill, check_conversation};
 
 /// How many examples a row keeps.
 const EXAMPLES: usize = 5;
@@ -147,6 +147,80 @@ fn combine_turns(messages: &Value) -> (Value, usize) {
     (Value::Array(out), combined)
 }
 
+/// Whether every call the model answered for a session is in its usage exactly once: `usage.model_calls`
+/// is what its trace records (reconciled + worst case), at least what was answered, and no more
+/// calls were reconciled than answered; its tokens are what was billed (at least that, when some
+/// call was counted at its worst case).
+fn calls_counted_once(s: &Value, bill: GoalBill, calls: &TracedCalls) -> Result<(), String> {
+    let (answered, reconciled, worst, counted) =
+        (bill.answered, calls.reconciled(), calls.worst_case, usage(s, "model_calls"));
+    let (input, output) = (usage(s, "input_tokens"), usage(s, "output_tokens"));
+    if counted != reconciled + worst {
+        return Err(format!(
+            "usage.model_calls {counted}, but the trace has {reconciled} reconciled + {worst} worst-case"
+        ));
+    }
+    if answered > counted {
+        return Err(format!("the model answered {answered} calls, usage counts {counted}: missed"));
+    }
+    if reconciled > answered {
+        return Err(format!("{reconciled} calls reconciled, the model answered {answered}: counted twice"));
+    }
+    let exact = input == bill.input_tokens && output == bill.output_tokens;
+    let covers = input >= bill.input_tokens && output >= bill.output_tokens;
+    if (worst == 0 && !exact) || !covers {
+        let billed = (bill.input_tokens, bill.output_tokens);
+        return Err(format!("usage tokens {input}/{output}, billed {}/{} ({worst} worst-case)", billed.0, billed.1));
+    }
+    Ok(())
+}
+
+/// Whether a completed `[steps=n]` session holds each step's turn once, in order, and its trace a
+/// reconciled model call for each of steps 1..=n and no other.
+fn steps_once(s: &Value, n: usize, calls: &TracedCalls) -> Result<(), String> {
+    check_step_conversation(s, n)?;
+    let expected = 1..=n as u64;
+    let unreconciled: Vec<u64> = expected.clone().filter(|k| !calls.reconciled_by_step.contains_key(k)).collect();
+    if !unreconciled.is_empty() {
+        // The conversation holds these steps, but no call of theirs was reconciled: the reply was
+        // written by a worker whose reservation another had already counted, i.e. that had lost
+        // its lease.
+        return Err(format!(
+            "steps {unreconciled:?} are in the conversation without a reconciled model call (written after a lost lease?)"
+        ));
+    }
+    let beyond: Vec<u64> = calls.reconciled_by_step.keys().copied().filter(|k| !expected.contains(k)).collect();
+    if !beyond.is_empty() {
+        return Err(format!("model calls reconciled for steps {beyond:?}, beyond the script's {n}"));
+    }
+    Ok(())
+}
+
+/// No key executed more than `crashes` times beyond its first, and no call without a key, on
+/// either tool server.
+fn tool_repeats(rig: &Rig, crashes: u64) -> Row {
+    let mut tools = Row::new(&format!("tool executions repeated under one key <= crashes ({crashes})"));
+    let (support, flaky) = (rig.fleet.tools.stats(), rig.flaky.stats());
+    for stats in [&support, &flaky] {
+        for (key, n) in &stats.executed_by_key {
+            if n.saturating_sub(1) > crashes {
+                tools.violation(format!("key {key} executed {n} times"));
+            } else {
+                tools.ok();
+            }
+        }
+        if stats.missing_key > 0 {
+            tools.violation(format!("{} calls without an Idempotency-Key", stats.missing_key));
+        }
+    }
+    tools.note = format!(
+        "{} repeated executions in all; {} calls failed on purpose and were retried",
+        support.repeated_executions() + flaky.repeated_executions(),
+        support.failures_injected + flaky.failures_injected
+    );
+    tools
+}
+
 /// Whether a session ended as its kind must; why not otherwise.
 fn expected_end(p: &Planned, s: &Value) -> Result<(), String> {
     let status = s["status"].as_str().unwrap_or("?");
@@ -215,42 +289,13 @@ pub async fn check(rig: &Rig, out: &Outcome, bad_inputs: usize) -> anyhow::Resul
         let calls = TracedCalls::of(&records);
         rerun_steps += calls.reconciled_by_step.values().filter(|n| **n > 1).count();
         if let Some(n) = p.steps.filter(|_| s["status"] == "completed") {
-            let covered: Vec<u64> = calls.reconciled_by_step.keys().copied().collect();
-            let expected: Vec<u64> = (1..=n as u64).collect();
-            let skipped = if covered == expected {
-                Ok(())
-            } else {
-                Err(format!("model calls reconciled for steps {covered:?}, expected {expected:?}"))
-            };
-            steps.judge(check_step_conversation(s, n).and(skipped), &who);
+            steps.judge(steps_once(s, n, &calls), &who);
         }
 
         let bill = bills.get(&p.goal).copied().unwrap_or_default();
-        let (answered, reconciled, worst, counted) =
-            (bill.answered, calls.reconciled(), calls.worst_case, usage(s, "model_calls"));
-        answered_total += answered;
-        worst_total += worst;
-        let call_check = if counted != reconciled + worst {
-            Err(format!("usage.model_calls {counted}, but the trace has {reconciled} reconciled + {worst} worst-case"))
-        } else if answered > counted {
-            Err(format!("the model answered {answered} calls, usage counts {counted}: missed"))
-        } else if reconciled > answered {
-            Err(format!("{reconciled} calls reconciled, the model answered {answered}: counted twice"))
-        } else if worst == 0
-            && (usage(s, "input_tokens") != bill.input_tokens || usage(s, "output_tokens") != bill.output_tokens)
-        {
-            Err(format!(
-                "usage tokens {}/{} differ from the billed {}/{}",
-                usage(s, "input_tokens"),
-                usage(s, "output_tokens"),
-                bill.input_tokens,
-                bill.output_tokens
-            ))
-        } else if usage(s, "input_tokens") < bill.input_tokens || usage(s, "output_tokens") < bill.output_tokens {
-            Err("usage tokens are below what was billed".to_owned())
-        } else {
-            Ok(())
-        };
+        answered_total += bill.answered;
+        worst_total += calls.worst_case;
+        let call_check = calls_counted_once(s, bill, &calls);
         usage_row.judge(call_check, &who);
 
         let taken = usage(s, "steps");
@@ -281,26 +326,7 @@ pub async fn check(rig: &Rig, out: &Outcome, bad_inputs: usize) -> anyhow::Resul
         ));
     }
 
-    let mut tools = Row::new(&format!("tool executions repeated under one key <= crashes ({crashes})"));
-    let (support, flaky) = (rig.fleet.tools.stats(), rig.flaky.stats());
-    for stats in [&support, &flaky] {
-        for (key, n) in &stats.executed_by_key {
-            if n.saturating_sub(1) > crashes {
-                tools.violation(format!("key {key} executed {n} times"));
-            } else {
-                tools.ok();
-            }
-        }
-        if stats.missing_key > 0 {
-            tools.violation(format!("{} calls without an Idempotency-Key", stats.missing_key));
-        }
-    }
-    tools.note = format!(
-        "{} repeated executions in all; {} calls failed on purpose and were retried",
-        support.repeated_executions() + flaky.repeated_executions(),
-        support.failures_injected + flaky.failures_injected
-    );
-
+    let tools = tool_repeats(rig, crashes);
     let mut rows = vec![ended, valid, steps, tools, usage_row, budget];
     rows.extend(check_queues(rig, bad_inputs).await?);
     Ok(rows)
@@ -372,6 +398,20 @@ mod tests {
         assert_eq!(combined, 1);
         assert_eq!(out.as_array().map(Vec::len), Some(3));
         assert_eq!(out[2]["content"], json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]));
+    }
+
+    #[test]
+    fn a_step_without_a_reconciled_call_is_reported() {
+        let s = json!({"messages": [
+            {"role": "user", "content": "[steps=1] x"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Done after 1 steps."}]},
+        ]});
+        let calls =
+            |steps: &[u64]| TracedCalls { reconciled_by_step: steps.iter().map(|k| (*k, 1)).collect(), worst_case: 0 };
+        assert_eq!(steps_once(&s, 1, &calls(&[1])), Ok(()));
+        assert!(steps_once(&s, 1, &calls(&[])).expect_err("unreconciled").contains("steps [1]"));
+        assert!(steps_once(&s, 1, &calls(&[1, 2])).expect_err("beyond").contains("[2]"));
+        assert!(steps_once(&s, 2, &calls(&[1, 2])).is_err(), "the conversation has one step, not two");
     }
 
     #[test]

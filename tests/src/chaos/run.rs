@@ -275,87 +275,116 @@ async fn drive_faults(
     s: &Settings,
     started: Instant,
 ) -> anyhow::Result<FaultLog> {
-    let mut rng = StdRng::seed_from_u64(s.seed ^ 0x5eed);
-    let mut log = FaultLog::default();
-    let mut paused: Option<(usize, u32)> = None;
-    let mut storm_from = None;
+    let mut driver = FaultDriver {
+        rng: StdRng::seed_from_u64(s.seed ^ 0x5eed),
+        log: FaultLog::default(),
+        paused: None,
+        storm_from: None,
+    };
     for (at, fault) in schedule(s) {
         tokio::time::sleep_until((started + at).into()).await;
         let t = started.elapsed().as_secs_f64();
-        let line = match fault {
-            Fault::Kill => {
-                let live: Vec<usize> =
-                    rig.fleet.live_workers().into_iter().filter(|i| Some(*i) != paused.map(|p| p.0)).collect();
-                if live.is_empty() {
-                    "kill: no running worker to kill".to_owned()
-                } else {
-                    let i = live[rng.random_range(0..live.len())];
-                    let pid = rig.fleet.worker_pid(i).unwrap_or_default();
-                    rig.fleet.kill_worker(i)?;
-                    let new = rig.fleet.spawn_worker()?;
-                    log.kills += 1;
-                    format!("SIGKILL worker {i} (pid {pid}); started worker {new}")
-                }
-            }
-            Fault::Pause => {
-                let live = rig.fleet.live_workers();
-                let pick = (!live.is_empty()).then(|| live[rng.random_range(0..live.len())]);
-                match pick.and_then(|i| Some((i, rig.fleet.worker_pid(i)?))) {
-                    Some((i, pid)) if paused.is_none() => {
-                        signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
-                        paused = Some((i, pid));
-                        log.pauses += 1;
-                        format!("SIGSTOP worker {i} (pid {pid}) for {} s", s.sigstop_s)
-                    }
-                    _ => "SIGSTOP: no running worker to stop".to_owned(),
-                }
-            }
-            Fault::Resume => match paused.take() {
-                Some((i, pid)) => {
-                    signal(pid, nix::sys::signal::Signal::SIGCONT)?;
-                    format!("SIGCONT worker {i} (pid {pid})")
-                }
-                None => "SIGCONT: no worker was stopped".to_owned(),
-            },
-            Fault::BrokerRestart => match services.rabbit.as_mut() {
-                Some(rabbit) => {
-                    let t0 = Instant::now();
-                    rabbit.restart(Duration::from_secs(2)).await?;
-                    log.broker_restarts += 1;
-                    format!("RabbitMQ node {} restarted (down {:.1} s)", rabbit.node(), t0.elapsed().as_secs_f64())
-                }
-                None => {
-                    "RabbitMQ restart skipped: --shared-broker (the machine's broker is never restarted)".to_owned()
-                }
-            },
+        let line = driver.inject(fault, rig, services, s).await?;
+        driver.log.lines.push(format!("{t:7.1} s  {line}"));
+    }
+    Ok(driver.log)
+}
+
+/// The fault driver's state between faults.
+struct FaultDriver {
+    rng: StdRng,
+    log: FaultLog,
+    /// The stopped worker: its index and pid.
+    paused: Option<(usize, u32)>,
+    storm_from: Option<Instant>,
+}
+
+impl FaultDriver {
+    /// Injects one fault; says what it did.
+    async fn inject(
+        &mut self,
+        fault: Fault,
+        rig: &mut Rig,
+        services: &mut Services,
+        s: &Settings,
+    ) -> anyhow::Result<String> {
+        match fault {
+            Fault::Kill => self.kill(rig),
+            Fault::Pause => self.pause(rig, s.sigstop_s),
+            Fault::Resume => self.resume(),
+            Fault::BrokerRestart => self.restart_broker(services).await,
             Fault::RedisRestart => {
                 let t0 = Instant::now();
                 services.redis.kill_and_restart(Duration::from_secs(1)).await?;
-                log.redis_restarts += 1;
-                format!("Redis kill -9, restarted from its AOF (down {:.1} s)", t0.elapsed().as_secs_f64())
+                self.log.redis_restarts += 1;
+                Ok(format!("Redis kill -9, restarted from its AOF (down {:.1} s)", t0.elapsed().as_secs_f64()))
             }
             Fault::StormOn => {
                 rig.fleet.model.set_faults(Faults { rate_529: s.storm_rate, ..calm(s) });
-                storm_from = Some(Instant::now());
-                format!("model storm on: {:.0}% of calls answered 529", s.storm_rate * 100.0)
+                self.storm_from = Some(Instant::now());
+                Ok(format!("model storm on: {:.0}% of calls answered 529", s.storm_rate * 100.0))
             }
             Fault::StormOff => {
                 rig.fleet.model.set_faults(calm(s));
-                log.storm_s = storm_from.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                "model storm off".to_owned()
+                self.log.storm_s = self.storm_from.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                Ok("model storm off".to_owned())
             }
             Fault::ToolOutageOn => {
                 rig.flaky.set_behaviour(flaky_behaviour(1.0))?;
-                format!("{FLAKY_TOOL} outage: every call fails with 503")
+                Ok(format!("{FLAKY_TOOL} outage: every call fails with 503"))
             }
             Fault::ToolOutageOff => {
                 rig.flaky.set_behaviour(flaky_behaviour(0.3))?;
-                format!("{FLAKY_TOOL} back to 30% failures")
+                Ok(format!("{FLAKY_TOOL} back to 30% failures"))
             }
-        };
-        log.lines.push(format!("{t:7.1} s  {line}"));
+        }
     }
-    Ok(log)
+
+    /// A random running worker, other than the stopped one.
+    fn pick(&mut self, rig: &Rig) -> Option<(usize, u32)> {
+        let stopped = self.paused.map(|(i, _)| i);
+        let live: Vec<usize> = rig.fleet.live_workers().into_iter().filter(|i| Some(*i) != stopped).collect();
+        let i = *live.get(self.rng.random_range(0..live.len().max(1)))?;
+        Some((i, rig.fleet.worker_pid(i)?))
+    }
+
+    /// SIGKILLs a random worker and starts another.
+    fn kill(&mut self, rig: &mut Rig) -> anyhow::Result<String> {
+        let Some((i, pid)) = self.pick(rig) else { return Ok("kill: no running worker to kill".to_owned()) };
+        rig.fleet.kill_worker(i)?;
+        let new = rig.fleet.spawn_worker()?;
+        self.log.kills += 1;
+        Ok(format!("SIGKILL worker {i} (pid {pid}); started worker {new}"))
+    }
+
+    /// SIGSTOPs a random worker, unless one is stopped already.
+    fn pause(&mut self, rig: &Rig, for_s: u64) -> anyhow::Result<String> {
+        let Some((i, pid)) = self.pick(rig).filter(|_| self.paused.is_none()) else {
+            return Ok("SIGSTOP: no running worker to stop".to_owned());
+        };
+        signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        self.paused = Some((i, pid));
+        self.log.pauses += 1;
+        Ok(format!("SIGSTOP worker {i} (pid {pid}) for {for_s} s"))
+    }
+
+    /// SIGCONTs the stopped worker.
+    fn resume(&mut self) -> anyhow::Result<String> {
+        let Some((i, pid)) = self.paused.take() else { return Ok("SIGCONT: no worker was stopped".to_owned()) };
+        signal(pid, nix::sys::signal::Signal::SIGCONT)?;
+        Ok(format!("SIGCONT worker {i} (pid {pid})"))
+    }
+
+    /// Restarts the private RabbitMQ node; the machine's broker is never restarted.
+    async fn restart_broker(&mut self, services: &mut Services) -> anyhow::Result<String> {
+        let Some(rabbit) = services.rabbit.as_mut() else {
+            return Ok("RabbitMQ restart skipped: --shared-broker (the machine's broker is never restarted)".to_owned());
+        };
+        let t0 = Instant::now();
+        rabbit.restart(Duration::from_secs(2)).await?;
+        self.log.broker_restarts += 1;
+        Ok(format!("RabbitMQ node {} restarted (down {:.1} s)", rabbit.node(), t0.elapsed().as_secs_f64()))
+    }
 }
 
 fn signal(pid: u32, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
