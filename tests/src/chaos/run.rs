@@ -103,6 +103,9 @@ impl Services {
     }
 }
 
+/// How long a fleet may take to start.
+const FLEET_START_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// A fleet and the tool server of its flaky tool.
 pub struct Rig {
     /// The fleet.
@@ -115,7 +118,7 @@ impl Rig {
     /// Starts a fleet on `services`.
     pub async fn start(services: &Services, s: &Settings) -> anyhow::Result<Self> {
         let flaky = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
-        let fleet = TestFleet::start(FleetOptions {
+        let starting = TestFleet::start(FleetOptions {
             workers: s.workers,
             concurrency: s.concurrency,
             lease_ms: s.lease_ms,
@@ -125,8 +128,15 @@ impl Rig {
             extra_config: workload::flaky_config(&flaky.base_url(), s.max_steps),
             dispatcher_config: format!("stall_after_s = {}", s.stall_after_s),
             ..Default::default()
-        })
-        .await?;
+        });
+        // The dispatcher waits for the broker patiently; a broker that never answers must not hang
+        // the suite.
+        let fleet = tokio::time::timeout(FLEET_START_TIMEOUT, starting).await.with_context(|| {
+            format!(
+                "the fleet did not start within {FLEET_START_TIMEOUT:?}: is the broker at {} up?",
+                services.amqp_url()
+            )
+        })??;
         fleet.wait_ready(Duration::from_secs(60)).await?;
         Ok(Self { fleet, flaky })
     }
