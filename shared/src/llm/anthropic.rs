@@ -160,13 +160,11 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
 
 fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duration>) -> LlmError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
-        Ok(b) => LlmError::Api { status, kind: b.error.kind, message: b.error.message, retry_after },
-        Err(_) => LlmError::Api {
-            status,
-            kind: "unknown_error".into(),
-            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-            retry_after,
-        },
+        Ok(b) => LlmError::api(status, b.error.kind, b.error.message, retry_after),
+        Err(_) => {
+            let excerpt = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            LlmError::api(status, "unknown_error".into(), excerpt, retry_after)
+        }
     }
 }
 
@@ -207,6 +205,10 @@ mod tests {
         assert!(e.to_string().contains("bad"));
         let e = parse_error(502, b"<html>bad gateway</html>", None);
         assert!(e.is_retryable() && e.is_provider_failure());
+        let e = parse_error(304, b"", None);
+        assert_eq!(e.to_string(), "model API error 304 unknown_error: HTTP 304 without an error message");
+        let blank = parse_error(400, br#"{"type":"error","error":{"type":"","message":" "}}"#, None);
+        assert_eq!(blank.to_string(), "model API error 400 api_error: HTTP 400 without an error message");
         let limit = br#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits."}}"#;
         let e = parse_error(429, limit, None);
         assert!(!e.is_retryable() && !e.is_provider_failure(), "a spend limit is not retried");

@@ -93,6 +93,15 @@ impl LlmError {
         Self::Transport { sent, detail }
     }
 
+    /// An error answer. A blank `kind` or `message` (an empty body, an error object without a
+    /// message) is replaced, so that every refusal says something more than its status.
+    pub(crate) fn api(status: u16, kind: String, message: String, retry_after: Option<Duration>) -> Self {
+        let kind = if kind.trim().is_empty() { "api_error".to_owned() } else { kind };
+        let message =
+            if message.trim().is_empty() { format!("HTTP {status} without an error message") } else { message };
+        Self::Api { status, kind, message, retry_after }
+    }
+
     /// The server's `retry-after`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
