@@ -145,6 +145,7 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
     if body.kind != "message" {
         return Err(LlmError::Decode(format!("expected type `message`, got `{}`", body.kind)));
     }
+    readable_blocks(&body.content)?;
     let stop_reason = body
         .stop_reason
         .map(|s| StopReason::parse(&s))
@@ -156,6 +157,17 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
         usage: body.usage,
         rate_headers: Default::default(),
     })
+}
+
+/// Every block must be JSON that decodes, not only JSON that scans: a lone surrogate escape
+/// (`"\ud800"`) passes as a raw value, but would be stored, shown and sent back as text that no
+/// JSON reader accepts.
+fn readable_blocks(content: &[RawBlock]) -> Result<(), LlmError> {
+    for (i, block) in content.iter().enumerate() {
+        serde_json::from_str::<serde_json::Value>(block.get())
+            .map_err(|e| LlmError::Decode(format!("content block {i} is not valid JSON text: {e}")))?;
+    }
+    Ok(())
 }
 
 fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duration>) -> LlmError {
@@ -190,6 +202,10 @@ mod tests {
         assert!(matches!(parse_reply(b"not json"), Err(LlmError::Decode(_))));
         assert!(parse_reply(b"not json").err().is_some_and(|e| e.is_retryable() && !e.is_unbilled()));
         assert!(matches!(parse_reply(br#"{"type":"error","id":"x","content":[]}"#), Err(LlmError::Decode(_))));
+        let surrogate =
+            br#"{"type":"message","id":"x","content":[{"type":"text","text":"\ud800"}],"stop_reason":"end_turn"}"#;
+        let e = parse_reply(surrogate).expect_err("a lone surrogate");
+        assert!(e.to_string().contains("content block 0 is not valid JSON text"), "{e}");
         let no_stop = br#"{"type":"message","id":"x","content":[],"stop_reason":null}"#;
         assert!(matches!(parse_reply(no_stop), Err(LlmError::Decode(_))));
     }
