@@ -220,6 +220,8 @@ pub(crate) async fn approve(
     let id = path_id(&id)?;
     let body: Approve = if body.iter().all(u8::is_ascii_whitespace) {
         Approve::default()
+    } else if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::invalid("body: must be a JSON object"));
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
     };
