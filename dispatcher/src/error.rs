@@ -3,7 +3,7 @@
 //! Client errors say exactly what is wrong and name the field. Server errors say nothing internal:
 //! the detail goes to the log.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -125,6 +125,13 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        Self::rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    /// A body that could not be read (over the body limit, cut off).
+    fn from(r: BytesRejection) -> Self {
         Self::rejected(r.status(), r.body_text())
     }
 }
