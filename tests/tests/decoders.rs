@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use agentfleet::config::{AnthropicConfig, Config, HandlerConfig, OpenAiConfig, ToolConfig};
 use agentfleet::domain::{Name, SessionId, StepMessage};
+use agentfleet::llm::types::MAX_TOKENS_PER_CALL;
 use agentfleet::llm::{
     AnthropicClient, Block, CallSpec, LlmError, ModelReply, OpenAiClient, RawBlock, stored_content, user_message,
 };
@@ -693,6 +694,10 @@ fn check_model_result(result: Result<ModelReply, LlmError>, status: u16) -> Resu
 /// A reply is something the engine can store and read back.
 fn check_reply(reply: &ModelReply) -> Result<(), TestCaseError> {
     prop_assert!(!reply.stop_reason.label().is_empty());
+    let u = &reply.usage;
+    let counts = [u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens];
+    prop_assert!(counts.iter().all(|n| *n <= MAX_TOKENS_PER_CALL), "absurd usage accepted: {u:?}");
+    prop_assert!(counts.iter().try_fold(0u64, |sum, n| sum.checked_add(*n)).is_some(), "{u:?}");
     let _ = reply.text();
     let stored = reply.assistant_message();
     let value: Value = serde_json::from_str(&stored).map_err(|e| TestCaseError::fail(format!("{e}: {stored}")))?;

@@ -154,7 +154,7 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
         id: body.id,
         content: body.content,
         stop_reason,
-        usage: body.usage,
+        usage: body.usage.credible()?,
         rate_headers: Default::default(),
     })
 }
