@@ -214,12 +214,15 @@ pub(crate) async fn approve(
     caller: Caller,
     State(s): State<AppState>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require(Role::Approve)?;
     let id = path_id(&id)?;
+    let body = body?;
     let body: Approve = if body.iter().all(u8::is_ascii_whitespace) {
         Approve::default()
+    } else if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::invalid("body: must be a JSON object"));
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("body: {e}")))?
     };

@@ -3,12 +3,13 @@
 //! Client errors say exactly what is wrong and name the field. Server errors say nothing internal:
 //! the detail goes to the log.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 /// An error answered to an API client.
 #[derive(Debug)]
@@ -124,8 +125,20 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = r.status();
-        let message = r.body_text();
+        Self::rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    /// A body that could not be read (over the body limit, cut off).
+    fn from(r: BytesRejection) -> Self {
+        Self::rejected(r.status(), r.body_text())
+    }
+}
+
+impl ApiError {
+    /// An extractor's rejection in our shape.
+    fn rejected(status: StatusCode, message: String) -> Self {
         let kind = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
@@ -137,14 +150,21 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// `axum::Json`, with rejections in our error shape.
+/// `axum::Json`, with rejections in our error shape, for a body that must be a JSON object.
+///
+/// serde's derived structs also accept a list of their fields in order, so without the check
+/// `["support", "hi"]` would create a session (and `["ok"]` answer an escalation).
 pub(crate) struct ApiJson<T>(pub(crate) T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        let axum::Json(raw) = axum::Json::<Box<RawValue>>::from_request(req, state).await?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(ApiError::invalid("body: must be a JSON object"));
+        }
+        let axum::Json(value) = axum::Json::<T>::from_bytes(raw.get().as_bytes())?;
         Ok(Self(value))
     }
 }

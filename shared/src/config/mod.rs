@@ -231,7 +231,11 @@ impl Config {
         let err = |field: String, problem: String| ConfigError { file: file.to_owned(), field, problem };
         let de = toml::Deserializer::parse(text).map_err(|e| err("(file)".into(), e.to_string().trim().to_owned()))?;
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            // An error of the file as a whole (a missing table) has the empty path, shown as `.`.
+            let field = match e.path().to_string() {
+                root if root == "." => "(file)".to_owned(),
+                path => path,
+            };
             err(field, e.into_inner().message().trim().to_owned())
         })?;
         cfg.apply_env(env);
@@ -522,6 +526,9 @@ mod tests {
 
         let e = parse("this is = = not toml").expect_err("syntax");
         assert_eq!(e.field, "(file)");
+
+        let e = parse("[tenant_defaults]\ndaily_cap_usd = 1.0").expect_err("no agents");
+        assert_eq!((e.field.as_str(), e.problem.as_str()), ("(file)", "missing field `agents`"));
     }
 
     #[test]

@@ -145,6 +145,7 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
     if body.kind != "message" {
         return Err(LlmError::Decode(format!("expected type `message`, got `{}`", body.kind)));
     }
+    readable_blocks(&body.content)?;
     let stop_reason = body
         .stop_reason
         .map(|s| StopReason::parse(&s))
@@ -153,20 +154,29 @@ fn parse_reply(bytes: &[u8]) -> Result<ModelReply, LlmError> {
         id: body.id,
         content: body.content,
         stop_reason,
-        usage: body.usage,
+        usage: body.usage.credible()?,
         rate_headers: Default::default(),
     })
 }
 
+/// Every block must be JSON that decodes, not only JSON that scans: a lone surrogate escape
+/// (`"\ud800"`) passes as a raw value, but would be stored, shown and sent back as text that no
+/// JSON reader accepts.
+fn readable_blocks(content: &[RawBlock]) -> Result<(), LlmError> {
+    for (i, block) in content.iter().enumerate() {
+        serde_json::from_str::<serde_json::Value>(block.get())
+            .map_err(|e| LlmError::Decode(format!("content block {i} is not valid JSON text: {e}")))?;
+    }
+    Ok(())
+}
+
 fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duration>) -> LlmError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
-        Ok(b) => LlmError::Api { status, kind: b.error.kind, message: b.error.message, retry_after },
-        Err(_) => LlmError::Api {
-            status,
-            kind: "unknown_error".into(),
-            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-            retry_after,
-        },
+        Ok(b) => LlmError::api(status, b.error.kind, b.error.message, retry_after),
+        Err(_) => {
+            let excerpt = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            LlmError::api(status, "unknown_error".into(), excerpt, retry_after)
+        }
     }
 }
 
@@ -192,6 +202,10 @@ mod tests {
         assert!(matches!(parse_reply(b"not json"), Err(LlmError::Decode(_))));
         assert!(parse_reply(b"not json").err().is_some_and(|e| e.is_retryable() && !e.is_unbilled()));
         assert!(matches!(parse_reply(br#"{"type":"error","id":"x","content":[]}"#), Err(LlmError::Decode(_))));
+        let surrogate =
+            br#"{"type":"message","id":"x","content":[{"type":"text","text":"\ud800"}],"stop_reason":"end_turn"}"#;
+        let e = parse_reply(surrogate).expect_err("a lone surrogate");
+        assert!(e.to_string().contains("content block 0 is not valid JSON text"), "{e}");
         let no_stop = br#"{"type":"message","id":"x","content":[],"stop_reason":null}"#;
         assert!(matches!(parse_reply(no_stop), Err(LlmError::Decode(_))));
     }
@@ -207,6 +221,10 @@ mod tests {
         assert!(e.to_string().contains("bad"));
         let e = parse_error(502, b"<html>bad gateway</html>", None);
         assert!(e.is_retryable() && e.is_provider_failure());
+        let e = parse_error(304, b"", None);
+        assert_eq!(e.to_string(), "model API error 304 unknown_error: HTTP 304 without an error message");
+        let blank = parse_error(400, br#"{"type":"error","error":{"type":"","message":" "}}"#, None);
+        assert_eq!(blank.to_string(), "model API error 400 api_error: HTTP 400 without an error message");
         let limit = br#"{"type":"error","error":{"type":"rate_limit_error","message":"You have reached your specified API usage limits."}}"#;
         let e = parse_error(429, limit, None);
         assert!(!e.is_retryable() && !e.is_provider_failure(), "a spend limit is not retried");

@@ -93,6 +93,15 @@ impl LlmError {
         Self::Transport { sent, detail }
     }
 
+    /// An error answer. A blank `kind` or `message` (an empty body, an error object without a
+    /// message) is replaced, so that every refusal says something more than its status.
+    pub(crate) fn api(status: u16, kind: String, message: String, retry_after: Option<Duration>) -> Self {
+        let kind = if kind.trim().is_empty() { "api_error".to_owned() } else { kind };
+        let message =
+            if message.trim().is_empty() { format!("HTTP {status} without an error message") } else { message };
+        Self::Api { status, kind, message, retry_after }
+    }
+
     /// The server's `retry-after`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -136,6 +145,27 @@ pub struct Usage {
     /// Input tokens read from the cache.
     #[serde(default, deserialize_with = "null_as_zero")]
     pub cache_read_input_tokens: u64,
+}
+
+/// The most tokens one count of one call may hold. No model reads or writes four billion tokens in
+/// a call; a larger count is a broken answer, and letting it through would overflow the sums of a
+/// step's tokens and the session's counters in Redis (64-bit signed).
+pub const MAX_TOKENS_PER_CALL: u64 = u32::MAX as u64;
+
+impl Usage {
+    /// The usage, or a decode error naming the first count above [`MAX_TOKENS_PER_CALL`].
+    pub(crate) fn credible(self) -> Result<Self, LlmError> {
+        let counts = [
+            ("input_tokens", self.input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("cache_creation_input_tokens", self.cache_creation_input_tokens),
+            ("cache_read_input_tokens", self.cache_read_input_tokens),
+        ];
+        match counts.into_iter().find(|(_, n)| *n > MAX_TOKENS_PER_CALL) {
+            Some((field, n)) => Err(LlmError::Decode(format!("usage.{field}: {n} is not a credible token count"))),
+            None => Ok(self),
+        }
+    }
 }
 
 fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -377,6 +407,19 @@ mod tests {
         assert_eq!(views[3], Block::Other);
         let back = stored_content(&msg).expect("stored");
         assert_eq!(back.iter().map(|b| b.get()).collect::<Vec<_>>().join(","), body[1..body.len() - 1]);
+    }
+
+    #[test]
+    fn token_counts_past_four_billion_are_refused() {
+        let fine = Usage { input_tokens: MAX_TOKENS_PER_CALL, ..Usage::default() };
+        assert_eq!(fine.credible().ok(), Some(fine));
+        let absurd = Usage { cache_creation_input_tokens: u64::MAX, ..Usage::default() };
+        let e = absurd.credible().expect_err("absurd");
+        assert_eq!(
+            e.to_string(),
+            "model API sent an unreadable response: usage.cache_creation_input_tokens: 18446744073709551615 is not \
+             a credible token count"
+        );
     }
 
     #[test]

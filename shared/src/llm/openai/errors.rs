@@ -28,7 +28,7 @@ pub(super) fn parse_error(status: u16, bytes: &[u8], retry_after: Option<Duratio
     let detail = body.as_ref().map(|b| b.get("error").unwrap_or(b));
     let kind = detail.and_then(error_kind).unwrap_or_else(|| "api_error".to_owned());
     let message = detail.and_then(error_message).unwrap_or_else(|| excerpt(bytes));
-    LlmError::Api { status, kind, message, retry_after }
+    LlmError::api(status, kind, message, retry_after)
 }
 
 /// `type`, else `code` (a string or a number).
@@ -80,6 +80,8 @@ mod tests {
         let cut = format!("a{}\u{FFFD}", "é".repeat(99));
         assert_eq!(api(500, long.as_bytes()).1, cut, "a character split by the excerpt is replaced");
         assert!(parse_error(503, b"", None).is_retryable());
+        assert_eq!(api(503, b""), ("api_error".into(), "HTTP 503 without an error message".into()));
+        assert_eq!(api(400, br#"{"error":{"message":""}}"#).1, "HTTP 400 without an error message");
         assert!(!parse_error(400, openai, None).is_retryable());
     }
 

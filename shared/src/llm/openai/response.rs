@@ -88,7 +88,8 @@ pub(super) fn parse_reply(bytes: &[u8], mut used_ids: HashSet<String>) -> Result
     }
     let id = body.id.filter(|id| !id.is_empty()).unwrap_or_else(|| format!("chatcmpl-{}", ulid::Ulid::new()));
     let stop_reason = stop_reason(choice.finish_reason.as_deref(), shape);
-    Ok(ModelReply { id, content, stop_reason, usage: usage(body.usage.as_ref()), rate_headers: Default::default() })
+    let usage = usage(body.usage.as_ref()).credible()?;
+    Ok(ModelReply { id, content, stop_reason, usage, rate_headers: Default::default() })
 }
 
 fn no_choices(error: Option<&Value>) -> String {
