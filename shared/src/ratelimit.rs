@@ -25,7 +25,7 @@
 //!    429 adds an adaptive request bucket, or shrinks it (multiplicative decrease); each success
 //!    grows it back (additive increase) until it reaches the rate it started from, and is dropped.
 //!    It starts from `requests_per_minute` when one is configured, else from the grants the fleet
-//!    was given over the last 10-20 s (`acquire` counts them when asked to), and never goes under
+//!    was given over the last 1-20 s (`acquire` counts them when asked to), and never goes under
 //!    the configured floor, so an overloaded provider slows the fleet down without stopping it. A
 //!    success while the provider is not overloaded writes nothing.
 //!

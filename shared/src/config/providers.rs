@@ -209,7 +209,7 @@ impl TryFrom<BreakerToml> for BreakerConfig {
 
 /// How a provider's overload (529) and rate-limit (429) answers slow the fleet (AIMD on the
 /// provider+model's token bucket). The first such answer caps the fleet's requests at the rate it
-/// was sending (`requests_per_minute` when configured, else the grants of the last 10-20 s); each
+/// was sending (`requests_per_minute` when configured, else the grants of the last 1-20 s); each
 /// overload multiplies the cap by `decrease`, each success adds `increase` of the starting rate,
 /// and once it is back at the start the cap is gone. It never goes below `min_requests_per_minute`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -222,14 +222,17 @@ pub struct AdaptiveRate {
     /// What each overload multiplies the rate by, in (0, 1). Default 0.9.
     #[serde(deserialize_with = "open_fraction")]
     pub decrease: f64,
-    /// What each success adds, as a share of the starting rate, in (0, 1]. Default 0.02.
+    /// What each success adds, as a share of the starting rate, in (0, 1]. Default 0.05: the rate
+    /// settles where `(1 - p) × increase = p × (1 - decrease) × rate / start` for an overload share
+    /// `p`, so a 30 % storm barely slows the fleet, 50 % halves it, and a steady 529 takes it to the
+    /// floor.
     #[serde(deserialize_with = "fraction")]
     pub increase: f64,
 }
 
 impl Default for AdaptiveRate {
     fn default() -> Self {
-        Self { enabled: true, min_requests_per_minute: DEFAULT_FLOOR, decrease: 0.9, increase: 0.02 }
+        Self { enabled: true, min_requests_per_minute: DEFAULT_FLOOR, decrease: 0.9, increase: 0.05 }
     }
 }
 

@@ -1,6 +1,6 @@
 -- AIMD on the adaptive request bucket of one provider+model (fields ar, ac, al: see buckets.lua).
 -- An overload (529 or 429) starts it at the configured requests per minute, or at the rate the
--- fleet was granted over the last 10-20 s (gw, gc, gp), and multiplies it by `decrease`; a success
+-- fleet was granted over the last 1-20 s (gw, gc, gp), and multiplies it by `decrease`; a success
 -- adds `increase` × the starting rate; back at the start, the bucket is gone. Never below `floor`.
 -- A success while no adaptive bucket exists reads one field and writes nothing.
 -- KEYS: rate   ARGV: now ms, signal (ok|overload), configured rpm (0: none), floor rpm, decrease,
@@ -26,16 +26,18 @@ end
 if not rate then
   ceiling = configured
   if ceiling <= 0 then
-    local g = redis.call('HMGET', key, 'gw', 'gc', 'gp')
+    -- The grants of this 10 s window and the one before, over the time they span (at least 1 s,
+    -- and no more than counting has run: a fresh count is not diluted by windows it never saw).
+    local g = redis.call('HMGET', key, 'gw', 'gc', 'gp', 'g0')
     local win, gw = math.floor(now / 10000), tonumber(g[1])
-    local gc, gp = tonumber(g[2]) or 0, tonumber(g[3]) or 0
+    local gc, gp, g0 = tonumber(g[2]) or 0, tonumber(g[3]) or 0, tonumber(g[4]) or now
+    local count, span = 0, 1000
     if gw == win then
-      ceiling = (gc + gp) * 60000 / (10000 + now - win * 10000)
+      count, span = gc + gp, now - (win - 1) * 10000
     elseif gw == win - 1 then
-      ceiling = gc * 6
-    else
-      ceiling = 0
+      count, span = gc, now - (win - 1) * 10000
     end
+    ceiling = count * 60000 / math.max(1000, math.min(span, now - g0))
   end
   ceiling = math.max(floor, ceiling)
   rate = ceiling

@@ -3,8 +3,9 @@
 -- output-token buckets; a missing level is a full bucket; a level may be negative: debt), ts (the
 -- latest time the buckets were refilled to, Unix ms from the callers), and while the provider is
 -- overloaded the adaptive request bucket: ar (its rate per minute), ac (the rate it grows back to),
--- al (its level). gw, gc, gp count grants per 10 s (window number, this window, the one before),
--- from which the adaptive rate starts when no requests-per-minute limit is configured.
+-- al (its level). gw, gc, gp count grants per 10 s (window number, this window, the one before) since
+-- g0 (the first counted grant), from which the adaptive rate starts when no requests-per-minute
+-- limit is configured.
 -- KEYS: rate   ARGV[1]: now ms; ARGV[2..7]: per-minute rate and capacity of r, i, o (rate 0 =
 -- unlimited, no bucket); ARGV[8]: 1 to count grants; the operation's own arguments start at ARGV[9].
 local key = KEYS[1]
@@ -40,8 +41,12 @@ local function save(grant)
     end
   end
   if grant and ARGV[8] == '1' then
-    local g = redis.call('HMGET', key, 'gw', 'gc')
+    local g = redis.call('HMGET', key, 'gw', 'gc', 'g0')
     local win, gw, gc = math.floor(now / 10000), tonumber(g[1]), tonumber(g[2]) or 0
+    if not g[3] then
+      args[#args + 1] = 'g0'
+      args[#args + 1] = string.format('%.0f', now)
+    end
     if gw == win then
       gc = gc + 1
     else
