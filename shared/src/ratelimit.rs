@@ -326,6 +326,31 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_rates_default_on_and_refuse_out_of_range_factors() -> Result<(), toml::de::Error> {
+        #[derive(Deserialize)]
+        struct Adaptive {
+            adaptive: AdaptiveRate,
+        }
+        let parse = |text: &str| toml::from_str::<Adaptive>(text).map(|w| w.adaptive);
+        let d = parse("[adaptive]")?;
+        assert_eq!(d, AdaptiveRate::default());
+        assert_eq!((d.enabled, d.min_requests_per_minute.get(), d.decrease, d.increase), (true, 60, 0.9, 0.05));
+        assert!(!parse("[adaptive]\nenabled = false")?.enabled);
+        for (text, why) in [
+            ("decrease = 1.0", "(0, 1)"),
+            ("decrease = 0.0", "(0, 1)"),
+            ("increase = 0.0", "(0, 1]"),
+            ("increase = 1.5", "(0, 1]"),
+            ("min_requests_per_minute = 0", "nonzero"),
+            ("step = 1", "unknown field"),
+        ] {
+            let err = parse(&format!("[adaptive]\n{text}")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(why), "`{text}`: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_key_carries_provider_and_model_as_its_hash_tag() {
         assert_eq!(key_of("af", "anthropic:claude-sonnet-4-5"), "af:rate:{anthropic:claude-sonnet-4-5}");
     }
