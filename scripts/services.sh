@@ -6,20 +6,30 @@
 # (containers have none), and waited for. When REDIS_URL / AMQP_URL point at another host, that
 # service is left alone: it is not ours to manage.
 #
+# A Redis this script starts is durable, as the fleet needs (README, "Production Redis"): AOF on
+# (appendonly yes, appendfsync everysec), maxmemory-policy noeviction, data in $REDIS_DATA_DIR. A
+# Redis that was running already is someone's own: when it lacks AOF or evicts, this script says
+# so and how to fix it, and changes nothing (no CONFIG SET, no restart).
+#
 # Usage: bash scripts/services.sh
 # Env:   REDIS_URL (default redis://127.0.0.1:6379)
 #        AMQP_URL  (default amqp://guest:guest@127.0.0.1:5672/%2f)
+#        REDIS_DATA_DIR (default .run/redis in the repository): the AOF of a Redis started here
 #        RABBITMQ_START_TIMEOUT_S (default 90), REDIS_START_TIMEOUT_S (default 15)
 set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 RABBITMQ_START_TIMEOUT_S="${RABBITMQ_START_TIMEOUT_S:-90}"
 REDIS_START_TIMEOUT_S="${REDIS_START_TIMEOUT_S:-15}"
 REDIS_LOG="${TMPDIR:-/tmp}/agentfleet-redis.log"
+REDIS_DATA_DIR="${REDIS_DATA_DIR:-$ROOT/.run/redis}"
 RABBITMQ_LOG_DIR=/var/log/rabbitmq
 
 say() { printf 'services: %s\n' "$*"; }
+warn() { printf 'services: WARNING: %s\n' "$*" >&2; }
 die() {
     printf 'services: error: %s\n' "$*" >&2
     exit 1
@@ -90,6 +100,20 @@ redis_answers() {
     ' _ "$1" "$2" 2>/dev/null
 }
 
+# redis_config HOST PORT NAME: the value of Redis setting NAME (CONFIG GET); fails when it cannot
+# be read (CONFIG renamed or refused, AUTH needed).
+redis_config() {
+    timeout 2 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "CONFIG GET %s\r\n" "$3" >&3
+        IFS= read -r -t 2 head <&3 || exit 1
+        [[ "$head" == "*2"* ]] || exit 1
+        for _ in 1 2 3; do IFS= read -r -t 2 _ <&3 || exit 1; done
+        IFS= read -r -t 2 value <&3 || exit 1
+        printf "%s" "${value%$'"'"'\r'"'"'}"
+    ' _ "$1" "$2" "$3" 2>/dev/null
+}
+
 # amqp_answers HOST PORT: true when an AMQP 0-9-1 broker answers the protocol header with a
 # frame (type 1, Connection.Start) there. An open port alone is not enough: a booting RabbitMQ
 # is not ready for clients. A busy broker may take a few seconds to answer.
@@ -145,18 +169,44 @@ rabbitmq_bin() {
 
 start_redis() {
     command -v redis-server >/dev/null 2>&1 || apt_install redis-server
-    # A package's post-install script may have started it already.
+    # A package's post-install script may have started it already (Debian's has AOF off).
     if redis_answers 127.0.0.1 "$REDIS_PORT"; then
         say "Redis is up on 127.0.0.1:$REDIS_PORT"
+        check_redis_durability
         return
     fi
-    say "starting Redis on 127.0.0.1:$REDIS_PORT (log: $REDIS_LOG)"
-    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-        --dir "${TMPDIR:-/tmp}" --logfile "$REDIS_LOG" ||
+    mkdir -p "$REDIS_DATA_DIR" || die "cannot create $REDIS_DATA_DIR for Redis's data"
+    say "starting Redis on 127.0.0.1:$REDIS_PORT with AOF in $REDIS_DATA_DIR (log: $REDIS_LOG)"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
+        --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+        --dir "$REDIS_DATA_DIR" --logfile "$REDIS_LOG" ||
         die "redis-server did not start; see $REDIS_LOG"
     wait_until "$REDIS_START_TIMEOUT_S" redis_answers 127.0.0.1 "$REDIS_PORT" ||
         die "Redis did not answer on 127.0.0.1:$REDIS_PORT within ${REDIS_START_TIMEOUT_S}s; see $REDIS_LOG"
     say "Redis is up on 127.0.0.1:$REDIS_PORT"
+}
+
+# check_redis_durability: warns when the Redis on 127.0.0.1:$REDIS_PORT could lose sessions (AOF
+# off, or an evicting maxmemory-policy) or cannot be checked. It changes nothing: that Redis may
+# be someone else's, shared, or deliberately ephemeral. The worker and the dispatcher warn too (or
+# refuse, with redis.require_durable = true).
+check_redis_durability() {
+    local aof policy fix
+    fix="for a Redis of your own: stop it and run this script again (it starts one with AOF), or"
+    fix="$fix redis-cli -p $REDIS_PORT CONFIG SET <setting> <value> then CONFIG REWRITE"
+    aof="$(redis_config 127.0.0.1 "$REDIS_PORT" appendonly)" || aof=""
+    policy="$(redis_config 127.0.0.1 "$REDIS_PORT" maxmemory-policy)" || policy=""
+    if [[ -z "$aof" || -z "$policy" ]]; then
+        warn "could not read Redis's persistence settings (CONFIG GET refused, or AUTH needed);" \
+            "the fleet needs appendonly yes and maxmemory-policy noeviction"
+        return
+    fi
+    [[ "$aof" == yes ]] ||
+        warn "Redis on 127.0.0.1:$REDIS_PORT runs with AOF off (appendonly $aof): a restart of it loses" \
+            "every session. It was running already, so it is left as it is; $fix (appendonly yes)."
+    [[ "$policy" == noeviction ]] ||
+        warn "Redis on 127.0.0.1:$REDIS_PORT has maxmemory-policy $policy: when memory is full it drops" \
+            "session keys and leases mid-step. It is left as it is; $fix (maxmemory-policy noeviction)."
 }
 
 ensure_redis() {
@@ -166,6 +216,7 @@ ensure_redis() {
     fi
     if redis_answers 127.0.0.1 "$REDIS_PORT"; then
         say "Redis is up on 127.0.0.1:$REDIS_PORT"
+        check_redis_durability
         return
     fi
     start_redis

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: services, formatting, lints, then the whole test suite.
+# The project's test command: services, formatting, lints, the whole test suite, then a reduced chaos
+# run (docs/RELIABILITY.md).
 #
 # Usage: bash scripts/test.sh   (from any directory)
 # The integration tests use the RabbitMQ and Redis that scripts/services.sh makes sure of; they read
@@ -52,5 +53,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+# The reduced chaos run (docs/RELIABILITY.md), on the debug binaries `cargo test` has just built: a
+# release build would add minutes of compiling. It starts its own Redis and RabbitMQ node.
+step "chaos suite, reduced"
+bash scripts/chaos.sh --debug --sessions 100 --kills 5 --sigstop 1 --broker-restarts 1 --redis-restarts 1 --timeout-s 300
 
 step "all checks passed"

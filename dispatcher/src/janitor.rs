@@ -77,10 +77,34 @@ impl Janitor {
         Ok(republished)
     }
 
+    /// Applies one expired wait. The wait leaves the index only once the session is known not to
+    /// wait any more, so a Redis error on the way leaves it for the next sweep.
     async fn expire(&self, id: &SessionId, now: u64) -> Result<bool, agentfleet::store::StoreError> {
-        self.store.unwait(id).await?;
-        let Some(meta) = self.store.meta(id).await? else { return Ok(false) };
-        let Some(agent) = self.cfg.agent(meta.agent.as_str()) else { return Ok(false) };
+        let Some(meta) = self.store.meta(id).await? else {
+            self.store.unwait(id).await?;
+            return Ok(false);
+        };
+        let Some(agent) = self.cfg.agent(meta.agent.as_str()) else {
+            warn!(session = %id, agent = %meta.agent, "a wait expired for an agent this dispatcher does not know");
+            return Ok(false);
+        };
+        let escalated = meta.status == SessionStatus::AwaitingApproval
+            && matches!(agent.approval_wait.on_deadline, OnDeadline::Escalate);
+        let republished = self.apply_deadline(id, &meta, agent, now).await?;
+        if !escalated {
+            // An escalated approval waits again, under a new deadline set by `apply_deadline`.
+            self.store.unwait(id).await?;
+        }
+        Ok(republished)
+    }
+
+    async fn apply_deadline(
+        &self,
+        id: &SessionId,
+        meta: &Meta,
+        agent: &agentfleet::config::AgentConfig,
+        now: u64,
+    ) -> Result<bool, agentfleet::store::StoreError> {
         let escalation: serde_json::Value =
             meta.escalation.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
         let tool_use_id = escalation["tool_use_id"].as_str().unwrap_or_default().to_owned();
@@ -97,7 +121,7 @@ impl Janitor {
                 let result = ToolOutcome::error(format!("This call was not approved: {why}."));
                 let expected = meta.status;
                 match self.store.resume(id, expected, &tool_use_id, Some(&result), false, now).await? {
-                    ResumeOutcome::Resumed { step } => Ok(self.publish(id, &meta, step, &agent.pool).await),
+                    ResumeOutcome::Resumed { step } => Ok(self.publish(id, meta, step, &agent.pool).await),
                     ResumeOutcome::NotWaiting(_) => Ok(false),
                 }
             }
@@ -111,15 +135,15 @@ impl Janitor {
                     .await?
                 {
                     self.store.wait_until(id, now + agent.human_wait.deadline_s * 1000).await?;
-                    self.event(&meta, id, "session.escalated", &why).await;
+                    self.event(meta, id, "session.escalated", &why).await;
                 }
                 Ok(false)
             }
             _ => {
                 if self.store.expire_wait(id, meta.status, SessionStatus::Failed, &why, "", now).await? {
-                    agentfleet::lifecycle::session_ended(id, &meta, SessionStatus::Failed, &why);
+                    agentfleet::lifecycle::session_ended(id, meta, SessionStatus::Failed, &why);
                     self.store.deactivate(id).await?;
-                    self.event(&meta, id, "session.failed", &why).await;
+                    self.event(meta, id, "session.failed", &why).await;
                 }
                 Ok(false)
             }
@@ -152,8 +176,15 @@ impl Janitor {
             return Ok(false);
         }
         self.store.activate(id, now).await?;
-        let runnable = matches!(meta.status, SessionStatus::Queued | SessionStatus::Running);
-        if !runnable || meta.updated_ms > cutoff {
+        // A session paused at a daily cap tries again through a delayed message; if that message
+        // was lost, it would stay paused for ever: revive it once its retry is well overdue.
+        let paused_cutoff = cutoff.saturating_sub(agentfleet::lifecycle::PAUSE_RETRY.as_millis() as u64);
+        let stalled = match meta.status {
+            SessionStatus::Queued | SessionStatus::Running => meta.updated_ms <= cutoff,
+            SessionStatus::Paused => meta.updated_ms <= paused_cutoff,
+            _ => false,
+        };
+        if !stalled {
             return Ok(false);
         }
         let Some(agent) = self.cfg.agent(meta.agent.as_str()) else { return Ok(false) };

@@ -22,7 +22,7 @@ use std::time::Duration;
 use agentfleet::amqp::{AmqpPublisher, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::Name;
-use agentfleet::store::{RedisStore, SessionStore};
+use agentfleet::store::{RedisStore, SessionStore, durability};
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -79,8 +79,8 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Connects to Redis and RabbitMQ (declaring the topology) and serves on `listeners`, or binds
-    /// the configured addresses when `None`.
+    /// Connects to Redis (checking that it is durable) and RabbitMQ (declaring the topology) and
+    /// serves on `listeners`, or binds the configured addresses when `None`.
     pub async fn build(
         cfg: Config,
         listeners: Option<Listeners>,
@@ -92,6 +92,7 @@ impl Dispatcher {
         };
         warn_if_open(&cfg);
         let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = agent_pools(&cfg);
         let publisher =

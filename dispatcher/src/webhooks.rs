@@ -26,7 +26,9 @@ use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
 use agentfleet::amqp::{AmqpPublisher, PublishError, Topology};
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
+use agentfleet::scrub;
 use agentfleet::store::{SessionStore, StoreError};
+use agentfleet::telemetry::redact_error;
 use agentfleet::webhooks::address::{self, CallbackError, GuardedResolver};
 use agentfleet::webhooks::{self as wh, Destination, Signer};
 use lapin::message::Delivery;
@@ -198,12 +200,14 @@ impl Deliverer {
             Ok(r) if r.status().is_success() => Outcome::Delivered,
             Ok(r) => Outcome::Failed(format!("the receiver answered {}", r.status())),
             Err(e) if e.is_timeout() => Outcome::Failed("no answer within the timeout".into()),
-            Err(e) if e.is_builder() => Outcome::Poison(format!("unusable webhook URL `{url}`: {e}")),
+            Err(e) if e.is_builder() => {
+                Outcome::Poison(format!("unusable webhook URL `{}`: {}", scrub::urls_in(url), scrub::error(&e)))
+            }
             Err(e) if address::refused_in(&e).is_some() => {
                 let refused = address::refused_in(&e).map(ToString::to_string).unwrap_or_default();
                 Outcome::Poison(format!("refused webhook destination: {refused}"))
             }
-            Err(e) => Outcome::Failed(format!("request failed: {}", error_chain(&e))),
+            Err(e) => Outcome::Failed(format!("request failed: {}", scrub::error(&e))),
         }
     }
 
@@ -213,7 +217,7 @@ impl Deliverer {
         let queue = wh::retry_queue(&self.cfg.amqp.prefix, tier);
         let mut headers = FieldTable::default();
         headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
-        headers.insert("x-agentfleet-last-error".into(), long(reason));
+        headers.insert("x-agentfleet-last-error".into(), long(&redact_error(reason)));
         publish_confirmed(ch, "", &queue, &d.data, event_props(d, headers)).await
     }
 
@@ -221,7 +225,7 @@ impl Deliverer {
     async fn dead_letter(&self, ch: &Channel, d: &Delivery, attempt: u32, reason: &str) -> Result<(), lapin::Error> {
         error!(reason, "webhook dead-lettered");
         let mut headers = FieldTable::default();
-        headers.insert("x-agentfleet-reason".into(), long(reason));
+        headers.insert("x-agentfleet-reason".into(), long(&redact_error(reason)));
         headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         publish_confirmed(ch, &self.topology.dead(), "", &d.data, event_props(d, headers)).await
     }
@@ -368,15 +372,4 @@ fn closed(why: &str) -> lapin::Error {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// An error with its causes (`reqwest` hides the connect error behind "error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }

@@ -26,8 +26,8 @@
 //!   worker died never reports, and holds nothing: the next stage's calls go through regardless.
 //!
 //! Only evidence about the dependency is recorded: callers report `healthy: None` for outcomes
-//! that say nothing (a 529 or 429 answer, which slows the fleet through the rate limit instead, or
-//! a send that outlived the step's lease).
+//! that say nothing (a 529 or 429 answer, which slows the fleet through the rate limit instead),
+//! and a step whose lease is lost reports nothing at all.
 //!
 //! Why Redis: a worker sees a small share of the calls to a tool. Counted per worker, a rate would
 //! be noisy and every worker would ramp up on its own. Counted in one Redis hash, the fleet decides

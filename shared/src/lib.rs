@@ -14,6 +14,7 @@ pub mod guard;
 pub mod lifecycle;
 pub mod llm;
 pub mod ratelimit;
+pub mod scrub;
 pub mod shutdown;
 pub mod step;
 pub mod store;

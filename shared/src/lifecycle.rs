@@ -7,10 +7,14 @@
 
 use serde_json::{Value, json};
 
+/// How long a session paused at a daily spend cap waits before it tries again. The janitor revives
+/// one whose delayed message was lost once this (and its stall threshold) have passed.
+pub const PAUSE_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
 use crate::amqp::StepPublisher;
 use crate::domain::{SessionId, SessionStatus, TenantId};
 use crate::store::{Meta, StepEnd};
-use crate::telemetry::{metric, now_ms, otel, summarize};
+use crate::telemetry::{metric, now_ms, otel, redact_error, summarize};
 
 /// The ways a step ends or pauses a session.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,20 +74,20 @@ impl Ending {
         }
     }
 
-    /// The stored fields: result, error, escalation.
+    /// The stored fields: result, error (through [`redact_error`]), escalation.
     pub fn fields(&self) -> (String, String, String) {
         let none = String::new;
         match self {
             Self::Completed { result } => (result.clone(), none(), none()),
-            Self::Failed { reason, result } => (result.clone(), reason.clone(), none()),
-            Self::Exhausted { reason, summary: Some(summary), .. } => (summary.clone(), reason.clone(), none()),
+            Self::Failed { reason, result } => (result.clone(), redact_error(reason), none()),
+            Self::Exhausted { reason, summary: Some(summary), .. } => (summary.clone(), redact_error(reason), none()),
             Self::Exhausted { reason, summary: None, .. } => {
                 let why = format!("{reason}; not even the summary call could be afforded, so there is no summary");
-                (none(), why, none())
+                (none(), redact_error(&why), none())
             }
             Self::AwaitingHuman { escalation, .. } => (none(), none(), escalation.to_string()),
             Self::AwaitingApproval { request, .. } => (none(), none(), request.to_string()),
-            Self::Paused { reason } => (none(), reason.clone(), none()),
+            Self::Paused { reason } => (none(), redact_error(reason), none()),
         }
     }
 

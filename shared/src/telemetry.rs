@@ -101,12 +101,21 @@ pub struct TraceRecord<'a> {
 }
 
 impl TraceRecord<'_> {
-    /// Logs the record as a JSON line and returns it as JSON text for the trace stream.
+    /// Logs the record as a JSON line and returns it as JSON text for the trace stream. The error,
+    /// if any, goes through [`redact_error`] first.
     pub fn emit(&self) -> String {
+        let redacted;
+        let record = match &self.error {
+            Some(e) => {
+                redacted = TraceRecord { error: Some(redact_error(e)), ..self.clone() };
+                &redacted
+            }
+            None => self,
+        };
         let json =
-            serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"error":"unserializable trace: {e}"}}"#));
+            serde_json::to_string(record).unwrap_or_else(|e| format!(r#"{{"error":"unserializable trace: {e}"}}"#));
         tracing::info!(target: "agentfleet::trace", record = %json, "trace");
-        otel::record_span(self);
+        otel::record_span(record);
         json
     }
 }
@@ -160,6 +169,12 @@ fn redact_fields(v: &mut serde_json::Value, fields: &[String]) {
         serde_json::Value::Array(items) => items.iter_mut().for_each(|i| redact_fields(i, fields)),
         _ => {}
     }
+}
+
+/// An error text fit for a log line, a trace, a session's `error` field or a dead-letter header:
+/// every URL cut to scheme, host and path ([`crate::scrub::urls_in`]), then [`redact`]ed.
+pub fn redact_error(text: &str) -> String {
+    redact(&crate::scrub::urls_in(text))
 }
 
 /// A redacted summary of `text` (redacted whole, before it is cut, so JSON fields are found).
@@ -290,10 +305,15 @@ pub mod metric {
         metrics::counter!("agentfleet_cost_micro_usd_total", &labels).increment(cost_micro_usd);
     }
 
-    /// A tool call and its outcome.
-    pub fn tool_call(tool: &str, success: bool, d: Duration) {
+    /// The `tool` label of a call to a tool the agent does not have.
+    pub const UNKNOWN_TOOL: &str = "unknown";
+
+    /// A tool call and its outcome. `tool` is `None` when the agent has no tool by the name the
+    /// model used: that name is the model's to choose, and as a label value a hostile model could
+    /// grow series without bound, so it is counted as [`UNKNOWN_TOOL`].
+    pub fn tool_call(tool: Option<&str>, success: bool, d: Duration) {
         let outcome = if success { "success" } else { "error" };
-        let labels = [("tool", tool.to_owned()), ("outcome", outcome.to_owned())];
+        let labels = [("tool", tool.unwrap_or(UNKNOWN_TOOL).to_owned()), ("outcome", outcome.to_owned())];
         metrics::counter!("agentfleet_tool_calls_total", &labels).increment(1);
         metrics::histogram!("agentfleet_tool_call_duration_seconds", &labels[..1]).record(d.as_secs_f64());
     }
@@ -414,6 +434,13 @@ mod tests {
         assert_eq!(redact("key sk-ant-secret-123 leaked"), "key [redacted] leaked");
         let json = redact(r#"{"card_number":"4111","nested":[{"Card_Number":"x"}],"ok":1}"#);
         assert!(!json.contains("4111") && !json.contains("\"x\"") && json.contains("\"ok\":1"), "{json}");
+    }
+
+    #[test]
+    fn error_texts_lose_url_secrets() {
+        let text = redact_error("request failed: error sending request for url (http://user:pass@host/p?token=x)");
+        assert!(!text.contains("pass") && !text.contains("token=x"), "{text}");
+        assert!(text.contains("http://[redacted]@host/p?[redacted]"), "{text}");
     }
 
     #[test]

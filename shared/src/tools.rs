@@ -24,6 +24,7 @@ use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 pub use crate::domain::ApprovalRule;
 use crate::domain::Name;
 use crate::llm::{ToolOutcome, ToolUse};
+use crate::scrub;
 use crate::telemetry::metric;
 
 /// A tool set that cannot be built.
@@ -223,6 +224,11 @@ impl ToolSet {
         self.tools.is_empty()
     }
 
+    /// True when the agent has a tool named `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
     /// The breaker settings and the fallback of an HTTP tool; `None` for built-ins and unknown names.
     pub fn breaker(&self, name: &str) -> Option<(&BreakerConfig, Option<&str>)> {
         let tool = self.tools.get(name)?;
@@ -390,13 +396,13 @@ impl HttpCall<'_> {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Attempt::Retry("timed out".into(), None),
             Err(e) if e.is_connect() => return Attempt::Retry("connection failed".into(), None),
-            Err(e) => return Attempt::Retry(format!("request failed: {e}"), None),
+            Err(e) => return Attempt::Retry(format!("request failed: {}", scrub::error(&e)), None),
         };
         let status = response.status();
         let after = retry_after(response.headers());
         let body = match response.text().await {
             Ok(b) => truncate(b, self.limits.max_result_bytes),
-            Err(e) => return Attempt::Retry(format!("reading the response failed: {e}"), None),
+            Err(e) => return Attempt::Retry(format!("reading the response failed: {}", scrub::error(&e)), None),
         };
         match status.as_u16() {
             200..=299 => Attempt::Done(ToolOutcome::ok(body), Health::Up),

@@ -78,6 +78,15 @@ impl EngineRig {
     /// Starts the servers and builds the engine from `config(model_url, tools_url)`, behind `guard`.
     /// One model call per step: a model error is not retried.
     pub async fn start(config: impl FnOnce(&str, &str) -> String, guard: Arc<dyn Guard>) -> anyhow::Result<Self> {
+        Self::start_with(config, guard, 1).await
+    }
+
+    /// As [`start`](Self::start), with this many model call attempts per step.
+    pub async fn start_with(
+        config: impl FnOnce(&str, &str) -> String,
+        guard: Arc<dyn Guard>,
+        max_model_attempts: u32,
+    ) -> anyhow::Result<Self> {
         let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
         let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
         let text = config(&model.base_url(), &tools.base_url());
@@ -88,7 +97,7 @@ impl EngineRig {
         let settings = EngineSettings {
             worker_id: "unit".into(),
             lease: Duration::from_secs(60),
-            max_model_attempts: 1,
+            max_model_attempts,
             max_tool_deferrals: 3,
         };
         let engine = Engine::new(EngineParts {

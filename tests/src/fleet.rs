@@ -43,10 +43,14 @@ pub struct FleetOptions {
     pub max_steps: u32,
     /// The Redis URL (a private server for some tests).
     pub redis_url: String,
+    /// The broker URL (a private node for the chaos suite, which restarts it).
+    pub amqp_url: String,
     /// More TOML appended to the config (agents, tenants).
     pub extra_config: String,
     /// More `key = value` lines for the `[worker]` table.
     pub worker_config: String,
+    /// More `key = value` lines for the `[dispatcher]` table.
+    pub dispatcher_config: String,
     /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
     /// secret); nothing else of the process environment reaches it.
     pub env: Vec<(String, String)>,
@@ -133,8 +137,10 @@ impl Default for FleetOptions {
             lease_ms: 3_000,
             max_steps: 50,
             redis_url: redis_url(),
+            amqp_url: amqp_url(),
             extra_config: String::new(),
             worker_config: String::new(),
+            dispatcher_config: String::new(),
             env: Vec::new(),
             tokens: Vec::new(),
             tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
@@ -250,6 +256,11 @@ impl TestFleet {
         self.workers.iter().flatten().map(Child::id).collect()
     }
 
+    /// The process id of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i).and_then(Option::as_ref).map(Child::id)
+    }
+
     /// Indexes of the worker processes still running.
     pub fn live_workers(&self) -> Vec<usize> {
         (0..self.workers.len()).filter(|i| self.workers[*i].is_some()).collect()
@@ -293,6 +304,19 @@ impl TestFleet {
     /// An HTTP client for the test token named `name` (one of [`FleetOptions::tokens`]).
     pub fn client(&self, name: &str) -> reqwest::Client {
         client_with_token(&token_secret(name))
+    }
+
+    /// Waits up to `timeout` until the dispatcher's `/readyz` answers 2xx.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let ready = self.http.get(format!("{}/readyz", self.ops)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the dispatcher was not ready within {timeout:?}")
     }
 
     /// Creates a session through the HTTP API.
@@ -402,6 +426,21 @@ impl TestFleet {
         self.dispatcher_stop.cancel();
         self.delete_amqp().await?;
         self.delete_keys().await
+    }
+
+    /// The queues that hold work until it is done: the requests queue, every pool's step queue and
+    /// every delay queue. A fleet at rest has them empty.
+    pub fn work_queues(&self) -> Vec<String> {
+        let t = agentfleet::amqp::Topology::new(&self.config.amqp.prefix, 1);
+        let mut queues = vec![t.requests_queue()];
+        queues.extend(self.config.worker.pools.iter().map(|p| t.step_queue(p)));
+        queues.extend(agentfleet::amqp::DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+        queues
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letter_queue(&self) -> String {
+        agentfleet::amqp::Topology::new(&self.config.amqp.prefix, 1).dead()
     }
 
     async fn delete_amqp(&self) -> anyhow::Result<()> {
@@ -609,6 +648,7 @@ shutdown_grace_ms = 10000
 listen = "127.0.0.1:0"
 ops_listen = "127.0.0.1:0"
 janitor_interval_s = 1
+{dispatcher_extra}
 
 {tokens}
 [tenant_defaults]
@@ -645,7 +685,7 @@ budget = {{ max_steps = {max_steps} }}
 
 {extra}
 "#,
-        amqp = amqp_url(),
+        amqp = o.amqp_url,
         redis = o.redis_url,
         concurrency = o.concurrency,
         lease_ms = o.lease_ms,
@@ -653,6 +693,7 @@ budget = {{ max_steps = {max_steps} }}
         extra = o.extra_config,
         amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),
         worker_extra = o.worker_config,
+        dispatcher_extra = o.dispatcher_config,
         tokens = tokens_toml(&o.tokens),
         tenant_defaults = o.tenant_defaults,
     )

@@ -36,6 +36,14 @@ tools = ["search_knowledge_base"]
 on_model_failure = "escalate"
 "#;
 
+/// The engine over the harness's config and [`AGENTS`], admitting every call, with this many
+/// model call attempts per step.
+async fn start_with(max_model_attempts: u32) -> anyhow::Result<EngineRig> {
+    let opts = FleetOptions { max_steps: 50, extra_config: AGENTS.into(), ..Default::default() };
+    let config = |model: &str, tools: &str| config_text("engine", &opts, model, tools);
+    EngineRig::start_with(config, Arc::new(OpenGuard), max_model_attempts).await
+}
+
 /// The engine over the harness's config and [`AGENTS`], admitting every call.
 async fn start() -> anyhow::Result<EngineRig> {
     let opts = FleetOptions { max_steps: 50, extra_config: AGENTS.into(), ..Default::default() };
@@ -164,10 +172,67 @@ async fn a_worker_that_lost_its_lease_mid_call_applies_nothing_twice() -> anyhow
     let s = rig.snapshot(&id)?;
     assert_eq!(roles(&s), ["user", "assistant", "user"], "one model checkpoint and one tool checkpoint");
     assert_eq!((s.meta.step, s.meta.phase), (2, Phase::Llm));
-    assert_eq!(rig.model.stats().answered_total, 2, "both workers called the model");
+    let billed = rig.model.stats();
+    assert_eq!(billed.answered_total, 2, "both workers called the model");
     assert_eq!(s.usage.model_calls, 2, "and both calls are counted, once each");
+    assert_eq!(s.usage.unreconciled_calls, 0, "A's late answer replaced the worst case B's claim counted");
+    assert_eq!(s.usage.input_tokens, billed.billed_input_tokens, "usage is what the model server billed");
+    assert_eq!(s.usage.output_tokens, billed.billed_output_tokens);
     assert_eq!(rig.tools.stats().calls_total, 1, "the tool ran once");
     assert_eq!(rig.published().iter().filter(|(m, d)| m.step == 2 && d.is_none()).count(), 1, "step 2 published once");
+    assert_eq!(s.trace.iter().filter(|r| r.contains("\"tool_call\"")).count(), 1, "A recorded no tool call");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_without_the_lease_writes_nothing() -> anyhow::Result<()> {
+    let rig = Arc::new(start().await?);
+    rig.model.set_faults(Faults { latency_ms: 300, ..Faults::default() });
+    let id = rig.session("support", "[steps=3] fenced", None)?;
+    let first = tokio::spawn({
+        let (rig, id) = (rig.clone(), id.clone());
+        async move { rig.deliver(&id, 1).await }
+    });
+    let soon = Duration::from_secs(5);
+    eventually("the model call", soon, || async { (rig.model.stats().requests_total >= 1).then_some(()) }).await;
+    // Another worker holds the lease now; this one's reply must change nothing but the usage.
+    rig.store.take_lease(&id, "1|worker-b|n", Duration::from_secs(60));
+    let before = rig.snapshot(&id)?;
+    assert_eq!(first.await??, Disposition::Ack);
+    let after = rig.snapshot(&id)?;
+    assert_eq!(after.messages, before.messages, "no message appended");
+    assert_eq!((after.meta.step, after.meta.phase), (1, Phase::Llm), "the step did not move");
+    assert!(after.ledger.is_empty(), "no tool result recorded");
+    assert_eq!(rig.tools.stats().calls_total, 0, "no tool ran");
+    assert_eq!(after.usage.model_calls, 1, "the billed call is counted");
+    assert_eq!(after.lease.as_deref(), Some("1|worker-b|n"), "the holder keeps its lease");
+    let copies: Vec<_> = rig.published().into_iter().filter(|(m, _)| m.step == 1).collect();
+    assert_eq!(copies.len(), 1, "one delayed copy of the step, so some delivery runs it: {copies:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_tries_of_a_step_are_the_sessions_not_the_messages() -> anyhow::Result<()> {
+    let rig = start_with(3).await?;
+    rig.model.set_faults(Faults { rate_500: 1.0, ..Faults::default() });
+    let id = rig.session("support", "[steps=2] retried", None)?;
+    // A forged message claims 1,000 tries already: it must not end the retries early.
+    let forged =
+        serde_json::to_vec(&agentfleet::domain::StepMessage { session_id: id.clone(), step: 1, attempt: 1000 })?;
+    assert_eq!(rig.engine.handle(&forged, &rig.pool).await, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!(s.meta.status, agentfleet::domain::SessionStatus::Running, "one failure of three allowed");
+    assert_eq!(s.meta.attempt, 1, "the session counts the first try");
+    let (retry, delay) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no retry"))?;
+    assert_eq!((retry.step, retry.attempt), (1, 1), "the retry carries the session's count");
+    assert!(delay.is_some(), "through a delay tier");
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    assert_eq!(rig.snapshot(&id)?.meta.attempt, 2);
+    assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
+    let s = rig.snapshot(&id)?;
+    assert_eq!(s.meta.status, agentfleet::domain::SessionStatus::Failed, "the third failure ends it");
+    assert_eq!(rig.model.stats().requests_total, 3);
+    rig.stop().await;
     Ok(())
 }
 

@@ -226,3 +226,79 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
     assert_eq!(live, 0);
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use agentfleet::amqp::{AmqpPublisher, Topology};
+    use agentfleet::store::RedisStore;
+    use lapin::options::QueuePurgeOptions;
+
+    let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let (_conn, ch) = fleet.amqp().await?;
+    let id = fleet.submit("support", "[steps=2] paused at a cap").await?;
+    let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
+    assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
+    // As a step that met a daily cap leaves it, with its delayed retry lost with a broker node.
+    let mut redis = fleet.redis().await?;
+    let meta = format!("{}:{{{}}}:meta", fleet.config.redis.key_prefix, id.as_str());
+    let paused_ms = agentfleet::telemetry::now_ms() - agentfleet::lifecycle::PAUSE_RETRY.as_millis() as u64 - 5_000;
+    let _: i64 = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("status")
+        .arg("paused")
+        .arg("updated_ms")
+        .arg(paused_ms)
+        .query_async(&mut redis)
+        .await?;
+
+    let mut cfg = fleet.config.clone();
+    cfg.dispatcher.stall_after_s = 0;
+    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
+    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
+    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    let swept = try_eventually("the janitor to re-publish the paused session", Duration::from_secs(10), || async {
+        let n = janitor.sweep().await?;
+        Ok((n > 0).then_some(n))
+    })
+    .await?;
+    assert_eq!(swept, 1, "the paused session whose retry is long overdue is re-published");
+
+    fleet.spawn_worker()?;
+    let done = fleet.wait_status(&id, "completed").await?;
+    check_step_conversation(&done, 2).map_err(anyhow::Error::msg)?;
+    fleet.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_leaves_a_recently_paused_session_to_its_own_retry() -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use agentfleet::amqp::{AmqpPublisher, Topology};
+    use agentfleet::store::RedisStore;
+
+    let fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let id = fleet.submit("support", "[steps=2] paused just now").await?;
+    let mut redis = fleet.redis().await?;
+    let meta = format!("{}:{{{}}}:meta", fleet.config.redis.key_prefix, id.as_str());
+    let now = agentfleet::telemetry::now_ms();
+    let _: i64 = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("status")
+        .arg("paused")
+        .arg("updated_ms")
+        .arg(now)
+        .query_async(&mut redis)
+        .await?;
+    let mut cfg = fleet.config.clone();
+    cfg.dispatcher.stall_after_s = 0;
+    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
+    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
+    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    // The session is in the live index from its creation; a sweep sees it and leaves it alone.
+    assert_eq!(janitor.sweep().await?, 0, "its retry is not overdue yet");
+    fleet.cleanup().await
+}

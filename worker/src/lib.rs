@@ -21,7 +21,7 @@ use agentfleet::guard::FleetGuard;
 use agentfleet::llm::ModelClients;
 use agentfleet::ratelimit::RateLimiter;
 use agentfleet::step::{Agents, Disposition, Engine, EngineParts, EngineSettings};
-use agentfleet::store::RedisStore;
+use agentfleet::store::{RedisStore, durability};
 use anyhow::Context;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -44,10 +44,12 @@ pub fn worker_id() -> String {
 }
 
 impl Worker {
-    /// Connects to Redis and RabbitMQ and builds the agents. `env` supplies tool header values.
+    /// Connects to Redis (checking that it is durable) and RabbitMQ, and builds the agents. `env`
+    /// supplies tool header values.
     pub async fn build(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let id = worker_id();
         let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = all_pools(&cfg, &agents);

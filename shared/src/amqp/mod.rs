@@ -305,7 +305,7 @@ impl StepPublisher for AmqpPublisher {
 
     async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), PublishError> {
         let mut headers = FieldTable::default();
-        headers.insert("x-agentfleet-reason".into(), long(reason));
+        headers.insert("x-agentfleet-reason".into(), long(&crate::telemetry::redact_error(reason)));
         let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
         self.publish(&self.topology.dead(), "", body, props).await
     }

@@ -162,6 +162,12 @@ pub struct RedisConfig {
     pub response_timeout_ms: u64,
     /// How long to wait for a connection. Default 5000 ms.
     pub connect_timeout_ms: u64,
+    /// Refuse to start unless Redis is durable: AOF on (`appendonly yes`) and
+    /// `maxmemory-policy noeviction`, read with `CONFIG GET` at start. Without it a non-durable
+    /// Redis is only warned about. Where `CONFIG` is refused (a managed Redis that renames or
+    /// forbids it) durability cannot be verified, and this refuses too: check persistence in
+    /// the provider's settings and leave this off there. Default false.
+    pub require_durable: bool,
 }
 
 impl Default for RedisConfig {
@@ -171,6 +177,7 @@ impl Default for RedisConfig {
             key_prefix: "af".into(),
             response_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
+            require_durable: false,
         }
     }
 }

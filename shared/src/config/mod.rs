@@ -361,16 +361,21 @@ impl Config {
         own.or(self.tenant_defaults.max_live_sessions).unwrap_or(1000)
     }
 
-    /// Every secret value this config uses (API keys, tool header values), for redaction.
+    /// Every secret value this config uses, for redaction: the API keys, tool header values, the
+    /// webhook signing secrets (the fleet's and each tenant's) and the passwords in the RabbitMQ and
+    /// Redis URLs (as written and percent-decoded).
     pub fn secrets(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
         use secrecy::ExposeSecret;
-        let keys = [&self.anthropic.api_key, &self.openai.api_key];
-        let mut out: Vec<String> = keys.into_iter().flatten().map(|k| k.expose_secret().to_owned()).collect();
+        let keys = [&self.anthropic.api_key, &self.openai.api_key, &self.webhooks.secret];
+        let tenant_keys = self.tenants.values().map(|t| &t.webhook_secret);
+        let mut out: Vec<String> =
+            keys.into_iter().chain(tenant_keys).flatten().map(|k| k.expose_secret().to_owned()).collect();
         for tool in self.tools.values() {
             if let HandlerConfig::Http { headers_from_env, .. } = &tool.handler {
                 out.extend(headers_from_env.values().filter_map(|var| env(var)));
             }
         }
+        out.extend([&self.amqp.url, &self.redis.url].into_iter().flat_map(|u| url_password(u)));
         out
     }
 
@@ -398,9 +403,44 @@ fn check_prefix(prefix: &str) -> Result<(), Problem> {
     Ok(())
 }
 
+/// The password in `url`, as written and, when it has escapes, percent-decoded.
+fn url_password(url: &str) -> Vec<String> {
+    let Some(written) = url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) else {
+        return Vec::new();
+    };
+    let decoded = percent_decoded(&written);
+    if decoded == written { vec![written] } else { vec![written, decoded] }
+}
+
+/// `text` with each `%XX` escape decoded (invalid escapes and bytes stay as they are).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks `url`'s form and scheme. A problem shows the URL without its password or query.
 fn check_url(url: &str, schemes: &'static [&'static str]) -> Result<(), Problem> {
-    let parsed = url::Url::parse(url).map_err(|error| Problem::NotAUrl { url: url.to_owned(), error })?;
-    if schemes.contains(&parsed.scheme()) { Ok(()) } else { Err(Problem::Scheme { url: url.to_owned(), schemes }) }
+    let shown = || crate::scrub::urls_in(url);
+    let parsed = url::Url::parse(url).map_err(|error| Problem::NotAUrl { url: shown(), error })?;
+    if schemes.contains(&parsed.scheme()) { Ok(()) } else { Err(Problem::Scheme { url: shown(), schemes }) }
 }
 
 #[cfg(test)]
@@ -525,6 +565,45 @@ mod tests {
         assert!(cfg.auth.amqp_tenant("bob").is_none());
         let e = parse(&format!("{MINIMAL}\n[auth]\namqp_users = {{ guest = \"no way\" }}")).expect_err("bad tenant");
         assert_eq!(e.field, "auth.amqp_users.guest");
+    }
+
+    #[test]
+    fn durability_is_asked_for_in_the_redis_table() {
+        assert!(!parse(MINIMAL).expect("valid").redis.require_durable);
+        let cfg = parse(&format!("{MINIMAL}\n[redis]\nrequire_durable = true")).expect("valid");
+        assert!(cfg.redis.require_durable);
+    }
+
+    #[test]
+    fn secrets_cover_broker_and_redis_passwords_and_webhook_secrets() {
+        let text = format!(
+            "{MINIMAL}\n[amqp]\nurl = \"amqp://fleet:amqp%2Fpass@mq:5672/%2f\"\n\
+             [redis]\nurl = \"redis://:redis-pass-1@cache:6379\"\n\
+             [tenants.acme]\nwebhook_secret_env = \"ACME_HOOK_SECRET\""
+        );
+        let env = |k: &str| match k {
+            "AGENTFLEET_WEBHOOK_SECRET" => Some("fleet-hook-secret".to_owned()),
+            "ACME_HOOK_SECRET" => Some("acme-hook-secret".to_owned()),
+            _ => None,
+        };
+        let cfg = Config::parse(&text, Path::new("test.toml"), &env).expect("valid");
+        let secrets = cfg.secrets(&env);
+        for s in ["amqp%2Fpass", "amqp/pass", "redis-pass-1", "fleet-hook-secret", "acme-hook-secret"] {
+            assert!(secrets.iter().any(|x| x == s), "{s} is missing from {secrets:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_url_is_shown_without_its_password() {
+        let e = parse(&format!("{MINIMAL}\n[redis]\nurl = \"http://:hunter22@cache:6379/?k=v\"")).expect_err("scheme");
+        assert_eq!(e.field, "redis.url");
+        assert!(!e.to_string().contains("hunter22") && !e.to_string().contains("k=v"), "{e}");
+    }
+
+    #[test]
+    fn percent_escapes_decode() {
+        assert_eq!(percent_decoded("a%2Fb%zz%4"), "a/b%zz%4");
+        assert_eq!(percent_decoded("%+1x"), "%+1x");
     }
 }
 

@@ -97,8 +97,9 @@ impl fmt::Debug for OpenAiConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
-    /// The provider's circuit breaker: opens when 5xx answers (529 aside), connection failures and
-    /// failed sends that did not outlive the lease make up `failure_rate` of the calls in its window.
+    /// The provider's circuit breaker: opens when 5xx answers (529 aside), timeouts and connection
+    /// failures make up `failure_rate` of the calls in its window (a step that lost its lease
+    /// reports nothing).
     /// Default: [`BreakerConfig::default`].
     pub breaker: Option<BreakerConfig>,
     /// Requests and tokens per minute, by model id. Default: unlimited.

@@ -87,8 +87,8 @@ impl LlmError {
         } else if e.is_connect() {
             (false, "connection failed".to_owned())
         } else {
-            // reqwest's Display includes the URL, never headers.
-            (true, e.to_string())
+            // reqwest's Display includes the URL (never headers): cut to scheme, host and path.
+            (true, crate::scrub::error(e))
         };
         Self::Transport { sent, detail }
     }

@@ -1,8 +1,10 @@
 //! Claim: what a step message means, decided with taking the lease in one round trip, and the
 //! lease's renewal while the step runs.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -11,7 +13,7 @@ use tracing::warn;
 use super::{Disposition, Engine};
 use crate::domain::{Name, SessionId, StepMessage};
 use crate::lifecycle::{self, session_ended};
-use crate::store::{Claim, Meta, SessionState, StepStore};
+use crate::store::{Claim, Meta, SessionState, StepStore, StoreError};
 use crate::telemetry::{metric, now_ms};
 
 /// What the claim left to do.
@@ -72,25 +74,77 @@ impl Engine {
 
     /// Starts renewing the lease every third of its time-to-live while the step runs.
     pub(super) fn hold_lease(&self, msg: &StepMessage, token: &str) -> LeaseHold {
+        let lease = Arc::new(Lease::new(token.to_owned(), self.settings.lease));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(renew_lease(
-            self.store.clone(),
-            msg.session_id.clone(),
-            token.to_owned(),
-            self.settings.lease,
-            stop.clone(),
-        ));
-        LeaseHold { stop, task }
+        let task = tokio::spawn(renew_lease(self.store.clone(), msg.session_id.clone(), lease.clone(), stop.clone()));
+        LeaseHold { lease, stop, task }
+    }
+}
+
+/// The lease a step holds: its token, and whether it may have been lost.
+///
+/// A worker paused past its lease (GC, SIGSTOP, a network partition) must not act on what it
+/// learns when it wakes up: another worker may be running the step. The renewal notices the loss
+/// and cancels the step's calls; until it does, [`Lease::is_lost`] also says so by the clock alone
+/// (no renewal for a whole time-to-live), and every write script refuses the token anyway.
+pub(super) struct Lease {
+    token: String,
+    ttl: Duration,
+    started: Instant,
+    /// When the last successful renewal was sent, in ms since `started`.
+    renewed_ms: AtomicU64,
+    lost: CancellationToken,
+}
+
+impl Lease {
+    fn new(token: String, ttl: Duration) -> Self {
+        Self { token, ttl, started: Instant::now(), renewed_ms: AtomicU64::new(0), lost: CancellationToken::new() }
+    }
+
+    /// The token the claim took the lease with.
+    pub(super) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Whether the lease may be another worker's now: the renewal found it gone, or it has not been
+    /// renewed for a whole time-to-live (Redis counts its expiry from later than we do).
+    pub(super) fn is_lost(&self) -> bool {
+        let renewed = Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
+        self.lost.is_cancelled() || self.started.elapsed().saturating_sub(renewed) >= self.ttl
+    }
+
+    /// Runs `call` (a model or tool call) unless the lease is lost first: then the call is dropped,
+    /// which cancels its HTTP request. A call that finished is never dropped for a loss noticed in
+    /// the same instant: its usage must still be counted.
+    pub(super) async fn guard<F: Future>(&self, call: F) -> Result<F::Output, StoreError> {
+        if self.is_lost() {
+            return Err(StoreError::LeaseLost);
+        }
+        tokio::select! {
+            biased;
+            out = call => Ok(out),
+            _ = self.lost.cancelled() => Err(StoreError::LeaseLost),
+        }
+    }
+
+    fn renewed(&self, sent: Duration) {
+        self.renewed_ms.store(sent.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
 /// The renewal of a lease, while the step holds it.
 pub(super) struct LeaseHold {
+    lease: Arc<Lease>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl LeaseHold {
+    /// The lease.
+    pub(super) fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
     /// Stops renewing (the release, or the expiry, ends the lease).
     pub(super) async fn stop(self) {
         self.stop.cancel();
@@ -102,24 +156,25 @@ fn body_of(msg: &StepMessage) -> Vec<u8> {
     serde_json::to_vec(msg).unwrap_or_default()
 }
 
-async fn renew_lease(
-    store: Arc<dyn StepStore>,
-    id: SessionId,
-    token: String,
-    lease: Duration,
-    stop: CancellationToken,
-) {
-    let every = lease / 3;
-    let lease_ms = lease.as_millis() as u64;
+async fn renew_lease(store: Arc<dyn StepStore>, id: SessionId, lease: Arc<Lease>, stop: CancellationToken) {
+    let every = lease.ttl / 3;
+    let lease_ms = lease.ttl.as_millis() as u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match store.renew(&id, &token, lease_ms).await {
-            Ok(true) => {}
+        let sent = lease.started.elapsed();
+        match store.renew(&id, &lease.token, lease_ms).await {
+            Ok(true) => lease.renewed(sent),
             Ok(false) => {
-                warn!(session = %id, "lease lost; the fencing will reject this worker's late writes");
+                warn!(session = %id, "lease lost; the step stops and its writes are refused");
+                lease.lost.cancel();
+                return;
+            }
+            Err(e) if lease.is_lost() => {
+                warn!(session = %id, error = %e, "lease renewal failed for a whole lease; the step stops");
+                lease.lost.cancel();
                 return;
             }
             Err(e) => warn!(session = %id, error = %e, "lease renewal failed"),

@@ -3,10 +3,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::claim::Lease;
 use super::{Agent, Engine};
 use crate::domain::{SessionId, StepMessage};
 use crate::lifecycle;
-use crate::store::Meta;
+use crate::store::{Fence, Meta};
 use crate::telemetry::{TraceRecord, metric, now_ms};
 
 /// One step of one session, with its agent.
@@ -18,11 +19,18 @@ pub(super) struct StepCtx<'a> {
     pub(super) meta: Meta,
     /// Time spent waiting on the model and the tools, to tell the orchestration overhead apart.
     pub(super) timings: &'a Timings,
+    /// The session's lease, which every write of this step is fenced on.
+    pub(super) lease: &'a Lease,
 }
 
 impl StepCtx<'_> {
     pub(super) fn id(&self) -> &SessionId {
         &self.msg.session_id
+    }
+
+    /// What this step's writes are fenced on.
+    pub(super) fn fence(&self) -> Fence<'_> {
+        Fence { id: &self.msg.session_id, step: self.msg.step, token: self.lease.token() }
     }
 
     /// A trace record of this step, for `action`.
@@ -78,6 +86,6 @@ impl StepCtx<'_> {
         phase: crate::domain::Phase,
         ending: crate::lifecycle::Ending,
     ) -> Result<super::Next, super::StepError> {
-        self.engine.settle(self.msg, &self.meta, Some(self.agent), phase, ending).await
+        self.engine.settle(self.msg, self.lease.token(), &self.meta, Some(self.agent), phase, ending).await
     }
 }

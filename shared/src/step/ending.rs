@@ -1,17 +1,12 @@
 //! Settling an [`Ending`]: one fenced write, then the session's metrics, indexes and event.
 
-use std::time::Duration;
-
 use tracing::warn;
 
 use super::{Agent, Engine, Next, StepError};
 use crate::domain::{Phase, SessionId, StepMessage};
 use crate::lifecycle::{self, Ending, session_ended};
-use crate::store::Meta;
+use crate::store::{Fence, Meta};
 use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
-
-/// How long a session waits at a daily cap before it tries again.
-const DAILY_CAP_RETRY: Duration = Duration::from_secs(600);
 
 impl Engine {
     /// Ends or pauses the session at this step and phase (fenced), and announces it when the write
@@ -19,18 +14,20 @@ impl Engine {
     pub(super) async fn settle(
         &self,
         msg: &StepMessage,
+        token: &str,
         meta: &Meta,
         agent: Option<&Agent>,
         phase: Phase,
         ending: Ending,
     ) -> Result<Next, StepError> {
         let trace = self.ending_trace(msg, meta, &ending).emit();
-        let applied = self.store.end_step(&msg.session_id, msg.step, phase, &ending.step_end(trace), now_ms()).await?;
+        let at = Fence { id: &msg.session_id, step: msg.step, token };
+        let applied = self.store.end_step(&at, phase, &ending.step_end(trace), now_ms()).await?;
         if applied {
             self.announce(msg, meta, agent, &ending).await;
         }
         Ok(match ending {
-            Ending::Paused { .. } => Next::Postpone(DAILY_CAP_RETRY, "waiting for a daily spend cap"),
+            Ending::Paused { .. } => Next::Postpone(lifecycle::PAUSE_RETRY, "waiting for a daily spend cap"),
             _ => Next::Nothing,
         })
     }

@@ -6,6 +6,7 @@ use tracing::warn;
 
 use super::{Disposition, Engine, Next, StepError};
 use crate::domain::{Name, SessionId, StepMessage};
+use crate::store::Attempt;
 use crate::telemetry::metric;
 
 impl Engine {
@@ -30,15 +31,25 @@ impl Engine {
                 metric::step_handled("postponed");
                 self.later(msg, pool, after, why).await
             }
-            Err(StepError::Retry { after, reason }) => {
-                self.release(&msg.session_id, token, 0).await;
+            Err(StepError::Retry { after, reason, tried }) => {
+                // The count goes into the session under the lease; the message only mirrors it.
+                let attempt = Attempt { step: msg.step, count: tried };
+                self.release_for_retry(&msg.session_id, token, attempt).await;
                 metric::retry(reason);
-                let retry = StepMessage { attempt: msg.attempt.saturating_add(1), ..msg.clone() };
+                let retry = StepMessage { attempt: tried, ..msg.clone() };
                 self.later(&retry, pool, after, reason).await
             }
             Err(StepError::Unknown(e)) => {
                 self.release(&msg.session_id, token, 0).await;
                 self.later(msg, pool, Duration::from_secs(1), &e.to_string()).await
+            }
+            Err(StepError::LeaseLost) => {
+                // Another delivery owns the step now, or will once the lease expires: nothing of
+                // this one is written. A copy of the message makes sure some delivery runs it; the
+                // claim drops it if the step is done by then.
+                warn!("the lease was lost during the step; it stopped without writing");
+                metric::step_handled("lease_lost");
+                self.later(msg, pool, Duration::from_secs(1), "lease lost").await
             }
         }
     }
@@ -106,8 +117,15 @@ impl Engine {
     }
 
     async fn release(&self, id: &SessionId, token: &str, published: u32) {
-        if let Err(e) = self.store.release(id, token, published).await {
+        if let Err(e) = self.store.release(id, token, published, None).await {
             warn!(error = %e, "releasing the lease failed; it will expire");
+        }
+    }
+
+    /// Releases the lease and records the step's tries so far in the session.
+    async fn release_for_retry(&self, id: &SessionId, token: &str, attempt: Attempt) {
+        if let Err(e) = self.store.release(id, token, 0, Some(attempt)).await {
+            warn!(error = %e, "releasing the lease failed; it will expire and this try is not counted");
         }
     }
 }

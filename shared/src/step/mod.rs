@@ -31,7 +31,7 @@ use std::time::Duration;
 use tracing::{Instrument, info_span};
 
 pub use self::agents::{Agent, Agents};
-use self::claim::Claimed;
+use self::claim::{Claimed, Lease};
 use self::ctx::{StepCtx, Timings};
 use crate::amqp::StepPublisher;
 use crate::domain::{Name, Phase, StepMessage};
@@ -52,15 +52,20 @@ pub enum Disposition {
 /// What a step decided when it could not finish now.
 #[derive(Debug)]
 enum StepError {
-    /// Run this step again later, through a delay tier, as the next attempt.
-    Retry { after: Duration, reason: &'static str },
+    /// Run this step again later, through a delay tier, as try number `tried + 1`.
+    Retry { after: Duration, reason: &'static str, tried: u32 },
     /// Redis failed: the outcome of the last write is unknown. Re-read later; the fencing decides.
     Unknown(StoreError),
+    /// This worker no longer holds the session's lease: it stopped, and wrote nothing more.
+    LeaseLost,
 }
 
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> Self {
-        Self::Unknown(e)
+        match e {
+            StoreError::LeaseLost => Self::LeaseLost,
+            e => Self::Unknown(e),
+        }
     }
 }
 
@@ -146,23 +151,31 @@ impl Engine {
             Claimed::Run { token, state } => (token, state),
             Claimed::Settled(disposition) => return disposition,
         };
-        let lease = self.hold_lease(&msg, &token);
+        // The tries so far are the session's count, never the message's.
+        let msg = StepMessage { attempt: state.meta.attempt, ..msg };
+        let hold = self.hold_lease(&msg, &token);
         let timings = Timings::default();
-        let next = self.phases(&msg, *state, &timings).await;
+        let next = self.phases(&msg, *state, &timings, hold.lease()).await;
         timings.record();
-        lease.stop().await;
+        hold.stop().await;
         self.finish(&msg, pool, &token, next).await
     }
 
     /// The model phase and its checkpoint, then the tool phase and its checkpoint, from wherever
     /// the stored phase says the step is.
-    async fn phases(&self, msg: &StepMessage, state: SessionState, timings: &Timings) -> Result<Next, StepError> {
+    async fn phases(
+        &self,
+        msg: &StepMessage,
+        state: SessionState,
+        timings: &Timings,
+        lease: &Lease,
+    ) -> Result<Next, StepError> {
         let Some(agent) = self.agents.get(state.meta.agent.as_str()).cloned() else {
             let reason = format!("agent `{}` is not configured on this worker", state.meta.agent);
             let failed = Ending::Failed { reason, result: String::new() };
-            return self.settle(msg, &state.meta, None, state.meta.phase, failed).await;
+            return self.settle(msg, lease.token(), &state.meta, None, state.meta.phase, failed).await;
         };
-        let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone(), timings };
+        let step = StepCtx { engine: self, agent: &agent, msg, meta: state.meta.clone(), timings, lease };
         let (state, calls) = match state.meta.phase {
             Phase::Llm => match step.model_phase(state).await? {
                 Next::Tools(state, calls) => (*state, Some(calls)),

@@ -105,7 +105,12 @@ impl StepCtx<'_> {
             return self.daily_cap_reached(&state, verdict).await;
         }
         let reservation = ulid::Ulid::new().to_string();
-        self.engine.store.reserve(self.id(), &reservation, &call.reserve).await?;
+        if let Err(e) = self.engine.store.reserve(&self.fence(), &reservation, &call.reserve).await {
+            // No call is made: give the daily reservation back (best effort; a failure only makes
+            // the cap stricter until the day ends).
+            let _ = self.engine.store.daily_settle(&caps, -(call.reserve.cost as i64)).await;
+            return Err(e.into());
+        }
         let spec = CallSpec {
             model: &self.agent.model,
             system: &self.agent.system,
@@ -114,11 +119,17 @@ impl StepCtx<'_> {
             tool_choice: call.summary.map(|_| "none"),
         };
         let started = Instant::now();
-        let reply = self.engine.llm.create_message(self.agent.provider, &spec, &call.messages).await;
+        // A lost lease cancels the call: its reservation stays open, and the claim that took the
+        // lease counts it at its worst case (it may have been billed).
+        let reply =
+            self.lease.guard(self.engine.llm.create_message(self.agent.provider, &spec, &call.messages)).await?;
         let took = started.elapsed();
         metric::phase_duration("llm", took);
         self.timings.add(took);
-        self.report(&gate, pass, &call, &reply, took).await;
+        if !self.lease.is_lost() {
+            // A call that outlived the lease (a paused worker) says nothing about the provider.
+            self.report(&gate, pass, &call, &reply).await;
+        }
         match reply {
             Ok(reply) => {
                 failpoint::hit("after_model_call");
@@ -150,17 +161,10 @@ impl StepCtx<'_> {
 
     /// Tells the guard how the call went: what is evidence about the provider for its breaker,
     /// whether it was overloaded (AIMD), and the tokens used for the rate limit.
-    async fn report(
-        &self,
-        gate: &Gate<'_>,
-        pass: Pass,
-        call: &Call,
-        reply: &Result<ModelReply, LlmError>,
-        took: Duration,
-    ) {
+    async fn report(&self, gate: &Gate<'_>, pass: Pass, call: &Call, reply: &Result<ModelReply, LlmError>) {
         let healthy = match reply {
             Ok(_) => Some(true),
-            Err(e) => evidence(e, took, self.engine.settings.lease),
+            Err(e) => evidence(e),
         };
         let overloaded = reply.as_ref().err().is_some_and(is_overload);
         let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
@@ -257,7 +261,7 @@ impl StepCtx<'_> {
         let spent =
             Spent { steps: self.msg.step, tokens: totals.total_tokens(), cost: MicroUsd::new(totals.cost_micro_usd) };
         let Some(limit) = budget::alert_crossed(&state.meta.limits, &spent) else { return };
-        match self.engine.store.mark_alert(self.id(), limit).await {
+        match self.engine.store.mark_alert(&self.fence(), limit).await {
             Ok(true) => {
                 metric::budget_alert(self.agent.name.as_str(), limit);
                 let detail = serde_json::json!({
@@ -304,7 +308,7 @@ impl StepCtx<'_> {
         messages.push(assistant.clone());
         messages.extend(nudge.map(llm::user_message));
         let commit = ModelCommit { messages, outcome: decision.outcome() };
-        if !self.engine.store.commit_model(self.id(), self.msg.step, &commit, now_ms()).await? {
+        if !self.engine.store.commit_model(&self.fence(), &commit, now_ms()).await? {
             return Ok(Next::Nothing);
         }
         match decision {
@@ -328,10 +332,11 @@ impl StepCtx<'_> {
             if is_overload(&e) {
                 // The guard shrank the fleet's rate; the retry waits its turn at the rate limiter.
                 let after = e.retry_after().unwrap_or(OVERLOAD_RETRY);
-                return Err(StepError::Retry { after, reason: "model_overloaded" });
+                let tried = self.msg.attempt.saturating_add(1);
+                return Err(StepError::Retry { after, reason: "model_overloaded", tried });
             }
             let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
-            return Err(StepError::Retry { after, reason: "model_api" });
+            return Err(StepError::Retry { after, reason: "model_api", tried: self.msg.attempt.saturating_add(1) });
         }
         let why = if e.is_retryable() {
             let attempts = self.msg.attempt.saturating_add(1);
@@ -463,19 +468,12 @@ fn is_overload(e: &LlmError) -> bool {
     matches!(e, LlmError::Api { status: 429 | 529, .. }) && e.is_retryable()
 }
 
-/// What a failed call says about the provider, for its breaker: `Some(false)` for what the provider
-/// did (5xx other than 529, a connection refused, a send that failed or an unreadable answer in less
-/// than a lease); `None` for overloads (they slow the fleet instead) and for a send that outlived the
-/// lease (the worker may have been paused and the step taken over: its timeout is about this worker,
-/// not the provider); `Some(true)` for any other answer (a 4xx is a working provider's answer).
-fn evidence(e: &LlmError, took: Duration, lease: Duration) -> Option<bool> {
-    if is_overload(e) {
-        return None;
-    }
-    match e {
-        LlmError::Transport { sent: true, .. } if took >= lease => None,
-        _ => Some(!e.is_provider_failure()),
-    }
+/// What a failed call says about the provider, for its breaker: `None` for overloads (they slow the
+/// fleet instead), `Some(false)` for what the provider did (5xx other than 529, a connection
+/// refused, a timeout, an unreadable answer), `Some(true)` for any other answer (a 4xx is a working
+/// provider's answer). A call whose step lost its lease is never reported at all (`call`).
+fn evidence(e: &LlmError) -> Option<bool> {
+    if is_overload(e) { None } else { Some(!e.is_provider_failure()) }
 }
 
 /// How many attempts a step gets for a call that failed with `e`: overloads get their own, generous
@@ -520,23 +518,21 @@ mod tests {
 
     #[test]
     fn only_evidence_about_the_provider_reaches_its_breaker() {
-        let (quick, lease) = (Duration::from_secs(1), Duration::from_secs(15));
         let overloaded = api(529, "overloaded_error", "Overloaded");
         let limited = api(429, "rate_limit_error", "Rate limited");
         let spend = api(429, "rate_limit_error", "You have reached your spend limit");
-        assert_eq!(evidence(&overloaded, quick, lease), None, "529 slows the fleet instead");
-        assert_eq!(evidence(&limited, quick, lease), None, "429 slows the fleet instead");
+        assert_eq!(evidence(&overloaded), None, "529 slows the fleet instead");
+        assert_eq!(evidence(&limited), None, "429 slows the fleet instead");
         assert!(is_overload(&overloaded) && is_overload(&limited) && !is_overload(&spend));
-        assert_eq!(evidence(&spend, quick, lease), Some(true), "a spend limit is a working provider's answer");
-        assert_eq!(evidence(&api(500, "api_error", "boom"), quick, lease), Some(false));
-        assert_eq!(evidence(&api(503, "api_error", "boom"), quick, lease), Some(false));
-        assert_eq!(evidence(&api(400, "invalid_request_error", "bad"), quick, lease), Some(true));
+        assert_eq!(evidence(&spend), Some(true), "a spend limit is a working provider's answer");
+        assert_eq!(evidence(&api(500, "api_error", "boom")), Some(false));
+        assert_eq!(evidence(&api(503, "api_error", "boom")), Some(false));
+        assert_eq!(evidence(&api(400, "invalid_request_error", "bad")), Some(true));
         let refused = LlmError::Transport { sent: false, detail: "connection failed".into() };
-        assert_eq!(evidence(&refused, lease * 20, lease), Some(false), "a refused connection is always evidence");
+        assert_eq!(evidence(&refused), Some(false));
         let timed_out = LlmError::Transport { sent: true, detail: "timed out".into() };
-        assert_eq!(evidence(&timed_out, quick, lease), Some(false));
-        assert_eq!(evidence(&timed_out, lease, lease), None, "a send that outlived the lease says nothing");
-        assert_eq!(evidence(&LlmError::Decode("garbage".into()), quick, lease), Some(false));
+        assert_eq!(evidence(&timed_out), Some(false));
+        assert_eq!(evidence(&LlmError::Decode("garbage".into())), Some(false));
     }
 
     #[test]

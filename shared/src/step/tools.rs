@@ -59,7 +59,7 @@ impl StepCtx<'_> {
         }
         if let Some(after) = later {
             // The finished calls are in the ledger; the redelivery runs only the one that waits.
-            return Err(StepError::Retry { after, reason: "tool_retry" });
+            return Err(StepError::Retry { after, reason: "tool_retry", tried: self.msg.attempt.saturating_add(1) });
         }
         let ordered: Vec<(String, ToolOutcome)> = calls
             .iter()
@@ -69,7 +69,7 @@ impl StepCtx<'_> {
             })
             .collect();
         let user = llm::tool_results_message(&ordered);
-        let applied = self.engine.store.commit_tools(self.id(), self.msg.step, &user, now_ms()).await?;
+        let applied = self.engine.store.commit_tools(&self.fence(), &user, now_ms()).await?;
         Ok(if applied { Next::Publish(self.msg.step + 1) } else { Next::Nothing })
     }
 
@@ -114,12 +114,13 @@ impl StepCtx<'_> {
     async fn run_tool(&self, call: &ToolUse, session: &[ToolUse]) -> Result<ToolRun, StepError> {
         let key = format!("{}:{}", self.id(), call.id);
         let started = Instant::now();
-        let run = match self.guarded_run(call, &key, Some(session)).await {
+        // A lost lease cancels the call; the next holder runs it again under the same key.
+        let run = match self.lease.guard(self.guarded_run(call, &key, Some(session))).await? {
             ToolRun::Later(_, why) if self.msg.attempt >= self.engine.settings.max_tool_deferrals => {
                 let why = format!(
                     "Tool `{}` kept asking to wait ({why}); gave up after {} tries.",
                     call.name,
-                    self.msg.attempt + 1
+                    self.msg.attempt.saturating_add(1)
                 );
                 ToolRun::Done(ToolOutcome::error(why), Health::Down)
             }
@@ -127,7 +128,8 @@ impl StepCtx<'_> {
         };
         let ToolRun::Done(outcome, _) = &run else { return Ok(run) };
         let took = started.elapsed();
-        metric::tool_call(&call.name, !outcome.is_error, took);
+        let known = self.agent.tools.contains(&call.name).then_some(call.name.as_str());
+        metric::tool_call(known, !outcome.is_error, took);
         let trace = TraceRecord {
             tool_name: Some(&call.name),
             input_summary: summary_of(&call.input.to_string(), 200),
@@ -138,7 +140,7 @@ impl StepCtx<'_> {
             ..self.trace("tool_call")
         }
         .emit();
-        self.engine.store.record_tool(self.id(), &call.id, outcome, &trace).await?;
+        self.engine.store.record_tool(&self.fence(), &call.id, outcome, &trace).await?;
         Ok(run)
     }
 
@@ -178,8 +180,11 @@ impl StepCtx<'_> {
             ToolRun::Escalate(_) => Some(true),
             ToolRun::NeedsApproval { .. } => None,
         };
-        let outcome = Outcome { healthy, ..Outcome::default() };
-        self.engine.guard.report(&gate, pass, &outcome, now_ms()).await;
+        if !self.lease.is_lost() {
+            // A call that outlived the lease (a paused worker) says nothing about the tool.
+            let outcome = Outcome { healthy, ..Outcome::default() };
+            self.engine.guard.report(&gate, pass, &outcome, now_ms()).await;
+        }
         run
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    CallUsage, Claim, DailyCaps, DailyVerdict, Meta, ModelCommit, ModelOutcome, NewSession, SessionState, StepEnd,
-    StepStore, StoreError, UsageTotals,
+    Attempt, CallUsage, Claim, DailyCaps, DailyVerdict, Fence, Meta, ModelCommit, ModelOutcome, NewSession,
+    SessionState, StepEnd, StepStore, StoreError, UsageTotals,
 };
 use crate::budget::Reservation;
 use crate::domain::{Phase, SessionId, SessionStatus, StepMessage};
@@ -27,6 +27,8 @@ struct Session {
     ledger: HashMap<String, ToolOutcome>,
     usage: UsageTotals,
     resv: BTreeMap<String, Reservation>,
+    /// Reservations a claim counted at their worst case (`o:<id>` in Redis).
+    orphans: BTreeMap<String, Reservation>,
     lease: Option<(String, Instant)>,
     trace: Vec<String>,
 }
@@ -100,6 +102,7 @@ impl MemoryStore {
             approved: Vec::new(),
             callback_url: new.callback_url.clone(),
             cancel_requested: false,
+            attempt: 0,
         };
         let session = Session {
             meta,
@@ -107,6 +110,7 @@ impl MemoryStore {
             ledger: HashMap::new(),
             usage: UsageTotals::default(),
             resv: BTreeMap::new(),
+            orphans: BTreeMap::new(),
             lease: None,
             trace: Vec::new(),
         };
@@ -193,6 +197,30 @@ fn fenced(s: &Session, step: u32, phase: Phase) -> bool {
     s.meta.step == step && s.meta.phase == phase
 }
 
+/// The session, when `at`'s token still holds its lease (as the scripts check).
+fn leased<'s>(st: &'s mut State, at: &Fence<'_>) -> Result<Option<&'s mut Session>, StoreError> {
+    match st.sessions.get_mut(at.id) {
+        Some(s) if lease_live(s) != Some(at.token) => Err(StoreError::LeaseLost),
+        s => Ok(s),
+    }
+}
+
+/// Takes the call's reservation, or the worst case a claim counted for it back out of the usage;
+/// false when the call was already counted (mirrors `lua/orphan.lua`).
+fn take_reservation(s: &mut Session, rid: &str) -> bool {
+    if s.resv.remove(rid).is_some() {
+        return true;
+    }
+    let Some(r) = s.orphans.remove(rid) else { return false };
+    let u = &mut s.usage;
+    u.cost_micro_usd = u.cost_micro_usd.saturating_sub(r.cost);
+    u.input_tokens = u.input_tokens.saturating_sub(r.input_tokens);
+    u.output_tokens = u.output_tokens.saturating_sub(r.output_tokens);
+    u.model_calls = u.model_calls.saturating_sub(1);
+    u.unreconciled_calls = u.unreconciled_calls.saturating_sub(1);
+    true
+}
+
 fn orphan_record(s: &Session, id: &SessionId, step: u32, token: &str, rid: &str, r: &Reservation, now: u64) -> String {
     serde_json::json!({
         "ts_ms": now, "agent_id": s.meta.agent, "session_id": id, "step": step, "action": "model_call",
@@ -254,6 +282,7 @@ impl StepStore for MemoryStore {
                 s.usage.unreconciled_calls += 1;
                 let record = orphan_record(s, &msg.session_id, n, token, &rid, &r, now_ms);
                 s.trace.push(record);
+                s.orphans.insert(rid, r);
             }
             Claim::Run(Box::new(SessionState {
                 meta: s.meta.clone(),
@@ -277,9 +306,20 @@ impl StepStore for MemoryStore {
         })
     }
 
-    async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        id: &SessionId,
+        token: &str,
+        published: u32,
+        retry: Option<Attempt>,
+    ) -> Result<(), StoreError> {
         self.write("release", |st| {
             let Some(s) = st.sessions.get_mut(id) else { return };
+            if lease_live(s) == Some(token)
+                && let Some(a) = retry.filter(|a| a.step == s.meta.step)
+            {
+                s.meta.attempt = a.count;
+            }
             if s.lease.as_ref().is_some_and(|(t, _)| t == token) {
                 s.lease = None;
             }
@@ -289,12 +329,13 @@ impl StepStore for MemoryStore {
         })
     }
 
-    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
+    async fn reserve(&self, at: &Fence<'_>, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
         self.write("reserve", |st| {
-            if let Some(s) = st.sessions.get_mut(id) {
+            if let Some(s) = leased(st, at)? {
                 s.resv.insert(reservation_id.to_owned(), *r);
             }
-        })
+            Ok(())
+        })?
     }
 
     async fn reconcile(
@@ -305,7 +346,9 @@ impl StepStore for MemoryStore {
     ) -> Result<Option<UsageTotals>, StoreError> {
         self.write("reconcile", |st| {
             let s = st.sessions.get_mut(id)?;
-            s.resv.remove(reservation_id)?;
+            if !take_reservation(s, reservation_id) {
+                return None;
+            }
             let u = &mut s.usage;
             u.input_tokens += call.usage.input_tokens;
             u.output_tokens += call.usage.output_tokens;
@@ -320,22 +363,25 @@ impl StepStore for MemoryStore {
 
     async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError> {
         self.write("cancel_reservation", |st| {
-            if let Some(s) = st.sessions.get_mut(id) {
+            if let Some(s) = st.sessions.get_mut(id)
+                && take_reservation(s, reservation_id)
+            {
                 s.trace.push(trace.to_owned());
                 s.usage.model_errors += 1;
-                s.resv.remove(reservation_id);
             }
         })
     }
 
-    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError> {
-        self.write("mark_alert", |st| match st.sessions.get_mut(id) {
-            Some(s) if s.meta.alerted.is_none() => {
-                s.meta.alerted = Some(limit.to_owned());
-                true
-            }
-            _ => false,
-        })
+    async fn mark_alert(&self, at: &Fence<'_>, limit: &str) -> Result<bool, StoreError> {
+        self.write("mark_alert", |st| {
+            Ok(match leased(st, at)? {
+                Some(s) if s.meta.alerted.is_none() => {
+                    s.meta.alerted = Some(limit.to_owned());
+                    true
+                }
+                _ => false,
+            })
+        })?
     }
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
@@ -368,11 +414,13 @@ impl StepStore for MemoryStore {
         })
     }
 
-    async fn commit_model(&self, id: &SessionId, step: u32, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_model(&self, at: &Fence<'_>, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+        let step = at.step;
         self.write("commit_model", |st| {
-            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, Phase::Llm)) else { return false };
+            let Some(s) = leased(st, at)?.filter(|s| fenced(s, step, Phase::Llm)) else { return Ok(false) };
             s.msgs.extend(c.messages.iter().cloned());
             s.meta.updated_ms = now_ms;
+            s.meta.attempt = 0;
             match &c.outcome {
                 ModelOutcome::Tools => s.meta.phase = Phase::Tools,
                 ModelOutcome::Next => s.meta.step = step + 1,
@@ -383,46 +431,43 @@ impl StepStore for MemoryStore {
                     s.meta.error = Some(error.clone());
                 }
             }
-            true
-        })
+            Ok(true)
+        })?
     }
 
     async fn record_tool(
         &self,
-        id: &SessionId,
+        at: &Fence<'_>,
         tool_use_id: &str,
         outcome: &ToolOutcome,
         trace: &str,
     ) -> Result<(), StoreError> {
         self.write("record_tool", |st| {
-            if let Some(s) = st.sessions.get_mut(id) {
+            if let Some(s) = leased(st, at)? {
                 s.ledger.entry(tool_use_id.to_owned()).or_insert_with(|| outcome.clone());
                 s.trace.push(trace.to_owned());
             }
-        })
+            Ok(())
+        })?
     }
 
-    async fn commit_tools(&self, id: &SessionId, step: u32, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_tools(&self, at: &Fence<'_>, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let step = at.step;
         self.write("commit_tools", |st| {
-            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, Phase::Tools)) else { return false };
+            let Some(s) = leased(st, at)?.filter(|s| fenced(s, step, Phase::Tools)) else { return Ok(false) };
             s.msgs.push(user.to_owned());
             s.meta.step = step + 1;
             s.meta.phase = Phase::Llm;
             s.meta.updated_ms = now_ms;
-            true
-        })
+            s.meta.attempt = 0;
+            Ok(true)
+        })?
     }
 
-    async fn end_step(
-        &self,
-        id: &SessionId,
-        step: u32,
-        phase: Phase,
-        end: &StepEnd,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
+    async fn end_step(&self, at: &Fence<'_>, phase: Phase, end: &StepEnd, now_ms: u64) -> Result<bool, StoreError> {
+        let step = at.step;
         self.write("end_step", |st| {
-            let Some(s) = st.sessions.get_mut(id).filter(|s| fenced(s, step, phase)) else { return false };
+            let Some(s) = leased(st, at)?.filter(|s| fenced(s, step, phase)) else { return Ok(false) };
             s.meta.status = end.status;
             s.meta.updated_ms = now_ms;
             match end.status {
@@ -437,8 +482,8 @@ impl StepStore for MemoryStore {
                 }
             }
             s.trace.push(end.trace.clone());
-            true
-        })
+            Ok(true)
+        })?
     }
 
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {

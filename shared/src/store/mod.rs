@@ -4,6 +4,7 @@
 //! worker that lost its lease, or a duplicate message, can never apply a step twice. Messages are
 //! appended, never rewritten: a step's write cost does not grow with the conversation.
 
+pub mod durability;
 mod memory;
 mod redis;
 
@@ -33,6 +34,46 @@ pub enum StoreError {
     /// Stored data that does not parse (a bug or a foreign writer).
     #[error("corrupt session data: {0}")]
     Corrupt(String),
+    /// A fenced write was refused: this worker no longer holds the session's lease (it was paused
+    /// past it, or could not renew it). Nothing was written; the step belongs to another delivery.
+    #[error("the session's lease is no longer this worker's")]
+    LeaseLost,
+}
+
+/// What every step write is fenced on: the session, the step, and the lease token of the worker
+/// that claimed it. A script refuses the write unless the token still holds the lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence<'a> {
+    /// The session.
+    pub id: &'a SessionId,
+    /// The step the worker claimed.
+    pub step: u32,
+    /// The lease token the claim took.
+    pub token: &'a str,
+}
+
+/// How many times a step (in its current phase) has been tried, as the session records it. The
+/// count lives in the session, so a forged or corrupt message cannot end retries early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// The step.
+    pub step: u32,
+    /// Tries so far.
+    pub count: u32,
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.step, self.count)
+    }
+}
+
+impl Attempt {
+    /// Reads the stored `<step>:<count>`; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (step, count) = s.split_once(':')?;
+        Some(Self { step: step.parse().ok()?, count: count.parse().ok()? })
+    }
 }
 
 /// A session's `meta` hash, parsed.
@@ -72,6 +113,8 @@ pub struct Meta {
     pub callback_url: Option<String>,
     /// True once a cancel was asked for.
     pub cancel_requested: bool,
+    /// Tries of the current step in its current phase (0 for the first).
+    pub attempt: u32,
 }
 
 /// A new session to store.
@@ -296,16 +339,25 @@ pub trait StepStore: Send + Sync {
     async fn claim(&self, msg: &StepMessage, token: &str, lease_ms: u64, now_ms: u64) -> Result<Claim, StoreError>;
     /// Extends our lease; false when it is no longer ours.
     async fn renew(&self, id: &SessionId, token: &str, lease_ms: u64) -> Result<bool, StoreError>;
-    /// Releases our lease and marks `published` (0 for none) as in the broker.
-    async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError>;
+    /// Releases our lease and marks `published` (0 for none) as in the broker. A step that will be
+    /// tried again records its next `attempt` with it, only while the lease is still ours.
+    async fn release(
+        &self,
+        id: &SessionId,
+        token: &str,
+        published: u32,
+        retry: Option<Attempt>,
+    ) -> Result<(), StoreError>;
     /// Marks `step` as in the broker (after its publish was confirmed), without a lease.
     async fn mark_published(&self, id: &SessionId, step: u32) -> Result<(), StoreError> {
-        self.release(id, "", step).await
+        self.release(id, "", step, None).await
     }
-    /// Holds a call's worst case before it is made.
-    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError>;
-    /// Replaces the reservation with the call's actual usage, once; the new totals, or `None` when
-    /// the reservation had already been settled (as an orphan, at its worst case).
+    /// Holds a call's worst case before it is made; [`StoreError::LeaseLost`] when the lease is not
+    /// ours (and the call must not be made).
+    async fn reserve(&self, at: &Fence<'_>, reservation_id: &str, r: &Reservation) -> Result<(), StoreError>;
+    /// Replaces the reservation with the call's actual usage, once, also when another worker's claim
+    /// counted it at its worst case meanwhile (this worker had lost its lease); the new totals, or
+    /// `None` when the call was already counted. Not fenced: the call was billed.
     async fn reconcile(
         &self,
         id: &SessionId,
@@ -315,44 +367,25 @@ pub trait StepStore: Send + Sync {
     /// Drops the reservation of a call that was certainly not billed.
     async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError>;
     /// Marks the budget alert as sent; true only for the first caller.
-    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError>;
+    async fn mark_alert(&self, at: &Fence<'_>, limit: &str) -> Result<bool, StoreError>;
     /// Reserves `amount` micro-USD against the daily caps, atomically across the fleet.
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError>;
     /// Corrects the daily spend by `delta` micro-USD.
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError>;
-    /// The model phase's checkpoint; false when fenced out.
-    async fn commit_model(
-        &self,
-        id: &SessionId,
-        step: u32,
-        commit: &ModelCommit,
-        now_ms: u64,
-    ) -> Result<bool, StoreError>;
+    /// The model phase's checkpoint; false when the step or phase moved on.
+    async fn commit_model(&self, at: &Fence<'_>, commit: &ModelCommit, now_ms: u64) -> Result<bool, StoreError>;
     /// Records a tool's outcome in the ledger (first write wins) with its trace record.
     async fn record_tool(
         &self,
-        id: &SessionId,
+        at: &Fence<'_>,
         tool_use_id: &str,
         outcome: &ToolOutcome,
         trace: &str,
     ) -> Result<(), StoreError>;
-    /// The tool phase's checkpoint; false when fenced out.
-    async fn commit_tools(
-        &self,
-        id: &SessionId,
-        step: u32,
-        user_message: &str,
-        now_ms: u64,
-    ) -> Result<bool, StoreError>;
-    /// Ends or pauses the session at `step`/`phase`; false when fenced out.
-    async fn end_step(
-        &self,
-        id: &SessionId,
-        step: u32,
-        phase: Phase,
-        end: &StepEnd,
-        now_ms: u64,
-    ) -> Result<bool, StoreError>;
+    /// The tool phase's checkpoint; false when the step or phase moved on.
+    async fn commit_tools(&self, at: &Fence<'_>, user_message: &str, now_ms: u64) -> Result<bool, StoreError>;
+    /// Ends or pauses the session at this step and `phase`; false when the step or phase moved on.
+    async fn end_step(&self, at: &Fence<'_>, phase: Phase, end: &StepEnd, now_ms: u64) -> Result<bool, StoreError>;
     /// Takes an ended session out of the index of live sessions.
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError>;
     /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).

@@ -12,8 +12,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{
-    AdminStore, CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, ListFilter, Meta, ModelCommit, ModelOutcome,
-    NewSession, ResumeOutcome, SessionState, SessionView, StepEnd, StepStore, StoreError, UsageTotals,
+    AdminStore, Attempt, CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, Fence, ListFilter, Meta,
+    ModelCommit, ModelOutcome, NewSession, ResumeOutcome, SessionState, SessionView, StepEnd, StepStore, StoreError,
+    UsageTotals,
 };
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
@@ -81,8 +82,11 @@ impl Scripts {
             create: Script::new(include_str!("lua/create.lua")),
             idempotency: Script::new(include_str!("lua/idempotency.lua")),
             reserve: Script::new(include_str!("lua/reserve.lua")),
-            reconcile: Script::new(include_str!("lua/reconcile.lua")),
-            cancel_reservation: Script::new(include_str!("lua/cancel_reservation.lua")),
+            reconcile: Script::new(concat!(include_str!("lua/orphan.lua"), include_str!("lua/reconcile.lua"))),
+            cancel_reservation: Script::new(concat!(
+                include_str!("lua/orphan.lua"),
+                include_str!("lua/cancel_reservation.lua")
+            )),
             mark_alert: Script::new(include_str!("lua/mark_alert.lua")),
             daily_reserve: Script::new(include_str!("lua/daily_reserve.lua")),
             daily_settle: Script::new(include_str!("lua/daily_settle.lua")),
@@ -180,8 +184,15 @@ impl StepStore for RedisStore {
         Ok(ok == 1)
     }
 
-    async fn release(&self, id: &SessionId, token: &str, published: u32) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        id: &SessionId,
+        token: &str,
+        published: u32,
+        retry: Option<Attempt>,
+    ) -> Result<(), StoreError> {
         let k = self.keys(id);
+        let attempt = retry.map(|a| a.to_string()).unwrap_or_default();
         let _: i64 = self
             .scripts
             .release
@@ -189,12 +200,14 @@ impl StepStore for RedisStore {
             .key(&k.meta)
             .arg(token)
             .arg(published)
+            .arg(attempt)
             .invoke_async(&mut self.conn())
             .await?;
         Ok(())
     }
 
-    async fn commit_model(&self, id: &SessionId, step: u32, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_model(&self, at: &Fence<'_>, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+        let (id, step) = (at.id, at.step);
         let k = self.keys(id);
         let (mode, status, result, error) = match &c.outcome {
             ModelOutcome::Tools => ("tools", "", "", ""),
@@ -202,20 +215,20 @@ impl StepStore for RedisStore {
             ModelOutcome::Done { status, result, error } => ("done", status.as_str(), result.as_str(), error.as_str()),
         };
         let mut inv = self.scripts.commit_model.key(&k.meta);
-        inv.key(&k.msgs).arg(step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms).arg(c.messages.len());
+        inv.key(&k.msgs).key(&k.lease).arg(step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms);
+        inv.arg(at.token).arg(c.messages.len());
         for m in &c.messages {
             inv.arg(m);
         }
-        let applied: i64 = inv.invoke_async(&mut self.conn()).await?;
-        Ok(applied == 1)
+        fenced(inv.invoke_async(&mut self.conn()).await?)
     }
 
-    async fn reserve(&self, id: &SessionId, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
+    async fn reserve(&self, at: &Fence<'_>, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
         let value = format!("{}|{}|{}", r.cost, r.input_tokens, r.output_tokens);
-        let k = self.keys(id);
-        let _: i64 =
-            self.scripts.reserve.key(&k.resv).arg(reservation_id).arg(value).invoke_async(&mut self.conn()).await?;
-        Ok(())
+        let k = self.keys(at.id);
+        let mut inv = self.scripts.reserve.key(&k.resv);
+        inv.key(&k.lease).arg(reservation_id).arg(value).arg(at.token);
+        fenced(inv.invoke_async(&mut self.conn()).await?).map(drop)
     }
 
     async fn reconcile(
@@ -249,9 +262,9 @@ impl StepStore for RedisStore {
         let _: i64 = self
             .scripts
             .cancel_reservation
+            .key(&k.usage)
             .key(&k.resv)
             .key(&k.trace)
-            .key(&k.usage)
             .arg(reservation_id)
             .arg(trace)
             .invoke_async(&mut self.conn())
@@ -259,10 +272,11 @@ impl StepStore for RedisStore {
         Ok(())
     }
 
-    async fn mark_alert(&self, id: &SessionId, limit: &str) -> Result<bool, StoreError> {
-        let first: i64 =
-            self.scripts.mark_alert.key(self.keys(id).meta).arg(limit).invoke_async(&mut self.conn()).await?;
-        Ok(first == 1)
+    async fn mark_alert(&self, at: &Fence<'_>, limit: &str) -> Result<bool, StoreError> {
+        let k = self.keys(at.id);
+        let mut inv = self.scripts.mark_alert.key(&k.meta);
+        inv.key(&k.lease).arg(limit).arg(at.token);
+        fenced(inv.invoke_async(&mut self.conn()).await?)
     }
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
@@ -295,61 +309,31 @@ impl StepStore for RedisStore {
 
     async fn record_tool(
         &self,
-        id: &SessionId,
+        at: &Fence<'_>,
         tool_use_id: &str,
         outcome: &ToolOutcome,
         trace: &str,
     ) -> Result<(), StoreError> {
-        let k = self.keys(id);
+        let k = self.keys(at.id);
         let value = serde_json::to_string(outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let _: i64 = self
-            .scripts
-            .record_tool
-            .key(&k.ledger)
-            .key(&k.trace)
-            .arg(tool_use_id)
-            .arg(value)
-            .arg(trace)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(())
+        let mut inv = self.scripts.record_tool.key(&k.ledger);
+        inv.key(&k.trace).key(&k.lease).arg(tool_use_id).arg(value).arg(trace).arg(at.token);
+        fenced(inv.invoke_async(&mut self.conn()).await?).map(drop)
     }
 
-    async fn commit_tools(
-        &self,
-        id: &SessionId,
-        step: u32,
-        user_message: &str,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        let k = self.keys(id);
-        let applied: i64 = self
-            .scripts
-            .commit_tools
-            .key(&k.meta)
-            .key(&k.msgs)
-            .arg(step)
-            .arg(user_message)
-            .arg(now_ms)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(applied == 1)
+    async fn commit_tools(&self, at: &Fence<'_>, user_message: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let k = self.keys(at.id);
+        let mut inv = self.scripts.commit_tools.key(&k.meta);
+        inv.key(&k.msgs).key(&k.lease).arg(at.step).arg(user_message).arg(now_ms).arg(at.token);
+        fenced(inv.invoke_async(&mut self.conn()).await?)
     }
 
-    async fn end_step(
-        &self,
-        id: &SessionId,
-        step: u32,
-        phase: Phase,
-        end: &StepEnd,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        let k = self.keys(id);
+    async fn end_step(&self, at: &Fence<'_>, phase: Phase, end: &StepEnd, now_ms: u64) -> Result<bool, StoreError> {
+        let k = self.keys(at.id);
         let mut inv = self.scripts.end_step.key(&k.meta);
-        inv.key(&k.trace).arg(step).arg(phase.as_str()).arg(end.status.as_str());
-        inv.arg(&end.result).arg(&end.error).arg(&end.escalation).arg(now_ms).arg(&end.trace);
-        let applied: i64 = inv.invoke_async(&mut self.conn()).await?;
-        Ok(applied == 1)
+        inv.key(&k.trace).key(&k.lease).arg(at.step).arg(phase.as_str()).arg(end.status.as_str());
+        inv.arg(&end.result).arg(&end.error).arg(&end.escalation).arg(now_ms).arg(&end.trace).arg(at.token);
+        fenced(inv.invoke_async(&mut self.conn()).await?)
     }
 
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
@@ -667,6 +651,14 @@ fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
         && f.tenant.as_ref().is_none_or(|t| m.tenant.as_ref() == Some(t))
 }
 
+/// A fenced script's answer: 1 applied, 0 fenced out by step and phase, -1 the lease is not ours.
+fn fenced(reply: i64) -> Result<bool, StoreError> {
+    match reply {
+        -1 => Err(StoreError::LeaseLost),
+        n => Ok(n == 1),
+    }
+}
+
 fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
     let mut it = reply.into_iter();
     let verdict: String = next_as(&mut it)?;
@@ -755,6 +747,9 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<Meta, StoreError> {
         approved: get("approved").split_whitespace().map(str::to_owned).collect(),
         callback_url: opt("callback_url"),
         cancel_requested: get("cancel") == "1",
+        attempt: Attempt::parse(get("attempt"))
+            .filter(|a| Some(a.step) == get("step").parse().ok())
+            .map_or(0, |a| a.count),
     })
 }
 

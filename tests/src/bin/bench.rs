@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn measure(fleet: &TestFleet, args: &Args) -> anyhow::Result<()> {
-    wait_ready(fleet).await?;
+    fleet.wait_ready(Duration::from_secs(30)).await?;
     if args.warmup > 0 {
         run_batch(fleet, args, args.warmup, "warmup").await?;
     }
@@ -170,17 +170,6 @@ async fn measure(fleet: &TestFleet, args: &Args) -> anyhow::Result<()> {
 fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
-}
-
-async fn wait_ready(fleet: &TestFleet) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if fleet.http.get(format!("{}/readyz", fleet.ops)).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the dispatcher was not ready within 30 s")
 }
 
 /// Submits `n` sessions, waits until none is live, and checks that every one completed.

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 
 use super::error::{ApiError, ErrorKind};
 use super::faults::Faults;
-use super::stats::{ModelStats, StatsRecorder};
+use super::stats::{GoalRecorder, ModelStats, StatsRecorder};
 use super::validate::{self, Validated};
 use super::{ModelServerConfig, response, script};
 
@@ -28,12 +28,19 @@ pub(crate) struct AppState {
     api_key: Option<String>,
     faults: RwLock<Faults>,
     pub(crate) stats: StatsRecorder,
+    pub(crate) by_goal: GoalRecorder,
 }
 
 impl AppState {
     pub(crate) fn new(config: ModelServerConfig) -> Self {
         let faults = RwLock::new(config.faults.clamped());
-        Self { api_key: config.api_key, faults, stats: StatsRecorder::default() }
+        Self { api_key: config.api_key, faults, stats: StatsRecorder::default(), by_goal: GoalRecorder::default() }
+    }
+
+    /// Zeroes the counters and the bills.
+    pub(crate) fn reset(&self) {
+        self.stats.reset();
+        self.by_goal.reset();
     }
 
     /// The faults in force now.
@@ -105,6 +112,7 @@ async fn answer(state: &AppState, valid: &Validated) -> Response {
     };
     let (response, usage) = response::success(valid, &script::play(&context));
     state.stats.billed(usage.input_tokens, usage.output_tokens);
+    state.by_goal.billed(&goal, usage.input_tokens, usage.output_tokens);
     response
 }
 
@@ -126,7 +134,7 @@ async fn set_faults(
 
 /// `POST /admin/reset`: zeroes the stats.
 async fn reset(State(state): State<Arc<AppState>>) -> StatusCode {
-    state.stats.reset();
+    state.reset();
     StatusCode::NO_CONTENT
 }
 

@@ -34,6 +34,7 @@ mod stats;
 mod tools;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -44,7 +45,8 @@ use crate::serve::Served;
 
 pub use faults::{Faults, InvalidFaults};
 pub use headers::SUPPORTED_VERSIONS;
-pub use stats::{Injected, ModelStats};
+pub use stats::{GoalBill, Injected, ModelStats};
+pub use validate::check_conversation;
 
 use handlers::AppState;
 
@@ -84,7 +86,13 @@ impl ModelServer {
 
     /// Zeroes the counters.
     pub fn reset_stats(&self) {
-        self.state.stats.reset();
+        self.state.reset();
+    }
+
+    /// What each goal (the text of the first user message) was billed: with a unique goal per
+    /// session, what each session was billed.
+    pub fn bills_by_goal(&self) -> BTreeMap<String, GoalBill> {
+        self.state.by_goal.snapshot()
     }
 
     /// Replaces the faults; rates outside `0..=1` are clamped into it.

@@ -44,6 +44,33 @@ pub struct ModelStats {
     pub request_times_ms: Vec<u64>,
 }
 
+/// What the answered requests of one goal were billed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoalBill {
+    /// Successful responses.
+    pub answered: u64,
+    /// Their input tokens.
+    pub input_tokens: u64,
+    /// Their output tokens.
+    pub output_tokens: u64,
+}
+
+/// Bills by goal (the first user message's text), kept apart from [`ModelStats`] so that its
+/// snapshots stay small.
+pub(crate) type GoalRecorder = Recorder<BTreeMap<String, GoalBill>>;
+
+impl Recorder<BTreeMap<String, GoalBill>> {
+    /// Adds a successful response to its goal's bill.
+    pub(crate) fn billed(&self, goal: &str, input_tokens: u64, output_tokens: u64) {
+        self.update(|bills| {
+            let bill = bills.entry(goal.to_owned()).or_default();
+            bill.answered += 1;
+            bill.input_tokens += input_tokens;
+            bill.output_tokens += output_tokens;
+        });
+    }
+}
+
 /// Injected fault counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Injected {
@@ -128,6 +155,17 @@ mod tests {
         assert_eq!(stats.tool_choice_seen["auto"], 1);
         recorder.reset();
         assert_eq!(recorder.snapshot(), ModelStats::default());
+    }
+
+    #[test]
+    fn bills_add_up_per_goal() {
+        let bills = GoalRecorder::default();
+        bills.billed("a", 10, 2);
+        bills.billed("a", 5, 1);
+        bills.billed("b", 1, 1);
+        let snapshot = bills.snapshot();
+        assert_eq!(snapshot["a"], GoalBill { answered: 2, input_tokens: 15, output_tokens: 3 });
+        assert_eq!(snapshot["b"].answered, 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
 
 use super::error::{ApiError, ErrorKind};
 use super::request::{self, MessagesRequest};
@@ -43,6 +44,24 @@ pub(crate) fn validate(
     Ok(Validated { request, tools, tool_choice, cache_control_blocks, body_bytes: bytes.len() })
 }
 
+/// Checks a stored conversation as the API would check a request that carries it (the message
+/// rules, tool-use pairing, the thinking round-trip), with `tools` as the client tools it may call.
+///
+/// Returns the API's message for the first rule broken.
+pub fn check_conversation(messages: &Value, tools: &[&str]) -> Result<(), String> {
+    let tools: Vec<Value> =
+        tools.iter().map(|name| json!({ "name": name, "input_schema": { "type": "object" } })).collect();
+    let body = json!({ "model": "conversation-check", "max_tokens": 1024, "messages": messages, "tools": tools });
+    let Value::Object(body) = body else { return Err("the check's own request is not an object".to_owned()) };
+    let check = || -> Result<(), ApiError> {
+        let request = request::parse(&body)?;
+        let tools = tools::parse_tools(&body)?;
+        conversation::check_tool_pairing(&request.messages, &tools)?;
+        conversation::check_thinking(&request.messages)
+    };
+    check().map_err(|e| e.message)
+}
+
 /// A body that could not be read: too large, or broken on the wire.
 fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -54,7 +73,6 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Value, json};
 
     fn good_headers() -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -87,6 +105,24 @@ mod tests {
         let bad_json = validate(&good_headers(), Ok(Bytes::from_static(b"nope")), None).expect_err("json");
         assert!(bad_json.message.starts_with("body:"));
         assert!(run(&good_headers(), &bad_body).expect_err("max_tokens").message.starts_with("max_tokens"));
+    }
+
+    #[test]
+    fn stored_conversations_are_checked_like_requests() {
+        let call = json!({"type": "tool_use", "id": "toolu_1", "name": "search", "input": {}});
+        let result = json!({"type": "tool_result", "tool_use_id": "toolu_1", "content": "found"});
+        let good = json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [result]},
+            {"role": "assistant", "content": "done"},
+        ]);
+        assert_eq!(check_conversation(&good, &["search"]), Ok(()));
+        let unknown = check_conversation(&good, &["other"]).expect_err("unknown tool");
+        assert!(unknown.contains("unknown tool `search`"), "{unknown}");
+        let unanswered = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [call]}, {"role": "user", "content": "?"}]);
+        assert!(check_conversation(&unanswered, &["search"]).is_err());
+        assert!(check_conversation(&json!([]), &[]).is_err());
     }
 
     #[test]

@@ -79,7 +79,10 @@ async fn call_tool(
         return ToolError::injected(behaviour.fail_status).into_response();
     }
     match run(&state, &name, key, body) {
-        Ok(output) => Json(output).into_response(),
+        Ok(output) => {
+            state.stats.executed(key);
+            Json(output).into_response()
+        }
         Err(error) => error.into_response(),
     }
 }

@@ -21,12 +21,20 @@ pub struct ToolStats {
     pub missing_key: u64,
     /// Calls answered with an injected failure.
     pub failures_injected: u64,
+    /// Calls that ran their tool successfully, by `Idempotency-Key`: a key counted more than once
+    /// is an effect the client caused twice (a failed call retried under its key is not).
+    pub executed_by_key: BTreeMap<String, u64>,
 }
 
 impl ToolStats {
     /// How many calls repeated a key already seen: the sum over keys of (count - 1).
     pub fn repeats(&self) -> u64 {
         self.by_key.values().map(|count| count.saturating_sub(1)).sum()
+    }
+
+    /// How many successful executions repeated a key already executed.
+    pub fn repeated_executions(&self) -> u64 {
+        self.executed_by_key.values().map(|count| count.saturating_sub(1)).sum()
     }
 }
 
@@ -51,6 +59,13 @@ impl Recorder<ToolStats> {
     pub(crate) fn failure(&self) {
         self.update(|stats| stats.failures_injected += 1);
     }
+
+    /// Counts a successful execution under its key.
+    pub(crate) fn executed(&self, key: Option<&str>) {
+        if let Some(key) = key {
+            self.update(|stats| *stats.executed_by_key.entry(key.to_owned()).or_default() += 1);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -66,7 +81,11 @@ mod tests {
         recorder.call("lookup", Some("k2"));
         recorder.call("lookup", None);
         recorder.failure();
+        recorder.executed(Some("k1"));
+        recorder.executed(Some("k1"));
+        recorder.executed(None);
         let stats = recorder.snapshot();
+        assert_eq!(stats.repeated_executions(), 1);
         assert_eq!(stats.calls_total, 5);
         assert_eq!(stats.by_tool["search"], 3);
         assert_eq!(stats.missing_key, 1);

@@ -37,11 +37,15 @@ elseif status ~= 'running' then
   redis.call('HSET', meta, 'status', 'running', 'updated_ms', ARGV[4])
 end
 -- Reservations still open now that we hold the lease belong to calls whose worker died (or lost its
--- lease) before reconciling: the call may have been billed, so count its worst case, once.
+-- lease) before reconciling: the call may have been billed, so count its worst case, once. The
+-- reservation stays as `o:<id>`, so that a late reconcile from a worker that was only paused can
+-- replace the worst case with what the call really used.
 local orphans = redis.call('HGETALL', resv)
 for i = 1, #orphans, 2 do
   local cost, input, output = string.match(orphans[i + 1], '^(%d+)|(%d+)|(%d+)$')
+  if string.sub(orphans[i], 1, 2) == 'o:' then cost = nil end
   if cost then
+    redis.call('HSET', resv, 'o:' .. orphans[i], orphans[i + 1])
     redis.call('HINCRBY', usage, 'cost_micro_usd', cost)
     redis.call('HINCRBY', usage, 'input_tokens', input)
     redis.call('HINCRBY', usage, 'output_tokens', output)
@@ -56,8 +60,8 @@ for i = 1, #orphans, 2 do
       worker = string.match(ARGV[2], '^%d+|([^|]*)|') or ''
     })
     redis.call('XADD', KEYS[7], 'MAXLEN', '~', 10000, '*', 'r', record)
+    redis.call('HDEL', resv, orphans[i])
   end
-  redis.call('HDEL', resv, orphans[i])
 end
 return {'run', '', redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger),
   redis.call('HGETALL', usage)}

@@ -1,7 +1,8 @@
 -- Ends or pauses a session from within a step: terminal statuses, or a wait for a human.
--- Fenced on step and phase. KEYS: meta, trace
--- ARGV: step, phase, status, result, error, escalation, now ms, trace record
+-- Fenced on the lease (-1) and on step and phase (0). KEYS: meta, trace, lease
+-- ARGV: step, phase, status, result, error, escalation, now ms, trace record, lease token
 local meta, trace = KEYS[1], KEYS[2]
+if redis.call('GET', KEYS[3]) ~= ARGV[9] then return -1 end
 local f = redis.call('HMGET', meta, 'step', 'phase')
 if tonumber(f[1]) ~= tonumber(ARGV[1]) or f[2] ~= ARGV[2] then return 0 end
 local status = ARGV[3]

@@ -1,8 +1,9 @@
 -- Replaces a call's reservation with its actual usage, once, and traces the call. Not fenced: the
--- call was billed whatever happened to the step since.
+-- call was billed whatever happened to the step since. A reservation another claim already counted
+-- at its worst case (the worker was paused past its lease) is corrected to the actual usage.
 -- KEYS: usage, resv, trace
 -- ARGV: reservation id, input, output, cache write, cache read tokens, cost micro-USD, trace record
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return {} end
+if not take_reservation() then return {} end
 redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'cache_creation_input_tokens', ARGV[4])

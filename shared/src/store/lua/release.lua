@@ -1,6 +1,11 @@
--- Gives the lease back (only our own) and notes that the successor step is in the broker.
--- KEYS: lease, meta   ARGV: token, published step (0 for none)
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+-- Gives the lease back (only our own) and notes that the successor step is in the broker. A step
+-- that will be tried again records its attempt count here, under the lease: the count lives in the
+-- session, never in the (forgeable) message.
+-- KEYS: lease, meta   ARGV: token, published step (0 for none), attempt "<step>:<n>" ('' for none)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if ARGV[3] and ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'attempt', ARGV[3]) end
+  redis.call('DEL', KEYS[1])
+end
 local p = tonumber(ARGV[2])
 if p > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
   local cur = tonumber(redis.call('HGET', KEYS[2], 'published') or '0')
