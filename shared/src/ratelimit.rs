@@ -21,6 +21,14 @@
 //! 3. [`RateLimiter::observe_headers`] with the `anthropic-ratelimit-*-remaining` headers: the buckets
 //!    drop to what the API says remains (other clients may share the account), never rise.
 //!
+//! 4. [`RateLimiter::adapt`] with how the call went, for AIMD (DESIGN §6): an overload (529) or a
+//!    429 adds an adaptive request bucket, or shrinks it (multiplicative decrease); each success
+//!    grows it back (additive increase) until it reaches the rate it started from, and is dropped.
+//!    It starts from `requests_per_minute` when one is configured, else from the grants the fleet
+//!    was given over the last 1-20 s (`acquire` counts them when asked to), and never goes under
+//!    the configured floor, so an overloaded provider slows the fleet down without stopping it. A
+//!    success while the provider is not overloaded writes nothing.
+//!
 //! Times come from the caller (`now_ms`). A caller whose clock lags the fleet's refills nothing, so
 //! skew makes the limiter stricter, never looser. Keys expire once their buckets would be full again.
 
@@ -32,7 +40,10 @@ use redis::{Script, ScriptInvocation};
 use reqwest::header::HeaderMap;
 use thiserror::Error;
 
-pub use crate::config::RateLimit;
+pub use crate::config::{AdaptiveRate, RateLimit};
+
+/// How long the adaptive rate outlives the last overload when no call asks in between.
+const ADAPTIVE_TTL: Duration = Duration::from_secs(300);
 
 /// The response header with the requests left in the current window.
 pub const REQUESTS_REMAINING: &str = "anthropic-ratelimit-requests-remaining";
@@ -119,6 +130,15 @@ pub fn parse_ratelimit_headers(headers: &HeaderMap) -> RateHeaders {
     }
 }
 
+/// What a call's outcome says about the provider's capacity, for AIMD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// It answered: grow the adaptive rate back, if there is one.
+    Success,
+    /// It answered 529 (overloaded) or 429 (rate limited): shrink the rate.
+    Overload,
+}
+
 /// The key of the buckets of `key` (`<provider>:<model>`), with it as the hash tag.
 fn key_of(prefix: &str, key: &str) -> String {
     format!("{prefix}:rate:{{{key}}}")
@@ -130,6 +150,7 @@ struct Scripts {
     acquire: Script,
     settle: Script,
     observe: Script,
+    adapt: Script,
 }
 
 impl Scripts {
@@ -138,6 +159,7 @@ impl Scripts {
             acquire: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/acquire.lua"))),
             settle: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/settle.lua"))),
             observe: Script::new(concat!(include_str!("ratelimit/buckets.lua"), include_str!("ratelimit/observe.lua"))),
+            adapt: Script::new(include_str!("ratelimit/adapt.lua")),
         }
     }
 }
@@ -161,19 +183,23 @@ impl RateLimiter {
         key_of(&self.prefix, key)
     }
 
-    /// Takes `requests` and the `estimated` tokens from every limited bucket of `key`, or nothing.
+    /// Takes `requests` and the `estimated` tokens from every limited bucket of `key` (and from its
+    /// adaptive bucket, while there is one), or nothing. `adaptive`: the key may have an adaptive
+    /// bucket, and grants are counted for it; without it, an unlimited key costs no round trip.
     pub async fn acquire(
         &self,
         key: &str,
         limit: &RateLimit,
+        adaptive: bool,
         requests: u32,
         estimated: Tokens,
         now_ms: u64,
     ) -> Result<Acquire, RateLimitError> {
-        if limit.is_unlimited() {
+        if limit.is_unlimited() && !adaptive {
             return Ok(Acquire::Granted);
         }
         let mut inv = self.invocation(&self.scripts.acquire, key, limit, now_ms);
+        inv.arg(u8::from(adaptive));
         inv.arg(requests).arg(estimated.input).arg(estimated.output);
         let (granted, wait_ms): (u8, u64) = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(if granted == 1 { Acquire::Granted } else { Acquire::Wait { retry_after: Duration::from_millis(wait_ms) } })
@@ -194,7 +220,7 @@ impl RateLimiter {
             return Ok(());
         }
         let mut inv = self.invocation(&self.scripts.settle, key, limit, now_ms);
-        inv.arg(estimated.input).arg(estimated.output).arg(actual.input).arg(actual.output);
+        inv.arg(0).arg(estimated.input).arg(estimated.output).arg(actual.input).arg(actual.output);
         let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(())
     }
@@ -213,10 +239,36 @@ impl RateLimiter {
         }
         let text = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
         let mut inv = self.invocation(&self.scripts.observe, key, limit, now_ms);
-        inv.arg(text(headers.requests_remaining));
+        inv.arg(0).arg(text(headers.requests_remaining));
         inv.arg(text(headers.input_tokens_remaining)).arg(text(headers.output_tokens_remaining));
         let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(())
+    }
+
+    /// Feeds one outcome into the AIMD of `key`'s adaptive request bucket. Returns the adaptive rate
+    /// per minute in force after it; `None` when there is none (the provider is not overloaded).
+    pub async fn adapt(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        adaptive: &AdaptiveRate,
+        signal: Signal,
+        now_ms: u64,
+    ) -> Result<Option<f64>, RateLimitError> {
+        let rate: String = self
+            .scripts
+            .adapt
+            .key(self.key(key))
+            .arg(now_ms)
+            .arg(if signal == Signal::Overload { "overload" } else { "ok" })
+            .arg(limit.requests_per_minute.map_or(0, |r| r.get()))
+            .arg(adaptive.min_requests_per_minute.get())
+            .arg(adaptive.decrease)
+            .arg(adaptive.increase)
+            .arg(u64::try_from(ADAPTIVE_TTL.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(rate.parse::<f64>().ok())
     }
 
     /// A call of `script` with the arguments of the bucket prelude: key, now and each bucket's rate
@@ -271,6 +323,31 @@ mod tests {
         assert!(parse("[limit]\nrequests_per_minute = 0").is_err());
         assert!(parse("[limit]\nburst_seconds = 0").is_err());
         assert!(parse("[limit]\nburst = 10").is_err());
+    }
+
+    #[test]
+    fn adaptive_rates_default_on_and_refuse_out_of_range_factors() -> Result<(), toml::de::Error> {
+        #[derive(Deserialize)]
+        struct Adaptive {
+            adaptive: AdaptiveRate,
+        }
+        let parse = |text: &str| toml::from_str::<Adaptive>(text).map(|w| w.adaptive);
+        let d = parse("[adaptive]")?;
+        assert_eq!(d, AdaptiveRate::default());
+        assert_eq!((d.enabled, d.min_requests_per_minute.get(), d.decrease, d.increase), (true, 60, 0.9, 0.05));
+        assert!(!parse("[adaptive]\nenabled = false")?.enabled);
+        for (text, why) in [
+            ("decrease = 1.0", "(0, 1)"),
+            ("decrease = 0.0", "(0, 1)"),
+            ("increase = 0.0", "(0, 1]"),
+            ("increase = 1.5", "(0, 1]"),
+            ("min_requests_per_minute = 0", "nonzero"),
+            ("step = 1", "unknown field"),
+        ] {
+            let err = parse(&format!("[adaptive]\n{text}")).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(why), "`{text}`: {err}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -234,7 +234,7 @@ pub fn install_metrics(
 /// Typed metric helpers: every metric name and label lives here.
 pub mod metric {
     /// Every metric with its help text, so `/metrics` carries `# HELP` for each (promtool asks).
-    const HELP: [(&str, &str, char); 29] = [
+    const HELP: [(&str, &str, char); 30] = [
         ("agentfleet_step_messages_total", "Step messages handled, by what they turned out to be.", 'c'),
         ("agentfleet_step_phase_duration_seconds", "Time in one phase of a step (llm, tools).", 'h'),
         ("agentfleet_step_duration_seconds", "Time to handle one step message.", 'h'),
@@ -257,6 +257,7 @@ pub mod metric {
         ("agentfleet_breaker_transitions_total", "Circuit breaker transitions, by breaker.", 'c'),
         ("agentfleet_breaker_rejections_total", "Calls refused by an open circuit breaker.", 'c'),
         ("agentfleet_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", 'g'),
+        ("agentfleet_rate_limit_adaptive_rpm", "Requests per minute left by provider overloads (0: none).", 'g'),
         ("agentfleet_retries_total", "Steps sent through the delay queues, by reason.", 'c'),
         ("agentfleet_escalations_total", "Sessions paused for people, by kind.", 'c'),
         ("agentfleet_human_decisions_total", "Replies, approvals, rejections and expired waits.", 'c'),
@@ -394,6 +395,11 @@ pub mod metric {
     /// A breaker's state: 0 closed, 1 half-open, 2 open.
     pub fn breaker_state(name: &str, state: f64) {
         metrics::gauge!("agentfleet_breaker_state", "breaker" => name.to_owned()).set(state);
+    }
+
+    /// The adaptive request rate of a rate limiter (`provider:model`, from the config); 0 for none.
+    pub fn adaptive_rate(limiter: &str, per_minute: f64) {
+        metrics::gauge!("agentfleet_rate_limit_adaptive_rpm", "limiter" => limiter.to_owned()).set(per_minute);
     }
 
     /// A queue's depth and consumers, as the broker reports them.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentfleet::breaker::{BreakerConfig, BreakerStatus, Breakers, Permit, Transition};
-use agentfleet::ratelimit::{Acquire, RateHeaders, RateLimit, RateLimiter, Tokens};
+use agentfleet::ratelimit::{Acquire, AdaptiveRate, RateHeaders, RateLimit, RateLimiter, Signal, Tokens};
 use futures::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -70,17 +70,39 @@ async fn limiter_workers(prefix: &str, n: usize) -> anyhow::Result<Vec<RateLimit
     Ok(out)
 }
 
-fn cfg(threshold: u32, cool_down: Duration, probe_timeout: Option<Duration>) -> anyhow::Result<BreakerConfig> {
-    Ok(BreakerConfig { failure_threshold: nz(threshold)?, cool_down, probe_timeout })
+/// A breaker that opens at `rate` of at least `min_calls` outcomes in a 30 s window, cools down for
+/// a minute and ramps up in stages of at least 5 s.
+fn cfg(rate: f64, min_calls: u32) -> anyhow::Result<BreakerConfig> {
+    Ok(BreakerConfig {
+        failure_rate: rate,
+        min_calls: nz(min_calls)?,
+        window: Duration::from_secs(30),
+        cool_down: Duration::from_secs(60),
+        ramp_interval: Duration::from_secs(5),
+    })
 }
 
-/// Fails `threshold` calls from worker 0 at `now`, which must open the breaker.
-async fn open_breaker(b: &Breakers, name: &str, cfg: &BreakerConfig, now: u64) -> anyhow::Result<()> {
-    let mut last = None;
-    for _ in 0..cfg.failure_threshold.get() {
-        last = b.record(name, cfg, false, false, now).await?;
+/// Reports `n` outcomes from worker 0 at `now`; returns the transitions they caused.
+async fn outcomes(
+    b: &Breakers,
+    name: &str,
+    cfg: &BreakerConfig,
+    n: usize,
+    success: bool,
+    now: u64,
+) -> anyhow::Result<Vec<Transition>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.extend(b.record(name, cfg, None, success, now).await?);
     }
-    anyhow::ensure!(last == Some(Transition::Opened), "the breaker did not open: {last:?}");
+    Ok(out)
+}
+
+/// Opens breaker `name` at `now` with `min_calls` failures.
+async fn open_breaker(b: &Breakers, name: &str, cfg: &BreakerConfig, now: u64) -> anyhow::Result<()> {
+    let n = cfg.min_calls.get() as usize;
+    let transitions = outcomes(b, name, cfg, n, false, now).await?;
+    anyhow::ensure!(transitions == [Transition::Opened], "the breaker did not open: {transitions:?}");
     Ok(())
 }
 
@@ -96,48 +118,77 @@ async fn checks(
     Ok(join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?)
 }
 
-fn probes(permits: &[Permit]) -> usize {
-    permits.iter().filter(|p| p.is_probe()).count()
+fn trials(permits: &[Permit]) -> usize {
+    permits.iter().filter(|p| p.trial().is_some()).count()
 }
 
 #[tokio::test]
-async fn the_nth_failure_counted_across_workers_opens_the_breaker() -> anyhow::Result<()> {
+async fn the_breaker_opens_on_the_failure_rate_of_enough_calls_across_workers() -> anyhow::Result<()> {
     let prefix = fresh_prefix();
     let workers = breaker_workers(&prefix, 4).await?;
-    let cfg = cfg(5, Duration::from_secs(60), None)?;
+    let cfg = cfg(0.5, 20)?;
+    let name = "tool:crm";
 
-    // Four failures spread over four workers: one short of the threshold, not one per worker.
-    for (i, b) in workers.iter().enumerate() {
-        assert_eq!(b.record("tool:crm", &cfg, false, false, T0 + i as u64).await?, None);
+    // Twelve failures and no success: above the rate, but fewer than 20 calls. Still closed, and a
+    // check on it writes nothing.
+    for i in 0..12 {
+        assert_eq!(workers[i % 4].record(name, &cfg, None, false, T0 + i as u64).await?, None);
     }
+    let ttl_before = pttl(&workers[0].key(name)).await?;
     for b in &workers {
-        assert_eq!(b.check("tool:crm", &cfg, T0 + 10).await?, Permit::Allow);
+        assert_eq!(b.check(name, &cfg, T0 + 100).await?, Permit::Allow);
     }
-    assert_eq!(workers[0].state("tool:crm", T0 + 10).await?.consecutive_failures, 4);
+    assert!(pttl(&workers[0].key(name)).await? <= ttl_before, "a check on a closed breaker wrote");
+    let state = workers[0].state(name, T0 + 100).await?;
+    assert_eq!((state.status, state.calls, state.failures), (BreakerStatus::Closed, 12, 12));
+    // The key lives for a window, a cool-down, a ramp and a grace minute.
+    assert!((150_000..=170_000).contains(&ttl_before), "{ttl_before}");
 
-    // A success anywhere resets the run; a closed breaker without failures leaves no key.
-    assert_eq!(workers[2].record("tool:crm", &cfg, false, true, T0 + 20).await?, None);
-    let state = workers[1].state("tool:crm", T0 + 20).await?;
-    assert_eq!((state.status, state.consecutive_failures), (BreakerStatus::Closed, 0));
-    assert_eq!(pttl(&workers[0].key("tool:crm")).await?, -2);
+    // Eight successes: 20 calls, 60 % failed, but a success opens nothing.
+    assert!(outcomes(&workers[1], name, &cfg, 8, true, T0 + 200).await?.is_empty());
+    // The next failure, from any worker, finds 13 of 21 failed: it opens the breaker.
+    assert_eq!(workers[3].record(name, &cfg, None, false, T0 + 300).await?, Some(Transition::Opened));
+    let state = workers[2].state(name, T0 + 300).await?;
+    assert_eq!((state.status, state.calls, state.failures), (BreakerStatus::Open, 21, 13));
+    assert!(!workers[2].check(name, &cfg, T0 + 301).await?.is_allowed());
 
-    // Four more interleaved failures keep it closed; the fifth, from any worker, opens it.
-    for (i, b) in workers.iter().enumerate() {
-        assert_eq!(b.record("tool:crm", &cfg, false, false, T0 + 30 + i as u64).await?, None);
-    }
-    assert_eq!(workers[1].record("tool:crm", &cfg, false, false, T0 + 40).await?, Some(Transition::Opened));
-    assert!(!workers[3].check("tool:crm", &cfg, T0 + 41).await?.is_allowed());
-    assert!(pttl(&workers[0].key("tool:crm")).await? > 60_000);
-
-    // Twenty failures at once from four workers: exactly one of them opens it, and the count stops
-    // at the threshold (later failures land on an open breaker and are ignored).
+    // Forty failures at once from four workers against a fresh breaker: exactly one opens it.
     let cfg = &cfg;
-    let calls = workers.iter().flat_map(|b| (0..5).map(move |_| b.record("model:anthropic", cfg, false, false, T0)));
+    let calls = workers.iter().flat_map(|b| (0..10).map(move |_| b.record("model:anthropic", cfg, None, false, T0)));
     let transitions = join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()?;
     assert_eq!(transitions.iter().filter(|t| **t == Some(Transition::Opened)).count(), 1);
     assert_eq!(transitions.iter().filter(|t| t.is_some()).count(), 1);
     let state = workers[0].state("model:anthropic", T0).await?;
-    assert_eq!((state.status, state.consecutive_failures), (BreakerStatus::Open, 5));
+    assert_eq!((state.status, state.calls, state.failures), (BreakerStatus::Open, 20, 20));
+
+    cleanup(&prefix).await
+}
+
+#[tokio::test]
+async fn a_burst_of_failures_among_many_successes_does_not_open_it() -> anyhow::Result<()> {
+    let prefix = fresh_prefix();
+    let b = Breakers::new(connect().await?, &prefix);
+    let cfg = cfg(0.5, 20)?;
+    let name = "model:anthropic";
+
+    // 100 successes, then five failures in a row: the old "5 consecutive" breaker would open.
+    assert!(outcomes(&b, name, &cfg, 100, true, T0).await?.is_empty());
+    assert!(outcomes(&b, name, &cfg, 5, false, T0 + 1_000).await?.is_empty());
+    // A 30 % error rate for a whole window: still closed.
+    for i in 0..100_u64 {
+        let t = b.record(name, &cfg, None, i % 10 >= 3, T0 + 2_000 + i * 100).await?;
+        assert_eq!(t, None, "opened at call {i}");
+    }
+    let state = b.state(name, T0 + 12_000).await?;
+    assert_eq!(state.status, BreakerStatus::Closed, "{state:?}");
+
+    // The window slides: successes older than 30 s no longer count. 60 s later, 10 successes and 10
+    // failures in a fresh window open it.
+    let t1 = T0 + 60_000;
+    assert!(outcomes(&b, name, &cfg, 10, true, t1).await?.is_empty());
+    assert_eq!(b.state(name, t1).await?.calls, 10, "the old buckets were dropped");
+    assert!(outcomes(&b, name, &cfg, 9, false, t1).await?.is_empty());
+    assert_eq!(b.record(name, &cfg, None, false, t1).await?, Some(Transition::Opened));
 
     cleanup(&prefix).await
 }
@@ -146,7 +197,7 @@ async fn the_nth_failure_counted_across_workers_opens_the_breaker() -> anyhow::R
 async fn an_open_breaker_denies_for_the_rest_of_its_cool_down() -> anyhow::Result<()> {
     let prefix = fresh_prefix();
     let workers = breaker_workers(&prefix, 2).await?;
-    let cfg = cfg(3, Duration::from_secs(60), None)?;
+    let cfg = cfg(1.0, 3)?;
     open_breaker(&workers[0], "tool:erp", &cfg, T0).await?;
 
     let retry_after = Duration::from_secs(50);
@@ -156,77 +207,90 @@ async fn an_open_breaker_denies_for_the_rest_of_its_cool_down() -> anyhow::Resul
     assert_eq!(state.retry_after, Some(Duration::from_secs(30)));
 
     // Outcomes of calls that started before it opened change nothing: no longer cool-down.
-    assert_eq!(workers[1].record("tool:erp", &cfg, false, false, T0 + 20_000).await?, None);
-    assert_eq!(workers[1].record("tool:erp", &cfg, false, true, T0 + 21_000).await?, None);
+    assert_eq!(workers[1].record("tool:erp", &cfg, None, false, T0 + 20_000).await?, None);
+    assert_eq!(workers[1].record("tool:erp", &cfg, None, true, T0 + 21_000).await?, None);
     let retry_after = Duration::from_millis(1);
     assert_eq!(workers[0].check("tool:erp", &cfg, T0 + 59_999).await?, Permit::Deny { retry_after });
-    assert_eq!(workers[0].state("tool:erp", T0 + 59_999).await?.consecutive_failures, 3);
-    assert_eq!(workers[1].state("tool:erp", T0 + 60_000).await?.status, BreakerStatus::HalfOpen);
+    assert_eq!(workers[0].state("tool:erp", T0 + 59_999).await?.failures, 3);
+    let cooled = workers[1].state("tool:erp", T0 + 60_000).await?;
+    assert_eq!((cooled.status, cooled.share), (BreakerStatus::HalfOpen, Some(0.1)));
 
     cleanup(&prefix).await
 }
 
 #[tokio::test]
-async fn after_the_cool_down_exactly_one_caller_probes() -> anyhow::Result<()> {
+async fn half_open_lets_a_share_through_and_ramps_up_over_good_intervals() -> anyhow::Result<()> {
     let prefix = fresh_prefix();
     let workers = breaker_workers(&prefix, 5).await?;
-    let cfg = cfg(5, Duration::from_secs(60), None)?;
-    open_breaker(&workers[0], "model:anthropic", &cfg, T0).await?;
-
-    // Thirty concurrent checks the moment the cool-down ends: one probe, everyone else waits for it.
-    let t1 = T0 + 60_000;
-    let permits = checks(&workers, "model:anthropic", &cfg, t1, 6).await?;
-    assert_eq!(permits.len(), 30);
-    assert_eq!(probes(&permits), 1);
-    let probe_slot = Permit::Deny { retry_after: cfg.effective_probe_timeout() };
-    assert!(permits.iter().all(|p| p.is_probe() || *p == probe_slot), "{permits:?}");
-
-    // Calls that began before the breaker opened do not answer the probe's question.
+    let cfg = cfg(0.5, 4)?;
     let name = "model:anthropic";
-    assert_eq!(workers[1].record(name, &cfg, false, true, t1 + 100).await?, None);
-    assert_eq!(workers[1].record(name, &cfg, false, false, t1 + 100).await?, None);
-    assert_eq!(workers[2].state(name, t1 + 100).await?.status, BreakerStatus::HalfOpen);
+    open_breaker(&workers[0], name, &cfg, T0).await?;
 
-    // The probe fails: another full cool-down.
-    let t2 = t1 + 500;
-    assert_eq!(workers[3].record(name, &cfg, true, false, t2).await?, Some(Transition::Reopened));
-    let retry_after = Duration::from_millis(59_999);
-    assert_eq!(workers[4].check(name, &cfg, t2 + 1).await?, Permit::Deny { retry_after });
-    let state = workers[4].state(name, t2 + 1).await?;
-    assert_eq!((state.status, state.consecutive_failures), (BreakerStatus::Open, 6));
+    // Fifty concurrent checks the moment the cool-down ends: exactly 10 % go through, as trials of
+    // one half-open spell; the rest are told to come back when the stage may end.
+    let t1 = T0 + 60_000;
+    let permits = checks(&workers, name, &cfg, t1, 10).await?;
+    assert_eq!(trials(&permits), 5, "{permits:?}");
+    let generation = permits.iter().find_map(Permit::trial);
+    assert!(permits.iter().filter_map(Permit::trial).all(|g| Some(g) == generation));
+    assert!(permits.iter().all(|p| p.is_allowed() || *p == Permit::Deny { retry_after: Duration::from_secs(5) }));
 
-    // After it, one probe again; its success closes the breaker and resets the count.
-    let t3 = t2 + 60_000;
-    let permits = checks(&workers, name, &cfg, t3, 6).await?;
-    assert_eq!(probes(&permits), 1);
-    assert_eq!(workers[0].record(name, &cfg, true, true, t3 + 200).await?, Some(Transition::Closed));
-    let permits = checks(&workers, name, &cfg, t3 + 201, 2).await?;
-    assert!(permits.iter().all(|p| *p == Permit::Allow), "{permits:?}");
-    let state = workers[2].state(name, t3 + 201).await?;
-    assert_eq!((state.status, state.consecutive_failures, state.retry_after), (BreakerStatus::Closed, 0, None));
+    // Plain calls (begun before it opened) answer nothing; a success before the interval is over
+    // does not end the stage.
+    assert_eq!(workers[1].record(name, &cfg, None, false, t1 + 100).await?, None);
+    assert_eq!(workers[1].record(name, &cfg, generation, true, t1 + 100).await?, None);
+    assert_eq!(workers[1].state(name, t1 + 100).await?.share, Some(0.1));
+
+    // After the interval, each stage's first success ramps to the next share: 25 %, 50 %, 100 %.
+    let mut t = t1;
+    for share in [0.25, 0.5, 1.0] {
+        t += 5_000;
+        assert_eq!(workers[2].record(name, &cfg, generation, true, t).await?, Some(Transition::Ramped));
+        let permits = checks(&workers, name, &cfg, t, 8).await?;
+        assert_eq!(trials(&permits), (40.0 * share) as usize, "share {share}: {permits:?}");
+        assert_eq!(workers[3].state(name, t).await?.share, Some(share));
+    }
+    // A good last stage closes it; later checks are allowed without a write.
+    t += 5_000;
+    assert_eq!(workers[4].record(name, &cfg, generation, true, t).await?, Some(Transition::Closed));
+    assert!(checks(&workers, name, &cfg, t + 1, 2).await?.iter().all(|p| *p == Permit::Allow));
+    assert_eq!(pttl(&workers[0].key(name)).await?, -2, "a closed breaker without outcomes has no key");
 
     cleanup(&prefix).await
 }
 
 #[tokio::test]
-async fn an_abandoned_probe_expires_and_another_is_let_through() -> anyhow::Result<()> {
+async fn failing_trials_reopen_it_and_stale_trials_count_for_nothing() -> anyhow::Result<()> {
     let prefix = fresh_prefix();
     let workers = breaker_workers(&prefix, 3).await?;
-    let cfg = cfg(2, Duration::from_secs(30), Some(Duration::from_secs(5)))?;
-    open_breaker(&workers[0], "tool:mail", &cfg, T0).await?;
+    let cfg = cfg(0.5, 4)?;
+    let name = "tool:mail";
+    open_breaker(&workers[0], name, &cfg, T0).await?;
 
-    // Worker 0 takes the probe and dies without reporting.
-    let t1 = T0 + 30_000;
-    assert_eq!(workers[0].check("tool:mail", &cfg, t1).await?, Permit::Probe);
-    let retry_after = Duration::from_millis(1);
-    assert_eq!(workers[1].check("tool:mail", &cfg, t1 + 4_999).await?, Permit::Deny { retry_after });
+    // Worker 0 takes the first trial and dies without reporting: the next calls of the stage still
+    // get their share, so a dead worker cannot wedge the breaker.
+    let t1 = T0 + 60_000;
+    let first = workers[0].check(name, &cfg, t1).await?;
+    let generation = first.trial();
+    assert!(generation.is_some(), "{first:?}");
+    let permits = checks(&workers[1..], name, &cfg, t1 + 10, 10).await?;
+    assert_eq!(trials(&permits), 2, "20 more calls at 10 %: {permits:?}");
 
-    // Once its slot expires, exactly one of the survivors probes.
-    let permits = checks(&workers[1..], "tool:mail", &cfg, t1 + 5_000, 5).await?;
-    assert_eq!(permits.len(), 10);
-    assert_eq!(probes(&permits), 1);
-    assert_eq!(workers[2].record("tool:mail", &cfg, true, true, t1 + 5_100).await?, Some(Transition::Closed));
-    assert_eq!(workers[1].check("tool:mail", &cfg, t1 + 5_101).await?, Permit::Allow);
+    // One success, then failures: 1 of 2 failed is the failure rate, so it reopens.
+    assert_eq!(workers[1].record(name, &cfg, generation, true, t1 + 20).await?, None);
+    assert_eq!(workers[2].record(name, &cfg, generation, false, t1 + 30).await?, Some(Transition::Reopened));
+    let state = workers[2].state(name, t1 + 30).await?;
+    assert_eq!((state.status, state.calls, state.failures), (BreakerStatus::Open, 2, 1));
+    assert_eq!(state.retry_after, Some(Duration::from_secs(60)));
+
+    // The next half-open spell is a new generation: the first spell's trials count for nothing.
+    let t2 = t1 + 30 + 60_000;
+    let second = workers[1].check(name, &cfg, t2).await?.trial();
+    assert!(second.is_some() && second != generation);
+    assert_eq!(workers[0].record(name, &cfg, generation, false, t2 + 1).await?, None);
+    assert_eq!(workers[0].state(name, t2 + 1).await?.status, BreakerStatus::HalfOpen);
+    // Its own first trial failing reopens it at once.
+    assert_eq!(workers[1].record(name, &cfg, second, false, t2 + 2).await?, Some(Transition::Reopened));
 
     cleanup(&prefix).await
 }
@@ -250,7 +314,7 @@ async fn three_workers_never_exceed_the_rate_plus_the_burst_in_any_minute() -> a
             for tick in 0..ticks {
                 let now = T0 + tick * tick_ms;
                 for _ in 0..5 {
-                    match limiter.acquire("anthropic:claude", &limit, 1, Tokens::default(), now).await? {
+                    match limiter.acquire("anthropic:claude", &limit, false, 1, Tokens::default(), now).await? {
                         Acquire::Granted => grants.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(now - T0),
                         Acquire::Wait { retry_after } => {
                             anyhow::ensure!(retry_after <= Duration::from_millis(100), "{retry_after:?}");
@@ -304,24 +368,24 @@ async fn a_call_is_granted_by_every_bucket_or_by_none() -> anyhow::Result<()> {
     let rl = RateLimiter::new(connect().await?, &prefix);
     let (limit, key) = (small_limit()?, "anthropic:claude-haiku");
 
-    assert_eq!(rl.acquire(key, &limit, 1, input(4_000), T0).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, input(4_000), T0).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(4_000), T0).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(4_000), T0).await?, Acquire::Granted);
     // 2 000 tokens left, 2 000 short at 1 000 a second.
-    assert_eq!(rl.acquire(key, &limit, 1, input(4_000), T0).await?, wait_ms(2_000));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(4_000), T0).await?, wait_ms(2_000));
     // The refused call took no request: 8 of 10 remain. Unlimited output tokens are not counted.
     let huge_output = Tokens { input: 0, output: 1_000_000_000 };
     for _ in 0..8 {
-        assert_eq!(rl.acquire(key, &limit, 1, huge_output, T0).await?, Acquire::Granted);
+        assert_eq!(rl.acquire(key, &limit, false, 1, huge_output, T0).await?, Acquire::Granted);
     }
-    assert_eq!(rl.acquire(key, &limit, 1, Tokens::default(), T0).await?, wait_ms(1_000));
-    assert_eq!(rl.acquire(key, &limit, 1, input(4_000), T0 + 2_000).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, Tokens::default(), T0).await?, wait_ms(1_000));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(4_000), T0 + 2_000).await?, Acquire::Granted);
     // The key lives until the buckets would be full again, plus a minute.
     let ttl = pttl(&rl.key(key)).await?;
     assert!((60_000..=80_000).contains(&ttl), "{ttl}");
 
     // No limits at all: granted without touching Redis.
     let unlimited = RateLimit::default();
-    assert_eq!(rl.acquire("other:model", &unlimited, 1_000, input(u64::MAX), T0).await?, Acquire::Granted);
+    assert_eq!(rl.acquire("other:model", &unlimited, false, 1_000, input(u64::MAX), T0).await?, Acquire::Granted);
     assert_eq!(pttl(&rl.key("other:model")).await?, -2);
 
     cleanup(&prefix).await
@@ -334,25 +398,25 @@ async fn settling_takes_or_gives_back_the_difference() -> anyhow::Result<()> {
     let (limit, key) = (small_limit()?, "anthropic:claude-sonnet");
 
     // Estimated 8 000, used 3 000: 5 000 come back, 7 000 are left.
-    assert_eq!(rl.acquire(key, &limit, 1, input(8_000), T0).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(8_000), T0).await?, Acquire::Granted);
     rl.settle(key, &limit, input(8_000), input(3_000), T0).await?;
-    assert_eq!(rl.acquire(key, &limit, 1, input(7_000), T0).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, input(1), T0).await?, wait_ms(1));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(7_000), T0).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1), T0).await?, wait_ms(1));
 
     // Estimated 7 000, used 17 000: a debt of 10 000 that the refill repays first.
     rl.settle(key, &limit, input(7_000), input(17_000), T0).await?;
-    assert_eq!(rl.acquire(key, &limit, 1, input(1_000), T0).await?, wait_ms(11_000));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1_000), T0).await?, wait_ms(11_000));
 
     // A refund never fills a bucket beyond its capacity.
     let t1 = T0 + 60_000;
     rl.settle(key, &limit, input(5_000), input(0), t1).await?;
-    assert_eq!(rl.acquire(key, &limit, 1, input(10_000), t1).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, input(1), t1).await?, wait_ms(1));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(10_000), t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1), t1).await?, wait_ms(1));
 
     // A call larger than the bucket goes through once it is full, and leaves a debt behind.
     let t2 = t1 + 60_000;
-    assert_eq!(rl.acquire(key, &limit, 1, input(25_000), t2).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, input(1), t2).await?, wait_ms(15_001));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(25_000), t2).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1), t2).await?, wait_ms(15_001));
 
     cleanup(&prefix).await
 }
@@ -367,24 +431,114 @@ async fn observed_headers_lower_the_buckets_but_never_raise_them() -> anyhow::Re
     let low =
         RateHeaders { requests_remaining: Some(2), input_tokens_remaining: Some(500), output_tokens_remaining: None };
     rl.observe_headers(key, &limit, &low, T0).await?;
-    assert_eq!(rl.acquire(key, &limit, 1, input(1_000), T0).await?, wait_ms(500));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1_000), T0).await?, wait_ms(500));
     let high = RateHeaders {
         requests_remaining: Some(1_000_000),
         input_tokens_remaining: Some(1_000_000),
         output_tokens_remaining: Some(1_000_000),
     };
     rl.observe_headers(key, &limit, &high, T0).await?;
-    assert_eq!(rl.acquire(key, &limit, 1, input(1_000), T0).await?, wait_ms(500));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1_000), T0).await?, wait_ms(500));
 
     // Half a second later: 1 000 input tokens and 2.5 requests.
     let t1 = T0 + 500;
-    assert_eq!(rl.acquire(key, &limit, 1, input(1_000), t1).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, Tokens::default(), t1).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 1, Tokens::default(), t1).await?, wait_ms(500));
+    assert_eq!(rl.acquire(key, &limit, false, 1, input(1_000), t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, Tokens::default(), t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 1, Tokens::default(), t1).await?, wait_ms(500));
     // The absent output header left that bucket full (1 000 = 10 s of 6 000 a minute).
     let output = Tokens { input: 0, output: 1_000 };
-    assert_eq!(rl.acquire(key, &limit, 0, output, t1).await?, Acquire::Granted);
-    assert_eq!(rl.acquire(key, &limit, 0, output, t1).await?, wait_ms(10_000));
+    assert_eq!(rl.acquire(key, &limit, false, 0, output, t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &limit, false, 0, output, t1).await?, wait_ms(10_000));
+
+    cleanup(&prefix).await
+}
+
+/// `rl.adapt` with `signal`, `n` times at `now`; the last rate it returned.
+async fn adapt_n(
+    rl: &RateLimiter,
+    key: &str,
+    limit: &RateLimit,
+    signal: Signal,
+    n: usize,
+    now: u64,
+) -> anyhow::Result<Option<f64>> {
+    let mut last = None;
+    for _ in 0..n {
+        last = rl.adapt(key, limit, &AdaptiveRate::default(), signal, now).await?;
+    }
+    Ok(last)
+}
+
+fn close_to(got: Option<f64>, want: f64) -> bool {
+    got.is_some_and(|g| (g - want).abs() < 0.01)
+}
+
+#[tokio::test]
+async fn overloads_shrink_the_rate_to_its_floor_and_successes_grow_it_back() -> anyhow::Result<()> {
+    let prefix = fresh_prefix();
+    let rl = RateLimiter::new(connect().await?, &prefix);
+    let (key, unlimited) = ("anthropic:claude-sonnet", RateLimit::default());
+
+    // No limit configured: the limiter only counts grants, 50 a second for 20 s (3 000 a minute).
+    // A success while the provider is not overloaded changes nothing.
+    for i in 0..1_000 {
+        assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), T0 + i * 20).await?, Acquire::Granted);
+    }
+    let now = T0 + 20_000;
+    assert_eq!(adapt_n(&rl, key, &unlimited, Signal::Success, 1, now).await?, None);
+
+    // The first 529 starts the adaptive rate at what the fleet was sending, times 0.9.
+    let rate = adapt_n(&rl, key, &unlimited, Signal::Overload, 1, now).await?;
+    assert!(close_to(rate, 2_700.0), "{rate:?}");
+    // Its bucket holds 2 s worth (90 requests) and refills at 45 a second.
+    for _ in 0..90 {
+        assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), now).await?, Acquire::Granted);
+    }
+    assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), now).await?, wait_ms(23));
+
+    // Each overload multiplies it by 0.9, down to the floor of 60 a minute, where a step still gets
+    // a request every second: the fleet slows down, it never stops.
+    let rate = adapt_n(&rl, key, &unlimited, Signal::Overload, 10, now).await?;
+    assert!(close_to(rate, 2_700.0 * 0.9_f64.powi(10)), "{rate:?}");
+    let rate = adapt_n(&rl, key, &unlimited, Signal::Overload, 100, now).await?;
+    assert!(close_to(rate, 60.0), "{rate:?}");
+    let t1 = now + 60_000;
+    assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, Acquire::Granted);
+    assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, wait_ms(1_000));
+
+    // Each success adds 5 % of the starting rate (150 a minute); back at 3 000 the bucket is gone.
+    let rate = adapt_n(&rl, key, &unlimited, Signal::Success, 19, t1).await?;
+    assert!(close_to(rate, 60.0 + 19.0 * 150.0), "{rate:?}");
+    assert_eq!(adapt_n(&rl, key, &unlimited, Signal::Success, 1, t1).await?, None);
+    for _ in 0..500 {
+        assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, Acquire::Granted);
+    }
+
+    // A count that just began is not diluted by the windows before it: 30 grants in half a second
+    // read as 30 in the shortest span counted, one second (1 800 a minute).
+    let fresh = "anthropic:claude-haiku";
+    for i in 0..30 {
+        assert_eq!(rl.acquire(fresh, &unlimited, true, 1, Tokens::default(), t1 + i * 16).await?, Acquire::Granted);
+    }
+    let rate = adapt_n(&rl, fresh, &unlimited, Signal::Overload, 1, t1 + 500).await?;
+    assert!(close_to(rate, 1_800.0 * 0.9), "{rate:?}");
+
+    // With requests_per_minute configured, the rate starts from it; the configured bucket stays.
+    let limit = RateLimit { requests_per_minute: Some(nz(600)?), ..Default::default() };
+    let rate = adapt_n(&rl, "anthropic:claude-opus", &limit, Signal::Overload, 1, t1).await?;
+    assert!(close_to(rate, 540.0), "{rate:?}");
+    // The adaptive bucket (18 requests) is now the tighter one.
+    for _ in 0..18 {
+        assert_eq!(
+            rl.acquire("anthropic:claude-opus", &limit, true, 1, Tokens::default(), t1).await?,
+            Acquire::Granted
+        );
+    }
+    let blocked = rl.acquire("anthropic:claude-opus", &limit, true, 1, Tokens::default(), t1).await?;
+    assert!(matches!(blocked, Acquire::Wait { .. }), "{blocked:?}");
+    let ttl = pttl(&rl.key("anthropic:claude-opus")).await?;
+    assert!(ttl > 0, "every rate key has a TTL: {ttl}");
 
     cleanup(&prefix).await
 }

@@ -28,7 +28,8 @@ pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailu
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
 pub use providers::{
-    AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RateLimit, default_prices,
+    AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RAMP, RateLimit,
+    default_prices,
 };
 pub use tools::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 

@@ -97,56 +97,157 @@ impl fmt::Debug for OpenAiConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
-    /// The provider's circuit breaker (opens after consecutive 5xx, 529, timeouts and connection
-    /// failures across the fleet). Default: 5 failures, 60 s cool-down, probe timeout 150 s.
+    /// The provider's circuit breaker: opens when 5xx answers (529 aside), timeouts and connection
+    /// failures make up `failure_rate` of the calls in its window (a step that lost its lease
+    /// reports nothing).
+    /// Default: [`BreakerConfig::default`].
     pub breaker: Option<BreakerConfig>,
     /// Requests and tokens per minute, by model id. Default: unlimited.
     pub rate_limits: BTreeMap<String, RateLimit>,
+    /// How overload (529) and 429 answers slow the fleet down. Default: on, see [`AdaptiveRate`].
+    pub adaptive: AdaptiveRate,
 }
 
 impl ProviderConfig {
-    /// The breaker settings in force: the configured ones, or defaults whose probe timeout outlasts
-    /// a slow model call.
+    /// The breaker settings in force: the configured ones, or the defaults.
     pub fn breaker(&self) -> BreakerConfig {
-        self.breaker.clone().unwrap_or_else(|| BreakerConfig {
-            probe_timeout: Some(std::time::Duration::from_secs(150)),
-            ..Default::default()
-        })
+        self.breaker.clone().unwrap_or_default()
     }
 }
 
-/// The default `failure_threshold` of a breaker (checked at compile time).
-const DEFAULT_THRESHOLD: NonZeroU32 = NonZeroU32::new(5).expect("5 is not zero");
+/// The share of traffic a half-open breaker lets through, stage by stage; each stage lasts at least
+/// `ramp_interval_ms` and needs a success to pass. After the last stage the breaker closes.
+pub const RAMP: [f64; 4] = [0.1, 0.25, 0.5, 1.0];
 
 /// A breaker's settings, per tool or provider. In TOML durations are in milliseconds.
 /// (The breaker itself is in the `breaker` module.)
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+///
+/// The breaker opens when, within the sliding `window_ms`, at least `min_calls` calls reported and
+/// at least `failure_rate` of them failed. The old key `failure_threshold = N` still parses: it
+/// means `min_calls = N, failure_rate = 1.0` (N failures, and no success, within the window).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "BreakerToml")]
 pub struct BreakerConfig {
-    /// Consecutive failures, counted across the fleet, that open the breaker. Default 5.
-    pub failure_threshold: NonZeroU32,
-    /// How long an open breaker refuses calls before it lets one probe through. Key `cool_down_ms`.
-    /// Default 60000 ms.
-    #[serde(rename = "cool_down_ms", deserialize_with = "millis")]
+    /// The share of failed calls in the window that opens the breaker, in (0, 1]. Default 0.5.
+    pub failure_rate: f64,
+    /// Calls the window must hold before its failure rate counts. Default 20.
+    pub min_calls: NonZeroU32,
+    /// The sliding window, kept as 10 time buckets. Key `window_ms`. Default 30000 ms.
+    pub window: Duration,
+    /// How long an open breaker refuses every call before it turns half-open. Key `cool_down_ms`.
+    /// Default 30000 ms.
     pub cool_down: Duration,
-    /// How long a probe may stay out before another caller may probe (its worker may have died). Key
-    /// `probe_timeout_ms`. Default: the cool-down. Set it above the tool's timeout with its retries.
-    #[serde(rename = "probe_timeout_ms", deserialize_with = "opt_millis")]
-    pub probe_timeout: Option<Duration>,
+    /// The shortest time a half-open stage lasts (see [`RAMP`]). Key `ramp_interval_ms`. Default
+    /// 5000 ms.
+    pub ramp_interval: Duration,
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self { failure_threshold: DEFAULT_THRESHOLD, cool_down: Duration::from_secs(60), probe_timeout: None }
+        Self {
+            failure_rate: 0.5,
+            min_calls: DEFAULT_MIN_CALLS,
+            window: Duration::from_secs(30),
+            cool_down: Duration::from_secs(30),
+            ramp_interval: Duration::from_secs(5),
+        }
     }
 }
 
-fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    u64::deserialize(d).map(Duration::from_millis)
+/// The default `min_calls` of a breaker (checked at compile time).
+const DEFAULT_MIN_CALLS: NonZeroU32 = NonZeroU32::new(20).expect("20 is not zero");
+
+/// A breaker as written in TOML, before its keys are checked against each other.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerToml {
+    failure_rate: Option<f64>,
+    min_calls: Option<NonZeroU32>,
+    window_ms: Option<u64>,
+    cool_down_ms: Option<u64>,
+    ramp_interval_ms: Option<u64>,
+    /// The old "N consecutive failures".
+    failure_threshold: Option<NonZeroU32>,
+    /// The old single probe's slot; half-open no longer waits on one call.
+    probe_timeout_ms: Option<u64>,
 }
 
-fn opt_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    Option::<u64>::deserialize(d).map(|ms| ms.map(Duration::from_millis))
+impl TryFrom<BreakerToml> for BreakerConfig {
+    type Error = String;
+
+    fn try_from(t: BreakerToml) -> Result<Self, String> {
+        if t.probe_timeout_ms.is_some() {
+            return Err("`probe_timeout_ms` is gone: a half-open breaker lets a share of calls through \
+                        (see `ramp_interval_ms`), so a lost probe cannot hold it; remove the key"
+                .into());
+        }
+        let d = Self::default();
+        let (min_calls, failure_rate) = match t.failure_threshold {
+            Some(_) if t.min_calls.is_some() || t.failure_rate.is_some() => {
+                return Err("`failure_threshold` is the old form of `min_calls` with `failure_rate = 1.0`; \
+                            set one or the other"
+                    .into());
+            }
+            Some(n) => (n, 1.0),
+            None => (t.min_calls.unwrap_or(d.min_calls), t.failure_rate.unwrap_or(d.failure_rate)),
+        };
+        if !(failure_rate > 0.0 && failure_rate <= 1.0) {
+            return Err(format!("`failure_rate` must be a fraction in (0, 1], got {failure_rate}"));
+        }
+        let window = t.window_ms.map_or(d.window, Duration::from_millis);
+        if window < Duration::from_millis(10) {
+            return Err("`window_ms` must be at least 10".into());
+        }
+        Ok(Self {
+            failure_rate,
+            min_calls,
+            window,
+            cool_down: t.cool_down_ms.map_or(d.cool_down, Duration::from_millis),
+            ramp_interval: t.ramp_interval_ms.map_or(d.ramp_interval, Duration::from_millis),
+        })
+    }
+}
+
+/// How a provider's overload (529) and rate-limit (429) answers slow the fleet (AIMD on the
+/// provider+model's token bucket). The first such answer caps the fleet's requests at the rate it
+/// was sending (`requests_per_minute` when configured, else the grants of the last 1-20 s); each
+/// overload multiplies the cap by `decrease`, each success adds `increase` of the starting rate,
+/// and once it is back at the start the cap is gone. It never goes below `min_requests_per_minute`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveRate {
+    /// Whether 529 and 429 slow the fleet down. Default true.
+    pub enabled: bool,
+    /// The floor: the fleet always gets at least this many requests a minute. Default 60.
+    pub min_requests_per_minute: NonZeroU32,
+    /// What each overload multiplies the rate by, in (0, 1). Default 0.9.
+    #[serde(deserialize_with = "open_fraction")]
+    pub decrease: f64,
+    /// What each success adds, as a share of the starting rate, in (0, 1]. Default 0.05: the rate
+    /// settles where `(1 - p) × increase = p × (1 - decrease) × rate / start` for an overload share
+    /// `p`, so a 30 % storm barely slows the fleet, 50 % halves it, and a steady 529 takes it to the
+    /// floor.
+    #[serde(deserialize_with = "fraction")]
+    pub increase: f64,
+}
+
+impl Default for AdaptiveRate {
+    fn default() -> Self {
+        Self { enabled: true, min_requests_per_minute: DEFAULT_FLOOR, decrease: 0.9, increase: 0.05 }
+    }
+}
+
+/// The default floor of an adaptive rate (checked at compile time).
+const DEFAULT_FLOOR: NonZeroU32 = NonZeroU32::new(60).expect("60 is not zero");
+
+fn open_fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err(serde::de::Error::custom(format!("must be in (0, 1), got {v}"))) }
+}
+
+fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v > 0.0 && v <= 1.0 { Ok(v) } else { Err(serde::de::Error::custom(format!("must be in (0, 1], got {v}"))) }
 }
 
 /// The default `burst_seconds` of a rate limit (checked at compile time).
@@ -168,14 +269,19 @@ pub struct RateLimit {
     pub burst_seconds: NonZeroU32,
 }
 
+impl RateLimit {
+    /// No limit at all (the default), for a model without a `rate_limits` entry.
+    pub const UNLIMITED: Self = Self {
+        requests_per_minute: None,
+        input_tokens_per_minute: None,
+        output_tokens_per_minute: None,
+        burst_seconds: DEFAULT_BURST_SECONDS,
+    };
+}
+
 impl Default for RateLimit {
     fn default() -> Self {
-        Self {
-            requests_per_minute: None,
-            input_tokens_per_minute: None,
-            output_tokens_per_minute: None,
-            burst_seconds: DEFAULT_BURST_SECONDS,
-        }
+        Self::UNLIMITED
     }
 }
 

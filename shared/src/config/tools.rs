@@ -25,7 +25,7 @@ pub struct ToolConfig {
     /// The first backoff between retries; it doubles, with jitter. Default 200 ms.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
-    /// The tool's fleet-wide circuit breaker. Default: opens after 5 consecutive failures, for 60 s.
+    /// The tool's fleet-wide circuit breaker. Default: [`BreakerConfig::default`].
     #[serde(default)]
     pub breaker: BreakerConfig,
     /// A tool (of the same agent) run with the same input while this one's breaker is open.

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::{Next, StepCtx, StepError};
 use crate::breaker::BreakerConfig;
 use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
-use crate::config::{OnDailyCap, OnModelFailure, ProviderConfig};
+use crate::config::{OnDailyCap, OnModelFailure, ProviderConfig, RateLimit};
 use crate::domain::{MicroUsd, Phase, TenantId};
 use crate::failpoint;
 use crate::guard::{Admission, Gate, Outcome, Pass, RateGate, WaitFor};
@@ -22,6 +22,11 @@ use crate::llm::{self, Block, CallSpec, LlmError, ModelReply, StopReason, ToolUs
 use crate::ratelimit::Tokens;
 use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, UsageTotals};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
+
+/// Model call attempts per step when the provider answers 529 (overloaded) or 429 (rate limited),
+/// counted with the other failed attempts. A storm only slows sessions down: at 30 % overload, 1000
+/// steps fail one in ~10^23 times. (`worker.max_model_attempts` bounds the other failures.)
+const MAX_OVERLOAD_ATTEMPTS: u32 = 50;
 
 /// One planned model call.
 struct Call {
@@ -139,24 +144,29 @@ impl StepCtx<'_> {
         }
     }
 
-    /// The provider's breaker and rate limit, as one gate.
+    /// The provider's breaker and rate limit, as one gate. Every model has a rate gate: without a
+    /// configured limit it is unlimited until overloads make it adaptive.
     fn gate<'g>(&self, provider: &'g ProviderConfig, breaker_cfg: &'g BreakerConfig, call: &Call) -> Gate<'g> {
         let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
-        Gate {
-            breaker: format!("model:{}", self.agent.provider.as_str()),
-            breaker_cfg,
-            rate: provider.rate_limits.get(&self.agent.model).map(|limit| RateGate {
-                key: format!("{}:{}", self.agent.provider.as_str(), self.agent.model),
-                limit,
-                estimate,
-            }),
-        }
+        let limit = provider.rate_limits.get(&self.agent.model).unwrap_or(&RateLimit::UNLIMITED);
+        let adaptive = provider.adaptive.enabled.then_some(&provider.adaptive);
+        let rate = (adaptive.is_some() || !limit.is_unlimited()).then(|| RateGate {
+            key: format!("{}:{}", self.agent.provider.as_str(), self.agent.model),
+            limit,
+            estimate,
+            adaptive,
+        });
+        Gate { breaker: format!("model:{}", self.agent.provider.as_str()), breaker_cfg, rate }
     }
 
-    /// Tells the guard how the call went: provider failures are evidence for the breaker, and the
-    /// tokens used settle the rate limit.
+    /// Tells the guard how the call went: what is evidence about the provider for its breaker,
+    /// whether it was overloaded (AIMD), and the tokens used for the rate limit.
     async fn report(&self, gate: &Gate<'_>, pass: Pass, call: &Call, reply: &Result<ModelReply, LlmError>) {
-        let failed = reply.as_ref().err().is_some_and(LlmError::is_provider_failure);
+        let healthy = match reply {
+            Ok(_) => Some(true),
+            Err(e) => evidence(e),
+        };
+        let overloaded = reply.as_ref().err().is_some_and(is_overload);
         let estimate = Tokens { input: call.reserve.input_tokens, output: call.reserve.output_tokens };
         let actual = match reply {
             Ok(r) => Tokens {
@@ -167,7 +177,7 @@ impl StepCtx<'_> {
             Err(_) => estimate,
         };
         let headers = reply.as_ref().ok().map(|r| &r.rate_headers);
-        let outcome = Outcome { healthy: Some(!failed), actual, headers };
+        let outcome = Outcome { healthy, overloaded, actual, headers };
         self.engine.guard.report(gate, pass, &outcome, now_ms()).await;
     }
 
@@ -316,8 +326,15 @@ impl StepCtx<'_> {
     }
 
     async fn model_failed(&self, e: LlmError, took: Duration) -> Result<Next, StepError> {
-        let attempts_left = self.msg.attempt.saturating_add(1) < self.engine.settings.max_model_attempts;
+        let max_attempts = self.engine.settings.max_model_attempts;
+        let attempts_left = self.msg.attempt.saturating_add(1) < attempt_limit(&e, max_attempts);
         if e.is_retryable() && attempts_left {
+            if is_overload(&e) {
+                // The guard shrank the fleet's rate; the retry waits its turn at the rate limiter.
+                let after = e.retry_after().unwrap_or(OVERLOAD_RETRY);
+                let tried = self.msg.attempt.saturating_add(1);
+                return Err(StepError::Retry { after, reason: "model_overloaded", tried });
+            }
             let after = e.retry_after().unwrap_or_else(|| backoff(self.msg.attempt));
             return Err(StepError::Retry { after, reason: "model_api", tried: self.msg.attempt.saturating_add(1) });
         }
@@ -441,6 +458,30 @@ fn decide(stop: &StopReason, has_tools: bool, text: String) -> (Decision, Option
     }
 }
 
+/// The wait before a step whose call was overloaded asks the rate limiter again, when the provider
+/// sent no `retry-after`.
+const OVERLOAD_RETRY: Duration = Duration::from_secs(1);
+
+/// A 529 (overloaded) or a 429 that waiting cures (not a spend limit): the provider is working but
+/// wants fewer requests. It shrinks the fleet's rate and says nothing to the breaker.
+fn is_overload(e: &LlmError) -> bool {
+    matches!(e, LlmError::Api { status: 429 | 529, .. }) && e.is_retryable()
+}
+
+/// What a failed call says about the provider, for its breaker: `None` for overloads (they slow the
+/// fleet instead), `Some(false)` for what the provider did (5xx other than 529, a connection
+/// refused, a timeout, an unreadable answer), `Some(true)` for any other answer (a 4xx is a working
+/// provider's answer). A call whose step lost its lease is never reported at all (`call`).
+fn evidence(e: &LlmError) -> Option<bool> {
+    if is_overload(e) { None } else { Some(!e.is_provider_failure()) }
+}
+
+/// How many attempts a step gets for a call that failed with `e`: overloads get their own, generous
+/// bound, everything else `max_model_attempts`.
+fn attempt_limit(e: &LlmError, max_model_attempts: u32) -> u32 {
+    if is_overload(e) { MAX_OVERLOAD_ATTEMPTS.max(max_model_attempts) } else { max_model_attempts }
+}
+
 /// The wait before retrying a failed model call: 1, 2, 4, then 5 s at most. A provider that stays
 /// down is the provider breaker's job, so per-step waits need not grow further (longer ones would
 /// also round up to the 2- and 10-minute delay tiers).
@@ -469,6 +510,40 @@ mod tests {
         assert!(matches!(decide(&StopReason::PauseTurn, false, String::new()).0, Decision::Next));
         let (next, nudge) = decide(&StopReason::MaxTokens, false, "cut".into());
         assert!(matches!(next, Decision::Next) && nudge.is_some());
+    }
+
+    fn api(status: u16, kind: &str, message: &str) -> LlmError {
+        LlmError::Api { status, kind: kind.into(), message: message.into(), retry_after: None }
+    }
+
+    #[test]
+    fn only_evidence_about_the_provider_reaches_its_breaker() {
+        let overloaded = api(529, "overloaded_error", "Overloaded");
+        let limited = api(429, "rate_limit_error", "Rate limited");
+        let spend = api(429, "rate_limit_error", "You have reached your spend limit");
+        assert_eq!(evidence(&overloaded), None, "529 slows the fleet instead");
+        assert_eq!(evidence(&limited), None, "429 slows the fleet instead");
+        assert!(is_overload(&overloaded) && is_overload(&limited) && !is_overload(&spend));
+        assert_eq!(evidence(&spend), Some(true), "a spend limit is a working provider's answer");
+        assert_eq!(evidence(&api(500, "api_error", "boom")), Some(false));
+        assert_eq!(evidence(&api(503, "api_error", "boom")), Some(false));
+        assert_eq!(evidence(&api(400, "invalid_request_error", "bad")), Some(true));
+        let refused = LlmError::Transport { sent: false, detail: "connection failed".into() };
+        assert_eq!(evidence(&refused), Some(false));
+        let timed_out = LlmError::Transport { sent: true, detail: "timed out".into() };
+        assert_eq!(evidence(&timed_out), Some(false));
+        assert_eq!(evidence(&LlmError::Decode("garbage".into())), Some(false));
+    }
+
+    #[test]
+    fn overloads_get_their_own_generous_bound() {
+        let overloaded = api(529, "overloaded_error", "Overloaded");
+        assert_eq!(attempt_limit(&overloaded, 8), MAX_OVERLOAD_ATTEMPTS);
+        assert_eq!(attempt_limit(&overloaded, 80), 80);
+        assert_eq!(attempt_limit(&api(500, "api_error", "boom"), 8), 8);
+        // At 30 % overload per call, 1000 steps all get through within the bound.
+        let p_step_fails = 0.3_f64.powi(MAX_OVERLOAD_ATTEMPTS as i32);
+        assert!(1000.0 * p_step_fails < 1e-20, "{p_step_fails}");
     }
 
     #[test]
