@@ -276,7 +276,7 @@ impl StepStore for RedisStore {
             .arg(amount)
             .arg(cap(caps.agent_cap))
             .arg(cap(caps.tenant_cap))
-            .arg(3 * 86_400)
+            .arg(daily_expiry_s(caps.day))
             .invoke_async(&mut self.conn())
             .await?;
         Ok(match verdict {
@@ -288,8 +288,9 @@ impl StepStore for RedisStore {
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let _: i64 =
-            self.scripts.daily_settle.key(agent_key).key(tenant_key).arg(delta).invoke_async(&mut self.conn()).await?;
+        let mut inv = self.scripts.daily_settle.key(agent_key);
+        inv.key(tenant_key).arg(delta).arg(daily_expiry_s(caps.day));
+        let _: i64 = inv.invoke_async(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -659,6 +660,11 @@ impl AdminStore for RedisStore {
             redis::cmd("HGETALL").arg(self.keys(id).meta).query_async(&mut self.conn()).await?;
         if meta.is_empty() { Ok(None) } else { parse_meta(&meta).map(Some) }
     }
+}
+
+/// When a daily counter expires: two days after its day ends (Unix s), whoever writes it last.
+fn daily_expiry_s(day: u64) -> u64 {
+    day.saturating_add(3).saturating_mul(86_400)
 }
 
 fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
