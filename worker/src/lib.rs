@@ -47,7 +47,10 @@ impl Worker {
     /// Connects to Redis and RabbitMQ and builds the agents. `env` supplies tool header values.
     pub async fn build(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let id = worker_id();
-        let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        let store = RedisStore::connect(&cfg.redis)
+            .await
+            .context("connecting to Redis")?
+            .with_retention_ms(cfg.sessions.retention_ms);
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = all_pools(&cfg, &agents);

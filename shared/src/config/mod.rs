@@ -26,7 +26,10 @@ use thiserror::Error;
 
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
-pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
+pub use infra::{
+    AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, SessionsConfig, TelemetryConfig, WebhooksConfig,
+    WorkerConfig,
+};
 pub use providers::{
     AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RateLimit, default_prices,
 };
@@ -187,6 +190,9 @@ pub struct Config {
     /// Dispatcher settings.
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
+    /// Retention of finished sessions.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Prices per model in USD per million tokens; merged over the built-in defaults.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
@@ -273,6 +279,9 @@ impl Config {
         }
         if self.worker.lease_ms < 1_000 {
             return Err(Invalid::new("worker.lease_ms", Problem::AtLeast(1_000)));
+        }
+        if self.sessions.retention_ms == 0 {
+            return Err(Invalid::new("sessions.retention_ms", Problem::AtLeast(1)));
         }
         for (name, price) in &self.prices {
             check_price(price).map_err(|p| Invalid::new(format!("prices.{name}"), p))?;
