@@ -146,7 +146,9 @@ async fn sessions_sharing_a_millisecond_list_once_each_from_their_tenant_and_sta
     assert_eq!(list_all(&store, &after, 100).await?.len(), 300);
 
     // A cursor that is not one is refused.
-    assert!(store.list(&ListFilter::default(), Some("12:not-an-id"), 10).await.is_err());
+    for bad in ["12", "x:s_01", "99999999999999999999:s_01"] {
+        assert!(store.list(&ListFilter::default(), Some(bad), 10).await.is_err(), "{bad}");
+    }
     delete_keys(&mut conn, &prefix).await
 }
 
