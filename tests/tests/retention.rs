@@ -115,6 +115,9 @@ async fn sessions_sharing_a_millisecond_list_once_each_from_their_tenant_and_sta
         status: Some(SessionStatus::Cancelled),
         ..Default::default()
     };
+    let acme_only = ListFilter { tenant: Some(TenantId::parse("acme")?), ..Default::default() };
+    let (rows, _) = store.list(&acme_only, None, 2).await?;
+    assert_eq!(rows.len(), 2, "acme's newest, not a page spent on beta's");
     let (rows, next) = store.list(&filter, None, 2).await?;
     assert_eq!(rows.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![&chosen]);
     assert_eq!(next, None);

@@ -450,6 +450,15 @@ mod tests {
     }
 
     #[test]
+    fn finished_sessions_are_kept_thirty_days_unless_told_and_never_zero() {
+        assert_eq!(parse(MINIMAL).expect("valid").sessions.retention_ms, 30 * 24 * 3_600_000);
+        let short = format!("{MINIMAL}\n[sessions]\nretention_ms = 1500\n");
+        assert_eq!(parse(&short).expect("valid").sessions.retention_ms, 1_500);
+        let zero = format!("{MINIMAL}\n[sessions]\nretention_ms = 0\n");
+        assert_eq!(parse(&zero).expect_err("zero").field, "sessions.retention_ms");
+    }
+
+    #[test]
     fn env_overrides_the_file() {
         let env = |k: &str| match k {
             "AMQP_URL" => Some("amqp://u:p@rabbit:5672/%2f".to_owned()),
