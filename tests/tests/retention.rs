@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use agentfleet::budget::Limits;
 use agentfleet::config::RedisConfig;
-use agentfleet::domain::{MicroUsd, Name, SessionId, SessionStatus, TenantId};
-use agentfleet::store::{AdminStore, DailyCaps, ListFilter, NewSession, RedisStore, StepStore};
+use agentfleet::domain::{MicroUsd, Name, SessionId, SessionStatus, StepMessage, TenantId};
+use agentfleet::store::{AdminStore, Claim, DailyCaps, ListFilter, NewSession, RedisStore, StepStore};
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, redis_url, try_eventually};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -173,8 +173,16 @@ async fn an_ended_session_expires_and_the_janitor_sweep_forgets_it() -> anyhow::
     assert!((1..=300).contains(&ttl), "the ended session's meta expires: {ttl}");
     let ttl: i64 = redis::cmd("PTTL").arg(format!("{prefix}:{{{}}}:trace", ended.id)).query_async(&mut conn).await?;
     assert!((1..=300).contains(&ttl), "and its trace: {ttl}");
-    let ttl: i64 = redis::cmd("PTTL").arg(format!("{prefix}:{{{}}}:meta", live.id)).query_async(&mut conn).await?;
-    assert_eq!(ttl, -1, "a live session never expires");
+    // The live one runs a step: it stays in the live index and keeps its keys.
+    let msg = StepMessage { session_id: live.id.clone(), step: 1, attempt: 0 };
+    assert!(matches!(store.claim(&msg, "1|w|n", 10_000, now).await?, Claim::Run(_)));
+    store.reindex(&live.id, now).await?;
+    for what in ["meta", "msgs", "usage", "lease"] {
+        let ttl: i64 =
+            redis::cmd("PTTL").arg(format!("{prefix}:{{{}}}:{what}", live.id)).query_async(&mut conn).await?;
+        let expected = if what == "lease" { (1..=10_000).contains(&ttl) } else { ttl == -1 };
+        assert!(expected, "a running session's {what} does not expire: {ttl}");
+    }
     assert_eq!(zcard(&mut conn, &format!("{prefix}:active")).await?, 0, "the ended session left the live index");
 
     let forgotten = try_eventually("the sweep to forget the ended session", Duration::from_secs(10), || async {
@@ -194,7 +202,8 @@ async fn an_ended_session_expires_and_the_janitor_sweep_forgets_it() -> anyhow::
     for index in ["ix:status:cancelled", "ix:tenant:acme:status:cancelled", "ix:retired"] {
         assert_eq!(zcard(&mut conn, &format!("{prefix}:{index}")).await?, 0, "{index} is empty");
     }
-    let (rows, _) = store.list(&ListFilter::default(), None, 10).await?;
+    let running = ListFilter { status: Some(SessionStatus::Running), ..Default::default() };
+    let (rows, _) = store.list(&running, None, 10).await?;
     assert_eq!(rows.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![&live.id]);
     delete_keys(&mut conn, &prefix).await
 }
