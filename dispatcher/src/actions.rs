@@ -83,8 +83,8 @@ async fn cancel_session(s: &AppState, id: &SessionId) -> Result<ActionStatus, Ap
         CancelOutcome::Requested => ActionStatus::Cancelling,
         CancelOutcome::Cancelled => {
             let view = load(s, id).await?;
-            let _ = s.store.deactivate(id).await;
-            let _ = s.store.unwait(id).await;
+            // On failure the session stays in the live index, and the janitor reindexes it.
+            let _ = s.store.reindex(id, now_ms()).await;
             agentfleet::lifecycle::session_ended(id, &view.meta, SessionStatus::Cancelled, "");
             event(s, &view.meta, id, "session.cancelled", "cancelled by request").await;
             ActionStatus::Cancelled
@@ -319,6 +319,7 @@ async fn resume(
         }
     };
     let _ = s.store.unwait(id).await;
+    let _ = s.store.reindex(id, now_ms()).await;
     publish_step(s, id, &p.meta, step).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id: id.clone(), status: ActionStatus::Running })))
 }

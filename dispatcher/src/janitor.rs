@@ -51,9 +51,15 @@ impl Janitor {
     }
 
     /// One sweep; returns how many steps it re-published (stalled sessions and expired waits).
+    /// It also forgets up to [`SWEEP_LIMIT`] sessions whose retention ended.
     pub async fn sweep(&self) -> Result<usize, agentfleet::store::StoreError> {
         let revived = self.revive_stalled().await?;
-        Ok(revived + self.expire_waits().await?)
+        let republished = revived + self.expire_waits().await?;
+        let purged = self.store.purge_expired(now_ms(), SWEEP_LIMIT).await?;
+        if purged > 0 {
+            info!(purged, "janitor forgot sessions past their retention");
+        }
+        Ok(republished)
     }
 
     async fn revive_stalled(&self) -> Result<usize, agentfleet::store::StoreError> {
@@ -121,7 +127,11 @@ impl Janitor {
                 let result = ToolOutcome::error(format!("This call was not approved: {why}."));
                 let expected = meta.status;
                 match self.store.resume(id, expected, &tool_use_id, Some(&result), false, now).await? {
-                    ResumeOutcome::Resumed { step } => Ok(self.publish(id, meta, step, &agent.pool).await),
+                    ResumeOutcome::Resumed { step } => {
+                        let published = self.publish(id, meta, step, &agent.pool).await;
+                        self.store.reindex(id, now).await?;
+                        Ok(published)
+                    }
                     ResumeOutcome::NotWaiting(_) => Ok(false),
                 }
             }
@@ -135,6 +145,7 @@ impl Janitor {
                     .await?
                 {
                     self.store.wait_until(id, now + agent.human_wait.deadline_s * 1000).await?;
+                    self.store.reindex(id, now).await?;
                     self.event(meta, id, "session.escalated", &why).await;
                 }
                 Ok(false)
@@ -142,7 +153,7 @@ impl Janitor {
             _ => {
                 if self.store.expire_wait(id, meta.status, SessionStatus::Failed, &why, "", now).await? {
                     agentfleet::lifecycle::session_ended(id, meta, SessionStatus::Failed, &why);
-                    self.store.deactivate(id).await?;
+                    self.store.reindex(id, now).await?;
                     self.event(meta, id, "session.failed", &why).await;
                 }
                 Ok(false)
@@ -171,6 +182,9 @@ impl Janitor {
             self.store.deactivate(id).await?;
             return Ok(false);
         };
+        // A status change whose reindex was lost is indexed here; an ended session leaves the live
+        // index this way, its retention started.
+        self.store.reindex(id, now).await?;
         if meta.status.is_terminal() {
             self.store.deactivate(id).await?;
             return Ok(false);

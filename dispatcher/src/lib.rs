@@ -91,7 +91,10 @@ impl Dispatcher {
             None => Listeners::bind(&cfg).await?,
         };
         warn_if_open(&cfg);
-        let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        let store = RedisStore::connect(&cfg.redis)
+            .await
+            .context("connecting to Redis")?
+            .with_retention_ms(cfg.sessions.retention_ms);
         durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
         let pools = agent_pools(&cfg);

@@ -48,7 +48,10 @@ impl Worker {
     /// supplies tool header values.
     pub async fn build(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let id = worker_id();
-        let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
+        let store = RedisStore::connect(&cfg.redis)
+            .await
+            .context("connecting to Redis")?
+            .with_retention_ms(cfg.sessions.retention_ms);
         durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);

@@ -182,6 +182,23 @@ impl Default for RedisConfig {
     }
 }
 
+/// What happens to sessions once they have ended (`[sessions]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// How long a finished session (completed, failed, budget_exhausted or cancelled) is kept,
+    /// counted from its end: then every Redis key of it expires, and the dispatcher's janitor takes
+    /// it out of the listing indexes. Sessions still running or waiting for people never expire.
+    /// Default 2592000000 ms (30 days).
+    pub retention_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { retention_ms: 30 * 86_400_000 }
+    }
+}
+
 /// Worker settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

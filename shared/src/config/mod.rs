@@ -26,7 +26,10 @@ use thiserror::Error;
 
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
-pub use infra::{AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, TelemetryConfig, WebhooksConfig, WorkerConfig};
+pub use infra::{
+    AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, SessionsConfig, TelemetryConfig, WebhooksConfig,
+    WorkerConfig,
+};
 pub use providers::{
     AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RAMP, RateLimit,
     default_prices,
@@ -188,6 +191,9 @@ pub struct Config {
     /// Dispatcher settings.
     #[serde(default)]
     pub dispatcher: DispatcherConfig,
+    /// Retention of finished sessions.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
     /// Prices per model in USD per million tokens; merged over the built-in defaults.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
@@ -278,6 +284,9 @@ impl Config {
         }
         if self.worker.lease_ms < 1_000 {
             return Err(Invalid::new("worker.lease_ms", Problem::AtLeast(1_000)));
+        }
+        if self.sessions.retention_ms == 0 {
+            return Err(Invalid::new("sessions.retention_ms", Problem::AtLeast(1)));
         }
         for (name, price) in &self.prices {
             check_price(price).map_err(|p| Invalid::new(format!("prices.{name}"), p))?;
@@ -483,6 +492,15 @@ mod tests {
         assert_eq!(cfg.anthropic.version, "2023-06-01");
         assert_eq!(cfg.anthropic.auth, AuthStyle::XApiKey);
         assert!(cfg.anthropic.api_key.is_none());
+    }
+
+    #[test]
+    fn finished_sessions_are_kept_thirty_days_unless_told_and_never_zero() {
+        assert_eq!(parse(MINIMAL).expect("valid").sessions.retention_ms, 30 * 24 * 3_600_000);
+        let short = format!("{MINIMAL}\n[sessions]\nretention_ms = 1500\n");
+        assert_eq!(parse(&short).expect("valid").sessions.retention_ms, 1_500);
+        let zero = format!("{MINIMAL}\n[sessions]\nretention_ms = 0\n");
+        assert_eq!(parse(&zero).expect_err("zero").field, "sessions.retention_ms");
     }
 
     #[test]

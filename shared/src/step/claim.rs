@@ -66,7 +66,7 @@ impl Engine {
     async fn cancelled(&self, msg: &StepMessage, meta: &Meta) {
         let status = crate::domain::SessionStatus::Cancelled;
         session_ended(&msg.session_id, meta, status, "");
-        self.leave_indexes(&msg.session_id).await;
+        self.reindex(&msg.session_id).await;
         let (kind, detail) = ("session.cancelled", serde_json::json!({}));
         let why = "cancelled by request";
         lifecycle::publish(self.publisher.as_ref(), meta, &msg.session_id, msg.step, kind, why, detail).await;

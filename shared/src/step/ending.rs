@@ -32,17 +32,16 @@ impl Engine {
         })
     }
 
-    /// A session this step ended or left waiting: metrics, the live and waiting indexes, and its
-    /// event. A pause says nothing: the session goes on by itself.
+    /// A session this step ended or left waiting: metrics, the indexes, and its event. A pause
+    /// only moves the session's listing index: the session goes on by itself.
     pub(super) async fn announce(&self, msg: &StepMessage, meta: &Meta, agent: Option<&Agent>, ending: &Ending) {
+        let (id, status) = (&msg.session_id, ending.status());
         if matches!(ending, Ending::Paused { .. }) {
+            self.reindex(id).await;
             return;
         }
-        let (id, status) = (&msg.session_id, ending.status());
         session_ended(id, meta, status, ending.line());
-        if status.is_terminal() {
-            self.leave_indexes(id).await;
-        }
+        self.reindex(id).await;
         if let (Some(kind), Some(agent)) = (ending.escalation_kind(), agent) {
             metric::escalation(agent.name.as_str(), kind);
             let deadline = now_ms() + agent.wait_deadline_s(status) * 1000;
@@ -58,13 +57,11 @@ impl Engine {
         }
     }
 
-    /// Takes an ended session out of the live and waiting indexes (best effort).
-    pub(super) async fn leave_indexes(&self, id: &SessionId) {
-        if let Err(e) = self.store.deactivate(id).await {
-            warn!(error = %e, "removing the session from the live index failed; the janitor will skip it");
-        }
-        if let Err(e) = self.store.unwait(id).await {
-            warn!(error = %e, "removing the session from the waiting index failed");
+    /// Moves the session into the listing indexes of its new status; an ended one also leaves the
+    /// live and waiting indexes, and its retention starts (best effort: the janitor repeats it).
+    pub(super) async fn reindex(&self, id: &SessionId) {
+        if let Err(e) = self.store.reindex(id, now_ms()).await {
+            warn!(error = %e, "moving the session's indexes failed; the janitor will do it");
         }
     }
 

@@ -486,6 +486,15 @@ impl StepStore for MemoryStore {
         })?
     }
 
+    async fn reindex(&self, id: &SessionId, _now_ms: u64) -> Result<(), StoreError> {
+        self.write("reindex", |st| {
+            if st.sessions.get(id).is_some_and(|s| s.meta.status.is_terminal()) {
+                st.active.remove(id);
+                st.waiting.remove(id);
+            }
+        })
+    }
+
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
         self.write("deactivate", |st| {
             st.active.remove(id);

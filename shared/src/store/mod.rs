@@ -386,6 +386,11 @@ pub trait StepStore: Send + Sync {
     async fn commit_tools(&self, at: &Fence<'_>, user_message: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// Ends or pauses the session at this step and `phase`; false when the step or phase moved on.
     async fn end_step(&self, at: &Fence<'_>, phase: Phase, end: &StepEnd, now_ms: u64) -> Result<bool, StoreError>;
+    /// Moves the session into the listing indexes of its status; a no-op when they are current. An
+    /// ended session also leaves the live and waiting indexes, and every key of it expires after the
+    /// retention. Called after each status change; the janitor calls it again for a session whose
+    /// call was lost (it stays in the live index until this succeeded).
+    async fn reindex(&self, id: &SessionId, now_ms: u64) -> Result<(), StoreError>;
     /// Takes an ended session out of the index of live sessions.
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError>;
     /// Indexes a waiting session by its deadline (for `/v1/escalations` and the janitor).
@@ -450,7 +455,13 @@ pub trait AdminStore: Send + Sync {
         escalation: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError>;
-    /// Sessions newest first, filtered, after `cursor` (an opaque string from a previous page).
+    /// Forgets up to `limit` sessions whose retention ended by `now_ms`: takes them out of every
+    /// listing index and deletes any key of theirs still there. Then indexes up to `limit` sessions
+    /// stored before the listing indexes existed. Returns how many sessions it handled.
+    async fn purge_expired(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// Sessions newest first, filtered, after `cursor` (a `<created_ms>:<id>` from a previous page).
+    /// Reads a bounded number of sessions per call: a page may be short, or even empty, with a
+    /// cursor to go on.
     async fn list(
         &self,
         filter: &ListFilter,

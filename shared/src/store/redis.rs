@@ -3,6 +3,13 @@
 //! One multiplexed connection (auto-reconnecting) carries every command of the process, so
 //! concurrent steps pipeline on the wire instead of queueing for pooled connections. Every key of a
 //! session carries the hash tag `{<session_id>}`, so each script touches one cluster slot.
+//!
+//! Listing reads sorted sets, each a key (and a cluster slot) of its own: every session, a tenant's,
+//! a status class's and a tenant's in a status class. Their members are `<created_ms, 20 digits>:<id>`
+//! at score 0, so a lexicographic range is newest-first order with the id breaking ties: a cursor
+//! always moves on, however many sessions share a millisecond. The indexes are never written in the
+//! same script as a session's keys; [`StepStore::reindex`] moves them after a status change, and an
+//! ended session's retention starts there.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,6 +41,10 @@ struct Keys {
 }
 
 impl Keys {
+    fn all(&self) -> [&String; 7] {
+        [&self.meta, &self.msgs, &self.usage, &self.ledger, &self.trace, &self.lease, &self.resv]
+    }
+
     fn new(prefix: &str, id: &SessionId) -> Self {
         let k = |what: &str| format!("{prefix}:{{{id}}}:{what}");
         Self {
@@ -67,6 +78,7 @@ struct Scripts {
     resume: Script,
     cancel: Script,
     expire: Script,
+    indexed: Script,
 }
 
 impl Scripts {
@@ -93,6 +105,7 @@ impl Scripts {
             resume: Script::new(include_str!("lua/resume.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             expire: Script::new(include_str!("lua/expire.lua")),
+            indexed: Script::new(include_str!("lua/indexed.lua")),
         }
     }
 }
@@ -102,7 +115,32 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     scripts: Scripts,
+    retention_ms: u64,
 }
+
+/// How long a finished session is kept unless [`RedisStore::with_retention_ms`] says otherwise.
+const DEFAULT_RETENTION_MS: u64 = 30 * 86_400_000;
+
+/// The index classes a session can leave: queued, running and paused share `live`, because a claim
+/// moves sessions among them at every step and the step's hot path touches no global key; a listed
+/// row's status is always read from its meta.
+const LIVE_CLASSES: [&str; 3] = ["live", "awaiting_human", "awaiting_approval"];
+
+/// The listing index class of a status.
+fn index_class(status: SessionStatus) -> &'static str {
+    match status {
+        SessionStatus::Queued | SessionStatus::Running | SessionStatus::Paused => "live",
+        other => other.as_str(),
+    }
+}
+
+/// A session's member in the listing indexes: sorts by creation time, then id.
+fn index_member(created_ms: u64, id: &str) -> String {
+    format!("{created_ms:020}:{id}")
+}
+
+/// Sessions read per `list` call at most, beyond the page itself.
+const LIST_MIN_READS: usize = 100;
 
 impl RedisStore {
     /// Connects (retrying with backoff inside the connection manager).
@@ -114,7 +152,12 @@ impl RedisStore {
             .set_number_of_retries(6)
             .set_max_delay(Duration::from_secs(2));
         let conn = client.get_connection_manager_with_config(manager_cfg).await?;
-        Ok(Self { conn, prefix: cfg.key_prefix.clone(), scripts: Scripts::load() })
+        Ok(Self { conn, prefix: cfg.key_prefix.clone(), scripts: Scripts::load(), retention_ms: DEFAULT_RETENTION_MS })
+    }
+
+    /// Keeps finished sessions for `ms` (`[sessions] retention_ms`) instead of 30 days.
+    pub fn with_retention_ms(self, ms: u64) -> Self {
+        Self { retention_ms: ms.max(1), ..self }
     }
 
     /// The process's Redis connection (multiplexed; cheap to clone), for the breakers and limits.
@@ -134,9 +177,26 @@ impl RedisStore {
         (format!("{p}:{{budget}}:daily:{day}:agent:{agent}"), format!("{p}:{{budget}}:daily:{day}:tenant:{tenant}"))
     }
 
-    /// Every session, scored by creation time, for listing.
-    fn sessions_key(&self) -> String {
+    /// The index of every session from before the listing indexes, scored by creation time: the
+    /// janitor moves its sessions into them and empties it.
+    fn legacy_sessions_key(&self) -> String {
         format!("{}:sessions", self.prefix)
+    }
+
+    /// A listing index: every session, or a tenant's, and either in one status class.
+    fn index_key(&self, tenant: Option<&str>, class: Option<&str>) -> String {
+        let p = &self.prefix;
+        match (tenant, class) {
+            (None, None) => format!("{p}:ix:all"),
+            (Some(t), None) => format!("{p}:ix:tenant:{t}"),
+            (None, Some(c)) => format!("{p}:ix:status:{c}"),
+            (Some(t), Some(c)) => format!("{p}:ix:tenant:{t}:status:{c}"),
+        }
+    }
+
+    /// Ended sessions, scored by when their retention ends; members `<index member>|<class>|<tenant>`.
+    fn retired_key(&self) -> String {
+        format!("{}:ix:retired", self.prefix)
     }
 
     /// Sessions waiting for people, scored by their deadline.
@@ -151,6 +211,38 @@ impl RedisStore {
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The sessions of listing index members, read in one round trip.
+    async fn metas(&self, members: &[String]) -> Result<Vec<Row>, StoreError> {
+        let ids: Vec<Option<SessionId>> =
+            members.iter().map(|m| m.split_once(':').and_then(|(_, id)| SessionId::parse(id).ok())).collect();
+        if ids.iter().all(Option::is_none) {
+            return Ok(ids.into_iter().map(|_| Row::Gone).collect());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids.iter().flatten() {
+            pipe.hgetall(self.keys(id).meta);
+        }
+        let mut hashes: std::vec::IntoIter<HashMap<String, String>> =
+            pipe.query_async::<Vec<HashMap<String, String>>>(&mut self.conn()).await?.into_iter();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(id) = id else {
+                out.push(Row::Gone);
+                continue;
+            };
+            let hash = hashes.next().unwrap_or_default();
+            out.push(match parse_meta(&hash) {
+                _ if hash.is_empty() => Row::Gone,
+                Ok(meta) => Row::Found(id, Box::new(meta)),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "a listed session's meta does not parse; skipped");
+                    Row::Unreadable
+                }
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -290,7 +382,7 @@ impl StepStore for RedisStore {
             .arg(amount)
             .arg(cap(caps.agent_cap))
             .arg(cap(caps.tenant_cap))
-            .arg(3 * 86_400)
+            .arg(daily_expiry_s(caps.day))
             .invoke_async(&mut self.conn())
             .await?;
         Ok(match verdict {
@@ -302,8 +394,9 @@ impl StepStore for RedisStore {
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let _: i64 =
-            self.scripts.daily_settle.key(agent_key).key(tenant_key).arg(delta).invoke_async(&mut self.conn()).await?;
+        let mut inv = self.scripts.daily_settle.key(agent_key);
+        inv.key(tenant_key).arg(delta).arg(daily_expiry_s(caps.day));
+        let _: i64 = inv.invoke_async(&mut self.conn()).await?;
         Ok(())
     }
 
@@ -334,6 +427,76 @@ impl StepStore for RedisStore {
         inv.key(&k.trace).key(&k.lease).arg(at.step).arg(phase.as_str()).arg(end.status.as_str());
         inv.arg(&end.result).arg(&end.error).arg(&end.escalation).arg(now_ms).arg(&end.trace).arg(at.token);
         fenced(inv.invoke_async(&mut self.conn()).await?)
+    }
+
+    async fn reindex(&self, id: &SessionId, now_ms: u64) -> Result<(), StoreError> {
+        let k = self.keys(id);
+        let (status, indexed, tenant, created): (Option<String>, Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(&k.meta)
+                .arg("status")
+                .arg("indexed")
+                .arg("tenant")
+                .arg("created_ms")
+                .query_async(&mut self.conn())
+                .await?;
+        let Some(status) = status else { return Ok(()) };
+        let status: SessionStatus = status.parse().map_err(|_| StoreError::Corrupt(format!("status `{status}`")))?;
+        let class = index_class(status);
+        if indexed.as_deref() == Some(class) {
+            return Ok(());
+        }
+        let created = created.unwrap_or_default();
+        let created: u64 = created.parse().map_err(|_| StoreError::Corrupt(format!("created_ms `{created}`")))?;
+        let member = index_member(created, id.as_str());
+        let tenant = tenant.filter(|t| !t.is_empty());
+        let tenant = tenant.as_deref();
+        let mut pipe = redis::pipe();
+        if indexed.is_none() {
+            pipe.zadd(self.index_key(None, None), &member, 0).ignore();
+            if tenant.is_some() {
+                pipe.zadd(self.index_key(tenant, None), &member, 0).ignore();
+            }
+        }
+        pipe.zadd(self.index_key(None, Some(class)), &member, 0).ignore();
+        if tenant.is_some() {
+            pipe.zadd(self.index_key(tenant, Some(class)), &member, 0).ignore();
+        }
+        // Out of the class it was in; an ended session out of every live class (a race of two
+        // reindexes may have left it in one), for good.
+        let leaving: Vec<&str> = match indexed.as_deref() {
+            _ if status.is_terminal() => LIVE_CLASSES.to_vec(),
+            Some(old) => vec![old],
+            None => vec![],
+        };
+        for old in leaving.into_iter().filter(|c| *c != class) {
+            pipe.zrem(self.index_key(None, Some(old)), &member).ignore();
+            if tenant.is_some() {
+                pipe.zrem(self.index_key(tenant, Some(old)), &member).ignore();
+            }
+        }
+        let retention = if status.is_terminal() { self.retention_ms } else { 0 };
+        if status.is_terminal() {
+            let entry = format!("{member}|{class}|{}", tenant.unwrap_or(""));
+            pipe.zadd(self.retired_key(), entry, now_ms.saturating_add(retention)).ignore();
+        }
+        let () = pipe.query_async(&mut self.conn()).await?;
+        let mut inv = self.scripts.indexed.prepare_invoke();
+        for key in k.all() {
+            inv.key(key);
+        }
+        let _: i64 = inv.arg(class).arg(retention).invoke_async(&mut self.conn()).await?;
+        if status.is_terminal() {
+            // Last: until here the session stays in the live index, where the janitor finds it again.
+            let () = redis::pipe()
+                .zrem(self.waiting_key(), id.as_str())
+                .ignore()
+                .zrem(self.active_key(), id.as_str())
+                .ignore()
+                .query_async(&mut self.conn())
+                .await?;
+        }
+        Ok(())
     }
 
     async fn deactivate(&self, id: &SessionId) -> Result<(), StoreError> {
@@ -386,14 +549,8 @@ impl AdminStore for RedisStore {
             inv.arg(f).arg(v);
         }
         let created: i64 = inv.invoke_async(&mut self.conn()).await?;
-        if created == 1 {
-            let _: i64 = redis::cmd("ZADD")
-                .arg(self.sessions_key())
-                .arg(now_ms)
-                .arg(new.id.as_str())
-                .query_async(&mut self.conn())
-                .await?;
-        }
+        // Also when it existed: a retry of a create whose indexing failed indexes it now.
+        self.reindex(&new.id, now_ms).await?;
         Ok(created == 1)
     }
 
@@ -580,6 +737,57 @@ impl AdminStore for RedisStore {
         Ok(applied == 1)
     }
 
+    async fn purge_expired(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.retired_key())
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn())
+            .await?;
+        if !due.is_empty() {
+            let mut pipe = redis::pipe();
+            for entry in &due {
+                let mut parts = entry.splitn(3, '|');
+                let (Some(member), Some(class), tenant) = (parts.next(), parts.next(), parts.next()) else {
+                    pipe.zrem(self.retired_key(), entry).ignore();
+                    continue;
+                };
+                let tenant = tenant.filter(|t| !t.is_empty());
+                let mut keys = vec![self.index_key(None, None), self.index_key(None, Some(class))];
+                if tenant.is_some() {
+                    keys.extend([self.index_key(tenant, None), self.index_key(tenant, Some(class))]);
+                }
+                for key in keys {
+                    pipe.zrem(key, member).ignore();
+                }
+                // The keys expired already; a late write (a dead worker's reconcile) may have made one
+                // again, without a TTL.
+                if let Some(id) = member.split_once(':').and_then(|(_, id)| SessionId::parse(id).ok()) {
+                    pipe.del(self.keys(&id).all().to_vec()).ignore();
+                }
+                pipe.zrem(self.retired_key(), entry).ignore();
+            }
+            let () = pipe.query_async(&mut self.conn()).await?;
+        }
+        let legacy: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.legacy_sessions_key())
+            .arg(0)
+            .arg(limit.saturating_sub(due.len()).max(1) - 1)
+            .query_async(&mut self.conn())
+            .await?;
+        for raw in &legacy {
+            if let Ok(id) = SessionId::parse(raw) {
+                self.reindex(&id, now_ms).await?;
+            }
+            let _: i64 =
+                redis::cmd("ZREM").arg(self.legacy_sessions_key()).arg(raw).query_async(&mut self.conn()).await?;
+        }
+        Ok(due.len() + legacy.len())
+    }
+
     async fn list(
         &self,
         filter: &ListFilter,
@@ -587,55 +795,62 @@ impl AdminStore for RedisStore {
         limit: usize,
     ) -> Result<(Vec<(SessionId, Meta)>, Option<String>), StoreError> {
         let bad = || StoreError::Corrupt("cursor".into());
-        // The cursor is `<created_ms>:<id>` of the last row shown; rows with the same time sort by id.
-        let (mut max_score, after_id) = match cursor {
+        // The cursor is `<created_ms>:<id>` of the last row read; the next page starts below it.
+        let mut max = match cursor {
             Some(c) => {
+                // Any text after the time is a bound as good as an id (the document promises no more).
                 let (ms, id) = c.split_once(':').ok_or_else(bad)?;
-                (ms.parse::<u64>().map_err(|_| bad())?, Some(id.to_owned()))
+                format!("({}", index_member(ms.parse::<u64>().map_err(|_| bad())?, id))
             }
-            None => (filter.created_before_ms.map_or(u64::MAX, |b| b.saturating_sub(1)), None),
+            // Every member of a time before `before` sorts below the bare padded time.
+            None => filter.created_before_ms.map_or_else(|| "+".to_owned(), |b| format!("({b:020}")),
         };
-        let min_score = filter.created_after_ms.unwrap_or(0);
+        let min = filter.created_after_ms.map_or_else(|| "-".to_owned(), |a| format!("[{a:020}"));
+        let tenant = filter.tenant.as_ref().map(TenantId::as_str);
+        let key = self.index_key(tenant, filter.status.map(index_class));
+        let mut reads_left = limit.saturating_mul(2).max(LIST_MIN_READS);
         let mut out = Vec::new();
-        let mut skip_until = after_id;
-        loop {
-            let rows: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
-                .arg(self.sessions_key())
-                .arg(max_score)
-                .arg(min_score)
-                .arg("WITHSCORES")
+        while reads_left > 0 {
+            let want = (2 * (limit - out.len())).clamp(1, reads_left);
+            let members: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&key)
+                .arg(&max)
+                .arg(&min)
                 .arg("LIMIT")
                 .arg(0)
-                .arg(200)
+                .arg(want)
                 .query_async(&mut self.conn())
                 .await?;
-            if rows.is_empty() {
-                return Ok((out, None));
-            }
-            let last_score = rows.last().map_or(0, |(_, s)| *s as u64);
-            for (raw_id, score) in &rows {
-                if let Some(after) = &skip_until {
-                    if raw_id == after {
-                        skip_until = None;
+            reads_left -= members.len().min(reads_left);
+            let rows = self.metas(&members).await?;
+            let mut gone = Vec::new();
+            for (member, row) in members.iter().zip(rows) {
+                max = format!("({member}");
+                let (id, meta) = match row {
+                    Row::Found(id, meta) => (id, *meta),
+                    Row::Gone => {
+                        gone.push(member);
+                        continue;
                     }
-                    continue;
-                }
-                let Ok(id) = SessionId::parse(raw_id) else { continue };
-                let Some(meta) = self.meta(&id).await? else { continue };
+                    Row::Unreadable => continue,
+                };
                 if matches_filter(&meta, filter) {
                     out.push((id, meta));
                     if out.len() == limit {
-                        return Ok((out, Some(format!("{}:{raw_id}", *score as u64))));
+                        return Ok((out, Some(cursor_of(member))));
                     }
                 }
             }
-            if rows.len() < 200 {
+            if !gone.is_empty() {
+                // Expired sessions the janitor has not purged yet: ids are never reused.
+                let _: i64 = redis::cmd("ZREM").arg(&key).arg(&gone).query_async(&mut self.conn()).await?;
+            }
+            if members.len() < want {
                 return Ok((out, None));
             }
-            // Next page of the index: the same last score again (ties), skipping what was seen.
-            skip_until = rows.last().map(|(id, _)| id.clone());
-            max_score = last_score;
         }
+        // The work of one call is spent: a short page, and where to go on.
+        Ok((out, max.strip_prefix('(').map(cursor_of)))
     }
 
     async fn meta(&self, id: &SessionId) -> Result<Option<Meta>, StoreError> {
@@ -643,6 +858,29 @@ impl AdminStore for RedisStore {
             redis::cmd("HGETALL").arg(self.keys(id).meta).query_async(&mut self.conn()).await?;
         if meta.is_empty() { Ok(None) } else { parse_meta(&meta).map(Some) }
     }
+}
+
+/// A listing index member, read.
+enum Row {
+    /// Its session, as its meta says now.
+    Found(SessionId, Box<Meta>),
+    /// Expired (or a member that names no session): never coming back.
+    Gone,
+    /// A meta that does not parse: skipped, left in the index.
+    Unreadable,
+}
+
+/// The cursor of a listing index member: `<created_ms>:<id>`, without the padding.
+fn cursor_of(member: &str) -> String {
+    match member.split_once(':') {
+        Some((ms, id)) => format!("{}:{id}", ms.parse::<u64>().unwrap_or(0)),
+        None => member.to_owned(),
+    }
+}
+
+/// When a daily counter expires: two days after its day ends (Unix s), whoever writes it last.
+fn daily_expiry_s(day: u64) -> u64 {
+    day.saturating_add(3).saturating_mul(86_400)
 }
 
 fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
