@@ -199,8 +199,9 @@ pub struct WorkerConfig {
     /// Times a step may be sent through the delay queues for a tool's long retry before the call
     /// counts as failed. Default 5.
     pub max_tool_deferrals: u32,
-    /// Tool results longer than this are cut, with a marker, before the model sees them. Default
-    /// 32768 bytes.
+    /// Tool response bodies are read up to this many bytes and no further; a longer one reaches the
+    /// model cut, with a marker saying how long it was. This bounds a worker's memory against a tool
+    /// that answers with a huge or endless body. Default 32768 bytes.
     pub max_tool_result_bytes: usize,
     /// Tool inputs longer than this (as JSON) are refused with an error result. Default 262144.
     pub max_tool_input_bytes: usize,
