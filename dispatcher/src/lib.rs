@@ -38,6 +38,7 @@ use tracing::warn;
 
 pub use error::ApiError;
 pub use janitor::Janitor;
+pub use webhooks::declare as declare_webhook_queues;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -92,7 +93,7 @@ impl Dispatcher {
         };
         warn_if_open(&cfg);
         let store = RedisStore::connect(&cfg.redis).await.context("connecting to Redis")?;
-        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let topology = Topology::from_config(&cfg.amqp);
         let pools = agent_pools(&cfg);
         let publisher =
             AmqpPublisher::connect_patiently(&cfg.amqp.url, "dispatcher", topology, pools, Duration::from_secs(60))
