@@ -29,55 +29,44 @@ use crate::domain::{Name, StepMessage};
 
 /// The delay tiers: name and TTL, shortest first.
 ///
-/// A postponed step waits in the shortest tier at least as long as its wait ([`delay_tier`]), so
-/// it waits what it was told and at most 25 % more: each tier is at most 1.25 times the one
-/// before. The round waits that `retry-after` and breakers use (1 s, 5 s, 30 s, 60 s, 2 min, 10 min)
-/// are tiers of their own and wait exactly. Waits under 1 s take the 1 s tier; waits over 10 min take
-/// the 10 min tier (the step is looked at again then, and postponed again if it must).
+/// A postponed step goes to the shortest tier at least as long as its wait ([`delay_tier`]), with
+/// its own wait as the message's `expiration`. In a tier that holds only waits like its own (the
+/// usual case: a breaker or a `retry-after` postpones many steps by the same time) it waits
+/// exactly that. RabbitMQ expires messages at the head of a queue, so a short wait behind a longer
+/// one in the same tier waits for it, but never longer than the tier's TTL: at most 1.5 times the
+/// wait, as each tier is at most 1.5 times the one before; never less than the wait. The round
+/// waits (1 s, 5 s, 30 s, 60 s, 2 min, 10 min) are tiers of their own. Waits under 1 s take the
+/// 1 s tier; waits over 10 min take the 10 min tier (the step is looked at again then, and
+/// postponed again if it must).
 ///
 /// Each tier is a quorum queue (DESIGN §4), for its at-least-once dead-lettering back to the step
 /// exchange: a classic queue dead-letters at most once, and a delayed step lost on the way back
-/// would be a session stuck until the janitor finds it.
-pub const DELAY_TIERS: [(&str, Duration); 34] = [
+/// would be a session stuck until the janitor finds it. 18 tiers, not more: every quorum queue costs
+/// the broker file handles and memory, per prefix.
+pub const DELAY_TIERS: [(&str, Duration); 18] = [
     ("1s", Duration::from_millis(1_000)),
-    ("1250ms", Duration::from_millis(1_250)),
     ("1500ms", Duration::from_millis(1_500)),
-    ("1800ms", Duration::from_millis(1_800)),
-    ("2200ms", Duration::from_millis(2_200)),
-    ("2700ms", Duration::from_millis(2_700)),
-    ("3300ms", Duration::from_millis(3_300)),
-    ("4s", Duration::from_millis(4_000)),
+    ("2250ms", Duration::from_millis(2_250)),
+    ("3350ms", Duration::from_millis(3_350)),
     ("5s", Duration::from_millis(5_000)),
-    ("6s", Duration::from_millis(6_000)),
     ("7500ms", Duration::from_millis(7_500)),
-    ("9s", Duration::from_millis(9_000)),
     ("11s", Duration::from_millis(11_000)),
-    ("13500ms", Duration::from_millis(13_500)),
-    ("16500ms", Duration::from_millis(16_500)),
-    ("20s", Duration::from_millis(20_000)),
-    ("25s", Duration::from_millis(25_000)),
+    ("16s", Duration::from_millis(16_000)),
+    ("22s", Duration::from_millis(22_000)),
     ("30s", Duration::from_millis(30_000)),
-    ("37500ms", Duration::from_millis(37_500)),
     ("45s", Duration::from_millis(45_000)),
-    ("55s", Duration::from_millis(55_000)),
     ("60s", Duration::from_millis(60_000)),
-    ("75s", Duration::from_millis(75_000)),
     ("90s", Duration::from_millis(90_000)),
-    ("110s", Duration::from_millis(110_000)),
     ("120s", Duration::from_millis(120_000)),
-    ("150s", Duration::from_millis(150_000)),
     ("180s", Duration::from_millis(180_000)),
-    ("225s", Duration::from_millis(225_000)),
     ("270s", Duration::from_millis(270_000)),
-    ("330s", Duration::from_millis(330_000)),
     ("400s", Duration::from_millis(400_000)),
-    ("500s", Duration::from_millis(500_000)),
     ("600s", Duration::from_millis(600_000)),
 ];
 
-/// The longest wait a tier adds to the wait it was given, as a fraction of that wait (for waits
-/// from 1 s to the longest tier).
-pub const DELAY_TIER_OVERSHOOT: f64 = 0.25;
+/// The most a tier adds to the wait it was given, as a fraction of that wait (for waits from 1 s
+/// to the longest tier), when shorter waits share the tier with longer ones; none otherwise.
+pub const DELAY_TIER_OVERSHOOT: f64 = 0.5;
 
 /// The shortest tier at least as long as `wait` (the longest tier for longer waits).
 pub fn delay_tier(wait: Duration) -> &'static str {
@@ -516,9 +505,13 @@ impl StepPublisher for AmqpPublisher {
     async fn publish_step(&self, pool: &Name, msg: &StepMessage, delay: Option<Duration>) -> Result<(), PublishError> {
         let body =
             serde_json::to_vec(msg).map_err(|e| PublishError::Broker(lapin::Error::from(std::io::Error::other(e))))?;
-        let props = persistent_json().with_message_id(msg.message_id().into());
+        let mut props = persistent_json().with_message_id(msg.message_id().into());
         let exchange = match delay {
-            Some(d) => self.topology.delay(delay_tier(d)),
+            Some(d) => {
+                // The step's own wait; the tier's TTL (at most 1.5 times it) bounds the rest.
+                props = props.with_expiration(d.max(Duration::from_millis(1)).as_millis().to_string().into());
+                self.topology.delay(delay_tier(d))
+            }
             None => self.topology.steps_exchange(),
         };
         self.publish(&exchange, pool.as_str(), &body, props).await
@@ -552,17 +545,17 @@ mod tests {
         assert_eq!(delay_tier(Duration::from_millis(200)), "1s");
         assert_eq!(delay_tier(Duration::from_secs(1)), "1s");
         assert_eq!(delay_tier(Duration::from_secs(5)), "5s");
-        assert_eq!(delay_tier(Duration::from_secs(6)), "6s");
+        assert_eq!(delay_tier(Duration::from_secs(6)), "7500ms");
         assert_eq!(delay_tier(Duration::from_secs(30)), "30s");
         assert_eq!(delay_tier(Duration::from_secs(60)), "60s");
-        assert_eq!(delay_tier(Duration::from_secs(61)), "75s");
+        assert_eq!(delay_tier(Duration::from_secs(61)), "90s");
         assert_eq!(delay_tier(Duration::from_secs(120)), "120s");
         assert_eq!(delay_tier(Duration::from_secs(600)), "600s");
         assert_eq!(delay_tier(Duration::from_secs(3600)), "600s");
     }
 
     #[test]
-    fn every_wait_from_1s_to_10min_waits_at_most_a_quarter_more() {
+    fn every_wait_from_1s_to_10min_waits_at_most_half_as_long_again() {
         let ttl = |name: &str| DELAY_TIERS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).expect("a tier");
         for ms in (1_000..=600_000u64).step_by(7) {
             let wait = Duration::from_millis(ms);
@@ -573,10 +566,10 @@ mod tests {
     }
 
     #[test]
-    fn tiers_grow_by_at_most_a_quarter_and_are_named_by_their_ttl() {
+    fn tiers_grow_by_at_most_half_and_are_named_by_their_ttl() {
         for pair in DELAY_TIERS.windows(2) {
             let ((_, a), (_, b)) = (pair[0], pair[1]);
-            assert!(b > a && b.as_secs_f64() <= a.as_secs_f64() * 1.25, "{a:?} then {b:?}");
+            assert!(b > a && b.as_secs_f64() <= a.as_secs_f64() * 1.5, "{a:?} then {b:?}");
         }
         for (name, ttl) in DELAY_TIERS {
             let ms = ttl.as_millis();
