@@ -536,7 +536,8 @@ mod queues {
     use agentfleet::config::Config;
     use agentfleet::domain::Name;
     use anyhow::{Context as _, bail};
-    use lapin::options::QueueDeleteOptions;
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
 
     /// How long the broker may take to answer the declarations.
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -580,13 +581,23 @@ mod queues {
         }
     }
 
+    /// Deletes the queue when it holds no message. (Quorum queues do not take `if_empty` on a
+    /// delete, so it counts first; nothing consumes before the demo's fleet starts.)
     async fn delete_if_empty(url: &str, stale: &QueueMismatch) -> anyhow::Result<()> {
         let conn = agentfleet::amqp::connect(url, "demo/prepare").await?;
-        let ch = conn.create_channel().await?;
-        let opts = QueueDeleteOptions { if_empty: true, ..Default::default() };
-        let deleted = ch.queue_delete(stale.queue.as_str().into(), opts).await;
+        let deleted = async {
+            let ch = conn.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            let queue = ch.queue_declare(stale.queue.as_str().into(), passive, FieldTable::default()).await?;
+            if queue.message_count() > 0 {
+                bail!("{stale}. It holds {} messages, so the demo leaves it alone", queue.message_count());
+            }
+            ch.queue_delete(stale.queue.as_str().into(), QueueDeleteOptions::default()).await?;
+            Ok(())
+        }
+        .await;
         let _ = conn.close(200, "done".into()).await;
-        deleted.map(|_| ()).with_context(|| format!("{stale}. The demo deletes such a queue only when it is empty"))
+        deleted
     }
 }
 
