@@ -13,6 +13,8 @@
 #   OPS_PORT            the dispatcher's /healthz, /readyz, /metrics (default 9090)
 #   AGENTFLEET_TOKEN    the API token the demo uses (default: a fresh random one, printed)
 #   WORKERS             worker processes (default 2)
+#   DEMO_PREFIX         the RabbitMQ name prefix of the demo's queues (default agentfleet-demo), unless
+#                       the config sets `[amqp] prefix` itself
 # Logs and pid files go to .run/.
 set -euo pipefail
 
@@ -42,6 +44,7 @@ WORKERS="${WORKERS:-2}"
 DEMO_SESSIONS="${DEMO_SESSIONS:-24}"
 DEMO_TIMEOUT_S="${DEMO_TIMEOUT_S:-120}"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-60}"
+DEMO_PREFIX="${DEMO_PREFIX:-agentfleet-demo}"
 RUN_DIR="$ROOT/.run"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 DISPATCHER_URL="http://127.0.0.1:$DISPATCHER_PORT"
@@ -198,17 +201,27 @@ check_port_free() {
     return 0
 }
 
-# The config the fleet runs with: the chosen file, or a copy in .run/ with the ports changed.
+# The config the fleet runs with: a copy of the chosen file in .run/, with the ports changed and the
+# demo's own queue prefix (unless the file sets one). A prefix of its own keeps the demo's queues
+# apart from a fleet's on the same broker, and from queues an earlier release declared with other
+# arguments under the default prefix.
 fleet_config() {
-    if [[ "$DISPATCHER_PORT" == 8080 && "$OPS_PORT" == 9090 && "$TOOL_SERVER_PORT" == 8091 ]]; then
-        printf '%s' "$CONFIG"
-        return
-    fi
+    local prefix=()
+    grep -q '^prefix *=' "$CONFIG" || prefix=(-e "/^\[amqp\]/a prefix = \"$DEMO_PREFIX\"")
     sed -e "s#127\.0\.0\.1:8091/#127.0.0.1:$TOOL_SERVER_PORT/#g" \
         -e "s#^listen = \"[^\"]*\"#listen = \"127.0.0.1:$DISPATCHER_PORT\"#" \
         -e "s#^ops_listen = \"[^\"]*\"#ops_listen = \"127.0.0.1:$OPS_PORT\"#" \
-        "$CONFIG" >"$RUN_DIR/agentfleet.toml"
+        "${prefix[@]}" "$CONFIG" >"$RUN_DIR/agentfleet.toml"
     printf '%s' "$RUN_DIR/agentfleet.toml"
+}
+
+# Declares the fleet's queues before it starts. RabbitMQ cannot change a queue's arguments, so a
+# queue an earlier release declared otherwise would stop the dispatcher and the workers at start;
+# the demo deletes such a queue of its prefix when it is empty, and stops with the fix otherwise.
+prepare_queues() {
+    say "declaring the RabbitMQ queues of $1"
+    env "${FLEET_ENV[@]}" AGENTFLEET_ADMIN_TOKEN_SHA256="$TOKEN_SHA256" \
+        "$BIN/agentfleet-demo" --prepare-queues "$1" || die "the RabbitMQ queues could not be declared (see above)"
 }
 
 start_tool_server() {
@@ -300,6 +313,7 @@ main() {
     say "starting the tool server on 127.0.0.1:$TOOL_SERVER_PORT"
     start_tool_server
     choose_model
+    prepare_queues "$config"
     start_fleet "$config"
     await_ready
 

@@ -67,7 +67,7 @@ impl Gauges {
             *link = Some((conn, ch));
         }
         let Some((_, ch)) = link.as_ref() else { return Ok(()) };
-        let t = Topology::new(&self.cfg.amqp.prefix, self.cfg.amqp.delivery_limit);
+        let t = Topology::from_config(&self.cfg.amqp);
         let mut queues: Vec<String> = self.cfg.agents.values().map(|a| t.step_queue(&a.pool)).collect();
         queues.extend([t.dead(), t.requests_queue()]);
         queues.sort();

@@ -73,7 +73,7 @@ impl Handler for Intake {
     type Link = ();
 
     async fn declare(&self, _conn: &Connection, ch: &Channel) -> Result<(), lapin::Error> {
-        self.state.publisher.topology().declare(ch, &crate::agent_pools(&self.state.cfg)).await
+        Ok(self.state.publisher.topology().declare(ch, &crate::agent_pools(&self.state.cfg)).await?)
     }
 
     async fn handle(&self, delivery: Delivery, _queue: &QueueTag<()>, _link: &()) {

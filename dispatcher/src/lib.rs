@@ -38,6 +38,7 @@ use tracing::warn;
 
 pub use error::ApiError;
 pub use janitor::Janitor;
+pub use webhooks::declare as declare_webhook_queues;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -96,7 +97,7 @@ impl Dispatcher {
             .context("connecting to Redis")?
             .with_retention_ms(cfg.sessions.retention_ms);
         durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
-        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let topology = Topology::from_config(&cfg.amqp);
         let pools = agent_pools(&cfg);
         let publisher =
             AmqpPublisher::connect_patiently(&cfg.amqp.url, "dispatcher", topology, pools, Duration::from_secs(60))

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
-use agentfleet::amqp::{AmqpPublisher, PublishError, Topology};
+use agentfleet::amqp::{AmqpPublisher, DeclareError, PublishError, Topology, declare_queue};
 use agentfleet::config::Config;
 use agentfleet::domain::SessionId;
 use agentfleet::scrub;
@@ -32,9 +32,7 @@ use agentfleet::telemetry::redact_error;
 use agentfleet::webhooks::address::{self, CallbackError, GuardedResolver};
 use agentfleet::webhooks::{self as wh, Destination, Signer};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Deserialize;
@@ -44,7 +42,7 @@ use tracing::{debug, error, info, warn};
 /// Deliveries in flight at once (also the AMQP prefetch).
 const CONCURRENCY: u16 = 32;
 /// Deliveries of one message (connection losses, crashes) before the broker dead-letters it.
-const DELIVERY_LIMIT: i64 = 20;
+const DELIVERY_LIMIT: u32 = 20;
 /// The consumer tag (for the cancel at shutdown) and the connection's name.
 const CONSUMER_TAG: &str = "dispatcher/webhooks";
 
@@ -123,7 +121,7 @@ impl Deliverer {
         }
         let http = http.build()?;
         let signer = Signer::from_config(&cfg);
-        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let topology = Topology::from_config(&cfg.amqp);
         let queue = wh::queue(&cfg.amqp.prefix);
         Ok(Self { cfg, store, http, signer, topology, queue })
     }
@@ -288,30 +286,30 @@ impl Handler for Deliverer {
 /// Declares the webhook queue, bound to the events, and its retry tiers on the publisher's
 /// connection. `Dispatcher::build` calls it, so the queue exists (and collects events) before the
 /// dispatcher serves, whenever the deliverer itself gets to consume.
-pub(crate) async fn declare(publisher: &AmqpPublisher, prefix: &str) -> Result<(), PublishError> {
+pub async fn declare(publisher: &AmqpPublisher, prefix: &str) -> Result<(), PublishError> {
     let ch = publisher.channel().await?;
     Ok(declare_queues(&ch, publisher.topology(), prefix).await?)
 }
 
-async fn declare_queues(ch: &Channel, topology: &Topology, prefix: &str) -> Result<(), lapin::Error> {
+async fn declare_queues(ch: &Channel, topology: &Topology, prefix: &str) -> Result<(), DeclareError> {
     let queue = wh::queue(prefix);
     for (tier, ttl) in wh::RETRY_TIERS {
         let mut args = quorum();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl.as_millis() as i64));
         args.insert("x-dead-letter-exchange".into(), long(""));
         args.insert("x-dead-letter-routing-key".into(), long(&queue));
+        // At-least-once back to the webhook queue; `reject-publish` is its precondition, not a
+        // length limit (see `Topology::dead_lettering_args`).
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
         declare_queue(ch, &wh::retry_queue(prefix, tier), args).await?;
     }
-    let mut args = quorum();
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
-    args.insert("x-dead-letter-exchange".into(), long(&topology.dead()));
-    declare_queue(ch, &queue, args).await?;
+    declare_queue(ch, &queue, topology.dead_lettering_args(DELIVERY_LIMIT)).await?;
     let opts = QueueBindOptions::default();
     let exchange = topology.events_exchange();
     ch.queue_bind(queue.as_str().into(), exchange.as_str().into(), "session.#".into(), opts, FieldTable::default())
-        .await
+        .await?;
+    Ok(())
 }
 
 /// Attempts already made, from the `x-agentfleet-attempt` header (none on a fresh event).
@@ -349,11 +347,6 @@ async fn publish_confirmed(
         Confirmation::Ack(Some(_)) => Err(closed(&format!("unroutable: no queue for `{exchange}/{key}`"))),
         Confirmation::Nack(_) => Err(closed("the broker nacked the message")),
     }
-}
-
-async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), lapin::Error> {
-    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(name.into(), opts, args).await.map(|_| ())
 }
 
 fn quorum() -> FieldTable {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod failpoint;
 pub mod guard;
+pub mod http_body;
 pub mod lifecycle;
 pub mod llm;
 pub mod ratelimit;

@@ -9,6 +9,9 @@
 //! jitter (`retry-after` honoured), in-process only while the waits fit `max_inline_wait`; a longer
 //! wait makes the call [`ToolRun::Later`], which the step sends through the delay queues. Other 4xx
 //! are never retried. Each outcome carries its [`Health`] for the fleet-wide circuit breaker.
+//!
+//! A response body is read up to `max_result_bytes` and no further ([`crate::http_body`]); a
+//! longer one reaches the model cut, with a marker that says how long it was.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use crate::breaker::BreakerConfig;
 use crate::config::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 pub use crate::domain::ApprovalRule;
 use crate::domain::Name;
+use crate::http_body::{CappedBody, lossy_text, read_capped};
 use crate::llm::{ToolOutcome, ToolUse};
 use crate::scrub;
 use crate::telemetry::metric;
@@ -77,7 +81,8 @@ pub enum ToolProblem {
 pub struct ToolLimits {
     /// The longest in-process wait for retries of one call.
     pub max_inline_wait: Duration,
-    /// Results longer than this are cut, with a marker.
+    /// Response bodies longer than this are cut, with a marker: reading stops there, so a long or
+    /// endless body never takes more memory than this.
     pub max_result_bytes: usize,
     /// Inputs longer than this (as JSON) are refused.
     pub max_input_bytes: usize,
@@ -400,8 +405,9 @@ impl HttpCall<'_> {
         };
         let status = response.status();
         let after = retry_after(response.headers());
-        let body = match response.text().await {
-            Ok(b) => truncate(b, self.limits.max_result_bytes),
+        let body = match read_capped(response, self.limits.max_result_bytes).await {
+            Ok(b) => capped_text(b, self.limits.max_result_bytes),
+            Err(e) if e.is_timeout() => return Attempt::Retry("timed out reading the response".into(), None),
             Err(e) => return Attempt::Retry(format!("reading the response failed: {}", scrub::error(&e)), None),
         };
         match status.as_u16() {
@@ -429,6 +435,24 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let ms = (base.as_millis() as u64).max(1) << attempt.min(10);
     Duration::from_millis(ms + rand::rng().random_range(0..=ms))
+}
+
+/// A response body as the model reads it: the text, and when the body was longer than the cap, a
+/// marker that says so.
+///
+/// Why a cut result and not an error: the service did answer, and the call may have had effects;
+/// the head of a long answer (search hits, records) is usually what the model needs, and the marker
+/// tells it to ask for less. An error would throw the answer away and invite a retry that gets the
+/// same long body again.
+fn capped_text(body: CappedBody, cap: usize) -> String {
+    let text = lossy_text(&body.bytes);
+    match body.cut {
+        None => text,
+        Some(cut) => {
+            let shown = text.len();
+            format!("{text}… [truncated: the first {shown} bytes of a response {} are shown]", cut.describe(cap))
+        }
+    }
 }
 
 /// Cuts `text` to `max` bytes on a character boundary, with a marker.

@@ -204,7 +204,7 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
     let mut cfg = fleet.config.clone();
     cfg.dispatcher.stall_after_s = 0;
     let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
-    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+    let topology = Topology::from_config(&cfg.amqp);
     let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
     let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
     // `stall_after_s = 0`: the session counts as stalled once the clock has moved past its last update.

@@ -54,7 +54,7 @@ impl Worker {
             .with_retention_ms(cfg.sessions.retention_ms);
         durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
-        let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
+        let topology = Topology::from_config(&cfg.amqp);
         let pools = all_pools(&cfg, &agents);
         let publisher = AmqpPublisher::connect_patiently(
             &cfg.amqp.url,
@@ -127,7 +127,7 @@ impl Handler for Steps {
     type Link = ();
 
     async fn declare(&self, _conn: &Connection, ch: &Channel) -> Result<(), lapin::Error> {
-        self.topology.declare(ch, &self.pools).await
+        Ok(self.topology.declare(ch, &self.pools).await?)
     }
 
     /// Runs the step and settles the delivery as the engine decided.

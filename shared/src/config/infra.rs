@@ -132,6 +132,10 @@ impl Default for WebhooksConfig {
 }
 
 /// RabbitMQ settings.
+///
+/// The limits become queue arguments. RabbitMQ cannot change a queue's arguments: after changing one
+/// here, delete the queue it applies to (drained) or use another `prefix`; the processes refuse to
+/// start on a queue declared with other arguments, and say which.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
@@ -141,11 +145,50 @@ pub struct AmqpConfig {
     pub prefix: String,
     /// Deliveries of one step message before it is dead-lettered. Default 20.
     pub delivery_limit: u32,
+    /// Deliveries of one session request (`<prefix>.requests`) before it is dead-lettered: a request
+    /// that makes the intake fail over and over ends in `<prefix>.dead` instead of looping. Default 10.
+    pub requests_delivery_limit: u32,
+    /// Most requests waiting in `<prefix>.requests`; past it, a publish is refused (nacked), never
+    /// dropped. Default 100000.
+    pub requests_max_length: u64,
+    /// Most bytes of message bodies waiting in `<prefix>.requests`; past it, a publish is refused
+    /// (nacked). Default 268435456 (256 MiB).
+    pub requests_max_bytes: u64,
+    /// Most messages kept in `<prefix>.dead`; past it, new dead letters are refused (a direct
+    /// publish is nacked; the broker keeps a dead-lettered message in its source queue until there is
+    /// room). Default 100000.
+    pub dead_max_length: u64,
+    /// Most bytes of message bodies kept in `<prefix>.dead`, likewise. Default 268435456 (256 MiB).
+    pub dead_max_bytes: u64,
 }
 
 impl Default for AmqpConfig {
     fn default() -> Self {
-        Self { url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(), prefix: "agentfleet".into(), delivery_limit: 20 }
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "agentfleet".into(),
+            delivery_limit: 20,
+            requests_delivery_limit: 10,
+            requests_max_length: 100_000,
+            requests_max_bytes: 256 * 1024 * 1024,
+            dead_max_length: 100_000,
+            dead_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl AmqpConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        let counts = [
+            ("requests_max_length", self.requests_max_length),
+            ("requests_max_bytes", self.requests_max_bytes),
+            ("dead_max_length", self.dead_max_length),
+            ("dead_max_bytes", self.dead_max_bytes),
+        ];
+        match counts.iter().find(|(_, v)| *v == 0) {
+            Some((field, _)) => Err(Invalid::new(*field, Problem::AtLeast(1))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -223,8 +266,9 @@ pub struct WorkerConfig {
     /// Times a step may be sent through the delay queues for a tool's long retry before the call
     /// counts as failed. Default 5.
     pub max_tool_deferrals: u32,
-    /// Tool results longer than this are cut, with a marker, before the model sees them. Default
-    /// 32768 bytes.
+    /// Tool response bodies are read up to this many bytes and no further; a longer one reaches the
+    /// model cut, with a marker saying how long it was. This bounds a worker's memory against a tool
+    /// that answers with a huge or endless body. Default 32768 bytes.
     pub max_tool_result_bytes: usize,
     /// Tool inputs longer than this (as JSON) are refused with an error result. Default 262144.
     pub max_tool_input_bytes: usize,

@@ -278,6 +278,7 @@ impl Config {
         check_url(&self.anthropic.base_url, &["http", "https"]).map_err(|p| Invalid::new("anthropic.base_url", p))?;
         check_url(&self.openai.base_url, &["http", "https"]).map_err(|p| Invalid::new("openai.base_url", p))?;
         Name::parse(&self.amqp.prefix).map_err(|e| Invalid::new("amqp.prefix", e.into()))?;
+        self.amqp.validate().map_err(|e| e.within("amqp"))?;
         Name::parse(&self.redis.key_prefix).map_err(|e| Invalid::new("redis.key_prefix", e.into()))?;
         if self.worker.concurrency == 0 {
             return Err(Invalid::new("worker.concurrency", Problem::AtLeast(1)));

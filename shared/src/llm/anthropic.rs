@@ -108,7 +108,7 @@ impl AnthropicClient {
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let rate_headers = crate::ratelimit::parse_ratelimit_headers(response.headers());
-        let bytes = response.bytes().await.map_err(|e| LlmError::transport(&e))?;
+        let bytes = super::types::read_body(response).await?;
         if !status.is_success() {
             return Err(parse_error(status.as_u16(), &bytes, retry_after));
         }

@@ -310,6 +310,27 @@ impl ModelReply {
     }
 }
 
+/// The longest model API response body read: far above any real reply (a reply of the largest
+/// `max_tokens` is well under a MiB of JSON), so only a broken or hostile endpoint reaches it.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+/// A model API response body, read up to [`MAX_RESPONSE_BYTES`]. A 2xx body over the cap is refused
+/// ([`LlmError::Decode`]): before any of it is read when its `Content-Length` says so, else as
+/// soon as it passes the cap. An error status keeps its first bytes, enough for the error shape.
+pub(crate) async fn read_body(response: reqwest::Response) -> Result<Vec<u8>, LlmError> {
+    let cap = MAX_RESPONSE_BYTES;
+    let too_long = |of: String| LlmError::Decode(format!("the response body {of} is over the limit of {cap} bytes"));
+    let success = response.status().is_success();
+    if success && let Some(n) = crate::http_body::declared_over(&response, cap) {
+        return Err(too_long(crate::http_body::Cut::Declared(n).describe(cap)));
+    }
+    let body = crate::http_body::read_capped(response, cap).await.map_err(|e| LlmError::transport(&e))?;
+    match body.cut {
+        Some(cut) if success => Err(too_long(cut.describe(cap))),
+        _ => Ok(body.bytes),
+    }
+}
+
 /// The HTTP client of a model API: a whole-call timeout of `timeout_ms`, 10 s to connect, and
 /// enough idle connections kept for the steps in flight.
 pub fn http_client(timeout_ms: u64) -> Result<reqwest::Client, LlmError> {

@@ -134,8 +134,14 @@ impl Engine {
         }
     }
 
-    /// Handles one delivery of the step queue of `pool`.
+    /// Handles one delivery of the step queue of `pool`. A body over
+    /// [`MAX_STEP_MESSAGE_BYTES`](crate::amqp::MAX_STEP_MESSAGE_BYTES) is dead-lettered unread.
     pub async fn handle(&self, body: &[u8], pool: &Name) -> Disposition {
+        if body.len() > crate::amqp::MAX_STEP_MESSAGE_BYTES {
+            let limit = crate::amqp::MAX_STEP_MESSAGE_BYTES;
+            let detail = format!("{} bytes; a step message is at most {limit} bytes", body.len());
+            return self.dead_letter(body, "oversized", &detail).await;
+        }
         let msg = match StepMessage::parse(body) {
             Ok(m) => m,
             Err(e) => return self.dead_letter(body, "malformed", &e.to_string()).await,

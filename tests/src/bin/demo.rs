@@ -44,6 +44,11 @@ struct Args {
     /// How often to poll each session, in milliseconds.
     #[arg(long, default_value_t = 250)]
     poll_ms: u64,
+    /// Only declare the RabbitMQ queues of this config file, then exit (`scripts/demo.sh` does this
+    /// before it starts the fleet): a queue an earlier release declared with other arguments is
+    /// deleted when empty; one that holds messages stops the demo with what to do.
+    #[arg(long, value_name = "CONFIG")]
+    prepare_queues: Option<std::path::PathBuf>,
 }
 
 /// A customer request: a short label for the table and the message the agent gets.
@@ -249,6 +254,15 @@ async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Res
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(config) = &args.prepare_queues {
+        return match queues::prepare(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentfleet-demo: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -512,6 +526,79 @@ fn truncate(text: &str, max: usize) -> String {
 /// `text` truncated and in double quotes.
 fn quoted(text: &str, max: usize) -> String {
     format!("\"{}\"", truncate(text, max))
+}
+
+/// The demo's queues, declared before its fleet starts.
+mod queues {
+    use std::path::Path;
+
+    use agentfleet::amqp::{AmqpPublisher, PublishError, QueueMismatch, Topology};
+    use agentfleet::config::Config;
+    use agentfleet::domain::Name;
+    use anyhow::{Context as _, bail};
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+
+    /// How long the broker may take to answer the declarations.
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Declares every queue of the config's prefix, as the dispatcher and the workers will. A queue
+    /// that an earlier release declared with other arguments (RabbitMQ cannot change them) is
+    /// deleted if it is empty, and declared afresh: the demo's prefix holds only the demo's own
+    /// queues. A stale queue that still holds messages is left alone, and the demo stops with the
+    /// reason and the fix.
+    pub(super) async fn prepare(path: &Path) -> anyhow::Result<()> {
+        let cfg = Config::load(path, &|k| std::env::var(k).ok())?;
+        for _ in 0..32 {
+            let declared = tokio::time::timeout(PATIENCE, declare(&cfg)).await;
+            let declared = declared.with_context(|| format!("RabbitMQ did not answer within {PATIENCE:?}"))?;
+            let Some(stale) = declared? else { return Ok(()) };
+            delete_if_empty(&cfg.amqp.url, &stale).await?;
+            println!(
+                "    deleted the empty queue `{}`: an earlier release declared it with other arguments",
+                stale.queue
+            );
+        }
+        bail!("the queues under `{}` still differ after 32 deletions", cfg.amqp.prefix)
+    }
+
+    /// Declares the topology and the webhook queues; the first queue found with other arguments.
+    async fn declare(cfg: &Config) -> anyhow::Result<Option<QueueMismatch>> {
+        let (url, prefix) = (&cfg.amqp.url, &cfg.amqp.prefix);
+        let mut pools: Vec<Name> =
+            cfg.agents.values().map(|a| a.pool.clone()).chain(cfg.worker.pools.clone()).collect();
+        pools.sort();
+        pools.dedup();
+        let declared = match AmqpPublisher::connect(url, "demo/prepare", Topology::from_config(&cfg.amqp), pools).await
+        {
+            Ok(publisher) => agentfleet_dispatcher::declare_webhook_queues(&publisher, prefix).await,
+            Err(e) => Err(e),
+        };
+        match declared {
+            Ok(()) => Ok(None),
+            Err(PublishError::Topology(stale)) => Ok(Some(stale)),
+            Err(e) => Err(e).context("declaring the queues"),
+        }
+    }
+
+    /// Deletes the queue when it holds no message. (Quorum queues do not take `if_empty` on a
+    /// delete, so it counts first; nothing consumes before the demo's fleet starts.)
+    async fn delete_if_empty(url: &str, stale: &QueueMismatch) -> anyhow::Result<()> {
+        let conn = agentfleet::amqp::connect(url, "demo/prepare").await?;
+        let deleted = async {
+            let ch = conn.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            let queue = ch.queue_declare(stale.queue.as_str().into(), passive, FieldTable::default()).await?;
+            if queue.message_count() > 0 {
+                bail!("{stale}. It holds {} messages, so the demo leaves it alone", queue.message_count());
+            }
+            ch.queue_delete(stale.queue.as_str().into(), QueueDeleteOptions::default()).await?;
+            Ok(())
+        }
+        .await;
+        let _ = conn.close(200, "done".into()).await;
+        deleted
+    }
 }
 
 #[cfg(test)]

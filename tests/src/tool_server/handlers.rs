@@ -4,13 +4,14 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::ToolServerConfig;
@@ -78,12 +79,35 @@ async fn call_tool(
         state.stats.failure();
         return ToolError::injected(behaviour.fail_status).into_response();
     }
+    if let Some(flood) = flood(&name) {
+        return flood;
+    }
     match run(&state, &name, key, body) {
         Ok(output) => {
             state.stats.executed(key);
             Json(output).into_response()
         }
         Err(error) => error.into_response(),
+    }
+}
+
+/// The size of `huge_response`'s body: 64 MiB, declared in `Content-Length`.
+pub(crate) const HUGE_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bodies for the bounded-read tests, made as they are sent (the server holds one 64 KiB chunk):
+/// `endless_response` streams `x` forever with no `Content-Length`, `huge_response` declares and
+/// sends [`HUGE_RESPONSE_BYTES`]. Both stop when the client hangs up.
+fn flood(name: &str) -> Option<Response> {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+    match name {
+        "endless_response" => Some(Response::new(Body::from_stream(chunks))),
+        "huge_response" => {
+            let body = Body::from_stream(chunks.take(HUGE_RESPONSE_BYTES / CHUNK));
+            Some(([(header::CONTENT_LENGTH, HUGE_RESPONSE_BYTES.to_string())], body).into_response())
+        }
+        _ => None,
     }
 }
 

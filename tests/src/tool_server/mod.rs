@@ -3,7 +3,8 @@
 //! It answers deterministically, counts every call per tool and per `Idempotency-Key` so tests can
 //! tell whether a client repeated a call, and can fail or slow down on purpose, globally or per tool
 //! (`POST /admin/behaviour`). Known tools: `search_knowledge_base`, `lookup_customer`,
-//! `create_ticket`; any other name echoes its input back.
+//! `create_ticket`; `endless_response` (a body that never ends) and `huge_response` (64 MiB, with its
+//! `Content-Length`), for the bounded reads; any other name echoes its input back.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

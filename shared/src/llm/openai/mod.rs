@@ -143,7 +143,7 @@ impl OpenAiClient {
             .map_err(|e| LlmError::transport(&e))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(|e| LlmError::transport(&e))?;
+        let bytes = crate::llm::types::read_body(response).await?;
         if status.is_success() {
             parse_reply(&bytes, prepared.used_ids)
         } else {
