@@ -59,7 +59,10 @@ async fn a_worker_resumed_after_its_lease_writes_nothing_and_its_call_is_counted
         janitor.sweep().await?;
         let holder: Option<String> = redis::cmd("GET").arg(&lease_key).query_async(&mut redis.clone()).await?;
         let held = holder.is_some_and(|h| h.starts_with("1|") && h.contains(&new_worker));
-        Ok((held && fleet.model.stats().requests_total >= 2).then_some(()))
+        // The paused worker's call (sent first, same latency) has been answered: its answer waits in
+        // the paused worker's socket.
+        let stats = fleet.model.stats();
+        Ok((held && stats.requests_total >= 2 && stats.answered_total >= 1).then_some(()))
     })
     .await?;
 
