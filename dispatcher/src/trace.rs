@@ -50,9 +50,15 @@ pub(crate) async fn trace(
 }
 
 /// Totals over the records: steps, tokens, cost, duration, errors and tools used.
+///
+/// A worst-case record of a call (`reservation`) that a late reconcile replaced (`supersedes`) is
+/// left out of the totals, as it was taken out of the usage.
 pub(crate) fn summarize(records: &[Value], step: u32) -> Value {
-    let sum = |field: &str| records.iter().filter_map(|r| r[field].as_u64()).sum::<u64>();
-    let calls = |action: &str| records.iter().filter(|r| r["action"] == action).count();
+    let superseded: std::collections::HashSet<&str> = records.iter().filter_map(|r| r["supersedes"].as_str()).collect();
+    let counted: Vec<&Value> =
+        records.iter().filter(|r| !r["reservation"].as_str().is_some_and(|id| superseded.contains(id))).collect();
+    let sum = |field: &str| counted.iter().filter_map(|r| r[field].as_u64()).sum::<u64>();
+    let calls = |action: &str| counted.iter().filter(|r| r["action"] == action).count();
     let mut tools: BTreeMap<String, u64> = BTreeMap::new();
     for r in records.iter().filter(|r| r["action"] == "tool_call") {
         *tools.entry(r["tool_name"].as_str().unwrap_or("?").to_owned()).or_default() += 1;

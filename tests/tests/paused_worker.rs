@@ -92,6 +92,11 @@ async fn a_worker_resumed_after_its_lease_writes_nothing_and_its_call_is_counted
         .error_for_status()?
         .json()
         .await?;
+    let summary = &trace["summary"];
+    for field in ["input_tokens", "output_tokens", "cost_micro_usd"] {
+        // The worst case the second worker's claim counted was replaced by the paused call's answer.
+        assert_eq!(summary[field], after["usage"][field], "trace totals equal the usage ({field}): {summary}");
+    }
     let paused_id = format!("{}-w0-", fleet.prefix);
     let by_paused: Vec<&serde_json::Value> = trace["records"]
         .as_array()

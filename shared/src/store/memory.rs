@@ -205,20 +205,41 @@ fn leased<'s>(st: &'s mut State, at: &Fence<'_>) -> Result<Option<&'s mut Sessio
     }
 }
 
+/// How a call's reservation was taken (mirrors `lua/orphan.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// It was open.
+    Open,
+    /// A claim had counted it at its worst case; that was taken back out of the usage.
+    Orphan,
+}
+
 /// Takes the call's reservation, or the worst case a claim counted for it back out of the usage;
-/// false when the call was already counted (mirrors `lua/orphan.lua`).
-fn take_reservation(s: &mut Session, rid: &str) -> bool {
+/// `None` when the call was already counted.
+fn take_reservation(s: &mut Session, rid: &str) -> Option<Taken> {
     if s.resv.remove(rid).is_some() {
-        return true;
+        return Some(Taken::Open);
     }
-    let Some(r) = s.orphans.remove(rid) else { return false };
+    let r = s.orphans.remove(rid)?;
     let u = &mut s.usage;
     u.cost_micro_usd = u.cost_micro_usd.saturating_sub(r.cost);
     u.input_tokens = u.input_tokens.saturating_sub(r.input_tokens);
     u.output_tokens = u.output_tokens.saturating_sub(r.output_tokens);
     u.model_calls = u.model_calls.saturating_sub(1);
     u.unreconciled_calls = u.unreconciled_calls.saturating_sub(1);
-    true
+    Some(Taken::Orphan)
+}
+
+/// The trace record, marked as superseding the claim's worst-case record of `rid` when it was taken
+/// back as an orphan.
+fn superseding(record: &str, rid: &str, taken: Taken) -> String {
+    match serde_json::from_str::<serde_json::Value>(record) {
+        Ok(mut r) if taken == Taken::Orphan && r.is_object() => {
+            r["supersedes"] = rid.into();
+            r.to_string()
+        }
+        _ => record.to_owned(),
+    }
 }
 
 fn orphan_record(s: &Session, id: &SessionId, step: u32, token: &str, rid: &str, r: &Reservation, now: u64) -> String {
@@ -228,7 +249,7 @@ fn orphan_record(s: &Session, id: &SessionId, step: u32, token: &str, rid: &str,
         "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
         "cost_usd": r.cost as f64 / 1e6, "cost_micro_usd": r.cost, "duration_ms": 0, "success": false,
         "error": "the worker died before this call was reconciled: counted at its reserved worst case",
-        "worker": token.split('|').nth(1).unwrap_or_default(),
+        "worker": token.split('|').nth(1).unwrap_or_default(), "reservation": rid,
     })
     .to_string()
 }
@@ -346,9 +367,7 @@ impl StepStore for MemoryStore {
     ) -> Result<Option<UsageTotals>, StoreError> {
         self.write("reconcile", |st| {
             let s = st.sessions.get_mut(id)?;
-            if !take_reservation(s, reservation_id) {
-                return None;
-            }
+            let taken = take_reservation(s, reservation_id)?;
             let u = &mut s.usage;
             u.input_tokens += call.usage.input_tokens;
             u.output_tokens += call.usage.output_tokens;
@@ -356,7 +375,7 @@ impl StepStore for MemoryStore {
             u.cache_read_input_tokens += call.usage.cache_read_input_tokens;
             u.cost_micro_usd += call.cost_micro_usd;
             u.model_calls += 1;
-            s.trace.push(call.trace.to_owned());
+            s.trace.push(superseding(call.trace, reservation_id, taken));
             Some(s.usage)
         })
     }
@@ -364,9 +383,9 @@ impl StepStore for MemoryStore {
     async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError> {
         self.write("cancel_reservation", |st| {
             if let Some(s) = st.sessions.get_mut(id)
-                && take_reservation(s, reservation_id)
+                && let Some(taken) = take_reservation(s, reservation_id)
             {
-                s.trace.push(trace.to_owned());
+                s.trace.push(superseding(trace, reservation_id, taken));
                 s.usage.model_errors += 1;
             }
         })

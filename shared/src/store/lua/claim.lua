@@ -57,7 +57,8 @@ for i = 1, #orphans, 2 do
       input_tokens = tonumber(input), output_tokens = tonumber(output), cost_usd = tonumber(cost) / 1000000,
       cost_micro_usd = tonumber(cost), duration_ms = 0, success = false,
       error = 'the worker died before this call was reconciled: counted at its reserved worst case',
-      worker = string.match(ARGV[2], '^%d+|([^|]*)|') or ''
+      worker = string.match(ARGV[2], '^%d+|([^|]*)|') or '',
+      reservation = orphans[i]
     })
     redis.call('XADD', KEYS[7], 'MAXLEN', '~', 10000, '*', 'r', record)
     redis.call('HDEL', resv, orphans[i])
