@@ -391,6 +391,21 @@ impl TestFleet {
         Ok((conn, ch))
     }
 
+    /// A janitor over this fleet's Redis and RabbitMQ that counts a live session as stalled once it
+    /// has not moved for `stall_after_s`, for tests to sweep by hand.
+    pub async fn janitor(&self, stall_after_s: u64) -> anyhow::Result<agentfleet_dispatcher::Janitor> {
+        let mut cfg = self.config.clone();
+        cfg.dispatcher.stall_after_s = stall_after_s;
+        let store =
+            agentfleet::store::RedisStore::connect(&cfg.redis).await?.with_retention_ms(cfg.sessions.retention_ms);
+        let topology = agentfleet::amqp::Topology::from_config(&cfg.amqp);
+        let publisher =
+            agentfleet::amqp::AmqpPublisher::connect(&cfg.amqp.url, "test-janitor", topology, vec![]).await?;
+        let (store, publisher, cfg) =
+            (std::sync::Arc::new(store), std::sync::Arc::new(publisher), std::sync::Arc::new(cfg));
+        Ok(agentfleet_dispatcher::Janitor::new(store, publisher, cfg))
+    }
+
     /// Counter `name` with label `label` (`key="value"`), summed over the live worker processes'
     /// `/metrics`.
     pub async fn worker_counter(&self, name: &str, label: &str) -> anyhow::Result<u64> {

@@ -4,11 +4,8 @@
 //! call included, counted once.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use agentfleet::amqp::{AmqpPublisher, Topology};
-use agentfleet::store::RedisStore;
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, check_step_conversation, eventually, try_eventually};
 use agentfleet_tests::model_server::Faults;
 
@@ -42,12 +39,7 @@ async fn a_worker_resumed_after_its_lease_writes_nothing_and_its_call_is_counted
     let resume = Resume(paused);
 
     // The paused worker's lease expires; the janitor re-publishes the stalled step to a new worker.
-    let mut cfg = fleet.config.clone();
-    cfg.dispatcher.stall_after_s = 0;
-    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
-    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
-    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "paused-test", topology, vec![]).await?);
-    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    let janitor = fleet.janitor(0).await?;
     fleet.spawn_worker()?;
     // The broker may hand a re-published copy to the paused worker (its connection lives until the
     // heartbeat times out); sweep until the new worker holds the lease of step 1 and waits on its own

@@ -189,10 +189,6 @@ async fn an_idempotency_key_always_returns_the_same_session() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::Result<()> {
-    use std::sync::Arc;
-
-    use agentfleet::amqp::{AmqpPublisher, Topology};
-    use agentfleet::store::RedisStore;
     use lapin::options::QueuePurgeOptions;
 
     let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
@@ -201,12 +197,7 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
     let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
     assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
 
-    let mut cfg = fleet.config.clone();
-    cfg.dispatcher.stall_after_s = 0;
-    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
-    let topology = Topology::from_config(&cfg.amqp);
-    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
-    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    let janitor = fleet.janitor(0).await?;
     // `stall_after_s = 0`: the session counts as stalled once the clock has moved past its last update.
     let swept = try_eventually("the janitor to re-publish the stalled session", Duration::from_secs(10), || async {
         let n = janitor.sweep().await?;
@@ -229,10 +220,6 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() -> anyhow::Result<()> {
-    use std::sync::Arc;
-
-    use agentfleet::amqp::{AmqpPublisher, Topology};
-    use agentfleet::store::RedisStore;
     use lapin::options::QueuePurgeOptions;
 
     let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
@@ -253,12 +240,7 @@ async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() ->
         .query_async(&mut redis)
         .await?;
 
-    let mut cfg = fleet.config.clone();
-    cfg.dispatcher.stall_after_s = 0;
-    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
-    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
-    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
-    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    let janitor = fleet.janitor(0).await?;
     let swept = try_eventually("the janitor to re-publish the paused session", Duration::from_secs(10), || async {
         let n = janitor.sweep().await?;
         Ok((n > 0).then_some(n))
@@ -274,11 +256,6 @@ async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_leaves_a_recently_paused_session_to_its_own_retry() -> anyhow::Result<()> {
-    use std::sync::Arc;
-
-    use agentfleet::amqp::{AmqpPublisher, Topology};
-    use agentfleet::store::RedisStore;
-
     let fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
     let id = fleet.submit("support", "[steps=2] paused just now").await?;
     let mut redis = fleet.redis().await?;
@@ -292,12 +269,7 @@ async fn the_janitor_leaves_a_recently_paused_session_to_its_own_retry() -> anyh
         .arg(now)
         .query_async(&mut redis)
         .await?;
-    let mut cfg = fleet.config.clone();
-    cfg.dispatcher.stall_after_s = 0;
-    let store = Arc::new(RedisStore::connect(&cfg.redis).await?);
-    let topology = Topology::new(&cfg.amqp.prefix, cfg.amqp.delivery_limit);
-    let publisher = Arc::new(AmqpPublisher::connect(&cfg.amqp.url, "janitor-test", topology, vec![]).await?);
-    let janitor = agentfleet_dispatcher::Janitor::new(store, publisher, Arc::new(cfg));
+    let janitor = fleet.janitor(0).await?;
     // The session is in the live index from its creation; a sweep sees it and leaves it alone.
     assert_eq!(janitor.sweep().await?, 0, "its retry is not overdue yet");
     fleet.cleanup().await
