@@ -412,8 +412,12 @@ impl TestFleet {
         let mut total = 0;
         for i in self.live_workers() {
             let url = self.worker_metrics_url(i).context("no metrics port")?;
-            let text = self.http.get(&url).send().await?.error_for_status()?.text().await?;
-            total += prometheus_counter(&text, name, label);
+            let response = match self.http.get(&url).send().await {
+                // A worker still starting has counted nothing yet; callers poll until the sum is in.
+                Err(e) if e.is_connect() => continue,
+                other => other?,
+            };
+            total += prometheus_counter(&response.error_for_status()?.text().await?, name, label);
         }
         Ok(total)
     }
