@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use agentfleet_tests::chaos::services::PrivateRedis;
 use agentfleet_tests::fleet::{FleetOptions, TestFleet, eventually};
 use anyhow::{Context, bail, ensure};
 use futures::StreamExt;
@@ -236,57 +237,16 @@ async fn a_request_sent_twice_with_one_message_id_creates_one_session() -> anyho
     fleet.cleanup().await
 }
 
-/// A `redis-server` of this test's own, to stop and start again.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    async fn start(port: u16) -> anyhow::Result<Self> {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        let me = Self { child, port };
-        let what = format!("the private redis-server to answer on port {port}");
-        eventually(&what, Duration::from_secs(5), || async { me.ping().await.ok().map(drop) }).await;
-        Ok(me)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn ping(&self) -> anyhow::Result<()> {
-        let mut c = redis::Client::open(self.url())?.get_multiplexed_async_connection().await?;
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_arrives_while_redis_is_down_is_held_until_it_is_back() -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut redis = PrivateRedis::start(port).await?;
+    let dir = std::env::temp_dir().join("agentfleet-tests").join(format!("redis-{}", ulid::Ulid::new()));
+    let mut redis = PrivateRedis::start_with(&dir, &["--appendonly", "no"]).await?;
     let fleet = TestFleet::start(FleetOptions { workers: 1, redis_url: redis.url(), ..Default::default() }).await?;
     let client = Client::connect(&fleet).await?;
     let (reply_queue, mut replies) = client.private_queue().await?;
     let mut completed = client.events(&["session.completed"]).await?;
 
-    redis.stop();
+    redis.stop().await;
     let body = br#"{"agent": "support", "input": "[steps=2] while redis is down", "metadata": {"order": 7}}"#;
     client.request(body, request_props(Some(&reply_queue), "outage")).await?;
     let early = tokio::time::timeout(Duration::from_secs(3), replies.next()).await;
@@ -295,7 +255,7 @@ async fn a_request_that_arrives_while_redis_is_down_is_held_until_it_is_back() -
     let dead_letter = client.ch.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true }).await?;
     ensure!(dead_letter.is_none(), "the request was dead-lettered during the outage");
 
-    let _redis = PrivateRedis::start(port).await?;
+    redis.start_again().await?;
     let reply = json_body(&receive(&mut replies, 1, "replies after the outage").await?[0])?;
     let id = reply["id"].as_str().with_context(|| format!("no id after the outage: {reply}"))?;
     let event = json_body(&receive(&mut completed, 1, "session.completed events").await?[0])?;

@@ -14,55 +14,12 @@ use std::time::Duration;
 
 use agentfleet::config::Config;
 use agentfleet_dispatcher::Dispatcher;
+use agentfleet_tests::chaos::services::PrivateRedis;
 use agentfleet_tests::fleet::{FleetOptions, config_text, eventually};
 use anyhow::Context;
 
 /// Where no broker listens (port 1 is never given out to tests).
 const NO_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
-
-/// A `redis-server` of this test's own, in its own folder; killed and removed on drop.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl PrivateRedis {
-    async fn start(settings: &[&str]) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = scratch_dir("redis")?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(&dir)
-            .args(settings)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        let me = Self { child, port, dir };
-        let what = format!("the private redis-server to answer on port {port}");
-        eventually(&what, Duration::from_secs(10), || async { me.ping().await.ok() }).await;
-        Ok(me)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn ping(&self) -> anyhow::Result<()> {
-        let mut c = redis::Client::open(self.url())?.get_multiplexed_async_connection().await?;
-        let _: String = redis::cmd("PING").query_async(&mut c).await?;
-        Ok(())
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn scratch_dir(what: &str) -> anyhow::Result<PathBuf> {
     let name = format!("{what}-{}", ulid::Ulid::new().to_string().to_lowercase());
@@ -149,7 +106,7 @@ const NOT_DURABLE: &str = "REDIS IS NOT DURABLE";
 
 #[tokio::test]
 async fn a_redis_without_aof_is_warned_about_and_the_worker_starts() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "no"]).await?;
+    let redis = PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "no"]).await?;
     let mut worker = WorkerProcess::start(&redis, false)?;
     let out = worker.wait_for(NOT_DURABLE).await;
     assert!(out.contains("AOF is off (appendonly = no)"), "{out}");
@@ -162,7 +119,9 @@ async fn a_redis_without_aof_is_warned_about_and_the_worker_starts() -> anyhow::
 
 #[tokio::test]
 async fn an_evicting_redis_is_warned_about() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"]).await?;
+    let redis =
+        PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "yes", "--maxmemory-policy", "allkeys-lru"])
+            .await?;
     let mut worker = WorkerProcess::start(&redis, false)?;
     let out = worker.wait_for(NOT_DURABLE).await;
     assert!(out.contains("maxmemory-policy is allkeys-lru"), "{out}");
@@ -174,7 +133,9 @@ async fn an_evicting_redis_is_warned_about() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn require_durable_refuses_to_start_and_names_the_problems() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "no", "--maxmemory-policy", "volatile-lru"]).await?;
+    let redis =
+        PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "no", "--maxmemory-policy", "volatile-lru"])
+            .await?;
     let mut worker = WorkerProcess::start(&redis, true)?;
     let (code, out) = worker.wait_exit().await;
     assert!(code.is_some_and(|c| c != 0), "exit code {code:?}: {out}");
@@ -185,7 +146,8 @@ async fn require_durable_refuses_to_start_and_names_the_problems() -> anyhow::Re
 
 #[tokio::test]
 async fn a_durable_redis_passes_without_a_warning() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "everysec"]).await?;
+    let redis =
+        PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "yes", "--appendfsync", "everysec"]).await?;
     // With `require_durable`: a durable Redis must neither be warned about nor refused.
     let mut worker = WorkerProcess::start(&redis, true)?;
     let out = worker.wait_for("Redis is durable").await;
@@ -197,7 +159,9 @@ async fn a_durable_redis_passes_without_a_warning() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_redis_that_refuses_config_cannot_be_verified() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "yes", "--rename-command", "CONFIG", ""]).await?;
+    let redis =
+        PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "yes", "--rename-command", "CONFIG", ""])
+            .await?;
     let mut warned = WorkerProcess::start(&redis, false)?;
     let out = warned.wait_for("REDIS DURABILITY COULD NOT BE VERIFIED").await;
     assert!(out.contains("CONFIG GET appendonly"), "the warning says what was refused: {out}");
@@ -212,7 +176,7 @@ async fn a_redis_that_refuses_config_cannot_be_verified() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn the_dispatcher_refuses_a_redis_without_aof_when_durability_is_required() -> anyhow::Result<()> {
-    let redis = PrivateRedis::start(&["--appendonly", "no"]).await?;
+    let redis = PrivateRedis::start_with(&scratch_dir("redis")?, &["--appendonly", "no"]).await?;
     let dir = scratch_dir("dispatcher")?;
     let path = dir.join("agentfleet.toml");
     std::fs::write(&path, config(&redis, true))?;

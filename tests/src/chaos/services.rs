@@ -49,20 +49,33 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A `redis-server` of the suite's own.
+/// A `redis-server` of a test's or the suite's own, on a free port; killed on drop.
 pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
+    /// Settings after the defaults (a later one wins).
+    settings: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
-    /// Starts `redis-server` with AOF on, its files in `dir`.
+    /// Starts `redis-server` with AOF on (`everysec`, `noeviction`), its files in `dir`.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// Starts it with `settings` (`--name value` pairs) over those defaults.
+    pub async fn start_with(dir: &Path, settings: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut redis = Self { port: free_port()?, dir: dir.to_owned(), child: None };
+        let settings = settings.iter().map(|s| (*s).to_owned()).collect();
+        let mut redis = Self { port: free_port()?, dir: dir.to_owned(), settings, child: None };
         redis.spawn().await?;
         Ok(redis)
+    }
+
+    /// Starts it again, on the same port and directory, after [`stop`](Self::stop).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
     }
 
     /// Its URL.
@@ -78,6 +91,7 @@ impl PrivateRedis {
             .args(["--save", "", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.settings)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
