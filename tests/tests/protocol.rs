@@ -189,13 +189,8 @@ async fn an_idempotency_key_always_returns_the_same_session() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::Result<()> {
-    use lapin::options::QueuePurgeOptions;
-
     let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
-    let (_conn, ch) = fleet.amqp().await?;
-    let id = fleet.submit("support", "[steps=3] lost in the broker").await?;
-    let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
-    assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
+    let id = submit_and_lose_its_step(&fleet, "[steps=3] lost in the broker").await?;
 
     let janitor = fleet.janitor(0).await?;
     // `stall_after_s = 0`: the session counts as stalled once the clock has moved past its last update.
@@ -220,13 +215,8 @@ async fn the_janitor_revives_a_session_whose_step_message_was_lost() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_revives_a_session_paused_at_a_cap_whose_retry_was_lost() -> anyhow::Result<()> {
-    use lapin::options::QueuePurgeOptions;
-
     let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
-    let (_conn, ch) = fleet.amqp().await?;
-    let id = fleet.submit("support", "[steps=2] paused at a cap").await?;
-    let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
-    assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
+    let id = submit_and_lose_its_step(&fleet, "[steps=2] paused at a cap").await?;
     // As a step that met a daily cap leaves it, with its delayed retry lost with a broker node.
     let mut redis = fleet.redis().await?;
     let meta = format!("{}:{{{}}}:meta", fleet.config.redis.key_prefix, id.as_str());
@@ -273,4 +263,16 @@ async fn the_janitor_leaves_a_recently_paused_session_to_its_own_retry() -> anyh
     // The session is in the live index from its creation; a sweep sees it and leaves it alone.
     assert_eq!(janitor.sweep().await?, 0, "its retry is not overdue yet");
     fleet.cleanup().await
+}
+
+/// Submits a `support` session with this goal to a fleet without workers, and purges its first step
+/// message, as if it had been lost with a broker node.
+async fn submit_and_lose_its_step(fleet: &TestFleet, goal: &str) -> anyhow::Result<agentfleet::domain::SessionId> {
+    use lapin::options::QueuePurgeOptions;
+
+    let (_conn, ch) = fleet.amqp().await?;
+    let id = fleet.submit("support", goal).await?;
+    let queue = format!("{}.steps.default", fleet.config.amqp.prefix);
+    assert_eq!(ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await?, 1, "step 1 was queued");
+    Ok(id)
 }
