@@ -39,6 +39,8 @@ pub struct FleetOptions {
     pub concurrency: u16,
     /// Lease TTL of the workers.
     pub lease_ms: u64,
+    /// The workers' drain deadline after SIGTERM (`worker.shutdown_grace_ms`). Default 10000.
+    pub shutdown_grace_ms: u64,
     /// `max_steps` of every agent.
     pub max_steps: u32,
     /// The Redis URL (a private server for some tests).
@@ -135,6 +137,7 @@ impl Default for FleetOptions {
             workers: 1,
             concurrency: 16,
             lease_ms: 3_000,
+            shutdown_grace_ms: 10_000,
             max_steps: 50,
             redis_url: redis_url(),
             amqp_url: amqp_url(),
@@ -660,7 +663,7 @@ base_url = "{model_url}"
 concurrency = {concurrency}
 lease_ms = {lease_ms}
 metrics_listen = ""
-shutdown_grace_ms = 10000
+shutdown_grace_ms = {shutdown_grace_ms}
 {worker_extra}
 
 [dispatcher]
@@ -708,6 +711,7 @@ budget = {{ max_steps = {max_steps} }}
         redis = o.redis_url,
         concurrency = o.concurrency,
         lease_ms = o.lease_ms,
+        shutdown_grace_ms = o.shutdown_grace_ms,
         max_steps = o.max_steps,
         extra = o.extra_config,
         amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),

@@ -106,3 +106,78 @@ async fn sigterm_drains_in_flight_steps() -> anyhow::Result<()> {
     assert_eq!(fleet.tools.stats().repeats(), 0, "no tool call ran twice");
     fleet.cleanup().await
 }
+
+/// A rolling update in miniature: SIGTERM to one of three workers while 100 sessions run. It stops
+/// taking messages, finishes the steps it holds within its drain deadline and exits 0; the others
+/// finish every session, and no model call or tool call happens twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_drains_within_the_deadline() -> anyhow::Result<()> {
+    let grace = Duration::from_secs(5);
+    let opts =
+        FleetOptions { workers: 3, concurrency: 8, shutdown_grace_ms: grace.as_millis() as u64, ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
+    fleet.model.set_faults(Faults { latency_ms: 100, latency_jitter_ms: 50, ..Default::default() });
+    fleet.tools.set_behaviour(agentfleet_tests::tool_server::Behaviour { latency_ms: 10, ..Default::default() })?;
+    let goals: Vec<String> = (0..100).map(|i| format!("[steps=5] rolling update job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    // Mid-way: a third of the 500 model calls made, every worker busy with its 8 slots.
+    eventually("a third of the model calls", Duration::from_secs(120), || async {
+        (fleet.model.stats().valid_total >= 160).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    let status = fleet.stop_worker(0)?;
+    let took = started.elapsed();
+    assert!(status.success(), "the worker exited with {status}");
+    assert!(took < grace + Duration::from_secs(2), "the worker took {took:?} to exit (drain deadline {grace:?})");
+    let calls_at_stop = fleet.model.stats().valid_total;
+    assert!(calls_at_stop < 500, "every model call was made before the worker stopped ({calls_at_stop})");
+
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(180)).await?;
+    for s in &sessions {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 5).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
+    }
+    let tools = fleet.tools.stats();
+    assert_eq!(fleet.model.stats().valid_total, 500, "no model call ran twice");
+    assert_eq!(tools.repeats(), 0, "no tool call ran twice");
+    assert_eq!(tools.by_key.len(), 400, "4 tool calls per session, each under its own key");
+    fleet.cleanup().await
+}
+
+/// When the steps a worker holds outlast its drain deadline, it exits at the deadline anyway; their
+/// deliveries stay unacked, the broker redelivers them, and another worker runs those steps once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_deadline_leaves_steps_to_other_workers() -> anyhow::Result<()> {
+    let grace = Duration::from_millis(300);
+    let opts =
+        FleetOptions { workers: 2, concurrency: 4, shutdown_grace_ms: grace.as_millis() as u64, ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
+    // Model calls far longer than the deadline: whatever worker 0 holds at SIGTERM can't finish.
+    fleet.model.set_faults(Faults { latency_ms: 2_000, ..Default::default() });
+    let goals: Vec<String> = (0..16).map(|i| format!("[steps=3] deadline job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    eventually("both workers' slots to fill", Duration::from_secs(30), || async {
+        (fleet.model.stats().valid_total >= 8).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    let status = fleet.stop_worker(0)?;
+    let took = started.elapsed();
+    assert!(status.success(), "the worker exited with {status}");
+    assert!(took < grace + Duration::from_secs(2), "the worker took {took:?} to exit (drain deadline {grace:?})");
+
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(180)).await?;
+    for s in &sessions {
+        assert_eq!(s["status"], "completed", "{s}");
+        check_step_conversation(s, 3).map_err(|e| anyhow::anyhow!("{e}: {}", s["id"]))?;
+    }
+    // The abandoned model calls are made again (at most one per slot); the checkpoints are not.
+    let calls = fleet.model.stats().valid_total;
+    assert!((48..=52).contains(&calls), "{calls} model calls for 48 steps and 4 abandoned slots");
+    // Tool calls take no time here, so the deadline found none in flight.
+    assert_eq!(fleet.tools.stats().repeats(), 0, "no tool call ran twice");
+    fleet.cleanup().await
+}
