@@ -56,6 +56,7 @@ pub(crate) async fn run(state: AppState, shutdown: CancellationToken) {
             key: (),
         }],
         grace: GRACE,
+        consuming: Default::default(),
     };
     consumer::run(settings, Arc::new(Intake { state, shutdown: shutdown.clone() }), shutdown).await;
     info!("intake stopped");

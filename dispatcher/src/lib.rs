@@ -17,6 +17,7 @@ mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agentfleet::amqp::{AmqpPublisher, Topology};
@@ -34,7 +35,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use error::ApiError;
 pub use janitor::Janitor;
@@ -49,6 +50,8 @@ pub struct AppState {
     metrics: Option<PrometheusHandle>,
     /// For the per-tenant limits (the `limits` module).
     redis: redis::aio::ConnectionManager,
+    /// Set at SIGTERM: `/readyz` answers 503 from then on.
+    draining: Arc<AtomicBool>,
 }
 
 /// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
@@ -106,8 +109,15 @@ impl Dispatcher {
         webhooks::declare(&publisher, &cfg.amqp.prefix).await.context("declaring the webhook queues")?;
         let breakers = agentfleet::breaker::Breakers::new(store.connection(), cfg.redis.key_prefix.clone());
         let redis = store.connection();
-        let state =
-            AppState { cfg: Arc::new(cfg), store: Arc::new(store), publisher: Arc::new(publisher), metrics, redis };
+        let draining = Arc::default();
+        let state = AppState {
+            cfg: Arc::new(cfg),
+            store: Arc::new(store),
+            publisher: Arc::new(publisher),
+            metrics,
+            redis,
+            draining,
+        };
         Ok(Self { listener, ops_listener, state, breakers })
     }
 
@@ -127,12 +137,15 @@ impl Dispatcher {
     }
 
     /// Serves, with the janitor, the AMQP intake, the webhook deliverer and the gauges, until
-    /// `shutdown`. Then in-flight requests finish and the tasks drain, all within
+    /// `shutdown`. Then `/readyz` answers 503 while the API serves on for
+    /// `dispatcher.drain_delay_ms`; then in-flight requests finish and the tasks drain, all within
     /// `dispatcher.shutdown_grace_ms`; past it the rest is abandoned (unsettled deliveries are
     /// redelivered).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        // A child token, so a server that fails stops the tasks too.
-        let stop = shutdown.child_token();
+        // Its own token, cancelled after the drain delay, or by a server that fails.
+        let stop = CancellationToken::new();
+        let drain_delay = Duration::from_millis(self.state.cfg.dispatcher.drain_delay_ms);
+        let _draining = tokio::spawn(drain_then_stop(shutdown, self.state.draining.clone(), drain_delay, stop.clone()));
         let grace = Duration::from_millis(self.state.cfg.dispatcher.shutdown_grace_ms);
         let tasks = self.spawn_tasks(&stop);
         let ops = axum::serve(self.ops_listener, ops_router(self.state.clone()))
@@ -167,6 +180,31 @@ impl Dispatcher {
         tasks.close();
         tasks
     }
+}
+
+/// At `shutdown`: marks the dispatcher draining (not ready), waits `delay`, then cancels `stop`.
+async fn drain_then_stop(
+    shutdown: CancellationToken,
+    draining: Arc<AtomicBool>,
+    delay: Duration,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = stop.cancelled() => return,
+    }
+    draining.store(true, Ordering::Relaxed);
+    if !delay.is_zero() {
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "draining: /readyz answers 503; the API serves on until the delay is over"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    stop.cancel();
 }
 
 /// Resolves `grace` after `stop` is cancelled.
@@ -269,7 +307,7 @@ struct Health {
 /// `GET /readyz`.
 #[derive(Serialize, utoipa::ToSchema)]
 struct Readiness {
-    /// `ready` or `not_ready`.
+    /// `ready`, `not_ready`, or `draining` (after SIGTERM).
     #[schema(value_type = String, example = "ready")]
     status: &'static str,
     checks: Checks,
@@ -295,18 +333,19 @@ async fn healthz() -> impl IntoResponse {
     tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "A dependency is down (see `checks`)", body = Readiness),
+        (status = 503, description = "A dependency is down (see `checks`), or the dispatcher is draining after SIGTERM", body = Readiness),
     )
 )]
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let redis = s.store.ping().await.is_ok();
     let rabbitmq = s.publisher.is_connected().await;
-    let status = if redis && rabbitmq { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = Readiness {
-        status: if status == StatusCode::OK { "ready" } else { "not_ready" },
-        checks: Checks { redis, rabbitmq },
+    let draining = s.draining.load(Ordering::Relaxed);
+    let (status, word) = match (draining, redis && rabbitmq) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true) => (StatusCode::OK, "ready"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
     };
-    (status, axum::Json(body))
+    (status, axum::Json(Readiness { status: word, checks: Checks { redis, rabbitmq } }))
 }
 
 /// The process's Prometheus metrics.

@@ -65,6 +65,7 @@ pub(crate) async fn run(cfg: Arc<Config>, store: Arc<dyn SessionStore>, shutdown
         queues: vec![QueueTag { queue: deliverer.queue.clone(), consumer_tag: CONSUMER_TAG.into(), key: () }],
         // In-flight POSTs get their timeout, and a little; the rest go to another dispatcher.
         grace: Duration::from_millis(deliverer.cfg.webhooks.timeout_ms) + Duration::from_secs(2),
+        consuming: Default::default(),
     };
     consumer::run(settings, deliverer, shutdown).await;
     info!("webhook deliverer stopped");

@@ -294,6 +294,23 @@ impl TestFleet {
         }
     }
 
+    /// SIGTERMs worker `i` without waiting: it drains; [`Self::wait_exit`] waits for the end.
+    pub fn terminate_worker(&self, i: usize) -> anyhow::Result<()> {
+        let Some(pid) = self.worker_pid(i) else { bail!("worker {i} is not running") };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// The URL of `path` (`/healthz`, `/readyz`, `/metrics`) on worker `i`'s operations listener.
+    pub fn worker_ops_url(&self, i: usize, path: &str) -> Option<String> {
+        self.metrics_ports.get(i).map(|p| format!("http://127.0.0.1:{p}{path}"))
+    }
+
+    /// Stops the in-process dispatcher as SIGTERM would (`Dispatcher::run`'s shutdown token).
+    pub fn terminate_dispatcher(&self) {
+        self.dispatcher_stop.cancel();
+    }
+
     /// SIGTERMs worker `i` and waits for it to exit; returns its exit status.
     pub fn stop_worker(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
         let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else {

@@ -181,3 +181,69 @@ async fn sigterm_past_the_deadline_leaves_steps_to_other_workers() -> anyhow::Re
     assert_eq!(fleet.tools.stats().repeats(), 0, "no tool call ran twice");
     fleet.cleanup().await
 }
+
+/// A worker's probes: `/healthz` answers, `/readyz` is 200 while it consumes and 503 from the
+/// moment SIGTERM starts the drain, while the steps it holds still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_readiness_follows_consuming_and_drain() -> anyhow::Result<()> {
+    let opts = FleetOptions { workers: 1, concurrency: 4, shutdown_grace_ms: 20_000, ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
+    let (health, ready) = (url(&fleet, "/healthz")?, url(&fleet, "/readyz")?);
+    let status = |url: String| async move { reqwest::get(&url).await.map(|r| r.status().as_u16()).unwrap_or(0) };
+    eventually("the worker to be ready", Duration::from_secs(30), || async {
+        (status(ready.clone()).await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(status(health.clone()).await, 200);
+
+    // Model calls of 3 s: the drain lasts that long, and the probes are read meanwhile.
+    fleet.model.set_faults(Faults { latency_ms: 3_000, ..Default::default() });
+    let goals: Vec<String> = (0..4).map(|i| format!("[steps=1] probe job {i}")).collect();
+    let ids: Vec<SessionId> = try_join_all(goals.iter().map(|g| fleet.submit("support", g))).await?;
+    eventually("4 model calls in flight", Duration::from_secs(30), || async {
+        (fleet.model.stats().valid_total >= 4).then_some(())
+    })
+    .await;
+    fleet.terminate_worker(0)?;
+    eventually("/readyz to answer 503 while draining", Duration::from_secs(2), || async {
+        (status(ready.clone()).await == 503).then_some(())
+    })
+    .await;
+    assert_eq!(status(health.clone()).await, 200, "alive while it drains");
+    assert!(fleet.worker_pid(0).is_some());
+    let exit = fleet.wait_exit(0, Duration::from_secs(20)).await?;
+    assert!(exit.success(), "{exit}");
+    let sessions = fleet.wait_settled(&ids, Duration::from_secs(30)).await?;
+    assert!(sessions.iter().all(|s| s["status"] == "completed"), "the drain finished the held steps");
+    fleet.cleanup().await
+}
+
+/// The dispatcher at SIGTERM with `drain_delay_ms`: `/readyz` answers 503 `draining` at once, the
+/// API keeps answering until the delay is over, then it stops taking connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_drains_behind_a_failing_readiness_probe() -> anyhow::Result<()> {
+    let opts = FleetOptions { workers: 0, dispatcher_config: "drain_delay_ms = 1500".into(), ..Default::default() };
+    let fleet = TestFleet::start(opts).await?;
+    let ready = format!("{}/readyz", fleet.ops);
+    assert_eq!(reqwest::get(&ready).await?.status(), 200);
+    let id = fleet.submit("support", "[steps=1] drain delay").await?;
+
+    fleet.terminate_dispatcher();
+    let body: serde_json::Value = eventually("/readyz to say draining", Duration::from_secs(2), || async {
+        let r = reqwest::get(&ready).await.ok()?;
+        (r.status() == 503).then_some(r.json().await.ok()?)
+    })
+    .await;
+    assert_eq!(body["status"], "draining", "{body}");
+    let during = fleet.session(&id).await?;
+    assert_eq!(during["id"], id.as_str(), "the API still answers during the delay");
+    eventually("the API to stop taking connections", Duration::from_secs(10), || async {
+        fleet.http.get(format!("{}/v1/sessions/{id}", fleet.api)).send().await.is_err().then_some(())
+    })
+    .await;
+    fleet.cleanup().await
+}
+
+fn url(fleet: &TestFleet, path: &str) -> anyhow::Result<String> {
+    fleet.worker_ops_url(0, path).ok_or_else(|| anyhow::anyhow!("worker 0 has no operations listener"))
+}

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::Worker;
+use agentfleet::amqp::consumer::Consuming;
 use agentfleet::config::Config;
 use agentfleet::shutdown::shutdown_token;
 use agentfleet::telemetry;
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Runs agent steps from RabbitMQ.
 #[derive(Parser)]
@@ -16,7 +18,7 @@ struct Args {
     /// The config file.
     #[arg(long, env = "AGENTFLEET_CONFIG", default_value = "agentfleet.toml")]
     config: PathBuf,
-    /// Where to serve `/metrics` (overrides `worker.metrics_listen`; one per process on a host).
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (overrides `worker.metrics_listen`; one per process on a host).
     #[arg(long, env = "AGENTFLEET_METRICS_LISTEN")]
     metrics_listen: Option<String>,
 }
@@ -59,10 +61,22 @@ pub async fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-    if !cfg.worker.metrics_listen.is_empty() {
-        let addr = cfg.worker.metrics_listen.parse().map_err(|e| anyhow::anyhow!("worker.metrics_listen: {e}"))?;
-        telemetry::install_metrics(Some(addr)).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
-    }
     let shutdown = shutdown_token();
-    Worker::build(cfg, env).await?.run(shutdown).await
+    let consuming = Consuming::default();
+    let stop_ops = CancellationToken::new();
+    // Up before the broker and Redis are: `/healthz` answers while the worker waits for them.
+    let ops = match cfg.worker.metrics_listen.as_str() {
+        "" => None,
+        listen => {
+            let addr = listen.parse().map_err(|e| anyhow::anyhow!("worker.metrics_listen: {e}"))?;
+            let metrics = telemetry::install_metrics(None).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+            Some(crate::ops::serve(addr, metrics, consuming.clone(), stop_ops.clone()).await?)
+        }
+    };
+    let ran = Worker::build(cfg, env).await?.reporting(consuming).run(shutdown).await;
+    stop_ops.cancel();
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
+    ran
 }

@@ -8,11 +8,12 @@
 //! acked only after the step's checkpoint and the confirmed publish of its successor.
 
 pub mod cli;
+mod ops;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
+use agentfleet::amqp::consumer::{self, Consuming, Handler, QueueTag, Settings};
 use agentfleet::amqp::{AmqpPublisher, Topology};
 use agentfleet::breaker::Breakers;
 use agentfleet::config::Config;
@@ -35,6 +36,7 @@ pub struct Worker {
     id: String,
     engine: Arc<Engine>,
     topology: Topology,
+    consuming: Consuming,
 }
 
 /// A stable, readable id: the host (pod) name and the process id.
@@ -85,7 +87,12 @@ impl Worker {
             agents,
             settings,
         });
-        Ok(Self { cfg, id, engine: Arc::new(engine), topology })
+        Ok(Self { cfg, id, engine: Arc::new(engine), topology, consuming: Consuming::default() })
+    }
+
+    /// Reports whether the worker takes deliveries to `consuming` (its `/readyz`).
+    pub fn reporting(self, consuming: Consuming) -> Self {
+        Self { consuming, ..self }
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting to the broker as needed.
@@ -107,6 +114,7 @@ impl Worker {
             prefetch: self.cfg.worker.concurrency,
             queues,
             grace: Duration::from_millis(self.cfg.worker.shutdown_grace_ms),
+            consuming: self.consuming,
         };
         let steps = Steps { engine: self.engine, topology: self.topology, pools: self.cfg.worker.pools };
         consumer::run(settings, Arc::new(steps), shutdown).await;

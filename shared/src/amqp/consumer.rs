@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -62,6 +63,24 @@ pub struct Settings<K> {
     pub queues: Vec<QueueTag<K>>,
     /// How long the handlers in flight may take to finish after shutdown.
     pub grace: Duration,
+    /// Set while the consumers are subscribed and taking deliveries (a worker's readiness).
+    pub consuming: Consuming,
+}
+
+/// Whether a consumer loop is taking deliveries: true from the subscription until the connection
+/// is lost or the drain begins. Cheap to clone; every clone sees the same flag.
+#[derive(Debug, Clone, Default)]
+pub struct Consuming(Arc<AtomicBool>);
+
+impl Consuming {
+    /// True while deliveries are being taken.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
 }
 
 /// What a consumer does with its deliveries.
@@ -116,6 +135,7 @@ struct Consumer<H: Handler> {
     grace: Duration,
     queues: Vec<Arc<QueueTag<H::Key>>>,
     handler: Arc<H>,
+    consuming: Consuming,
 }
 
 type Deliveries<K> =
@@ -124,7 +144,8 @@ type Deliveries<K> =
 impl<H: Handler> Consumer<H> {
     fn new(s: Settings<H::Key>, handler: Arc<H>) -> Self {
         let queues = s.queues.into_iter().map(Arc::new).collect();
-        Self { name: s.connection_name, url: s.url, prefetch: s.prefetch, grace: s.grace, queues, handler }
+        let (name, consuming) = (s.connection_name, s.consuming);
+        Self { name, url: s.url, prefetch: s.prefetch, grace: s.grace, queues, handler, consuming }
     }
 
     /// One connection's life, closed whatever ended it. `Ok` after a shutdown, `Err` when the
@@ -145,7 +166,9 @@ impl<H: Handler> Consumer<H> {
         let queues: Vec<&str> = self.queues.iter().map(|q| q.queue.as_str()).collect();
         info!(consumer = %self.name, ?queues, prefetch = self.prefetch, "consuming");
         let tracker = TaskTracker::new();
+        self.consuming.set(true);
         let ended = self.dispatch(&mut deliveries, &link, &tracker, shutdown).await;
+        self.consuming.set(false);
         if ended.is_ok() {
             self.drain(&ch, &tracker).await;
         }

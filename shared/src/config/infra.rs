@@ -318,6 +318,11 @@ pub struct DispatcherConfig {
     /// background tasks (intake, webhook deliverer, janitor, gauges). Default 25000 ms (under the
     /// pod's default 30 s grace).
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, how long the API keeps serving with `/readyz` answering 503 before it stops
+    /// taking connections: the time a load balancer (a Kubernetes Service's endpoints) needs to
+    /// notice and send new requests elsewhere. The pod's grace period must cover this plus
+    /// `shutdown_grace_ms`. Default 0 (stop at once).
+    pub drain_delay_ms: u64,
 }
 
 impl Default for DispatcherConfig {
@@ -332,6 +337,7 @@ impl Default for DispatcherConfig {
             janitor_interval_s: 60,
             stall_after_s: 300,
             shutdown_grace_ms: 25_000,
+            drain_delay_ms: 0,
         }
     }
 }
