@@ -247,7 +247,6 @@ def schema_problems(doc: dict) -> list[str]:
             problems.append(f"{path_of(e)}: {e.message} (Kubernetes {version})")
         except kv_utils.SchemaNotFoundError:
             return [f"no schema for {key[0]} {key[1]}: neither a Kubernetes {version} kind nor a CRD in schemas/"]
-
     return problems
 
 
