@@ -386,6 +386,26 @@ def config_of(fleet: Fleet, doc: dict, container: dict) -> dict | None:
         return None
 
 
+# Container port name → the config key of the address the process serves it on, and its default.
+LISTENERS = {
+    "worker": {"metrics": ("metrics_listen", "0.0.0.0:9090")},
+    "dispatcher": {"http": ("listen", "127.0.0.1:8080"), "ops": ("ops_listen", "127.0.0.1:9090")},
+}
+
+
+def listen_address(container: dict, section: dict, key: tuple[str, str]) -> str:
+    """What the process listens on: the config's value, unless the worker's --metrics-listen or
+    AGENTFLEET_METRICS_LISTEN overrides it."""
+    if key[0] == "metrics_listen":
+        args = container.get("args") or []
+        if "--metrics-listen" in args[:-1]:
+            return args[args.index("--metrics-listen") + 1]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if "AGENTFLEET_METRICS_LISTEN" in env:
+            return env["AGENTFLEET_METRICS_LISTEN"] or ""
+    return section.get(key[0], key[1])
+
+
 def port_of(listen: str) -> int | None:
     m = re.fullmatch(r"(?:0\.0\.0\.0|\[::\]):(\d+)", listen or "")
     return int(m.group(1)) if m else None
@@ -409,13 +429,12 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
             f"{grace_s:g} s + preStop {pre_stop} s + {MARGIN_S} s margin",
         )
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
-    listeners = {"worker": {"metrics": "metrics_listen"}, "dispatcher": {"http": "listen", "ops": "ops_listen"}}
-    for port_name, key in listeners[role].items():
-        port = port_of(section.get(key, ""))
+    for port_name, key in LISTENERS[role].items():
+        port = port_of(listen_address(container, section, key))
         if port is None:
-            fleet.fail(doc, f"{role}.{key} must listen on 0.0.0.0:<port> (a Service or Prometheus reaches it)")
+            fleet.fail(doc, f"{role}.{key[0]} must listen on 0.0.0.0:<port> (a Service or Prometheus reaches it)")
         elif ports.get(port_name) != port:
-            fleet.fail(doc, f"container port {port_name} is {ports.get(port_name)}, {role}.{key} says {port}")
+            fleet.fail(doc, f"container port {port_name} is {ports.get(port_name)}, {role}.{key[0]} says {port}")
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         target = ((container.get(probe) or {}).get("httpGet") or {}).get("port")
         if target is not None and target not in ports and target not in ports.values():
