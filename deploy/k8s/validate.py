@@ -393,6 +393,14 @@ LISTENERS = {
 }
 
 
+# What each process serves on each of those ports, for the probes (worker/src/ops.rs, the
+# dispatcher's ops_router).
+OPS_PATHS = {
+    "worker": {"metrics": {"/healthz", "/readyz", "/metrics"}},
+    "dispatcher": {"ops": {"/healthz", "/readyz", "/metrics", "/openapi.json"}},
+}
+
+
 def listen_address(container: dict, section: dict, key: tuple[str, str]) -> str:
     """What the process listens on: the config's value, unless the worker's --metrics-listen or
     AGENTFLEET_METRICS_LISTEN overrides it."""
@@ -417,17 +425,18 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
         return
     pod = doc["spec"]["template"]["spec"]
     section = cfg.get(role, {})
-    # The drain deadline, and the grace period around it.
+    # The drain deadline (the dispatcher's serves drain_delay_ms first), and the grace period
+    # around it; a preStop pause, if any, comes before SIGTERM and counts too.
     grace_s = section.get("shutdown_grace_ms", DEFAULT_GRACE_MS) / 1000
+    delay_s = section.get("drain_delay_ms", 0) / 1000 if role == "dispatcher" else 0
     pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0)
     period = pod.get("terminationGracePeriodSeconds", 30)
-    need = math.ceil(pre_stop + grace_s + MARGIN_S)
+    need = math.ceil(pre_stop + delay_s + grace_s + MARGIN_S)
     if period < need:
-        fleet.fail(
-            doc,
-            f"terminationGracePeriodSeconds {period} must be at least {need}: {role}.shutdown_grace_ms "
-            f"{grace_s:g} s + preStop {pre_stop} s + {MARGIN_S} s margin",
-        )
+        parts = [f"{role}.shutdown_grace_ms {grace_s:g} s"]
+        parts += [f"{role}.drain_delay_ms {delay_s:g} s"] if delay_s else []
+        parts += [f"preStop {pre_stop} s"] if pre_stop else []
+        fleet.fail(doc, f"terminationGracePeriodSeconds {period} must be at least {need}: {' + '.join(parts)} + {MARGIN_S} s margin")
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
     for port_name, key in LISTENERS[role].items():
         port = port_of(listen_address(container, section, key))
@@ -436,9 +445,15 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
         elif ports.get(port_name) != port:
             fleet.fail(doc, f"container port {port_name} is {ports.get(port_name)}, {role}.{key[0]} says {port}")
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        target = ((container.get(probe) or {}).get("httpGet") or {}).get("port")
-        if target is not None and target not in ports and target not in ports.values():
-            fleet.fail(doc, f"{probe} targets port {target}, which the container does not have")
+        http = (container.get(probe) or {}).get("httpGet")
+        if not http:
+            continue
+        by_number = {number: name for name, number in ports.items()}
+        port_name = http["port"] if http["port"] in ports else by_number.get(http["port"])
+        if port_name not in OPS_PATHS[role]:
+            fleet.fail(doc, f"{probe} targets port {http['port']}, where the {role} serves no probe endpoint")
+        elif http.get("path") not in OPS_PATHS[role][port_name]:
+            fleet.fail(doc, f"{probe} asks for {http.get('path')}, which port {port_name} does not serve")
     if role == "worker":
         check_worker_pool(fleet, doc, cfg)
     for i, token in enumerate(cfg.get("auth", {}).get("tokens", [])):
