@@ -45,6 +45,9 @@ python3 -m schemathesis.cli --version >/dev/null || {
     exit 1
 }
 
+step "Kubernetes manifests (deploy/k8s)"
+bash scripts/k8s-validate.sh
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -66,3 +66,30 @@ async fn five_step_sessions_pass_on_an_openai_compatible_provider() -> anyhow::R
     assert_eq!(fleet.tools.stats().calls_total, 160);
     fleet.cleanup().await
 }
+
+/// One config, one worker per pool: `AGENTFLEET_POOLS` picks what a worker consumes, so a pool's
+/// sessions wait for a worker of that pool however busy the others are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_consumes_the_pools_it_is_started_with() -> anyhow::Result<()> {
+    let research = r#"
+[agents.research]
+model = "claude-sonnet-4-5"
+system_prompt = "You research."
+tools = ["search_knowledge_base"]
+pool = "research"
+"#;
+    let opts = FleetOptions { workers: 0, extra_config: research.into(), ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
+    fleet.spawn_worker_with_env(&[("AGENTFLEET_POOLS", "default")])?;
+    let support = fleet.submit("support", "[steps=2] a default-pool job").await?;
+    let researched = fleet.submit("research", "[steps=2] a research-pool job").await?;
+    fleet.wait_settled(std::slice::from_ref(&support), Duration::from_secs(60)).await?;
+    // The default pool's worker finished its session; the research session is still at its first step.
+    let waiting = fleet.session(&researched).await?;
+    assert_eq!(waiting["status"], "queued", "{waiting}");
+
+    fleet.spawn_worker_with_env(&[("AGENTFLEET_POOLS", "research")])?;
+    let done = fleet.wait_settled(std::slice::from_ref(&researched), Duration::from_secs(60)).await?;
+    assert_eq!(done[0]["status"], "completed", "{}", done[0]);
+    fleet.cleanup().await
+}

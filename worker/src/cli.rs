@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use crate::Worker;
 use agentfleet::amqp::consumer::Consuming;
 use agentfleet::config::Config;
+use agentfleet::domain::Name;
 use agentfleet::shutdown::shutdown_token;
 use agentfleet::telemetry;
 use clap::Parser;
@@ -21,6 +22,14 @@ struct Args {
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (overrides `worker.metrics_listen`; one per process on a host).
     #[arg(long, env = "AGENTFLEET_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// The pools to consume, comma-separated (overrides `worker.pools`): one worker Deployment
+    /// per pool shares one config file.
+    #[arg(long, env = "AGENTFLEET_POOLS", value_delimiter = ',', value_parser = parse_pool)]
+    pools: Option<Vec<Name>>,
+}
+
+fn parse_pool(s: &str) -> Result<Name, String> {
+    Name::parse(s.trim()).map_err(|e| format!("not a pool name: {e}"))
 }
 
 /// Parses the command line, loads the config and runs the worker until SIGTERM or SIGINT.
@@ -32,6 +41,9 @@ pub async fn main() -> ExitCode {
         Ok(mut cfg) => {
             if let Some(listen) = args.metrics_listen {
                 cfg.worker.metrics_listen = listen;
+            }
+            if let Some(pools) = args.pools {
+                cfg.worker.pools = pools;
             }
             cfg
         }
