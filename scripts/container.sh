@@ -230,7 +230,7 @@ build_image() {
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
         --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
         --build-arg CREATED="$(git log -1 --format=%cI 2>/dev/null || echo unknown)" \
-        -f deploy/Dockerfile -t "$IMAGE" "$context" >"$RUN_DIR/build.log" 2>&1 || {
+        -f "$ROOT/deploy/Dockerfile" -t "$IMAGE" "$context" >"$RUN_DIR/build.log" 2>&1 || {
         tail -n 30 "$RUN_DIR/build.log" >&2
         die "podman build failed (log: ${RUN_DIR#"$ROOT"/}/build.log)"
     }
