@@ -314,7 +314,8 @@ write_config() {
 
 # --- the containers ------------------------------------------------------------------------------
 
-# run_fleet_container NAME BINARY: the hardened way to run the image.
+# run_fleet_container NAME BINARY: the hardened way to run the image. Not even /tmp is writable
+# (--read-only-tmpfs=false): the binaries write nowhere.
 run_fleet_container() {
     local name="$RUN_ID-$1"
     local env=(-e "ANTHROPIC_BASE_URL=http://127.0.0.1:$MODEL_PORT" -e ANTHROPIC_API_KEY=scripted-local
@@ -322,7 +323,7 @@ run_fleet_container() {
     [[ -z "${AMQP_URL:-}" ]] || env+=(-e "AMQP_URL=$AMQP_URL")
     [[ -z "${REDIS_URL:-}" ]] || env+=(-e "REDIS_URL=$REDIS_URL")
     CONTAINERS+=("$name")
-    pm run -d --name "$name" --network host --read-only --user 65532:65532 --cap-drop=all \
+    pm run -d --name "$name" --network host --read-only --read-only-tmpfs=false --user 65532:65532 --cap-drop=all \
         --security-opt no-new-privileges --pids-limit 256 \
         -v "$CONFIG:/etc/agentfleet/agentfleet.toml:ro" "${env[@]}" "$IMAGE" "$2" >/dev/null ||
         die "podman run $name failed"
