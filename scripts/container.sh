@@ -4,7 +4,8 @@
 # (read-only root filesystem, UID 65532, no capabilities, host network) against this machine's
 # RabbitMQ and Redis, and checks that one session completes through them. The scripted model server
 # and the tool server run on the host. Exits non-zero, with the containers' logs, on any failure;
-# the containers and host processes it started are removed whatever happens.
+# the containers and host processes it started are removed whatever happens. Needs root (or sudo),
+# curl and python3; RabbitMQ and Redis are started with scripts/services.sh when they are not running.
 #
 # No container registry is needed: the runtime's base image is made here with debootstrap from the
 # Debian mirror in /etc/apt/sources.list*, imported into podman once and reused (a first run takes
@@ -35,7 +36,7 @@ for arg in "$@"; do
     case "$arg" in
         --no-build) BUILD=0 ;;
         -h | --help)
-            sed -n '2,31p' scripts/container.sh | sed 's/^# \{0,1\}//'
+            sed -n '2,28p' scripts/container.sh | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -419,6 +420,8 @@ run_session() {
 
 main() {
     mkdir -p "$RUN_DIR"
+    step "services (RabbitMQ, Redis)"
+    bash scripts/services.sh
     ensure_tools
     ensure_binaries
     ensure_base_image
