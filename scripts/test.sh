@@ -57,6 +57,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
 
+step "container image: build from the test binaries, one session through containers"
+bash scripts/container.sh
+
 # The reduced chaos run (docs/RELIABILITY.md), on the debug binaries `cargo test` has just built: a
 # release build would add minutes of compiling. It starts its own Redis and RabbitMQ node.
 step "chaos suite, reduced"
