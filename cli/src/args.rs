@@ -88,6 +88,15 @@ pub(crate) enum Command {
         /// The answer; read from stdin when absent or `-`.
         text: Option<String>,
     },
+    /// Check a process's operations endpoint (`/healthz`, `/readyz`): exit 0 when it answers 2xx,
+    /// 1 otherwise. For container healthchecks: the image has no shell or curl.
+    Probe {
+        /// The endpoint, e.g. `http://127.0.0.1:9090/readyz`.
+        url: String,
+        /// How long to wait for the answer, in ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Approve the tool call a session waits on.
     Approve {
         /// The session id.

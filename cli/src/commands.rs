@@ -31,7 +31,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Reply { id, text } => reply(&api, out, &id, text.as_deref()).await,
         Command::Approve { id, note } => approve(&api, out, &id, note).await,
         Command::Reject { id, reason } => reject(&api, out, &id, &reason).await,
+        Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
     }
+}
+
+/// `probe`: one GET, no token, a short deadline; the status line goes to stdout.
+async fn probe(url: &str, timeout_ms: u64) -> anyhow::Result<Exit> {
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_millis(timeout_ms)).build()?;
+    let answer = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    let status = answer.status();
+    println!("{url}: {status}");
+    Ok(if status.is_success() { Exit::Success } else { Exit::NotCompleted })
 }
 
 async fn submit(api: &Api, out: Output, s: Submit) -> anyhow::Result<Exit> {

@@ -277,3 +277,24 @@ async fn a_missing_or_refused_token_says_what_to_change() -> anyhow::Result<()> 
     assert_eq!(flag_wins.code, Some(0), "--token did not override AGENTFLEET_TOKEN: {flag_wins:?}");
     Ok(())
 }
+
+/// `probe` is what a container without a shell runs as its healthcheck: 0 for a 2xx answer, 1 for
+/// anything else, including nothing listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_answers_for_a_containers_healthcheck() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(FleetOptions { workers: 1, ..Default::default() }).await?;
+    let cli = Cli { token: None, ..Cli::of(&fleet)? };
+    let ready = cli.run(&["probe", &format!("{}/readyz", fleet.ops)]).await?.ok()?;
+    assert!(ready.stdout.contains("200"), "{ready:?}");
+    let worker = fleet.worker_ops_url(0, "/readyz").context("no worker listener")?;
+    agentfleet_tests::fleet::eventually("the worker's /readyz through probe", Duration::from_secs(30), || async {
+        cli.run(&["probe", &worker]).await.ok().filter(|r| r.code == Some(0))
+    })
+    .await;
+    let missing = cli.run(&["probe", &format!("{}/nothing-here", fleet.ops)]).await?;
+    assert_eq!(missing.code, Some(1), "{missing:?}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let refused = cli.run(&["probe", "--timeout-ms", "500", &format!("http://{closed}/readyz")]).await?;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    fleet.cleanup().await
+}
