@@ -326,7 +326,7 @@ run_fleet_container() {
     CONTAINERS+=("$name")
     pm run -d --name "$name" --network host --read-only --read-only-tmpfs=false --user 65532:65532 --cap-drop=all \
         --security-opt no-new-privileges --pids-limit 256 \
-        -v "$CONFIG:/etc/agentfleet/agentfleet.toml:ro" "${env[@]}" "$IMAGE" "$2" >/dev/null ||
+        -v "$CONFIG:/etc/agentfleet/agentfleet.toml:ro" "${env[@]}" "$IMAGE" "${@:2}" >/dev/null ||
         die "podman run $name failed"
     info "started $name ($2)"
 }
@@ -353,15 +353,16 @@ await_ready() {
     info "dispatcher ready (/readyz 200)"
 }
 
-# await_consuming NAME: waits until the worker container NAME logged that it consumes its queues.
+# await_consuming NAME PORT: waits until the worker container NAME is ready (it consumes its queues),
+# asked with the image's own healthcheck command, `agentfleet probe`, run inside the container.
 await_consuming() {
     local name="$RUN_ID-$1" deadline=$((SECONDS + READY_TIMEOUT_S))
-    until pm logs "$name" 2>&1 | grep -q '"message":"consuming"'; do
+    until pm exec "$name" agentfleet probe "http://127.0.0.1:$2/readyz" >/dev/null 2>&1; do
         all_running
-        ((SECONDS < deadline)) || die "$name did not start consuming within ${READY_TIMEOUT_S} s"
+        ((SECONDS < deadline)) || die "$name was not ready (consuming) within ${READY_TIMEOUT_S} s"
         sleep 0.3
     done
-    info "$1 consuming"
+    info "$1 ready (consuming; its /readyz 200 through agentfleet probe)"
 }
 
 # The running containers: their processes are UID 65532 with no capabilities, on a read-only root.
@@ -440,13 +441,14 @@ main() {
     info "model server on 127.0.0.1:$MODEL_PORT, tool server on 127.0.0.1:$TOOL_PORT"
     API_PORT="$(free_port)"
     OPS_PORT="$(free_port)"
+    WORKER_OPS_PORT="$(free_port)"
     CONFIG="$(write_config)"
 
     step "containers: dispatcher and worker (AMQP prefix $AMQP_PREFIX, Redis prefix $RUN_ID)"
     run_fleet_container dispatcher agentfleet-dispatcher
-    run_fleet_container worker-1 agentfleet-worker
+    run_fleet_container worker-1 agentfleet-worker --metrics-listen "127.0.0.1:$WORKER_OPS_PORT"
     await_ready
-    await_consuming worker-1
+    await_consuming worker-1 "$WORKER_OPS_PORT"
     check_containers
     run_session
     FAILED=0
