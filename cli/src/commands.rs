@@ -31,6 +31,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Reply { id, text } => reply(&api, out, &id, text.as_deref()).await,
         Command::Approve { id, note } => approve(&api, out, &id, note).await,
         Command::Reject { id, reason } => reject(&api, out, &id, &reason).await,
+        Command::Dlq(command) => crate::dlq::run(&api, out, command).await,
     }
 }
 
