@@ -106,7 +106,7 @@ impl Entry {
             .and_then(routing_key_of)
             .or_else(|| Some(a.routing_key.to_owned()).filter(|k| !k.is_empty()));
         Self {
-            id: format!("d_{}", ulid::Ulid::new()),
+            id: format!("d_{}", next_ulid()),
             kind,
             reason,
             detail,
@@ -140,6 +140,15 @@ impl Entry {
     pub(crate) fn user_id(&self) -> Option<&str> {
         self.properties.get("user_id").and_then(Value::as_str)
     }
+}
+
+/// A ULID after every one this process made before, also within a millisecond, so dead letters
+/// stored one after the other list in that order.
+fn next_ulid() -> ulid::Ulid {
+    static GENERATOR: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    // (Not `unwrap_or_default`: a default ULID is the nil one.)
+    let Some(next) = GENERATOR.lock().ok().and_then(|mut g| g.generate().ok()) else { return ulid::Ulid::new() };
+    next
 }
 
 /// The kind, from the queue it died in, else from what the body is.

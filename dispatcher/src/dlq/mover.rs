@@ -24,8 +24,9 @@ use tracing::{info, warn};
 use super::entry::{Arrival, Entry};
 use crate::AppState;
 
-/// Dead letters in hand at once (the prefetch).
-const PREFETCH: u16 = 8;
+/// Dead letters in hand at once (the prefetch): one, so a full store holds back one message per
+/// dispatcher and the broker counts the rest as ready in the queue.
+const PREFETCH: u16 = 1;
 /// How long a stopping mover waits for the deliveries in hand.
 const GRACE: Duration = Duration::from_secs(5);
 /// How often a full store is looked at again.
