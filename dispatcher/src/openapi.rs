@@ -51,6 +51,8 @@ use crate::AppState;
         crate::metrics,
         serve,
     ),
+    // Named in a query parameter only, which utoipa does not collect by itself.
+    components(schemas(crate::dlq::Order)),
     tags(
         (name = "sessions", description = "Create, list, show and cancel sessions"),
         (name = "escalations", description = "Sessions that wait for a human reply or an approval"),

@@ -266,16 +266,8 @@ pub mod metric {
         ("agentfleet_sessions_waiting", "Sessions waiting for people now.", 'g'),
         ("agentfleet_webhook_deliveries_total", "Webhook delivery attempts, by outcome.", 'c'),
         ("agentfleet_dead_letters_stored", "Dead letters kept in the dead-letter store, fleet-wide.", 'g'),
-        (
-            "agentfleet_dead_letter_store_full",
-            "1 while the dead-letter store is full (new ones wait in the queue).",
-            'g',
-        ),
-        (
-            "agentfleet_dead_letter_actions_total",
-            "Dead letters stored, re-driven or discarded, by action and kind.",
-            'c',
-        ),
+        ("agentfleet_dead_letter_store_full", "1 while the dead-letter store is full.", 'g'),
+        ("agentfleet_dead_letter_actions_total", "Dead letters stored, re-driven, discarded.", 'c'),
     ];
 
     /// Registers the help text of every metric with the installed recorder.
