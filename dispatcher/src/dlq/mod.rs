@@ -269,9 +269,10 @@ pub(crate) struct RedriveMany {
     /// Only this tenant's (an admin token; others re-drive only their own tenant's).
     #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
-    /// The most to re-drive (default 100).
-    #[schema(minimum = 1, maximum = 1000)]
-    limit: Option<usize>,
+    /// The most to re-drive (default 100). (A number, so that `5.0`, an integer to JSON Schema, is
+    /// taken too.)
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    limit: Option<serde_json::Number>,
 }
 
 /// What `POST /v1/dlq/redrive` did.
@@ -295,6 +296,7 @@ pub(crate) struct Refused {
 #[utoipa::path(
     get,
     path = "/v1/dlq",
+    operation_id = "dlq_list",
     tag = "dead letters",
     params(ListQuery),
     responses(
@@ -394,6 +396,7 @@ impl Scan<'_> {
 #[utoipa::path(
     get,
     path = "/v1/dlq/{id}",
+    operation_id = "dlq_show",
     tag = "dead letters",
     params(("id" = String, Path, description = "The dead letter's id", pattern = "^d_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
@@ -429,6 +432,7 @@ pub(crate) async fn show(
 #[utoipa::path(
     post,
     path = "/v1/dlq/{id}/redrive",
+    operation_id = "dlq_redrive",
     tag = "dead letters",
     params(("id" = String, Path, description = "The dead letter's id", pattern = "^d_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
@@ -483,6 +487,7 @@ async fn redrive(s: &AppState, e: &Entry, body: &[u8]) -> Result<Redriven, ApiEr
 #[utoipa::path(
     post,
     path = "/v1/dlq/redrive",
+    operation_id = "dlq_redrive_many",
     tag = "dead letters",
     request_body = RedriveMany,
     responses(
@@ -501,10 +506,12 @@ pub(crate) async fn redrive_many(
     caller.require(Role::Operate)?;
     let scope = tenant_scope(&caller, body.tenant.as_deref())?.map(String::from);
     let filter = Filter::parse(body.kind.as_deref(), body.reason, body.queue, body.session_id)?;
-    let limit = body.limit.unwrap_or(100);
-    if !(1..=MAX_BULK).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit: must be between 1 and {MAX_BULK}")));
-    }
+    let limit = match &body.limit {
+        None => 100,
+        Some(n) => whole(n)
+            .filter(|l| (1..=MAX_BULK).contains(l))
+            .ok_or_else(|| ApiError::invalid(format!("limit: must be a whole number between 1 and {MAX_BULK}")))?,
+    };
     let scan = Scan { scope: scope.as_deref(), filter: &filter, newest_first: false };
     let mut report = RedriveReport { redriven: Vec::new(), refused: Vec::new(), more: false };
     let mut cursor = None;
@@ -532,10 +539,17 @@ pub(crate) async fn redrive_many(
     }
 }
 
+/// `n` when it is a whole number (`5` or `5.0`).
+fn whole(n: &serde_json::Number) -> Option<usize> {
+    let f = n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_BULK as f64);
+    n.as_u64().or(f.map(|f| f as u64)).and_then(|u| usize::try_from(u).ok())
+}
+
 /// Discards one dead letter: removes it from the store for good.
 #[utoipa::path(
     delete,
     path = "/v1/dlq/{id}",
+    operation_id = "dlq_discard",
     tag = "dead letters",
     params(("id" = String, Path, description = "The dead letter's id", pattern = "^d_[0-9A-HJKMNP-TV-Z]{26}$")),
     responses(
