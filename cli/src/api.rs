@@ -128,6 +128,12 @@ impl Api {
         answer(request.send().await.map_err(ApiError::Transport)?, self.token_sent).await
     }
 
+    /// `DELETE` the path made of `segments`.
+    pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Value, ApiError> {
+        let request = self.http.request(Method::DELETE, self.url(segments));
+        answer(request.send().await.map_err(ApiError::Transport)?, self.token_sent).await
+    }
+
     /// `GET /v1/sessions/{id}`.
     pub(crate) async fn session(&self, id: &str) -> Result<Value, ApiError> {
         self.get(&["v1", "sessions", id], &[]).await

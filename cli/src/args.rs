@@ -113,6 +113,9 @@ pub(crate) enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Read, re-drive or discard the dead letters: messages the fleet could not process.
+    #[command(subcommand)]
+    Dlq(crate::dlq::Dlq),
 }
 
 /// `agentfleet submit`.
@@ -221,6 +224,17 @@ mod tests {
         assert!(!format!("{args:?}").contains("sekrit"));
         assert!(parse(&["--token", "", "list"]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn dlq_redrive_takes_an_id_or_all_with_filters() {
+        assert!(parse(&["dlq", "redrive", "d_1"]).is_ok());
+        assert!(parse(&["dlq", "redrive", "--all", "--reason", "delivery_limit", "--limit", "10"]).is_ok());
+        assert!(parse(&["dlq", "redrive"]).is_err(), "an id or --all");
+        assert!(parse(&["dlq", "redrive", "d_1", "--all"]).is_err(), "not both");
+        assert!(parse(&["dlq", "list", "--kind", "step", "--oldest", "--json"]).is_ok());
+        assert!(parse(&["dlq", "list", "--kind", "nope"]).is_err());
+        assert!(parse(&["dlq", "discard", "d_1"]).is_ok());
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Approve { id, note } => approve(&api, out, &id, note).await,
         Command::Reject { id, reason } => reject(&api, out, &id, &reason).await,
         Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
+        Command::Dlq(command) => crate::dlq::run(&api, out, command).await,
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! It is a pure HTTP client — it does not link the fleet's own crates — so it stays small and proves
 //! that the public API is enough to run the fleet: submit goals, follow sessions, list them, and answer
-//! the escalations and approvals that wait for people.
+//! the escalations and approvals that wait for people, and read and re-drive the dead letters.
 //!
 //! Output is text for people by default; `--json` prints the API's JSON, one document, for scripts.
 //! Exit codes: 0 when the command (or the followed session) succeeded, 2 when a followed session
@@ -12,6 +12,7 @@
 mod api;
 mod args;
 mod commands;
+mod dlq;
 mod follow;
 mod format;
 mod model;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentfleet::amqp::consumer::{self, Handler, QueueTag, Settings};
-use agentfleet::amqp::{Backoff, PublishError, StepPublisher};
+use agentfleet::amqp::{Backoff, PublishError};
 use agentfleet::config::AuthConfig;
 use agentfleet::domain::TenantId;
 use lapin::message::Delivery;
@@ -234,7 +234,10 @@ fn reply_props(d: &Delivery, result: &Result<Created, ApiError>) -> BasicPropert
 /// good, rejects it into the queue's dead-letter exchange (without the reason, but not lost).
 async fn dead_letter(state: &AppState, d: &Delivery, e: &ApiError, shutdown: &CancellationToken) -> Settle {
     let reason = &format!("{}: {}", e.kind(), e.message());
-    let publish = move || state.publisher.dead_letter(&d.data, reason);
+    let queue = &state.publisher.topology().requests_queue();
+    // The publisher's tenant, when its user is known, so that tenant sees the dead letter.
+    let tenant = publisher_tenant(&state.cfg.auth, d).ok().map(|t| t.as_str());
+    let publish = move || state.publisher.dead_letter_from(&d.data, reason, Some(queue), tenant);
     match with_retries(shutdown, &d.acker, transient_publish, publish).await {
         Some(Ok(())) => Settle::Ack,
         Some(Err(e)) => {

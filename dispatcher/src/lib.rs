@@ -4,6 +4,7 @@
 
 mod actions;
 mod auth;
+mod dlq;
 mod error;
 mod gauges;
 mod intake;
@@ -136,8 +137,8 @@ impl Dispatcher {
         Janitor::new(self.state.store.clone(), self.state.publisher.clone(), self.state.cfg.clone())
     }
 
-    /// Serves, with the janitor, the AMQP intake, the webhook deliverer and the gauges, until
-    /// `shutdown`. Then `/readyz` answers 503 while the API serves on for
+    /// Serves, with the janitor, the AMQP intake, the webhook deliverer, the dead-letter mover and
+    /// the gauges, until `shutdown`. Then `/readyz` answers 503 while the API serves on for
     /// `dispatcher.drain_delay_ms`; then in-flight requests finish and the tasks drain, all within
     /// `dispatcher.shutdown_grace_ms`; past it the rest is abandoned (unsettled deliveries are
     /// redelivered).
@@ -175,6 +176,7 @@ impl Dispatcher {
         tasks.spawn(self.janitor().run(stop.clone()));
         tasks.spawn(webhooks::run(s.cfg.clone(), s.store.clone(), stop.clone()));
         tasks.spawn(intake::run(s.clone(), stop.clone()));
+        tasks.spawn(dlq::run(s.clone(), stop.clone()));
         let gauges = gauges::Gauges { cfg: s.cfg.clone(), store: s.store.clone(), breakers: self.breakers.clone() };
         tasks.spawn(gauges.run(stop.clone()));
         tasks.close();
@@ -237,6 +239,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/reject", post(actions::reject))
         .route("/v1/escalations", get(actions::escalations))
         .route("/v1/sessions/{id}/trace", get(trace::trace))
+        .route("/v1/dlq", get(dlq::list))
+        .route("/v1/dlq/redrive", post(dlq::redrive_many))
+        .route("/v1/dlq/{id}", get(dlq::show).delete(dlq::discard))
+        .route("/v1/dlq/{id}/redrive", post(dlq::redrive_one))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(move |req, next| within(timeout_ms, req, next)))
@@ -288,6 +294,11 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         ("post", "/v1/sessions/{id}/reject"),
         ("get", "/v1/escalations"),
         ("get", "/v1/sessions/{id}/trace"),
+        ("get", "/v1/dlq"),
+        ("post", "/v1/dlq/redrive"),
+        ("get", "/v1/dlq/{id}"),
+        ("delete", "/v1/dlq/{id}"),
+        ("post", "/v1/dlq/{id}/redrive"),
     ]
 }
 

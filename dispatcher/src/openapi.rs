@@ -41,14 +41,22 @@ use crate::AppState;
         crate::actions::reject,
         crate::actions::escalations,
         crate::trace::trace,
+        crate::dlq::list,
+        crate::dlq::show,
+        crate::dlq::redrive_one,
+        crate::dlq::redrive_many,
+        crate::dlq::discard,
         crate::healthz,
         crate::readyz,
         crate::metrics,
         serve,
     ),
+    // Named in a query parameter only, which utoipa does not collect by itself.
+    components(schemas(crate::dlq::Order)),
     tags(
         (name = "sessions", description = "Create, list, show and cancel sessions"),
         (name = "escalations", description = "Sessions that wait for a human reply or an approval"),
+        (name = "dead letters", description = "Messages that could not be processed: read, re-drive or discard them"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]

@@ -224,7 +224,8 @@ impl Deliverer {
     async fn dead_letter(&self, ch: &Channel, d: &Delivery, attempt: u32, reason: &str) -> Result<(), lapin::Error> {
         error!(reason, "webhook dead-lettered");
         let mut headers = FieldTable::default();
-        headers.insert("x-agentfleet-reason".into(), long(&redact_error(reason)));
+        headers.insert(agentfleet::amqp::REASON_HEADER.into(), long(&redact_error(reason)));
+        headers.insert(agentfleet::amqp::QUEUE_HEADER.into(), long(&self.queue));
         headers.insert(wh::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
         publish_confirmed(ch, &self.topology.dead(), "", &d.data, event_props(d, headers)).await
     }

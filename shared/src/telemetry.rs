@@ -234,7 +234,7 @@ pub fn install_metrics(
 /// Typed metric helpers: every metric name and label lives here.
 pub mod metric {
     /// Every metric with its help text, so `/metrics` carries `# HELP` for each (promtool asks).
-    const HELP: [(&str, &str, char); 30] = [
+    const HELP: [(&str, &str, char); 33] = [
         ("agentfleet_step_messages_total", "Step messages handled, by what they turned out to be.", 'c'),
         ("agentfleet_step_phase_duration_seconds", "Time in one phase of a step (llm, tools).", 'h'),
         ("agentfleet_step_duration_seconds", "Time to handle one step message.", 'h'),
@@ -265,6 +265,9 @@ pub mod metric {
         ("agentfleet_queue_consumers", "Consumers of a queue.", 'g'),
         ("agentfleet_sessions_waiting", "Sessions waiting for people now.", 'g'),
         ("agentfleet_webhook_deliveries_total", "Webhook delivery attempts, by outcome.", 'c'),
+        ("agentfleet_dead_letters_stored", "Dead letters kept in the dead-letter store, fleet-wide.", 'g'),
+        ("agentfleet_dead_letter_store_full", "1 while the dead-letter store is full.", 'g'),
+        ("agentfleet_dead_letter_actions_total", "Dead letters stored, re-driven, discarded.", 'c'),
     ];
 
     /// Registers the help text of every metric with the installed recorder.
@@ -406,6 +409,22 @@ pub mod metric {
     pub fn queue(queue: &str, messages: u32, consumers: u32) {
         metrics::gauge!("agentfleet_queue_messages", "queue" => queue.to_owned()).set(f64::from(messages));
         metrics::gauge!("agentfleet_queue_consumers", "queue" => queue.to_owned()).set(f64::from(consumers));
+    }
+
+    /// Dead letters in the dead-letter store now.
+    pub fn dead_letters_stored(n: u64) {
+        metrics::gauge!("agentfleet_dead_letters_stored").set(n as f64);
+    }
+
+    /// Whether the dead-letter store is full, so that dead letters wait in the queue.
+    pub fn dead_letter_store_full(full: bool) {
+        metrics::gauge!("agentfleet_dead_letter_store_full").set(if full { 1.0 } else { 0.0 });
+    }
+
+    /// A dead letter `stored`, `redriven` or `discarded`, of `kind` (`step`, `request`, `webhook`,
+    /// `unknown`).
+    pub fn dead_letter_action(action: &'static str, kind: &'static str) {
+        metrics::counter!("agentfleet_dead_letter_actions_total", "action" => action, "kind" => kind).increment(1);
     }
 
     /// Sessions waiting for people right now.

@@ -53,6 +53,11 @@ pub struct FleetOptions {
     pub worker_config: String,
     /// More `key = value` lines for the `[dispatcher]` table.
     pub dispatcher_config: String,
+    /// More `key = value` lines for the `[amqp]` table (e.g. `delivery_limit = 1`).
+    pub amqp_config: String,
+    /// More `key = value` lines for the `[dead_letters]` table. Tests that read `<prefix>.dead`
+    /// with `basic_get` set `store = false`, so the dispatcher leaves the dead letters there.
+    pub dead_letters_config: String,
     /// The environment the in-process dispatcher reads its config with (e.g. the webhook signing
     /// secret); nothing else of the process environment reaches it.
     pub env: Vec<(String, String)>,
@@ -144,6 +149,8 @@ impl Default for FleetOptions {
             extra_config: String::new(),
             worker_config: String::new(),
             dispatcher_config: String::new(),
+            amqp_config: String::new(),
+            dead_letters_config: String::new(),
             env: Vec::new(),
             tokens: Vec::new(),
             tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
@@ -668,6 +675,10 @@ pub fn config_text(prefix: &str, o: &FleetOptions, model_url: &str, tools_url: &
 [amqp]
 url = "{amqp}"
 prefix = "{prefix}"
+{amqp_extra}
+
+[dead_letters]
+{dead_letters_extra}
 
 [redis]
 url = "{redis}"
@@ -734,6 +745,8 @@ budget = {{ max_steps = {max_steps} }}
         amqp_users = o.amqp_users.iter().map(|(u, t)| format!("{u:?} = {t:?}\n")).collect::<String>(),
         worker_extra = o.worker_config,
         dispatcher_extra = o.dispatcher_config,
+        amqp_extra = o.amqp_config,
+        dead_letters_extra = o.dead_letters_config,
         tokens = tokens_toml(&o.tokens),
         tenant_defaults = o.tenant_defaults,
     )

@@ -179,7 +179,12 @@ async fn requests_over_amqp_are_answered_by_correlation_id_and_complete() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_without_reply_to_are_dead_lettered_with_the_reason() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(FleetOptions { workers: 1, ..Default::default() }).await?;
+    let fleet = TestFleet::start(FleetOptions {
+        workers: 1,
+        dead_letters_config: "store = false".into(),
+        ..Default::default()
+    })
+    .await?;
     let client = Client::connect(&fleet).await?;
     let unknown_agent = br#"{"agent": "nobody", "input": "hello"}"#;
     let malformed = b"not json at all";
@@ -241,7 +246,13 @@ async fn a_request_sent_twice_with_one_message_id_creates_one_session() -> anyho
 async fn a_request_that_arrives_while_redis_is_down_is_held_until_it_is_back() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("agentfleet-tests").join(format!("redis-{}", ulid::Ulid::new()));
     let mut redis = PrivateRedis::start_with(&dir, &["--appendonly", "no"]).await?;
-    let fleet = TestFleet::start(FleetOptions { workers: 1, redis_url: redis.url(), ..Default::default() }).await?;
+    let fleet = TestFleet::start(FleetOptions {
+        workers: 1,
+        redis_url: redis.url(),
+        dead_letters_config: "store = false".into(),
+        ..Default::default()
+    })
+    .await?;
     let client = Client::connect(&fleet).await?;
     let (reply_queue, mut replies) = client.private_queue().await?;
     let mut completed = client.events(&["session.completed"]).await?;
@@ -281,7 +292,12 @@ fn refusal(reply: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tenant_is_the_publishing_users_and_requests_without_one_are_refused() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    let fleet = TestFleet::start(FleetOptions {
+        workers: 0,
+        dead_letters_config: "store = false".into(),
+        ..Default::default()
+    })
+    .await?;
     let client = Client::connect(&fleet).await?;
     let body = br#"{"agent": "support", "input": "[steps=1] whose?"}"#;
     let anonymous = BasicProperties::default().with_content_type("application/json".into());

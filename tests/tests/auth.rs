@@ -15,6 +15,7 @@ const ROUTES: &[(&str, &str, &str, Option<&str>)] = &[
     ("POST", "/v1/sessions/{id}/reject", "approve", Some(r#"{"reason":"no"}"#)),
     ("GET", "/v1/escalations", "operate", None),
     ("POST", "/v1/sessions/{id}/cancel", "operate", None),
+    ("GET", "/v1/dlq", "operate", None),
 ];
 
 /// What a caller gets: no credential at all, a refused role, a hidden session, or through.

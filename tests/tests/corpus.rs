@@ -290,6 +290,8 @@ async fn the_malformed_input_corpus_is_refused_with_reasons_and_loses_no_session
         workers: 2,
         extra_config: PARKED_AGENT.into(),
         tokens: vec![TestToken::new(TOKEN, "acme", &roles)],
+        // The corpus reads each dead letter from the queue itself.
+        dead_letters_config: "store = false".into(),
         ..Default::default()
     };
     let fleet = TestFleet::start(opts).await?;

@@ -78,6 +78,16 @@ pub fn delay_tier(wait: Duration) -> &'static str {
 /// under 200 bytes. A bigger body is not a step message, and is dead-lettered (`oversized`) unread.
 pub const MAX_STEP_MESSAGE_BYTES: usize = 4 * 1024;
 
+/// The header of a dead letter the fleet publishes itself: why (`<reason>: <detail>`).
+pub const REASON_HEADER: &str = "x-agentfleet-reason";
+/// The header of a dead letter the fleet publishes itself: the queue it was taken from, when the
+/// publisher knows it (the broker's own dead letters say it in `x-death`).
+pub const QUEUE_HEADER: &str = "x-agentfleet-queue";
+/// The header of a dead letter the fleet publishes itself: the tenant it belongs to, when known.
+pub const TENANT_HEADER: &str = "x-agentfleet-tenant";
+/// The header of a re-driven message: how many times it was taken out of the dead letters.
+pub const REDRIVEN_HEADER: &str = "x-agentfleet-redriven";
+
 /// The length limits of the queues that anyone outside the fleet can fill: the session requests
 /// (business systems publish there) and the dead letters (every failure ends there). From `[amqp]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +473,27 @@ impl AmqpPublisher {
         self.channel().await.is_ok()
     }
 
+    /// Sends an unusable message to the dead-letter queue with the reason in its headers, and the
+    /// queue it was taken from and its tenant when they are known (the dead-letter store reads
+    /// them: see the dispatcher's `dlq` module).
+    pub async fn dead_letter_from(
+        &self,
+        body: &[u8],
+        reason: &str,
+        queue: Option<&str>,
+        tenant: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), long(&crate::telemetry::redact_error(reason)));
+        for (name, value) in [(QUEUE_HEADER, queue), (TENANT_HEADER, tenant)] {
+            if let Some(v) = value {
+                headers.insert(name.into(), long(v));
+            }
+        }
+        let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        self.publish(&self.topology.dead(), "", body, props).await
+    }
+
     /// Publishes `body` and waits for the confirm; retries once on a fresh connection when the
     /// channel had died before the publish went out.
     pub async fn publish(
@@ -518,10 +549,7 @@ impl StepPublisher for AmqpPublisher {
     }
 
     async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), PublishError> {
-        let mut headers = FieldTable::default();
-        headers.insert("x-agentfleet-reason".into(), long(&crate::telemetry::redact_error(reason)));
-        let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
-        self.publish(&self.topology.dead(), "", body, props).await
+        self.dead_letter_from(body, reason, None, None).await
     }
 
     async fn publish_event(&self, kind: &str, event: &serde_json::Value) -> Result<(), PublishError> {

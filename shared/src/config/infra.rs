@@ -242,6 +242,40 @@ impl Default for SessionsConfig {
     }
 }
 
+/// The dead-letter store (`[dead_letters]`): the dispatcher moves each message of `<prefix>.dead`
+/// into Redis, where `GET /v1/dlq` lists it and `POST /v1/dlq/{id}/redrive` re-publishes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLettersConfig {
+    /// Move dead letters from the queue into Redis. Off, they stay in `<prefix>.dead` for
+    /// RabbitMQ's own tools, and the API shows only what was stored before. Default true.
+    pub store: bool,
+    /// Most dead letters kept in Redis. When the store is full the dispatcher stops taking them
+    /// out of the queue, so the rest wait there (bounded by `amqp.dead_max_*`), never dropped.
+    /// Default 10000.
+    pub max_stored: u64,
+    /// Most bytes of dead-letter bodies kept in Redis, likewise. A body is kept up to
+    /// `dispatcher.max_body_bytes`; a longer one is kept cut, and cannot be re-driven. Default
+    /// 268435456 (256 MiB).
+    pub max_stored_bytes: u64,
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        Self { store: true, max_stored: 10_000, max_stored_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+impl DeadLettersConfig {
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        let counts = [("max_stored", self.max_stored), ("max_stored_bytes", self.max_stored_bytes)];
+        match counts.iter().find(|(_, v)| *v == 0) {
+            Some((field, _)) => Err(Invalid::new(*field, Problem::AtLeast(1))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Worker settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -27,8 +27,8 @@ use thiserror::Error;
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{
-    AmqpConfig, DispatcherConfig, OtlpConfig, RedisConfig, SessionsConfig, TelemetryConfig, WebhooksConfig,
-    WorkerConfig,
+    AmqpConfig, DeadLettersConfig, DispatcherConfig, OtlpConfig, RedisConfig, SessionsConfig, TelemetryConfig,
+    WebhooksConfig, WorkerConfig,
 };
 pub use providers::{
     AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RAMP, RateLimit,
@@ -194,6 +194,9 @@ pub struct Config {
     /// Retention of finished sessions.
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// The dead-letter store the `/v1/dlq` API reads.
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
     /// Prices per model in USD per million tokens; merged over the built-in defaults.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
@@ -279,6 +282,7 @@ impl Config {
         check_url(&self.openai.base_url, &["http", "https"]).map_err(|p| Invalid::new("openai.base_url", p))?;
         Name::parse(&self.amqp.prefix).map_err(|e| Invalid::new("amqp.prefix", e.into()))?;
         self.amqp.validate().map_err(|e| e.within("amqp"))?;
+        self.dead_letters.validate().map_err(|e| e.within("dead_letters"))?;
         Name::parse(&self.redis.key_prefix).map_err(|e| Invalid::new("redis.key_prefix", e.into()))?;
         if self.worker.concurrency == 0 {
             return Err(Invalid::new("worker.concurrency", Problem::AtLeast(1)));
