@@ -14,7 +14,8 @@ which installs what it needs.
    MARGIN_S; each worker consumes exactly the pool its label and its ScaledObject's queue say (its
    `--pools`, else AGENTFLEET_POOLS, else the config's worker.pools, as the binary reads them);
    every agent's pool has workers; ports, probes, Secrets, ConfigMaps and selectors resolve;
-   every container is locked down and has requests and limits.
+   every container is locked down and has requests and limits; the fleet's own containers run as
+   the UID and GID of the image (the `USER` of deploy/Dockerfile).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ K8S = Path(__file__).resolve().parent
 REPO = K8S.parent.parent
 RULES = REPO / "deploy/prometheus/rules.yml"
 DASHBOARD = REPO / "deploy/grafana/agentfleet-dashboard.json"
+DOCKERFILE = REPO / "deploy/Dockerfile"
 SCHEMAS = K8S / "schemas"
 KUBE_VERSIONS = os.environ.get("K8S_VERSIONS", "1.30 1.34").split()
 # Seconds a pod's grace period must leave beyond the process's own drain deadline.
@@ -273,6 +275,7 @@ def check_fleet(fleet: Fleet) -> None:
         for container in doc["spec"]["template"]["spec"]["containers"]:
             role = BINARIES.get((container.get("command") or [""])[0])
             if role:
+                check_image_user(fleet, doc, container)
                 check_process(fleet, doc, container, role)
     check_autoscaling(fleet)
     check_pools_served(fleet)
@@ -315,6 +318,30 @@ def check_pod(fleet: Fleet, doc: dict) -> None:
             check_key(fleet, doc, "Secret", vol["secret"]["secretName"], None, vol["secret"].get("optional", False))
         if "configMap" in vol:
             check_key(fleet, doc, "ConfigMap", vol["configMap"]["name"], None, vol["configMap"].get("optional", False))
+
+
+@functools.cache
+def image_user() -> tuple[int, int]:
+    """The UID and GID the fleet's image runs as: the one `USER uid:gid` of deploy/Dockerfile."""
+    users = set(re.findall(r"^\s*USER\s+(\S+)\s*$", DOCKERFILE.read_text(), re.M))
+    m = re.fullmatch(r"(\d+):(\d+)", next(iter(users))) if len(users) == 1 else None
+    if not m:
+        raise SystemExit(f"{DOCKERFILE.relative_to(REPO)}: expected one numeric `USER uid:gid`, found {sorted(users) or 'none'}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_image_user(fleet: Fleet, doc: dict, container: dict) -> None:
+    """A container of the fleet's image runs as the image's user, so that what the manifests say (and
+    the files and volumes they make writable for it) is what the image expects."""
+    uid, gid = image_user()
+    pod_sc = doc["spec"]["template"]["spec"].get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    for what, want in (("runAsUser", uid), ("runAsGroup", gid)):
+        have = sc.get(what, pod_sc.get(what))
+        if have != want:
+            fleet.fail(doc, f"container {container['name']}: {what} is {have}, the image's USER (deploy/Dockerfile) is {uid}:{gid}")
+    if "fsGroup" in pod_sc and pod_sc["fsGroup"] != gid:
+        fleet.fail(doc, f"fsGroup is {pod_sc['fsGroup']}, the image's group (deploy/Dockerfile) is {gid}")
 
 
 def check_key(fleet: Fleet, doc: dict, kind: str, name: str, key: str | None, optional: bool) -> None:
@@ -752,7 +779,24 @@ def fleet_control_problems(variant: Variant, docs: list[dict]) -> list[str]:
             return True
         return False
 
+    def dispatcher_pod(d: list[dict]) -> dict | None:
+        return next((doc["spec"]["template"]["spec"] for doc in d if doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("dispatcher")), None)
+
+    def wrong_pod_user(d: list[dict]) -> bool:
+        pod = dispatcher_pod(d)
+        if pod is not None:
+            pod.setdefault("securityContext", {})["runAsUser"] = 10001
+        return pod is not None
+
+    def wrong_container_group(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None:
+            c.setdefault("securityContext", {})["runAsGroup"] = 10001
+        return c is not None
+
     controls = {
+        "a dispatcher pod with the wrong runAsUser": wrong_pod_user,
+        "a worker container with the wrong runAsGroup": wrong_container_group,
         "a worker with a wrong AGENTFLEET_POOLS": wrong_env,
         "a worker whose --pools overrides its AGENTFLEET_POOLS with a wrong pool": flag_over_env,
         "a worker without AGENTFLEET_POOLS (the config's pools apply)": env_removed,
