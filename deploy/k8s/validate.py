@@ -13,7 +13,8 @@ which installs what it needs.
    deadline of the config file it reads (worker.shutdown_grace_ms, dispatcher.shutdown_grace_ms) by
    MARGIN_S; each worker consumes exactly the pool its label and its ScaledObject's queue say (its
    `--pools`, else AGENTFLEET_POOLS, else the config's worker.pools, as the binary reads them);
-   every agent's pool has workers; ports, probes, Secrets, ConfigMaps and selectors resolve;
+   every agent's pool has workers; ports, probes, Secrets, ConfigMaps and selectors resolve, and each
+   process has its startup (long enough for the wait for RabbitMQ), liveness and readiness probes;
    every container is locked down and has requests and limits; the fleet's own containers run as
    the UID and GID of the image (the `USER` of deploy/Dockerfile).
 """
@@ -458,6 +459,13 @@ def env_value(fleet: Fleet, doc: dict, container: dict, name: str):
     return None
 
 
+# The probe each process of the fleet must have, and the path it asks for.
+PROBES = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+# Both binaries wait up to 60 s for RabbitMQ at start (connect_patiently), after connecting to Redis:
+# the startup probe must allow at least this many seconds before the liveness probe takes over.
+STARTUP_BUDGET_S = 90
+
+
 def listen_address(fleet: Fleet, doc: dict, container: dict, section: dict, key: tuple[str, str]) -> str | None:
     """What the process listens on: the config's value, unless the worker's --metrics-listen or
     AGENTFLEET_METRICS_LISTEN overrides it. None (and a problem) when the render does not say."""
@@ -537,6 +545,14 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
             fleet.fail(doc, f"{probe} targets port {http['port']}, where the {role} serves no probe endpoint")
         elif http.get("path") not in OPS_PATHS[role][port_name]:
             fleet.fail(doc, f"{probe} asks for {http.get('path')}, which port {port_name} does not serve")
+    for probe, path in PROBES.items():
+        http = (container.get(probe) or {}).get("httpGet") or {}
+        if http.get("path") != path:
+            fleet.fail(doc, f"container {container['name']}: needs a {probe} with httpGet {path}, has {http.get('path') or 'none'}")
+    startup = container.get("startupProbe") or {}
+    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    if startup and budget < STARTUP_BUDGET_S:
+        fleet.fail(doc, f"container {container['name']}: the startupProbe allows {budget} s, less than {STARTUP_BUDGET_S} s (Redis, then up to 60 s for RabbitMQ)")
     if role == "worker":
         check_worker_pool(fleet, doc, worker_pools(fleet, doc, container, cfg))
     for i, token in enumerate(cfg.get("auth", {}).get("tokens", [])):
@@ -794,7 +810,28 @@ def fleet_control_problems(variant: Variant, docs: list[dict]) -> list[str]:
             c.setdefault("securityContext", {})["runAsGroup"] = 10001
         return c is not None
 
+    def no_startup_probe(d: list[dict]) -> bool:
+        c = worker(d)
+        return c is not None and c.pop("startupProbe", None) is not None
+
+    def short_startup_probe(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and "startupProbe" in c:
+            c["startupProbe"].update(periodSeconds=10, failureThreshold=3)
+            return True
+        return False
+
+    def readiness_on_healthz(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and "readinessProbe" in c:
+            c["readinessProbe"]["httpGet"]["path"] = "/healthz"
+            return True
+        return False
+
     controls = {
+        "a worker without a startupProbe": no_startup_probe,
+        "a worker whose startupProbe allows 30 s": short_startup_probe,
+        "a worker whose readinessProbe asks for /healthz": readiness_on_healthz,
         "a dispatcher pod with the wrong runAsUser": wrong_pod_user,
         "a worker container with the wrong runAsGroup": wrong_container_group,
         "a worker with a wrong AGENTFLEET_POOLS": wrong_env,
