@@ -2,9 +2,8 @@
 """Renders and checks the Kubernetes manifests of deploy/k8s. Run it through scripts/k8s-validate.sh,
 which installs what it needs.
 
-1. Generated files are up to date: the PrometheusRule (from deploy/prometheus/rules.yml), the
-   dashboard's copy (deploy/grafana/agentfleet-dashboard.json) and the production pools' configs
-   (worker-<pool>.toml from overlays/production/config/agentfleet.toml). `--write` regenerates them.
+1. Generated files are up to date: the PrometheusRule (from deploy/prometheus/rules.yml) and the
+   dashboard's copy (deploy/grafana/agentfleet-dashboard.json). `--write` regenerates them.
 2. Every variant renders with `kubectl kustomize`: the base, each overlay, and the base and the
    production overlay with the HPA instead of KEDA.
 3. Every rendered document is validated against a schema, strictly (an unknown field fails):
@@ -12,14 +11,18 @@ which installs what it needs.
    Prometheus-operator kinds against the CRDs shipped in schemas/. A kind with neither fails.
 4. The fleet holds together: each Deployment's terminationGracePeriodSeconds exceeds the drain
    deadline of the config file it reads (worker.shutdown_grace_ms, dispatcher.shutdown_grace_ms) by
-   MARGIN_S; each worker serves exactly the pool its label, its PDB and its ScaledObject's queue
-   say; every agent's pool has workers; ports, probes, Secrets, ConfigMaps and selectors resolve;
-   every container is locked down and has requests and limits.
+   MARGIN_S; each worker consumes exactly the pool its label and its ScaledObject's queue say (its
+   `--pools`, else AGENTFLEET_POOLS, else the config's worker.pools, as the binary reads them);
+   every agent's pool has workers; ports, probes, Secrets, ConfigMaps and selectors resolve, and each
+   process has its startup (long enough for the wait for RabbitMQ), liveness and readiness probes;
+   every container is locked down and has requests and limits; the fleet's own containers run as
+   the UID and GID of the image (the `USER` of deploy/Dockerfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import difflib
 import functools
 import json
@@ -44,7 +47,7 @@ K8S = Path(__file__).resolve().parent
 REPO = K8S.parent.parent
 RULES = REPO / "deploy/prometheus/rules.yml"
 DASHBOARD = REPO / "deploy/grafana/agentfleet-dashboard.json"
-POOLED_CONFIG = K8S / "overlays/production/config/agentfleet.toml"
+DOCKERFILE = REPO / "deploy/Dockerfile"
 SCHEMAS = K8S / "schemas"
 KUBE_VERSIONS = os.environ.get("K8S_VERSIONS", "1.30 1.34").split()
 # Seconds a pod's grace period must leave beyond the process's own drain deadline.
@@ -86,27 +89,11 @@ def agent_pools(cfg: dict) -> list[str]:
     return sorted({agent.get("pool", "default") for agent in cfg.get("agents", {}).values()})
 
 
-def pool_config(main: Path, pool: str) -> str:
-    """The config of pool `pool`'s workers: `main` with its one `pools = [...]` line replaced."""
-    text = main.read_text()
-    lines = re.findall(r"^pools = \[.*\]$", text, re.M)
-    if len(lines) != 1:
-        raise SystemExit(f"{main}: needs exactly one `pools = [...]` line (in [worker]), found {len(lines)}")
-    head = (
-        f"# GENERATED from {main.name} by `scripts/k8s-validate.sh --write`: the config of the workers\n"
-        f'# of pool `{pool}`, identical but for [worker] pools = ["{pool}"]. Edit {main.name}, not this.\n'
-    )
-    return head + text.replace(lines[0], f'pools = ["{pool}"]')
-
-
 def generated() -> dict[Path, str]:
-    files = {
+    return {
         K8S / "base/core/monitoring/prometheusrule.yaml": prometheus_rule(),
         K8S / "base/core/monitoring/agentfleet-dashboard.json": DASHBOARD.read_text(),
     }
-    for pool in agent_pools(tomllib.loads(POOLED_CONFIG.read_text())):
-        files[POOLED_CONFIG.parent / f"worker-{pool}.toml"] = pool_config(POOLED_CONFIG, pool)
-    return files
 
 
 def check_generated(write: bool) -> list[str]:
@@ -122,8 +109,6 @@ def check_generated(write: bool) -> list[str]:
         diff = difflib.unified_diff((have or "").splitlines(), want.splitlines(), "committed", "generated", lineterm="")
         shown = "\n".join(list(diff)[:20])
         problems.append(f"{path.relative_to(REPO)} is out of date: run scripts/k8s-validate.sh --write\n{shown}")
-    stale = sorted(set(POOLED_CONFIG.parent.glob("worker-*.toml")) - set(generated()))
-    problems += [f"{p.relative_to(REPO)} belongs to no agent's pool: delete it" for p in stale]
     return problems
 
 
@@ -291,6 +276,7 @@ def check_fleet(fleet: Fleet) -> None:
         for container in doc["spec"]["template"]["spec"]["containers"]:
             role = BINARIES.get((container.get("command") or [""])[0])
             if role:
+                check_image_user(fleet, doc, container)
                 check_process(fleet, doc, container, role)
     check_autoscaling(fleet)
     check_pools_served(fleet)
@@ -333,6 +319,30 @@ def check_pod(fleet: Fleet, doc: dict) -> None:
             check_key(fleet, doc, "Secret", vol["secret"]["secretName"], None, vol["secret"].get("optional", False))
         if "configMap" in vol:
             check_key(fleet, doc, "ConfigMap", vol["configMap"]["name"], None, vol["configMap"].get("optional", False))
+
+
+@functools.cache
+def image_user() -> tuple[int, int]:
+    """The UID and GID the fleet's image runs as: the one `USER uid:gid` of deploy/Dockerfile."""
+    users = set(re.findall(r"^\s*USER\s+(\S+)\s*$", DOCKERFILE.read_text(), re.M))
+    m = re.fullmatch(r"(\d+):(\d+)", next(iter(users))) if len(users) == 1 else None
+    if not m:
+        raise SystemExit(f"{DOCKERFILE.relative_to(REPO)}: expected one numeric `USER uid:gid`, found {sorted(users) or 'none'}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_image_user(fleet: Fleet, doc: dict, container: dict) -> None:
+    """A container of the fleet's image runs as the image's user, so that what the manifests say (and
+    the files and volumes they make writable for it) is what the image expects."""
+    uid, gid = image_user()
+    pod_sc = doc["spec"]["template"]["spec"].get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    for what, want in (("runAsUser", uid), ("runAsGroup", gid)):
+        have = sc.get(what, pod_sc.get(what))
+        if have != want:
+            fleet.fail(doc, f"container {container['name']}: {what} is {have}, the image's USER (deploy/Dockerfile) is {uid}:{gid}")
+    if "fsGroup" in pod_sc and pod_sc["fsGroup"] != gid:
+        fleet.fail(doc, f"fsGroup is {pod_sc['fsGroup']}, the image's group (deploy/Dockerfile) is {gid}")
 
 
 def check_key(fleet: Fleet, doc: dict, kind: str, name: str, key: str | None, optional: bool) -> None:
@@ -401,17 +411,95 @@ OPS_PATHS = {
 }
 
 
-def listen_address(container: dict, section: dict, key: tuple[str, str]) -> str:
+def option_values(container: dict, flag: str) -> list[str] | None:
+    """The values given to `flag` on the container's command line (`flag X` or `flag=X`, every
+    occurrence in order), or None when it is not there."""
+    argv = (container.get("command") or [])[1:] + (container.get("args") or [])
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            found = (found or []) + [argv[i + 1]]
+        elif arg.startswith(flag + "="):
+            found = (found or []) + [arg[len(flag) + 1 :]]
+    return found
+
+
+UNKNOWN = object()
+
+
+def env_value(fleet: Fleet, doc: dict, container: dict, name: str):
+    """The value of the environment variable `name` in `container`: a string, None when unset, or
+    UNKNOWN (and a problem) when the render does not say, e.g. a valueFrom or a Secret that is not in
+    the render. `env` wins over `envFrom`; among `envFrom` sources the last one wins."""
+    entries = [e for e in container.get("env", []) if e["name"] == name]
+    if entries:
+        if "valueFrom" in entries[-1]:
+            fleet.fail(doc, f"container {container['name']}: {name} comes from valueFrom; give it a literal value so it can be checked")
+            return UNKNOWN
+        return entries[-1].get("value", "")
+    for source in reversed(container.get("envFrom", [])):
+        prefix = source.get("prefix", "")
+        if not name.startswith(prefix):
+            continue
+        for field_name, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if field_name not in source:
+                continue
+            obj = fleet.get(kind, source[field_name]["name"])
+            if obj is None:
+                if source[field_name].get("optional"):
+                    continue
+                fleet.fail(doc, f"container {container['name']}: envFrom {kind} {source[field_name]['name']} is not in the render, so {name} is unknown; set it in env")
+                return UNKNOWN
+            key = name[len(prefix) :]
+            if key in (obj.get("stringData") or {}):
+                return obj["stringData"][key]
+            if key in (obj.get("data") or {}):
+                value = obj["data"][key]
+                return base64.b64decode(value).decode() if kind == "Secret" else value
+    return None
+
+
+# The probe each process of the fleet must have, and the path it asks for.
+PROBES = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+# Both binaries wait up to 60 s for RabbitMQ at start (connect_patiently), after connecting to Redis:
+# the startup probe must allow at least this many seconds before the liveness probe takes over.
+STARTUP_BUDGET_S = 90
+
+
+def listen_address(fleet: Fleet, doc: dict, container: dict, section: dict, key: tuple[str, str]) -> str | None:
     """What the process listens on: the config's value, unless the worker's --metrics-listen or
-    AGENTFLEET_METRICS_LISTEN overrides it."""
+    AGENTFLEET_METRICS_LISTEN overrides it. None (and a problem) when the render does not say."""
     if key[0] == "metrics_listen":
-        args = container.get("args") or []
-        if "--metrics-listen" in args[:-1]:
-            return args[args.index("--metrics-listen") + 1]
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        if "AGENTFLEET_METRICS_LISTEN" in env:
-            return env["AGENTFLEET_METRICS_LISTEN"] or ""
+        flag = option_values(container, "--metrics-listen")
+        if flag is not None:
+            return flag[-1]
+        env = env_value(fleet, doc, container, "AGENTFLEET_METRICS_LISTEN")
+        if env is UNKNOWN:
+            return None
+        if env is not None:
+            return env
     return section.get(key[0], key[1])
+
+
+def worker_pools(fleet: Fleet, doc: dict, container: dict, cfg: dict) -> list[str] | None:
+    """The pools a worker consumes, settled as agentfleet-worker does (worker/src/cli.rs, clap): its
+    `--pools` (comma-separated, repeatable), else AGENTFLEET_POOLS (comma-separated), else the config's
+    worker.pools, else ["default"]. None, with a problem, when that cannot be told or a name is
+    invalid (the binary would refuse to start)."""
+    given, source = option_values(container, "--pools"), "--pools"
+    if given is None:
+        env = env_value(fleet, doc, container, "AGENTFLEET_POOLS")
+        if env is UNKNOWN:
+            return None
+        given, source = (None, "") if env is None else ([env], "AGENTFLEET_POOLS")
+    if given is None:
+        return list(cfg.get("worker", {}).get("pools", ["default"]))
+    pools = [p.strip() for value in given for p in value.split(",")]
+    bad = [p for p in pools if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", p)]
+    if bad:
+        fleet.fail(doc, f"{source} {','.join(given)!r}: not pool names (1-64 of A-Z a-z 0-9 _ -): {bad}")
+        return None
+    return pools
 
 
 def port_of(listen: str) -> int | None:
@@ -439,7 +527,10 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
         fleet.fail(doc, f"terminationGracePeriodSeconds {period} must be at least {need}: {' + '.join(parts)} + {MARGIN_S} s margin")
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
     for port_name, key in LISTENERS[role].items():
-        port = port_of(listen_address(container, section, key))
+        listen = listen_address(fleet, doc, container, section, key)
+        if listen is None:
+            continue
+        port = port_of(listen)
         if port is None:
             fleet.fail(doc, f"{role}.{key[0]} must listen on 0.0.0.0:<port> (a Service or Prometheus reaches it)")
         elif ports.get(port_name) != port:
@@ -454,18 +545,25 @@ def check_process(fleet: Fleet, doc: dict, container: dict, role: str) -> None:
             fleet.fail(doc, f"{probe} targets port {http['port']}, where the {role} serves no probe endpoint")
         elif http.get("path") not in OPS_PATHS[role][port_name]:
             fleet.fail(doc, f"{probe} asks for {http.get('path')}, which port {port_name} does not serve")
+    for probe, path in PROBES.items():
+        http = (container.get(probe) or {}).get("httpGet") or {}
+        if http.get("path") != path:
+            fleet.fail(doc, f"container {container['name']}: needs a {probe} with httpGet {path}, has {http.get('path') or 'none'}")
+    startup = container.get("startupProbe") or {}
+    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    if startup and budget < STARTUP_BUDGET_S:
+        fleet.fail(doc, f"container {container['name']}: the startupProbe allows {budget} s, less than {STARTUP_BUDGET_S} s (Redis, then up to 60 s for RabbitMQ)")
     if role == "worker":
-        check_worker_pool(fleet, doc, cfg)
+        check_worker_pool(fleet, doc, worker_pools(fleet, doc, container, cfg))
     for i, token in enumerate(cfg.get("auth", {}).get("tokens", [])):
         if "sha256_file" in token:
             check_token_file(fleet, doc, container, token["sha256_file"], i)
 
 
-def check_worker_pool(fleet: Fleet, doc: dict, cfg: dict) -> None:
-    pools = cfg.get("worker", {}).get("pools", ["default"])
+def check_worker_pool(fleet: Fleet, doc: dict, pools: list[str] | None) -> None:
     label = doc["spec"]["template"]["metadata"]["labels"].get(POOL_LABEL)
-    if len(pools) != 1 or pools[0] != label:
-        fleet.fail(doc, f"its pods are labelled {POOL_LABEL}={label}, its config consumes the pools {pools}")
+    if pools is not None and pools != [label]:
+        fleet.fail(doc, f"its pods are labelled {POOL_LABEL}={label}, its workers consume the pools {pools}")
 
 
 def check_token_file(fleet: Fleet, doc: dict, container: dict, path: str, i: int) -> None:
@@ -476,8 +574,9 @@ def check_token_file(fleet: Fleet, doc: dict, container: dict, path: str, i: int
         fleet.fail(doc, f"auth.tokens[{i}].sha256_file {path}: Secret {found[1]['metadata']['name']} has no key {found[2]}")
 
 
-def processes(fleet: Fleet, binary: str) -> list[tuple[dict, dict]]:
-    """(Deployment, its parsed config) of every Deployment running `binary` whose config parses."""
+def processes(fleet: Fleet, binary: str) -> list[tuple[dict, dict, dict]]:
+    """(Deployment, container, its parsed config) of every Deployment running `binary` whose config
+    parses."""
     out = []
     for doc in fleet.of("Deployment"):
         for c in doc["spec"]["template"]["spec"]["containers"]:
@@ -485,18 +584,21 @@ def processes(fleet: Fleet, binary: str) -> list[tuple[dict, dict]]:
                 quiet = Fleet(fleet.variant, fleet.docs)  # check_process reports the problems
                 cfg = config_of(quiet, doc, c)
                 if cfg is not None:
-                    out.append((doc, cfg))
+                    out.append((doc, c, cfg))
     return out
 
 
-def workers(fleet: Fleet) -> list[tuple[dict, dict]]:
-    return processes(fleet, "agentfleet-worker")
+def workers(fleet: Fleet) -> list[tuple[dict, dict, list[str] | None]]:
+    """(Deployment, its config, the pools it consumes or None when they cannot be told) of every
+    worker whose config parses."""
+    quiet = Fleet(fleet.variant, fleet.docs)  # check_process reports the problems
+    return [(doc, cfg, worker_pools(quiet, doc, container, cfg)) for doc, container, cfg in processes(fleet, "agentfleet-worker")]
 
 
 def check_autoscaling(fleet: Fleet) -> None:
     """Each worker Deployment has one autoscaler or fixed replicas; a ScaledObject scales on the step
     queue of the pool its target consumes."""
-    configs = {d["metadata"]["name"]: (d, cfg) for d, cfg in workers(fleet)}
+    configs = {d["metadata"]["name"]: (cfg, pools) for d, cfg, pools in workers(fleet)}
     scalers: dict[str, list[str]] = {name: [] for name in configs}
     for so in fleet.of("ScaledObject"):
         target = so["spec"]["scaleTargetRef"]["name"]
@@ -504,8 +606,9 @@ def check_autoscaling(fleet: Fleet) -> None:
         if target not in configs:
             fleet.fail(so, f"scales {target}, which is not a worker Deployment (with a valid config) of this render")
             continue
-        deployment, cfg = configs[target]
-        check_rabbitmq_triggers(fleet, so, cfg)
+        cfg, pools = configs[target]
+        if pools is not None:  # else check_process has said why
+            check_rabbitmq_triggers(fleet, so, cfg, pools)
     for hpa in fleet.of("HorizontalPodAutoscaler"):
         target = hpa["spec"]["scaleTargetRef"]["name"]
         scalers.setdefault(target, []).append(f"HorizontalPodAutoscaler/{hpa['metadata']['name']}")
@@ -521,9 +624,8 @@ def check_autoscaling(fleet: Fleet) -> None:
             fleet.fail(deployment, f"needs one autoscaler or fixed replicas, has replicas={fixed} and {what}")
 
 
-def check_rabbitmq_triggers(fleet: Fleet, so: dict, cfg: dict) -> None:
+def check_rabbitmq_triggers(fleet: Fleet, so: dict, cfg: dict, pools: list[str]) -> None:
     prefix = cfg.get("amqp", {}).get("prefix", DEFAULT_PREFIX)
-    pools = cfg.get("worker", {}).get("pools", ["default"])
     queues = {f"{prefix}.steps.{p}" for p in pools}
     triggers = [t for t in so["spec"].get("triggers", []) if t.get("type") == "rabbitmq"]
     if not triggers:
@@ -551,8 +653,8 @@ def check_rabbitmq_triggers(fleet: Fleet, so: dict, cfg: dict) -> None:
 def check_pools_served(fleet: Fleet) -> None:
     """Every pool the dispatcher publishes to (its agents' pools) is consumed by some worker
     Deployment: otherwise that pool's steps wait in their queue forever."""
-    served = {p for _, cfg in workers(fleet) for p in cfg.get("worker", {}).get("pools", ["default"])}
-    for doc, cfg in processes(fleet, "agentfleet-dispatcher"):
+    served = {p for _, _, pools in workers(fleet) for p in pools or []}
+    for doc, _, cfg in processes(fleet, "agentfleet-dispatcher"):
         for pool in sorted(set(agent_pools(cfg)) - served):
             fleet.fail(doc, f"its agents use pool {pool}, which no worker Deployment consumes")
 
@@ -573,7 +675,7 @@ def check_network_policies(fleet: Fleet) -> None:
     """Every pod of the fleet's own processes is under a NetworkPolicy for both directions."""
     policies = fleet.of("NetworkPolicy")
     for binary in BINARIES:
-        for doc, _ in processes(fleet, binary):
+        for doc, _, _ in processes(fleet, binary):
             labels = doc["spec"]["template"]["metadata"]["labels"]
             types = {t for p in policies if selects(p["spec"].get("podSelector"), labels) for t in p["spec"].get("policyTypes", [])}
             if not {"Ingress", "Egress"} <= types:
@@ -646,6 +748,110 @@ def control_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+def fleet_control_problems(variant: Variant, docs: list[dict]) -> list[str]:
+    """Broken copies of a render (production's: several pools) that the fleet checks must refuse,
+    when they pass the render itself. One that passes means a check has stopped checking."""
+    import copy
+
+    def problems_of(d: list[dict]) -> set[str]:
+        fleet = Fleet(variant, d)
+        check_fleet(fleet)
+        return set(fleet.problems)
+
+    def worker(d: list[dict]) -> dict | None:
+        """The container of a worker Deployment of a pool other than `default` (the fallback)."""
+        return next(
+            (
+                c
+                for doc in d
+                if doc["kind"] == "Deployment" and doc["spec"]["template"]["metadata"]["labels"].get(POOL_LABEL) != "default"
+                for c in doc["spec"]["template"]["spec"]["containers"]
+                if (c.get("command") or [""])[0] == "agentfleet-worker"
+            ),
+            None,
+        )
+
+    def pools_env(d: list[dict]) -> dict | None:
+        c = worker(d)
+        return next((e for e in (c or {}).get("env", []) if e["name"] == "AGENTFLEET_POOLS"), None)
+
+    def wrong_env(d: list[dict]) -> bool:
+        env = pools_env(d)
+        if env is not None:
+            env["value"] = "default"
+        return env is not None
+
+    def flag_over_env(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and pools_env(d) is not None:
+            c["args"] = (c.get("args") or []) + ["--pools", "default"]
+        return c is not None and pools_env(d) is not None
+
+    def env_removed(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and pools_env(d) is not None:
+            c["env"] = [e for e in c["env"] if e["name"] != "AGENTFLEET_POOLS"]
+            return True
+        return False
+
+    def dispatcher_pod(d: list[dict]) -> dict | None:
+        return next((doc["spec"]["template"]["spec"] for doc in d if doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("dispatcher")), None)
+
+    def wrong_pod_user(d: list[dict]) -> bool:
+        pod = dispatcher_pod(d)
+        if pod is not None:
+            pod.setdefault("securityContext", {})["runAsUser"] = 10001
+        return pod is not None
+
+    def wrong_container_group(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None:
+            c.setdefault("securityContext", {})["runAsGroup"] = 10001
+        return c is not None
+
+    def no_startup_probe(d: list[dict]) -> bool:
+        c = worker(d)
+        return c is not None and c.pop("startupProbe", None) is not None
+
+    def short_startup_probe(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and "startupProbe" in c:
+            c["startupProbe"].update(periodSeconds=10, failureThreshold=3)
+            return True
+        return False
+
+    def readiness_on_healthz(d: list[dict]) -> bool:
+        c = worker(d)
+        if c is not None and "readinessProbe" in c:
+            c["readinessProbe"]["httpGet"]["path"] = "/healthz"
+            return True
+        return False
+
+    controls = {
+        "a worker without a startupProbe": no_startup_probe,
+        "a worker whose startupProbe allows 30 s": short_startup_probe,
+        "a worker whose readinessProbe asks for /healthz": readiness_on_healthz,
+        "a dispatcher pod with the wrong runAsUser": wrong_pod_user,
+        "a worker container with the wrong runAsGroup": wrong_container_group,
+        "a worker with a wrong AGENTFLEET_POOLS": wrong_env,
+        "a worker whose --pools overrides its AGENTFLEET_POOLS with a wrong pool": flag_over_env,
+        "a worker without AGENTFLEET_POOLS (the config's pools apply)": env_removed,
+    }
+    clean = problems_of(docs)
+    if clean:
+        # A break could repeat a problem the render already has, and these are reported anyway: the
+        # controls prove the checks on a render that passes them.
+        return []
+    problems = []
+    for what, breaks in controls.items():
+        broken = copy.deepcopy(docs)
+        if not breaks(broken):
+            problems.append(f"negative control: {variant.name} has nothing to break for {what}")
+        elif not problems_of(broken):
+            problems.append(f"negative control: {what} passed the fleet checks")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -669,6 +875,8 @@ def main() -> int:
                 continue
             if variant.name == "base":
                 problems += control_problems(docs)
+            if variant.name == "overlays/production":
+                problems += fleet_control_problems(variant, docs)
             fleet = Fleet(variant, docs)
             for doc in docs:
                 for p in schema_problems(doc):
