@@ -7,7 +7,7 @@
 #
 # Usage: bash scripts/k8s-validate.sh            check (from any directory; exits non-zero on any problem)
 #        bash scripts/k8s-validate.sh --write    first regenerate the files made from others (the
-#                                                PrometheusRule, the dashboard's copy, the pool configs)
+#                                                PrometheusRule and the dashboard's copy)
 # K8S_VERSIONS="1.30 1.34" (the default) sets the Kubernetes versions the built-in kinds are checked against.
 set -euo pipefail
 
