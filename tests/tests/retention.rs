@@ -241,8 +241,8 @@ async fn a_daily_counter_expires_after_its_day_whoever_writes_it() -> anyhow::Re
     let end_of_day_plus_margin = (day + 3) * 86_400;
     let tenant = TenantId::parse("acme")?;
     let caps = DailyCaps { agent: "support", tenant: Some(&tenant), day, agent_cap: None, tenant_cap: None };
-    let agent_key = format!("{prefix}:{{budget}}:daily:{day}:agent:support");
-    let tenant_key = format!("{prefix}:{{budget}}:daily:{day}:tenant:acme");
+    let agent_key = format!("{prefix}:daily:{{agent:support}}:{day}");
+    let tenant_key = format!("{prefix}:daily:{{tenant:acme}}:{day}");
 
     store.daily_reserve(&caps, 1_000).await?;
     for key in [&agent_key, &tenant_key] {
@@ -259,7 +259,7 @@ async fn a_daily_counter_expires_after_its_day_whoever_writes_it() -> anyhow::Re
     let yesterday = DailyCaps { day: day - 1, ..caps };
     store.daily_settle(&yesterday, 5).await?;
     let n: i64 = redis::cmd("EXISTS")
-        .arg(format!("{prefix}:{{budget}}:daily:{}:agent:support", day - 1))
+        .arg(format!("{prefix}:daily:{{agent:support}}:{}", day - 1))
         .query_async(&mut conn)
         .await?;
     assert_eq!(n, 0);

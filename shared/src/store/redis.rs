@@ -165,12 +165,25 @@ impl RedisStore {
         Keys::new(&self.prefix, id)
     }
 
-    /// The daily spend counters of an agent and a tenant: one `{budget}` hash tag for both, so one
-    /// script reserves against both caps atomically (also on Redis Cluster).
+    /// The daily spend counters of an agent and a tenant, each its own hash tag, so the counters
+    /// of different agents and tenants spread over a cluster's slots.
     fn daily_keys(&self, agent: &str, tenant: &str, day: u64) -> (String, String) {
-        let p = &self.prefix;
-        let tenant = if tenant.is_empty() { "-" } else { tenant };
-        (format!("{p}:{{budget}}:daily:{day}:agent:{agent}"), format!("{p}:{{budget}}:daily:{day}:tenant:{tenant}"))
+        daily_keys(&self.prefix, agent, tenant, day)
+    }
+
+    /// Takes `amount` from the daily counter `key` unless that crosses `cap`; true when taken.
+    async fn daily_take(&self, key: &str, amount: u64, cap: Option<u64>, expiry_s: u64) -> Result<bool, StoreError> {
+        let cap = cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        let mut inv = self.scripts.daily_reserve.key(key);
+        let refused: i64 = inv.arg(amount).arg(cap).arg(expiry_s).invoke_async(&mut self.conn()).await?;
+        Ok(refused == 0)
+    }
+
+    /// Corrects the daily counter `key` by `delta`, if it exists.
+    async fn daily_correct(&self, key: &str, delta: i64, expiry_s: u64) -> Result<(), StoreError> {
+        let mut inv = self.scripts.daily_settle.key(key);
+        let _: i64 = inv.arg(delta).arg(expiry_s).invoke_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     /// The index of every session from before the listing indexes, scored by creation time: the
@@ -366,31 +379,41 @@ impl StepStore for RedisStore {
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
-        let verdict: i64 = self
-            .scripts
-            .daily_reserve
-            .key(agent_key)
-            .key(tenant_key)
-            .arg(amount)
-            .arg(cap(caps.agent_cap))
-            .arg(cap(caps.tenant_cap))
-            .arg(daily_expiry_s(caps.day))
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(match verdict {
-            0 => DailyVerdict::Reserved,
-            1 => DailyVerdict::AgentCap,
-            _ => DailyVerdict::TenantCap,
+        let expiry = daily_expiry_s(caps.day);
+        // Two counters in two slots, so two scripts, at once. One taken while the other was refused
+        // (or failed) is given back; until then it only makes its cap stricter, never looser.
+        let (agent, tenant) = futures::join!(
+            self.daily_take(&agent_key, amount, caps.agent_cap, expiry),
+            self.daily_take(&tenant_key, amount, caps.tenant_cap, expiry),
+        );
+        if matches!((&agent, &tenant), (Ok(true), Ok(true))) {
+            return Ok(DailyVerdict::Reserved);
+        }
+        let give_back = -i64::try_from(amount).unwrap_or(i64::MAX);
+        for (key, taken) in [(&agent_key, &agent), (&tenant_key, &tenant)] {
+            if matches!(taken, Ok(true))
+                && let Err(e) = self.daily_correct(key, give_back, expiry).await
+            {
+                tracing::warn!(error = %e, "giving back a daily reservation failed; the cap is stricter until the day ends");
+            }
+        }
+        Ok(if !agent? {
+            DailyVerdict::AgentCap
+        } else if !tenant? {
+            DailyVerdict::TenantCap
+        } else {
+            DailyVerdict::Reserved
         })
     }
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let mut inv = self.scripts.daily_settle.key(agent_key);
-        inv.key(tenant_key).arg(delta).arg(daily_expiry_s(caps.day));
-        let _: i64 = inv.invoke_async(&mut self.conn()).await?;
-        Ok(())
+        let expiry = daily_expiry_s(caps.day);
+        let (agent, tenant) = futures::join!(
+            self.daily_correct(&agent_key, delta, expiry),
+            self.daily_correct(&tenant_key, delta, expiry)
+        );
+        agent.and(tenant)
     }
 
     async fn record_tool(
@@ -561,10 +584,10 @@ impl AdminStore for RedisStore {
 
     async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(agent, tenant, day);
-        let (a, t): (Option<i64>, Option<i64>) =
-            redis::pipe().get(agent_key).get(tenant_key).query_async(&mut self.conn()).await?;
-        let non_negative = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-        Ok((non_negative(a), non_negative(t)))
+        let reads = vec![Cmd::get(agent_key), Cmd::get(tenant_key)];
+        let spend: Vec<Option<i64>> = self.conn.query_each(reads).await?;
+        let non_negative = |v: Option<&Option<i64>>| u64::try_from(v.copied().flatten().unwrap_or(0)).unwrap_or(0);
+        Ok((non_negative(spend.first()), non_negative(spend.get(1))))
     }
 
     async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError> {
@@ -870,6 +893,13 @@ fn cursor_of(member: &str) -> String {
     }
 }
 
+/// The daily spend counters of `agent` and `tenant` (empty: none, counted as `-`) on `day`: each its
+/// own hash tag, so one agent's or tenant's counter is one cluster slot and different ones spread.
+fn daily_keys(prefix: &str, agent: &str, tenant: &str, day: u64) -> (String, String) {
+    let tenant = if tenant.is_empty() { "-" } else { tenant };
+    (format!("{prefix}:daily:{{agent:{agent}}}:{day}"), format!("{prefix}:daily:{{tenant:{tenant}}}:{day}"))
+}
+
 /// When a daily counter expires: two days after its day ends (Unix s), whoever writes it last.
 fn daily_expiry_s(day: u64) -> u64 {
     day.saturating_add(3).saturating_mul(86_400)
@@ -1045,5 +1075,30 @@ mod tests {
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             assert_eq!(undeclared_keys(&text), Vec::<String>::new(), "{}", file.display());
         }
+    }
+
+    /// The fleet-wide keys spread over slots: the daily counters of different agents and tenants,
+    /// and the global indexes, are not one slot that every session or step writes.
+    #[test]
+    fn fleet_wide_keys_spread_over_slots() {
+        use std::collections::HashSet;
+        let slots = |keys: &[String]| keys.iter().map(|k| slot(k.as_bytes())).collect::<HashSet<_>>().len();
+        let daily: Vec<String> = ["support", "billing", "triage"]
+            .iter()
+            .flat_map(|a| {
+                let (agent, tenant) = daily_keys("af", a, &format!("{a}-corp"), 20_000);
+                [agent, tenant]
+            })
+            .collect();
+        assert_eq!(slots(&daily), daily.len(), "{daily:?}");
+        let (agent, _) = daily_keys("af", "support", "acme", 20_000);
+        let (tomorrow, _) = daily_keys("af", "support", "acme", 20_001);
+        assert_eq!(slot(agent.as_bytes()), slot(tomorrow.as_bytes()), "one agent's counters keep one tag");
+        let globals: Vec<String> =
+            ["ix:all", "ix:status:live", "ix:status:completed", "ix:retired", "active", "waiting"]
+                .iter()
+                .map(|k| format!("af:{k}"))
+                .collect();
+        assert!(slots(&globals) >= 5, "{globals:?}");
     }
 }
