@@ -3,7 +3,8 @@
 //! Each fleet gets its own AMQP name prefix and Redis key prefix, an in-process scripted model server
 //! and tool server on port 0, an in-process dispatcher on port 0, and worker *processes* (the real
 //! worker CLI) that tests can SIGKILL and restart. `AMQP_URL` and `REDIS_URL` pick the services;
-//! `REDIS_URL=redis+cluster://127.0.0.1:7101,…` runs the fleets on a Redis Cluster.
+//! `REDIS_URL=redis+cluster://127.0.0.1:7101,…` runs the fleets on a Redis Cluster
+//! (`scripts/redis-cluster.sh` starts one).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -252,6 +253,10 @@ impl TestFleet {
             .env("ANTHROPIC_API_KEY", "test-key")
             .env("RUST_LOG", "warn")
             .env("HOSTNAME", format!("{}-w{}", self.prefix, self.spawned))
+            // The fleet's services, whatever the test process's environment says (a test on a
+            // private Redis or broker, while REDIS_URL names a cluster).
+            .env("REDIS_URL", &self.config.redis.url)
+            .env("AMQP_URL", &self.config.amqp.url)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
