@@ -107,12 +107,13 @@ impl RedisConn {
     pub async fn exec_each(&self, cmds: Vec<Cmd>) -> RedisResult<()> {
         match (&self.0, cmds.len()) {
             (_, 0) => Ok(()),
-            (Inner::Single(_), _) => {
+            (Inner::Single(conn), _) => {
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
                     pipe.add_command(cmd).ignore();
                 }
-                pipe.exec_async(&mut self.clone()).await
+                // Straight to the server, past the one-slot check: these keys may be of many slots.
+                pipe.exec_async(&mut conn.clone()).await
             }
             (Inner::Cluster(_), _) => try_join_all(cmds.iter().map(|cmd| {
                 let mut conn = self.clone();
@@ -128,12 +129,13 @@ impl RedisConn {
     pub async fn query_each<T: FromRedisValue + Send>(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<T>> {
         match (&self.0, cmds.len()) {
             (_, 0) => Ok(Vec::new()),
-            (Inner::Single(_), _) => {
+            (Inner::Single(conn), _) => {
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
                     pipe.add_command(cmd);
                 }
-                pipe.query_async(&mut self.clone()).await
+                // Straight to the server, past the one-slot check: these keys may be of many slots.
+                pipe.query_async(&mut conn.clone()).await
             }
             (Inner::Cluster(_), _) => {
                 try_join_all(cmds.iter().map(|cmd| {
