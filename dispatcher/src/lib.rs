@@ -50,7 +50,7 @@ pub struct AppState {
     publisher: Arc<AmqpPublisher>,
     metrics: Option<PrometheusHandle>,
     /// For the per-tenant limits (the `limits` module).
-    redis: redis::aio::ConnectionManager,
+    redis: agentfleet::redis_conn::RedisConn,
     /// Set at SIGTERM: `/readyz` answers 503 from then on.
     draining: Arc<AtomicBool>,
 }
@@ -100,7 +100,7 @@ impl Dispatcher {
             .await
             .context("connecting to Redis")?
             .with_retention_ms(cfg.sessions.retention_ms);
-        durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
+        durability::check(&store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let topology = Topology::from_config(&cfg.amqp);
         let pools = agent_pools(&cfg);
         let publisher =

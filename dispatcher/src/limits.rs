@@ -111,3 +111,11 @@ async fn prune(s: &AppState, key: &str) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_admit_script_touches_only_the_key_it_is_given() {
+        assert_eq!(agentfleet::redis_conn::undeclared_keys(super::ADMIT), Vec::<String>::new());
+    }
+}

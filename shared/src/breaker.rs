@@ -42,8 +42,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 use thiserror::Error;
+
+use crate::redis_conn::RedisConn;
 
 pub use crate::config::{BreakerConfig, RAMP};
 
@@ -280,7 +281,7 @@ fn ms(d: Duration) -> u64 {
 /// The fleet's circuit breakers, in Redis. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Breakers {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     check: Script,
     record: Script,
@@ -288,7 +289,7 @@ pub struct Breakers {
 
 impl Breakers {
     /// Breakers under the key prefix `prefix` (the store's, e.g. `af`), over a shared connection.
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: RedisConn, prefix: impl Into<String>) -> Self {
         Self {
             conn,
             prefix: prefix.into(),

@@ -15,6 +15,7 @@ pub mod http_body;
 pub mod lifecycle;
 pub mod llm;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod scrub;
 pub mod shutdown;
 pub mod step;

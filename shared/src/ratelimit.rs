@@ -35,12 +35,12 @@
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{Script, ScriptInvocation};
 use reqwest::header::HeaderMap;
 use thiserror::Error;
 
 pub use crate::config::{AdaptiveRate, RateLimit};
+use crate::redis_conn::RedisConn;
 
 /// How long the adaptive rate outlives the last overload when no call asks in between.
 const ADAPTIVE_TTL: Duration = Duration::from_secs(300);
@@ -167,14 +167,14 @@ impl Scripts {
 /// The fleet's rate limiters, in Redis. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct RateLimiter {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     scripts: Scripts,
 }
 
 impl RateLimiter {
     /// Limiters under the key prefix `prefix` (the store's, e.g. `af`), over a shared connection.
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: RedisConn, prefix: impl Into<String>) -> Self {
         Self { conn, prefix: prefix.into(), scripts: Scripts::load() }
     }
 

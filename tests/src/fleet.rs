@@ -2,15 +2,18 @@
 //!
 //! Each fleet gets its own AMQP name prefix and Redis key prefix, an in-process scripted model server
 //! and tool server on port 0, an in-process dispatcher on port 0, and worker *processes* (the real
-//! worker CLI) that tests can SIGKILL and restart. `AMQP_URL` and `REDIS_URL` pick the services.
+//! worker CLI) that tests can SIGKILL and restart. `AMQP_URL` and `REDIS_URL` pick the services;
+//! `REDIS_URL=redis+cluster://127.0.0.1:7101,…` runs the fleets on a Redis Cluster
+//! (`scripts/redis-cluster.sh` starts one).
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentfleet::config::Config;
+use agentfleet::config::{Config, RedisConfig};
 use agentfleet::domain::SessionId;
+use agentfleet::redis_conn::RedisConn;
 use agentfleet_dispatcher::Dispatcher;
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -25,9 +28,25 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// The Redis URL for tests.
+/// The Redis URL for tests: one server, or a cluster (`redis+cluster://host:port,…`).
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the Redis (one server or a cluster) at `url`, as the fleet's processes make it.
+pub async fn redis_at(url: &str) -> anyhow::Result<RedisConn> {
+    Ok(RedisConn::connect(&RedisConfig { url: url.to_owned(), ..Default::default() }).await?)
+}
+
+/// Deletes every key that starts with `prefix:`, on every master of a cluster.
+pub async fn delete_keys_under(conn: &RedisConn, prefix: &str) -> anyhow::Result<()> {
+    let mut conn = conn.clone();
+    // KEYS goes to every master of a cluster; a DEL of keys of many slots is split by slot.
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await?;
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+    }
+    Ok(())
 }
 
 /// How to build a fleet.
@@ -244,6 +263,10 @@ impl TestFleet {
             .env("ANTHROPIC_API_KEY", "test-key")
             .env("RUST_LOG", "warn")
             .env("HOSTNAME", format!("{}-w{}", self.prefix, self.spawned))
+            // The fleet's services, whatever the test process's environment says (a test on a
+            // private Redis or broker, while REDIS_URL names a cluster).
+            .env("REDIS_URL", &self.config.redis.url)
+            .env("AMQP_URL", &self.config.amqp.url)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -405,10 +428,9 @@ impl TestFleet {
         }
     }
 
-    /// A Redis connection for inspection.
-    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.config.redis.url.as_str())?;
-        Ok(client.get_multiplexed_async_connection().await?)
+    /// A Redis connection for inspection: to the one server or the cluster the fleet uses.
+    pub async fn redis(&self) -> anyhow::Result<RedisConn> {
+        Ok(RedisConn::connect(&self.config.redis).await?)
     }
 
     /// An AMQP channel for inspection and raw publishing.
@@ -514,13 +536,7 @@ impl TestFleet {
     }
 
     async fn delete_keys(&self) -> anyhow::Result<()> {
-        let mut redis = self.redis().await?;
-        let pattern = format!("{}:*", self.config.redis.key_prefix);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await?;
-        for chunk in keys.chunks(500) {
-            let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut redis).await?;
-        }
-        Ok(())
+        delete_keys_under(&self.redis().await?, &self.config.redis.key_prefix).await
     }
 }
 

@@ -615,8 +615,7 @@ async fn run_many(fleet: &TestFleet, agent: &str, goals: impl Iterator<Item = St
 
 /// The fleet's breakers, read straight from Redis.
 async fn breakers(fleet: &TestFleet) -> anyhow::Result<Breakers> {
-    let conn = redis::Client::open(fleet.config.redis.url.as_str())?.get_connection_manager().await?;
-    Ok(Breakers::new(conn, fleet.config.redis.key_prefix.clone()))
+    Ok(Breakers::new(fleet.redis().await?, fleet.config.redis.key_prefix.clone()))
 }
 
 /// Waits until breaker `name` has cooled down (the next call would be the probe).

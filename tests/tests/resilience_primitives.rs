@@ -7,20 +7,16 @@ use std::time::Duration;
 
 use agentfleet::breaker::{BreakerConfig, BreakerStatus, Breakers, Permit, Transition};
 use agentfleet::ratelimit::{Acquire, AdaptiveRate, RateHeaders, RateLimit, RateLimiter, Signal, Tokens};
+use agentfleet::redis_conn::RedisConn;
+use agentfleet_tests::fleet::{delete_keys_under, redis_at, redis_url};
 use futures::future::join_all;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// An arbitrary start of simulated time (Unix ms).
 const T0: u64 = 1_700_000_000_000;
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A connection of its own, as each worker process has.
-async fn connect() -> anyhow::Result<ConnectionManager> {
-    let cfg = ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
-    Ok(redis::Client::open(redis_url())?.get_connection_manager_with_config(cfg).await?)
+/// A connection of its own, as each worker process has (to one server or a cluster).
+async fn connect() -> anyhow::Result<RedisConn> {
+    redis_at(&redis_url()).await
 }
 
 fn fresh_prefix() -> String {
@@ -29,19 +25,7 @@ fn fresh_prefix() -> String {
 
 /// Deletes every key under `prefix`.
 async fn cleanup(prefix: &str) -> anyhow::Result<()> {
-    let mut conn = connect().await?;
-    let mut cursor = 0_u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(format!("{prefix}:*")).query_async(&mut conn).await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+    delete_keys_under(&connect().await?, prefix).await
 }
 
 fn nz(n: u32) -> anyhow::Result<NonZeroU32> {

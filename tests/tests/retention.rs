@@ -8,26 +8,22 @@ use std::time::Duration;
 use agentfleet::budget::Limits;
 use agentfleet::config::RedisConfig;
 use agentfleet::domain::{MicroUsd, Name, SessionId, SessionStatus, StepMessage, TenantId};
+use agentfleet::redis_conn::RedisConn;
 use agentfleet::store::{AdminStore, Claim, DailyCaps, ListFilter, NewSession, RedisStore, StepStore};
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, redis_url, try_eventually};
-use redis::aio::MultiplexedConnection;
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, delete_keys_under, redis_at, redis_url, try_eventually};
 use serde_json::{Value, json};
 
 /// A store of its own key prefix, and a plain connection to look at its keys.
-async fn store(retention_ms: u64) -> anyhow::Result<(RedisStore, String, MultiplexedConnection)> {
+async fn store(retention_ms: u64) -> anyhow::Result<(RedisStore, String, RedisConn)> {
     let prefix = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
     let cfg = RedisConfig { url: redis_url(), key_prefix: prefix.clone(), ..Default::default() };
     let store = RedisStore::connect(&cfg).await?.with_retention_ms(retention_ms);
-    let conn = redis::Client::open(redis_url())?.get_multiplexed_async_connection().await?;
+    let conn = redis_at(&redis_url()).await?;
     Ok((store, prefix, conn))
 }
 
-async fn delete_keys(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<()> {
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await?;
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL").arg(chunk).query_async(conn).await?;
-    }
-    Ok(())
+async fn delete_keys(conn: &mut RedisConn, prefix: &str) -> anyhow::Result<()> {
+    delete_keys_under(conn, prefix).await
 }
 
 fn new_session(tenant: Option<&str>) -> anyhow::Result<NewSession> {
@@ -67,7 +63,7 @@ async fn list_all(store: &RedisStore, filter: &ListFilter, limit: usize) -> anyh
     }
 }
 
-async fn zcard(conn: &mut MultiplexedConnection, key: &str) -> anyhow::Result<u64> {
+async fn zcard(conn: &mut RedisConn, key: &str) -> anyhow::Result<u64> {
     Ok(redis::cmd("ZCARD").arg(key).query_async(conn).await?)
 }
 
@@ -245,8 +241,8 @@ async fn a_daily_counter_expires_after_its_day_whoever_writes_it() -> anyhow::Re
     let end_of_day_plus_margin = (day + 3) * 86_400;
     let tenant = TenantId::parse("acme")?;
     let caps = DailyCaps { agent: "support", tenant: Some(&tenant), day, agent_cap: None, tenant_cap: None };
-    let agent_key = format!("{prefix}:{{budget}}:daily:{day}:agent:support");
-    let tenant_key = format!("{prefix}:{{budget}}:daily:{day}:tenant:acme");
+    let agent_key = format!("{prefix}:daily:{{agent:support}}:{day}");
+    let tenant_key = format!("{prefix}:daily:{{tenant:acme}}:{day}");
 
     store.daily_reserve(&caps, 1_000).await?;
     for key in [&agent_key, &tenant_key] {
@@ -263,7 +259,7 @@ async fn a_daily_counter_expires_after_its_day_whoever_writes_it() -> anyhow::Re
     let yesterday = DailyCaps { day: day - 1, ..caps };
     store.daily_settle(&yesterday, 5).await?;
     let n: i64 = redis::cmd("EXISTS")
-        .arg(format!("{prefix}:{{budget}}:daily:{}:agent:support", day - 1))
+        .arg(format!("{prefix}:daily:{{agent:support}}:{}", day - 1))
         .query_async(&mut conn)
         .await?;
     assert_eq!(n, 0);

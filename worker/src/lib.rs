@@ -54,7 +54,7 @@ impl Worker {
             .await
             .context("connecting to Redis")?
             .with_retention_ms(cfg.sessions.retention_ms);
-        durability::check(&mut store.connection(), &cfg.redis).await.context("checking Redis durability")?;
+        durability::check(&store.connection(), &cfg.redis).await.context("checking Redis durability")?;
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::from_config(&cfg.amqp);
         let pools = all_pools(&cfg, &agents);

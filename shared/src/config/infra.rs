@@ -196,20 +196,29 @@ impl AmqpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Redis URL. Env `REDIS_URL`. Default `redis://127.0.0.1:6379`.
+    /// Redis URL. Env `REDIS_URL`. Default `redis://127.0.0.1:6379`. A Redis Cluster is named by
+    /// `redis+cluster://[user:password@]host:port[,host:port…]` (`rediss+cluster://` with TLS), or by
+    /// `cluster = true` with this URL as one of its nodes.
     pub url: String,
+    /// Talk to a Redis Cluster: `url` and `cluster_nodes` are seed nodes, from which the client
+    /// learns the whole cluster and follows its slot moves. Default false.
+    pub cluster: bool,
+    /// More seed nodes of the cluster besides `url` (`redis://host:port` each, all with the same
+    /// scheme), so that the fleet starts while any one seed is down. Needs `cluster`. Default none.
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key. Default `af`; tests use their own.
     pub key_prefix: String,
     /// How long to wait for a reply before the outcome counts as unknown. Default 10000 ms, far
-    /// above tail latency under load (see DESIGN §3).
+    /// above tail latency under load (see DESIGN §3). On a cluster it bounds the whole command,
+    /// redirections and retries included.
     pub response_timeout_ms: u64,
-    /// How long to wait for a connection. Default 5000 ms.
+    /// How long to wait for a connection (to each node of a cluster). Default 5000 ms.
     pub connect_timeout_ms: u64,
     /// Refuse to start unless Redis is durable: AOF on (`appendonly yes`) and
-    /// `maxmemory-policy noeviction`, read with `CONFIG GET` at start. Without it a non-durable
-    /// Redis is only warned about. Where `CONFIG` is refused (a managed Redis that renames or
-    /// forbids it) durability cannot be verified, and this refuses too: check persistence in
-    /// the provider's settings and leave this off there. Default false.
+    /// `maxmemory-policy noeviction`, read with `CONFIG GET` at start (on every master of a
+    /// cluster). Without it a non-durable Redis is only warned about. Where `CONFIG` is refused (a
+    /// managed Redis that renames or forbids it) durability cannot be verified, and this refuses
+    /// too: check persistence in the provider's settings and leave this off there. Default false.
     pub require_durable: bool,
 }
 
@@ -217,12 +226,91 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            cluster_nodes: Vec::new(),
             key_prefix: "af".into(),
             response_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             require_durable: false,
         }
     }
+}
+
+/// The Redis the fleet talks to, as [`RedisConfig`] names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (or a proxy that looks like one), at this URL.
+    Single(String),
+    /// A Redis Cluster, found through these seed nodes (`redis://` or `rediss://` URLs).
+    Cluster(Vec<String>),
+}
+
+/// The schemes of a cluster URL, each with the scheme of its nodes.
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [("redis+cluster", "redis"), ("rediss+cluster", "rediss")];
+
+impl RedisConfig {
+    /// One server or a cluster, and where. Fails on a URL that is not a Redis URL, on
+    /// `cluster_nodes` without `cluster`, and on seed nodes that mix TLS and plain TCP.
+    pub fn target(&self) -> Result<RedisTarget, Problem> {
+        self.resolve().map_err(|e| e.problem)
+    }
+
+    /// Every node URL the config names, as far as it parses (for the secrets to redact).
+    pub(super) fn node_urls(&self) -> Vec<String> {
+        match self.target() {
+            Ok(RedisTarget::Single(url)) => vec![url],
+            Ok(RedisTarget::Cluster(nodes)) => nodes,
+            Err(_) => std::iter::once(&self.url).chain(&self.cluster_nodes).cloned().collect(),
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        self.resolve().map(drop)
+    }
+
+    fn resolve(&self) -> Result<RedisTarget, Invalid> {
+        let seeds = match cluster_seeds(&self.url) {
+            Some(seeds) => Some(seeds.map_err(|p| Invalid::new("url", p))?),
+            None => {
+                check_url(&self.url, &["redis", "rediss"]).map_err(|p| Invalid::new("url", p))?;
+                self.cluster.then(|| vec![self.url.clone()])
+            }
+        };
+        let Some(mut seeds) = seeds else {
+            if !self.cluster_nodes.is_empty() {
+                return Err(Invalid::new("cluster_nodes", Problem::ClusterNodesWithoutCluster));
+            }
+            return Ok(RedisTarget::Single(self.url.clone()));
+        };
+        for (i, node) in self.cluster_nodes.iter().enumerate() {
+            check_url(node, &["redis", "rediss"]).map_err(|p| Invalid::new(format!("cluster_nodes[{i}]"), p))?;
+            seeds.push(node.clone());
+        }
+        let tls = |u: &String| u.starts_with("rediss:");
+        if seeds.iter().any(tls) && !seeds.iter().all(tls) {
+            return Err(Invalid::new("cluster_nodes", Problem::MixedTls));
+        }
+        Ok(RedisTarget::Cluster(seeds))
+    }
+}
+
+/// The seed node URLs of a `redis+cluster://[userinfo@]host:port,host:port[/db][?query]` URL, each
+/// with the userinfo, path and query of the whole; `None` for any other scheme.
+fn cluster_seeds(url: &str) -> Option<Result<Vec<String>, Problem>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (_, node_scheme) = CLUSTER_SCHEMES.iter().find(|(s, _)| scheme.eq_ignore_ascii_case(s))?;
+    let bad = || Problem::ClusterUrl(crate::scrub::urls_in(url));
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        None => (String::new(), authority),
+    };
+    if hosts.split(',').any(str::is_empty) {
+        return Some(Err(bad()));
+    }
+    let nodes = hosts.split(',').map(|host| format!("{node_scheme}://{userinfo}{host}{tail}"));
+    Some(nodes.map(|node| check_url(&node, &["redis", "rediss"]).map(|()| node).map_err(|_| bad())).collect())
 }
 
 /// What happens to sessions once they have ended (`[sessions]`).

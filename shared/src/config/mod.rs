@@ -27,7 +27,8 @@ use thiserror::Error;
 pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{
-    AmqpConfig, DeadLettersConfig, DispatcherConfig, OtlpConfig, RedisConfig, SessionsConfig, TelemetryConfig,
+    AmqpConfig, DeadLettersConfig, DispatcherConfig, OtlpConfig, RedisConfig, RedisTarget, SessionsConfig,
+    TelemetryConfig,
     WebhooksConfig, WorkerConfig,
 };
 pub use providers::{
@@ -148,6 +149,15 @@ pub enum Problem {
     /// A callback prefix that could be extended to another host or that carries userinfo.
     #[error("`{0}` must be an http(s) URL without userinfo, query or fragment, ending in `/`")]
     BadCallbackPrefix(String),
+    /// A Redis Cluster URL that does not parse.
+    #[error("`{0}` must be `redis+cluster://[user:password@]host:port[,host:port…]` (or `rediss+cluster://`)")]
+    ClusterUrl(String),
+    /// Cluster seed nodes for a single Redis.
+    #[error("seed nodes need `cluster = true` (or a `redis+cluster://` url)")]
+    ClusterNodesWithoutCluster,
+    /// Cluster seed nodes of which some use TLS and some do not.
+    #[error("the cluster's seed nodes must all use `redis://` or all `rediss://`")]
+    MixedTls,
 }
 
 /// A field that failed validation: its dotted path (relative to where it was checked) and why.
@@ -277,7 +287,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), Invalid> {
         check_url(&self.amqp.url, &["amqp", "amqps"]).map_err(|p| Invalid::new("amqp.url", p))?;
-        check_url(&self.redis.url, &["redis", "rediss"]).map_err(|p| Invalid::new("redis.url", p))?;
+        self.redis.validate().map_err(|e| e.within("redis"))?;
         check_url(&self.anthropic.base_url, &["http", "https"]).map_err(|p| Invalid::new("anthropic.base_url", p))?;
         check_url(&self.openai.base_url, &["http", "https"]).map_err(|p| Invalid::new("openai.base_url", p))?;
         Name::parse(&self.amqp.prefix).map_err(|e| Invalid::new("amqp.prefix", e.into()))?;
@@ -393,7 +403,8 @@ impl Config {
                 out.extend(headers_from_env.values().filter_map(|var| env(var)));
             }
         }
-        out.extend([&self.amqp.url, &self.redis.url].into_iter().flat_map(|u| url_password(u)));
+        out.extend(url_password(&self.amqp.url));
+        out.extend(self.redis.node_urls().iter().flat_map(|u| url_password(u)));
         out
     }
 
@@ -621,6 +632,50 @@ mod tests {
         for s in ["amqp%2Fpass", "amqp/pass", "redis-pass-1", "fleet-hook-secret", "acme-hook-secret"] {
             assert!(secrets.iter().any(|x| x == s), "{s} is missing from {secrets:?}");
         }
+    }
+
+    #[test]
+    fn a_cluster_is_named_by_its_url_or_by_the_cluster_flag() {
+        let target = |redis: &str| parse(&format!("{MINIMAL}\n[redis]\n{redis}")).map(|c| c.redis.target());
+        assert_eq!(target("").expect("valid").expect("target"), RedisTarget::Single("redis://127.0.0.1:6379".into()));
+        let by_url = target("url = \"rediss+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001/?protocol=3\"");
+        assert_eq!(
+            by_url.expect("valid").expect("target"),
+            RedisTarget::Cluster(vec![
+                "rediss://u:p%40ss@10.0.0.1:7000/?protocol=3".into(),
+                "rediss://u:p%40ss@10.0.0.2:7001/?protocol=3".into()
+            ])
+        );
+        let by_flag = target("url = \"redis://a:7000\"\ncluster = true\ncluster_nodes = [\"redis://b:7000\"]");
+        assert_eq!(
+            by_flag.expect("valid").expect("target"),
+            RedisTarget::Cluster(vec!["redis://a:7000".into(), "redis://b:7000".into()])
+        );
+        let env = |k: &str| (k == "REDIS_URL").then(|| "redis+cluster://c1:7101,c2:7102".to_owned());
+        let cfg = Config::parse(MINIMAL, Path::new("test.toml"), &env).expect("valid");
+        assert_eq!(
+            cfg.redis.target().expect("target"),
+            RedisTarget::Cluster(vec!["redis://c1:7101".into(), "redis://c2:7102".into()])
+        );
+    }
+
+    #[test]
+    fn bad_cluster_settings_name_the_field() {
+        let field = |redis: &str| parse(&format!("{MINIMAL}\n[redis]\n{redis}")).expect_err("invalid").field;
+        assert_eq!(field("url = \"redis+cluster://:pw@a:1,,b:2\""), "redis.url");
+        assert_eq!(field("url = \"redis+cluster://\""), "redis.url");
+        assert_eq!(field("cluster_nodes = [\"redis://b:7000\"]"), "redis.cluster_nodes");
+        assert_eq!(field("cluster = true\ncluster_nodes = [\"http://b:7000\"]"), "redis.cluster_nodes[0]");
+        assert_eq!(field("cluster = true\ncluster_nodes = [\"rediss://b:7000\"]"), "redis.cluster_nodes");
+        let e = parse(&format!("{MINIMAL}\n[redis]\nurl = \"redis+cluster://:hunter22@a:1,,b:2\"")).expect_err("bad");
+        assert!(!e.to_string().contains("hunter22") && e.to_string().contains("redis+cluster://"), "{e}");
+    }
+
+    #[test]
+    fn secrets_cover_the_password_of_a_cluster_url() {
+        let text = format!("{MINIMAL}\n[redis]\nurl = \"redis+cluster://:cluster-pass-1@a:7000,b:7000\"");
+        let secrets = parse(&text).expect("valid").secrets(&no_env);
+        assert!(secrets.iter().any(|x| x == "cluster-pass-1"), "{secrets:?}");
     }
 
     #[test]

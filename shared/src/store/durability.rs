@@ -7,6 +7,9 @@
 //! `CONFIG GET maxmemory-policy`) and warn loudly, or refuse to start when
 //! `redis.require_durable` is set. Sidekiq warns the same way.
 //!
+//! On a Redis Cluster every master holds some sessions, so every master is asked, and a finding
+//! names its node.
+//!
 //! A managed Redis may rename `CONFIG` or refuse it to the fleet's user; then durability cannot be
 //! verified. That is warned about too, and with `require_durable` it refuses: the setting promises
 //! a checked Redis, and an unchecked one is not. Where `CONFIG` is unavailable, check persistence
@@ -15,11 +18,11 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use redis::aio::ConnectionLike;
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::config::RedisConfig;
+use crate::redis_conn::RedisConn;
 
 /// What the server's settings mean for the sessions stored in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,11 +51,26 @@ pub enum Finding {
         /// Its value.
         policy: String,
     },
+    /// A finding on one master of a cluster (`host:port`).
+    OnNode {
+        /// The node.
+        node: String,
+        /// What is wrong there.
+        finding: Box<Finding>,
+    },
+}
+
+impl Finding {
+    /// This finding, on `node` (empty: the one server).
+    fn on(self, node: &str) -> Self {
+        if node.is_empty() { self } else { Self::OnNode { node: node.to_owned(), finding: Box::new(self) } }
+    }
 }
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::OnNode { node, finding } => write!(f, "on the cluster node {node}: {finding}"),
             Self::NoAof { appendonly } => write!(
                 f,
                 "AOF is off (appendonly = {appendonly}): a Redis restart loses every session, lease and tool \
@@ -94,7 +112,7 @@ fn join(findings: &[Finding]) -> String {
 /// Reads the server's settings and logs what they mean: a warning for each problem, one info
 /// line when all is well. Fails when Redis does not answer, and, with `cfg.require_durable`, when
 /// it is not durable or cannot be checked.
-pub async fn check(conn: &mut (impl ConnectionLike + Send), cfg: &RedisConfig) -> Result<Durability, DurabilityError> {
+pub async fn check(conn: &RedisConn, cfg: &RedisConfig) -> Result<Durability, DurabilityError> {
     let found = inspect(conn).await?;
     match &found {
         Durability::Durable { appendfsync } => {
@@ -120,25 +138,65 @@ pub async fn check(conn: &mut (impl ConnectionLike + Send), cfg: &RedisConfig) -
     Ok(found)
 }
 
-/// Reads `appendonly`, `maxmemory-policy` and `appendfsync` with `CONFIG GET`. A refusal (an error
-/// reply: the command renamed, or not allowed) is [`Durability::Unverified`]; a connection error is
-/// an error.
-pub async fn inspect(conn: &mut (impl ConnectionLike + Send)) -> Result<Durability, redis::RedisError> {
-    let mut values = HashMap::new();
+/// Reads `appendonly`, `maxmemory-policy` and `appendfsync` with `CONFIG GET`, on the one server or
+/// on every master of a cluster. A refusal (an error reply: the command renamed, or not allowed) is
+/// [`Durability::Unverified`]; a connection error is an error. On a cluster the findings of every
+/// master add up, each naming its node; one master that cannot be checked makes the whole unverified.
+pub async fn inspect(conn: &RedisConn) -> Result<Durability, redis::RedisError> {
+    // node -> setting -> value
+    let mut nodes: Vec<(String, HashMap<&str, String>)> = Vec::new();
     for name in ["appendonly", "maxmemory-policy", "appendfsync"] {
-        match config_get(conn, name).await {
-            Ok(Some(value)) => {
-                values.insert(name, value);
+        for (node, reply) in conn.on_each_master(redis::cmd("CONFIG").arg("GET").arg(name)).await? {
+            let value = match reply.and_then(|v| Ok(redis::from_redis_value::<HashMap<String, String>>(v)?)) {
+                Ok(pairs) => pairs.into_iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v),
+                Err(e) if e.code().is_some() => {
+                    return Ok(Durability::Unverified(format!("{}CONFIG GET {name}: {e}", at(&node))));
+                }
+                Err(e) => return Err(e),
+            };
+            let i = nodes.iter().position(|(n, _)| *n == node).unwrap_or_else(|| {
+                nodes.push((node.clone(), HashMap::new()));
+                nodes.len() - 1
+            });
+            match value {
+                Some(value) => {
+                    nodes[i].1.insert(name, value);
+                }
+                // `appendfsync` only says how much AOF may lose; not knowing it is no reason to doubt.
+                None if name == "appendfsync" => {}
+                None => return Ok(Durability::Unverified(format!("{}CONFIG GET {name} answered nothing", at(&node)))),
             }
-            // `appendfsync` only says how much AOF may lose; not knowing it is no reason to doubt.
-            Ok(None) if name == "appendfsync" => {}
-            Ok(None) => return Ok(Durability::Unverified(format!("CONFIG GET {name} answered nothing"))),
-            Err(e) if e.code().is_some() => return Ok(Durability::Unverified(format!("CONFIG GET {name}: {e}"))),
-            Err(e) => return Err(e),
         }
     }
-    let get = |name: &str| values.get(name).map_or("", String::as_str);
-    Ok(judge(get("appendonly"), get("maxmemory-policy"), get("appendfsync").to_owned()))
+    Ok(combine(nodes.iter().map(|(node, values)| {
+        let get = |name: &str| values.get(name).map_or("", String::as_str);
+        (node.as_str(), judge(get("appendonly"), get("maxmemory-policy"), get("appendfsync").to_owned()))
+    })))
+}
+
+/// `on the cluster node <node>: ` for a node of a cluster; nothing for the one server.
+fn at(node: &str) -> String {
+    if node.is_empty() { String::new() } else { format!("on the cluster node {node}: ") }
+}
+
+/// The verdicts of every node as one: durable only when every node is, with every node's findings.
+fn combine<'a>(verdicts: impl Iterator<Item = (&'a str, Durability)>) -> Durability {
+    let mut findings = Vec::new();
+    let mut appendfsync = None;
+    for (node, verdict) in verdicts {
+        match verdict {
+            Durability::Durable { appendfsync: fsync } => {
+                appendfsync.get_or_insert(fsync);
+            }
+            Durability::NotDurable(found) => findings.extend(found.into_iter().map(|f| f.on(node))),
+            Durability::Unverified(why) => return Durability::Unverified(why),
+        }
+    }
+    match appendfsync {
+        _ if !findings.is_empty() => Durability::NotDurable(findings),
+        Some(appendfsync) => Durability::Durable { appendfsync },
+        None => Durability::Unverified("no Redis node answered".into()),
+    }
 }
 
 /// What `appendonly` and `maxmemory-policy` mean: only `yes` and `noeviction` are durable.
@@ -151,11 +209,6 @@ pub fn judge(appendonly: &str, policy: &str, appendfsync: String) -> Durability 
         findings.push(Finding::Evicts { policy: policy.to_owned() });
     }
     if findings.is_empty() { Durability::Durable { appendfsync } } else { Durability::NotDurable(findings) }
-}
-
-async fn config_get(conn: &mut (impl ConnectionLike + Send), name: &str) -> Result<Option<String>, redis::RedisError> {
-    let reply: HashMap<String, String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await?;
-    Ok(reply.into_iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
 }
 
 #[cfg(test)]
@@ -173,6 +226,26 @@ mod tests {
         for policy in ["volatile-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random"] {
             assert!(matches!(judge("yes", policy, String::new()), Durability::NotDurable(f) if f.len() == 1));
         }
+    }
+
+    #[test]
+    fn a_cluster_is_durable_only_when_every_master_is() {
+        let durable = || judge("yes", "noeviction", "everysec".into());
+        let verdict = combine([("10.0.0.1:7000", durable()), ("10.0.0.2:7000", durable())].into_iter());
+        assert_eq!(verdict, Durability::Durable { appendfsync: "everysec".into() });
+        let one_off = [("10.0.0.1:7000", durable()), ("10.0.0.2:7000", judge("no", "noeviction", String::new()))];
+        let Durability::NotDurable(findings) = combine(one_off.into_iter()) else { panic!("durable") };
+        assert_eq!(findings.len(), 1);
+        assert!(
+            findings[0].to_string().starts_with("on the cluster node 10.0.0.2:7000: AOF is off"),
+            "{}",
+            findings[0]
+        );
+        let unknown = [("a:1", durable()), ("b:1", Durability::Unverified("NOPERM".into()))];
+        assert_eq!(combine(unknown.into_iter()), Durability::Unverified("NOPERM".into()));
+        // The one server names no node.
+        let single = combine([("", judge("no", "noeviction", String::new()))].into_iter());
+        assert_eq!(single, Durability::NotDurable(vec![Finding::NoAof { appendonly: "no".into() }]));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The Redis implementation of [`StepStore`](super::StepStore) and [`AdminStore`](super::AdminStore).
 //!
-//! One multiplexed connection (auto-reconnecting) carries every command of the process, so
-//! concurrent steps pipeline on the wire instead of queueing for pooled connections. Every key of a
-//! session carries the hash tag `{<session_id>}`, so each script touches one cluster slot.
+//! One multiplexed connection ([`RedisConn`]: one server or a cluster, auto-reconnecting) carries
+//! every command of the process, so concurrent steps pipeline on the wire instead of queueing for
+//! pooled connections. Every key of a session carries the hash tag `{<session_id>}`, so each script
+//! touches one cluster slot; every other script touches one key. Commands on keys of several slots
+//! (the indexes, a page of sessions) go through [`RedisConn::exec_each`] and
+//! [`RedisConn::query_each`], never one pipeline.
 //!
 //! Listing reads sorted sets, each a key (and a cluster slot) of its own: every session, a tenant's,
 //! a status class's and a tenant's in a status class. Their members are `<created_ms, 20 digits>:<id>`
@@ -12,11 +15,9 @@
 //! ended session's retention starts there.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::{Cmd, Script, Value};
 
 use super::{
     AdminStore, Attempt, CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, Fence, ListFilter, Meta,
@@ -28,6 +29,7 @@ use crate::config::RedisConfig;
 use crate::domain::MicroUsd;
 use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use crate::llm::ToolOutcome;
+use crate::redis_conn::RedisConn;
 
 /// The keys of one session.
 struct Keys {
@@ -112,7 +114,7 @@ impl Scripts {
 
 /// Sessions in Redis.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     scripts: Scripts,
     retention_ms: u64,
@@ -143,15 +145,9 @@ fn index_member(created_ms: u64, id: &str) -> String {
 const LIST_MIN_READS: usize = 100;
 
 impl RedisStore {
-    /// Connects (retrying with backoff inside the connection manager).
+    /// Connects to the server or cluster `cfg` names (retrying with backoff).
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(cfg.url.as_str())?;
-        let manager_cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
-            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-            .set_number_of_retries(6)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_with_config(manager_cfg).await?;
+        let conn = RedisConn::connect(cfg).await?;
         Ok(Self { conn, prefix: cfg.key_prefix.clone(), scripts: Scripts::load(), retention_ms: DEFAULT_RETENTION_MS })
     }
 
@@ -161,7 +157,7 @@ impl RedisStore {
     }
 
     /// The process's Redis connection (multiplexed; cheap to clone), for the breakers and limits.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -169,12 +165,25 @@ impl RedisStore {
         Keys::new(&self.prefix, id)
     }
 
-    /// The daily spend counters of an agent and a tenant: one `{budget}` hash tag for both, so one
-    /// script reserves against both caps atomically (also on Redis Cluster).
+    /// The daily spend counters of an agent and a tenant, each its own hash tag, so the counters
+    /// of different agents and tenants spread over a cluster's slots.
     fn daily_keys(&self, agent: &str, tenant: &str, day: u64) -> (String, String) {
-        let p = &self.prefix;
-        let tenant = if tenant.is_empty() { "-" } else { tenant };
-        (format!("{p}:{{budget}}:daily:{day}:agent:{agent}"), format!("{p}:{{budget}}:daily:{day}:tenant:{tenant}"))
+        daily_keys(&self.prefix, agent, tenant, day)
+    }
+
+    /// Takes `amount` from the daily counter `key` unless that crosses `cap`; true when taken.
+    async fn daily_take(&self, key: &str, amount: u64, cap: Option<u64>, expiry_s: u64) -> Result<bool, StoreError> {
+        let cap = cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        let mut inv = self.scripts.daily_reserve.key(key);
+        let refused: i64 = inv.arg(amount).arg(cap).arg(expiry_s).invoke_async(&mut self.conn()).await?;
+        Ok(refused == 0)
+    }
+
+    /// Corrects the daily counter `key` by `delta`, if it exists.
+    async fn daily_correct(&self, key: &str, delta: i64, expiry_s: u64) -> Result<(), StoreError> {
+        let mut inv = self.scripts.daily_settle.key(key);
+        let _: i64 = inv.arg(delta).arg(expiry_s).invoke_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     /// The index of every session from before the listing indexes, scored by creation time: the
@@ -209,7 +218,7 @@ impl RedisStore {
         format!("{}:active", self.prefix)
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -220,12 +229,9 @@ impl RedisStore {
         if ids.iter().all(Option::is_none) {
             return Ok(ids.into_iter().map(|_| Row::Gone).collect());
         }
-        let mut pipe = redis::pipe();
-        for id in ids.iter().flatten() {
-            pipe.hgetall(self.keys(id).meta);
-        }
-        let mut hashes: std::vec::IntoIter<HashMap<String, String>> =
-            pipe.query_async::<Vec<HashMap<String, String>>>(&mut self.conn()).await?.into_iter();
+        // Each meta is in its session's slot: one pipeline on one server, one command each on a cluster.
+        let reads = ids.iter().flatten().map(|id| Cmd::hgetall(self.keys(id).meta)).collect();
+        let mut hashes = self.conn.query_each::<HashMap<String, String>>(reads).await?.into_iter();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let Some(id) = id else {
@@ -373,31 +379,41 @@ impl StepStore for RedisStore {
 
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
-        let verdict: i64 = self
-            .scripts
-            .daily_reserve
-            .key(agent_key)
-            .key(tenant_key)
-            .arg(amount)
-            .arg(cap(caps.agent_cap))
-            .arg(cap(caps.tenant_cap))
-            .arg(daily_expiry_s(caps.day))
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(match verdict {
-            0 => DailyVerdict::Reserved,
-            1 => DailyVerdict::AgentCap,
-            _ => DailyVerdict::TenantCap,
+        let expiry = daily_expiry_s(caps.day);
+        // Two counters in two slots, so two scripts, at once. One taken while the other was refused
+        // (or failed) is given back; until then it only makes its cap stricter, never looser.
+        let (agent, tenant) = futures::join!(
+            self.daily_take(&agent_key, amount, caps.agent_cap, expiry),
+            self.daily_take(&tenant_key, amount, caps.tenant_cap, expiry),
+        );
+        if matches!((&agent, &tenant), (Ok(true), Ok(true))) {
+            return Ok(DailyVerdict::Reserved);
+        }
+        let give_back = -i64::try_from(amount).unwrap_or(i64::MAX);
+        for (key, taken) in [(&agent_key, &agent), (&tenant_key, &tenant)] {
+            if matches!(taken, Ok(true))
+                && let Err(e) = self.daily_correct(key, give_back, expiry).await
+            {
+                tracing::warn!(error = %e, "giving back a daily reservation failed; the cap is stricter until the day ends");
+            }
+        }
+        Ok(if !agent? {
+            DailyVerdict::AgentCap
+        } else if !tenant? {
+            DailyVerdict::TenantCap
+        } else {
+            DailyVerdict::Reserved
         })
     }
 
     async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
-        let mut inv = self.scripts.daily_settle.key(agent_key);
-        inv.key(tenant_key).arg(delta).arg(daily_expiry_s(caps.day));
-        let _: i64 = inv.invoke_async(&mut self.conn()).await?;
-        Ok(())
+        let expiry = daily_expiry_s(caps.day);
+        let (agent, tenant) = futures::join!(
+            self.daily_correct(&agent_key, delta, expiry),
+            self.daily_correct(&tenant_key, delta, expiry)
+        );
+        agent.and(tenant)
     }
 
     async fn record_tool(
@@ -451,16 +467,18 @@ impl StepStore for RedisStore {
         let member = index_member(created, id.as_str());
         let tenant = tenant.filter(|t| !t.is_empty());
         let tenant = tenant.as_deref();
-        let mut pipe = redis::pipe();
+        // Each index is a key (and cluster slot) of its own.
+        let mut moves: Vec<Cmd> = Vec::new();
+        let (zadd, zrem) = (|key, score: u64, member: &str| Cmd::zadd(key, member, score), Cmd::zrem::<String, &str>);
         if indexed.is_none() {
-            pipe.zadd(self.index_key(None, None), &member, 0).ignore();
+            moves.push(zadd(self.index_key(None, None), 0, &member));
             if tenant.is_some() {
-                pipe.zadd(self.index_key(tenant, None), &member, 0).ignore();
+                moves.push(zadd(self.index_key(tenant, None), 0, &member));
             }
         }
-        pipe.zadd(self.index_key(None, Some(class)), &member, 0).ignore();
+        moves.push(zadd(self.index_key(None, Some(class)), 0, &member));
         if tenant.is_some() {
-            pipe.zadd(self.index_key(tenant, Some(class)), &member, 0).ignore();
+            moves.push(zadd(self.index_key(tenant, Some(class)), 0, &member));
         }
         // Out of the class it was in; an ended session out of every live class (a race of two
         // reindexes may have left it in one), for good.
@@ -470,17 +488,17 @@ impl StepStore for RedisStore {
             None => vec![],
         };
         for old in leaving.into_iter().filter(|c| *c != class) {
-            pipe.zrem(self.index_key(None, Some(old)), &member).ignore();
+            moves.push(zrem(self.index_key(None, Some(old)), &member));
             if tenant.is_some() {
-                pipe.zrem(self.index_key(tenant, Some(old)), &member).ignore();
+                moves.push(zrem(self.index_key(tenant, Some(old)), &member));
             }
         }
         let retention = if status.is_terminal() { self.retention_ms } else { 0 };
         if status.is_terminal() {
             let entry = format!("{member}|{class}|{}", tenant.unwrap_or(""));
-            pipe.zadd(self.retired_key(), entry, now_ms.saturating_add(retention)).ignore();
+            moves.push(zadd(self.retired_key(), now_ms.saturating_add(retention), &entry));
         }
-        let () = pipe.query_async(&mut self.conn()).await?;
+        self.conn.exec_each(moves).await?;
         let mut inv = self.scripts.indexed.prepare_invoke();
         for key in k.all() {
             inv.key(key);
@@ -488,13 +506,8 @@ impl StepStore for RedisStore {
         let _: i64 = inv.arg(class).arg(retention).invoke_async(&mut self.conn()).await?;
         if status.is_terminal() {
             // Last: until here the session stays in the live index, where the janitor finds it again.
-            let () = redis::pipe()
-                .zrem(self.waiting_key(), id.as_str())
-                .ignore()
-                .zrem(self.active_key(), id.as_str())
-                .ignore()
-                .query_async(&mut self.conn())
-                .await?;
+            let leave = vec![zrem(self.waiting_key(), id.as_str()), zrem(self.active_key(), id.as_str())];
+            self.conn.exec_each(leave).await?;
         }
         Ok(())
     }
@@ -571,10 +584,10 @@ impl AdminStore for RedisStore {
 
     async fn daily_spend(&self, agent: &str, tenant: &str, day: u64) -> Result<(u64, u64), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(agent, tenant, day);
-        let (a, t): (Option<i64>, Option<i64>) =
-            redis::pipe().get(agent_key).get(tenant_key).query_async(&mut self.conn()).await?;
-        let non_negative = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-        Ok((non_negative(a), non_negative(t)))
+        let reads = vec![Cmd::get(agent_key), Cmd::get(tenant_key)];
+        let spend: Vec<Option<i64>> = self.conn.query_each(reads).await?;
+        let non_negative = |v: Option<&Option<i64>>| u64::try_from(v.copied().flatten().unwrap_or(0)).unwrap_or(0);
+        Ok((non_negative(spend.first()), non_negative(spend.get(1))))
     }
 
     async fn view(&self, id: &SessionId) -> Result<Option<SessionView>, StoreError> {
@@ -748,11 +761,13 @@ impl AdminStore for RedisStore {
             .query_async(&mut self.conn())
             .await?;
         if !due.is_empty() {
-            let mut pipe = redis::pipe();
+            // Indexes and sessions of many slots: never one pipeline on a cluster.
+            let mut purge: Vec<Cmd> = Vec::new();
+            let zrem = Cmd::zrem::<String, &str>;
             for entry in &due {
                 let mut parts = entry.splitn(3, '|');
                 let (Some(member), Some(class), tenant) = (parts.next(), parts.next(), parts.next()) else {
-                    pipe.zrem(self.retired_key(), entry).ignore();
+                    purge.push(zrem(self.retired_key(), entry));
                     continue;
                 };
                 let tenant = tenant.filter(|t| !t.is_empty());
@@ -761,16 +776,16 @@ impl AdminStore for RedisStore {
                     keys.extend([self.index_key(tenant, None), self.index_key(tenant, Some(class))]);
                 }
                 for key in keys {
-                    pipe.zrem(key, member).ignore();
+                    purge.push(zrem(key, member));
                 }
                 // The keys expired already; a late write (a dead worker's reconcile) may have made one
-                // again, without a TTL.
+                // again, without a TTL. One session's keys share a slot: one DEL.
                 if let Some(id) = member.split_once(':').and_then(|(_, id)| SessionId::parse(id).ok()) {
-                    pipe.del(self.keys(&id).all().to_vec()).ignore();
+                    purge.push(Cmd::del(self.keys(&id).all().to_vec()));
                 }
-                pipe.zrem(self.retired_key(), entry).ignore();
+                purge.push(zrem(self.retired_key(), entry));
             }
-            let () = pipe.query_async(&mut self.conn()).await?;
+            self.conn.exec_each(purge).await?;
         }
         let legacy: Vec<String> = redis::cmd("ZRANGE")
             .arg(self.legacy_sessions_key())
@@ -876,6 +891,13 @@ fn cursor_of(member: &str) -> String {
         Some((ms, id)) => format!("{}:{id}", ms.parse::<u64>().unwrap_or(0)),
         None => member.to_owned(),
     }
+}
+
+/// The daily spend counters of `agent` and `tenant` (empty: none, counted as `-`) on `day`: each its
+/// own hash tag, so one agent's or tenant's counter is one cluster slot and different ones spread.
+fn daily_keys(prefix: &str, agent: &str, tenant: &str, day: u64) -> (String, String) {
+    let tenant = if tenant.is_empty() { "-" } else { tenant };
+    (format!("{prefix}:daily:{{agent:{agent}}}:{day}"), format!("{prefix}:daily:{{tenant:{tenant}}}:{day}"))
 }
 
 /// When a daily counter expires: two days after its day ends (Unix s), whoever writes it last.
@@ -1009,6 +1031,8 @@ fn parse_usage(u: &HashMap<String, u64>) -> UsageTotals {
 mod tests {
     use super::*;
 
+    use crate::redis_conn::{slot, undeclared_keys};
+
     #[test]
     fn every_key_of_a_session_carries_its_hash_tag() {
         let id = SessionId::generate();
@@ -1017,5 +1041,64 @@ mod tests {
         for key in [&k.meta, &k.msgs, &k.usage, &k.ledger, &k.trace, &k.lease, &k.resv] {
             assert!(key.contains(&tag), "{key}");
         }
+    }
+
+    /// Every session script is given a subset of a session's keys, and every other script one key, so
+    /// each runs on one cluster slot. (Debug builds also check every call at run time.)
+    #[test]
+    fn every_script_is_given_keys_of_one_slot() {
+        for prefix in ["af", "t01jabc", "a-b_c"] {
+            let k = Keys::new(prefix, &SessionId::generate());
+            let first = slot(k.meta.as_bytes());
+            assert!(k.all().iter().all(|key| slot(key.as_bytes()) == first), "{:?}", k.all());
+        }
+    }
+
+    /// A script may touch only the keys it is passed in KEYS: a key it builds itself may be on
+    /// another cluster node. Reads every Lua file of the crate, so a new one is checked too.
+    #[test]
+    fn no_script_touches_a_key_it_is_not_given() {
+        fn lua_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    lua_files(&path, out);
+                } else if path.extension().is_some_and(|e| e == "lua") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        lua_files(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        assert!(files.len() >= 25, "only {} Lua files found", files.len());
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            assert_eq!(undeclared_keys(&text), Vec::<String>::new(), "{}", file.display());
+        }
+    }
+
+    /// The fleet-wide keys spread over slots: the daily counters of different agents and tenants,
+    /// and the global indexes, are not one slot that every session or step writes.
+    #[test]
+    fn fleet_wide_keys_spread_over_slots() {
+        use std::collections::HashSet;
+        let slots = |keys: &[String]| keys.iter().map(|k| slot(k.as_bytes())).collect::<HashSet<_>>().len();
+        let daily: Vec<String> = ["support", "billing", "triage"]
+            .iter()
+            .flat_map(|a| {
+                let (agent, tenant) = daily_keys("af", a, &format!("{a}-corp"), 20_000);
+                [agent, tenant]
+            })
+            .collect();
+        assert_eq!(slots(&daily), daily.len(), "{daily:?}");
+        let (agent, _) = daily_keys("af", "support", "acme", 20_000);
+        let (tomorrow, _) = daily_keys("af", "support", "acme", 20_001);
+        assert_eq!(slot(agent.as_bytes()), slot(tomorrow.as_bytes()), "one agent's counters keep one tag");
+        let globals: Vec<String> =
+            ["ix:all", "ix:status:live", "ix:status:completed", "ix:retired", "active", "waiting"]
+                .iter()
+                .map(|k| format!("af:{k}"))
+                .collect();
+        assert!(slots(&globals) >= 5, "{globals:?}");
     }
 }
