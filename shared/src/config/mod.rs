@@ -28,8 +28,7 @@ pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailu
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{
     AmqpConfig, DeadLettersConfig, DispatcherConfig, OtlpConfig, RedisConfig, RedisTarget, SessionsConfig,
-    TelemetryConfig,
-    WebhooksConfig, WorkerConfig,
+    TelemetryConfig, WebhooksConfig, WorkerConfig,
 };
 pub use providers::{
     AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RAMP, RateLimit,
