@@ -11,8 +11,8 @@
 //! A cluster runs a Lua script or a pipeline only when every key in it lies in one hash slot, so
 //! every script's keys share a hash tag (`{s_…}` for a session) and commands on keys of several slots
 //! go through [`RedisConn::exec_each`] and [`RedisConn::query_each`]: one pipeline on a single server,
-//! concurrent commands (pipelined per node) on a cluster. Debug builds check every script call and
-//! pipeline for keys of one slot on a single server too, so the tests against one Redis catch a
+//! concurrent commands (pipelined per node) on a cluster. Debug builds check every other script call
+//! and pipeline for keys of one slot on a single server too, so the tests against one Redis catch a
 //! change that would break on a cluster. Commands for every master (`CONFIG GET` for the durability
 //! check) go through [`RedisConn::on_each_master`].
 
