@@ -57,6 +57,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
 
+# Redis Cluster (docs/ARCHITECTURE.md): the end-to-end, fault and dead-letter suites again, against a
+# local 3-master cluster on loopback ports 7101-7103 (scripts/redis-cluster.sh).
+step "Redis Cluster: end-to-end, fault and dead-letter suites against 3 masters"
+REDIS_URL="$(bash scripts/redis-cluster.sh start)" cargo test -p agentfleet-tests --test e2e --test faults --test dlq
+bash scripts/redis-cluster.sh stop
+
 step "container image: build from the test binaries, one session through containers"
 bash scripts/container.sh
 
