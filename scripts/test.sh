@@ -60,7 +60,8 @@ cargo test --workspace
 # Redis Cluster (docs/ARCHITECTURE.md): the end-to-end, fault and dead-letter suites again, against a
 # local 3-master cluster on loopback ports 7101-7103 (scripts/redis-cluster.sh).
 step "Redis Cluster: end-to-end, fault and dead-letter suites against 3 masters"
-REDIS_URL="$(bash scripts/redis-cluster.sh start)" cargo test -p agentfleet-tests --test e2e --test faults --test dlq
+cluster_url="$(bash scripts/redis-cluster.sh start)"
+REDIS_URL="$cluster_url" cargo test -p agentfleet-tests --test e2e --test faults --test dlq
 bash scripts/redis-cluster.sh stop
 
 step "container image: build from the test binaries, one session through containers"
