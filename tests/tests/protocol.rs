@@ -43,7 +43,9 @@ async fn wait_stale(ch: &Channel, fleet: &TestFleet, at_least: u64) -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_the_same_step_twice_changes_nothing() -> anyhow::Result<()> {
-    let mut fleet = TestFleet::start(FleetOptions { workers: 0, ..Default::default() }).await?;
+    // The dead-letter queue must stay empty: the dispatcher leaves it alone, so it is what it counts.
+    let opts = FleetOptions { workers: 0, dead_letters_config: "store = false".into(), ..Default::default() };
+    let mut fleet = TestFleet::start(opts).await?;
     let (_conn, ch) = fleet.amqp().await?;
     let id = fleet.submit("support", "[steps=5] duplicate me").await?;
     // A second copy of step 1 sits in the queue beside the first before any worker runs.
@@ -75,7 +77,9 @@ async fn publishing_the_same_step_twice_changes_nothing() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_step_messages_are_dead_lettered_with_the_reason() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(FleetOptions::default()).await?;
+    // The test reads the dead-letter queue itself: the dispatcher leaves it alone.
+    let opts = FleetOptions { dead_letters_config: "store = false".into(), ..Default::default() };
+    let fleet = TestFleet::start(opts).await?;
     let (_conn, ch) = fleet.amqp().await?;
     let bad: [&[u8]; 3] = [
         b"{not json",

@@ -134,7 +134,9 @@ fn options(prefix: &str, webhooks: &str, extra: String) -> FleetOptions {
         "[webhooks]\n{allow}{webhooks}\n[tenants.acme]\ncallback_prefixes = [\"{prefix}\"]\n\
          webhook_secret_env = \"ACME_WEBHOOK_SECRET\"\n\n{extra}"
     );
-    FleetOptions { workers: 2, env, extra_config, ..Default::default() }
+    // These tests read the dead-letter queue itself: the dispatcher leaves it alone.
+    let dead_letters_config = "store = false".into();
+    FleetOptions { workers: 2, env, extra_config, dead_letters_config, ..Default::default() }
 }
 
 /// Waits until `receiver` has `session.created` and `session.completed` of every session.

@@ -127,6 +127,8 @@ impl Rig {
             amqp_url: services.amqp_url(),
             extra_config: workload::flaky_config(&flaky.base_url(), s.max_steps),
             dispatcher_config: format!("stall_after_s = {}", s.stall_after_s),
+            // The dead-letter check counts the queue itself: the dispatcher leaves it alone.
+            dead_letters_config: "store = false".into(),
             ..Default::default()
         });
         // The dispatcher waits for the broker patiently; a broker that never answers must not hang
