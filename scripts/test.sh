@@ -59,9 +59,10 @@ cargo test --workspace
 
 # Redis Cluster (docs/ARCHITECTURE.md): the end-to-end, fault and dead-letter suites again, against a
 # local 3-master cluster on loopback ports 7101-7103 (scripts/redis-cluster.sh).
-step "Redis Cluster: end-to-end, fault and dead-letter suites against 3 masters"
+step "Redis Cluster: end-to-end, fault, paused-worker, retention and dead-letter suites against 3 masters"
 cluster_url="$(bash scripts/redis-cluster.sh start)"
-REDIS_URL="$cluster_url" cargo test -p agentfleet-tests --test e2e --test faults --test dlq
+REDIS_URL="$cluster_url" cargo test -p agentfleet-tests --test e2e --test faults --test dlq --test paused_worker \
+    --test retention --test resilience_primitives
 bash scripts/redis-cluster.sh stop
 
 step "container image: build from the test binaries, one session through containers"
