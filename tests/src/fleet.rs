@@ -567,9 +567,19 @@ tools = ["search_knowledge_base", "lookup_customer"]
 /// The worker binary built beside this one: `target/<profile>/agentfleet-test-worker`, next to a
 /// binary of this package or one folder above a test binary (`target/<profile>/deps/`).
 fn worker_binary() -> anyhow::Result<PathBuf> {
+    test_binary("agentfleet-test-worker")
+}
+
+/// The CLI built beside the test binaries (`target/<profile>/agentfleet-test-cli`).
+pub fn cli_binary() -> anyhow::Result<PathBuf> {
+    test_binary("agentfleet-test-cli")
+}
+
+/// A binary of this crate, built beside the test binaries by `cargo test -p agentfleet-tests`.
+fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("this binary has no folder")?;
-    let candidates = [dir.join("agentfleet-test-worker"), dir.parent().unwrap_or(dir).join("agentfleet-test-worker")];
+    let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
     match candidates.iter().find(|c| c.exists()) {
         Some(bin) => Ok(bin.clone()),
         None => bail!(

@@ -5,20 +5,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, try_eventually};
+use agentfleet_tests::fleet::{FleetOptions, TestFleet, cli_binary, try_eventually};
 use agentfleet_tests::serve::Served;
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-
-/// The CLI built beside the test binaries (`target/<profile>/agentfleet-test-cli`).
-fn cli_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("test binary has no target dir")?;
-    let bin = profile_dir.join("agentfleet-test-cli");
-    ensure!(bin.exists(), "{} is missing: run `cargo test -p agentfleet-tests`, which builds it", bin.display());
-    Ok(bin)
-}
 
 /// One finished run of the CLI.
 #[derive(Debug)]

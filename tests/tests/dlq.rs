@@ -5,12 +5,12 @@
 //! tenants' walls, 401 without a token, a garbage body shown escaped and refused, and the store's
 //! bound (what does not fit waits in the queue, and moves in once there is room).
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use agentfleet_tests::fleet::{
-    ADMIN_TOKEN, FleetOptions, TestFleet, TestToken, check_step_conversation, queue_depth, token_secret, try_eventually,
+    ADMIN_TOKEN, FleetOptions, TestFleet, TestToken, check_step_conversation, cli_binary, queue_depth, token_secret,
+    try_eventually,
 };
 use anyhow::{Context, ensure};
 use lapin::BasicProperties;
@@ -18,15 +18,6 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The CLI built beside the test binaries (`target/<profile>/agentfleet-test-cli`).
-fn cli_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("test binary has no target dir")?;
-    let bin = profile_dir.join("agentfleet-test-cli");
-    ensure!(bin.exists(), "{} is missing: run `cargo test -p agentfleet-tests`, which builds it", bin.display());
-    Ok(bin)
-}
 
 /// One finished run of the CLI.
 #[derive(Debug)]

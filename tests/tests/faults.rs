@@ -126,11 +126,7 @@ async fn sigterm_mid_batch_drains_within_the_deadline() -> anyhow::Result<()> {
     })
     .await;
 
-    let started = Instant::now();
-    let status = fleet.stop_worker(0)?;
-    let took = started.elapsed();
-    assert!(status.success(), "the worker exited with {status}");
-    assert!(took < grace + Duration::from_secs(2), "the worker took {took:?} to exit (drain deadline {grace:?})");
+    stop_within_deadline(&mut fleet, 0, grace)?;
     let calls_at_stop = fleet.model.stats().valid_total;
     assert!(calls_at_stop < 500, "every model call was made before the worker stopped ({calls_at_stop})");
 
@@ -163,11 +159,7 @@ async fn sigterm_past_the_deadline_leaves_steps_to_other_workers() -> anyhow::Re
     })
     .await;
 
-    let started = Instant::now();
-    let status = fleet.stop_worker(0)?;
-    let took = started.elapsed();
-    assert!(status.success(), "the worker exited with {status}");
-    assert!(took < grace + Duration::from_secs(2), "the worker took {took:?} to exit (drain deadline {grace:?})");
+    stop_within_deadline(&mut fleet, 0, grace)?;
 
     let sessions = fleet.wait_settled(&ids, Duration::from_secs(180)).await?;
     for s in &sessions {
@@ -246,4 +238,18 @@ async fn dispatcher_drains_behind_a_failing_readiness_probe() -> anyhow::Result<
 
 fn url(fleet: &TestFleet, path: &str) -> anyhow::Result<String> {
     fleet.worker_ops_url(0, path).ok_or_else(|| anyhow::anyhow!("worker 0 has no operations listener"))
+}
+
+/// SIGTERMs worker `i` and checks that it exits 0 within its drain deadline `grace` (and 2 s for the
+/// process to start and end).
+fn stop_within_deadline(fleet: &mut TestFleet, i: usize, grace: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let status = fleet.stop_worker(i)?;
+    let took = started.elapsed();
+    anyhow::ensure!(status.success(), "the worker exited with {status}");
+    anyhow::ensure!(
+        took < grace + Duration::from_secs(2),
+        "the worker took {took:?} to exit (drain deadline {grace:?})"
+    );
+    Ok(())
 }
