@@ -575,6 +575,30 @@ pub fn cli_binary() -> anyhow::Result<PathBuf> {
     test_binary("agentfleet-test-cli")
 }
 
+/// One finished run of the CLI binary ([`cli_binary`]).
+#[derive(Debug)]
+pub struct CliRun {
+    /// Its exit code (none when a signal ended it).
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// The run, if it exited 0.
+    pub fn ok(self) -> anyhow::Result<Self> {
+        anyhow::ensure!(self.code == Some(0), "the CLI failed: {self:?}");
+        Ok(self)
+    }
+
+    /// Stdout as the JSON document `--json` promises.
+    pub fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not one JSON document: {self:?}"))
+    }
+}
+
 /// A binary of this crate, built beside the test binaries by `cargo test -p agentfleet-tests`.
 fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -5,32 +5,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentfleet_tests::fleet::{FleetOptions, TestFleet, cli_binary, try_eventually};
+use agentfleet_tests::fleet::{CliRun as Run, FleetOptions, TestFleet, cli_binary, try_eventually};
 use agentfleet_tests::serve::Served;
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-
-/// One finished run of the CLI.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// The run, if it exited 0.
-    fn ok(self) -> anyhow::Result<Self> {
-        ensure!(self.code == Some(0), "the CLI failed: {self:?}");
-        Ok(self)
-    }
-
-    /// Stdout as the JSON document `--json` promises.
-    fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not one JSON document: {self:?}"))
-    }
-}
 
 /// The CLI, pointed at a fleet's dispatcher through `AGENTFLEET_URL`, with `AGENTFLEET_TOKEN` set
 /// to `token` (or unset).

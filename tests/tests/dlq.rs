@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use agentfleet_tests::fleet::{
-    ADMIN_TOKEN, FleetOptions, TestFleet, TestToken, check_step_conversation, cli_binary, queue_depth, token_secret,
-    try_eventually,
+    ADMIN_TOKEN, CliRun as Run, FleetOptions, TestFleet, TestToken, check_step_conversation, cli_binary, queue_depth,
+    token_secret, try_eventually,
 };
 use anyhow::{Context, ensure};
 use lapin::BasicProperties;
@@ -18,25 +18,6 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// One finished run of the CLI.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> anyhow::Result<Self> {
-        ensure!(self.code == Some(0), "the CLI failed: {self:?}");
-        Ok(self)
-    }
-
-    fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not one JSON document: {self:?}"))
-    }
-}
 
 /// `agentfleet ARGS` against `fleet`, as the token `secret` (or none).
 async fn cli(fleet: &TestFleet, secret: Option<&str>, args: &[&str]) -> anyhow::Result<Run> {
