@@ -331,6 +331,20 @@ impl Breakers {
         success: bool,
         now_ms: u64,
     ) -> Result<Option<Transition>, BreakerError> {
+        self.record_with(name, cfg, trial, success, 0, now_ms).await
+    }
+
+    /// [`Breakers::record`], with `batched` successes of plain calls made while the breaker was closed
+    /// and not reported one by one: they are counted in the closed window with this outcome.
+    pub async fn record_with(
+        &self,
+        name: &str,
+        cfg: &BreakerConfig,
+        trial: Option<u64>,
+        success: bool,
+        batched: u64,
+        now_ms: u64,
+    ) -> Result<Option<Transition>, BreakerError> {
         let transition: String = self
             .record
             .key(self.key(name))
@@ -345,6 +359,7 @@ impl Breakers {
             .arg(ms(cfg.ramp_interval))
             .arg(RAMP.len())
             .arg(ms(cfg.key_ttl()))
+            .arg(batched)
             .invoke_async(&mut self.conn.clone())
             .await?;
         match transition.as_str() {

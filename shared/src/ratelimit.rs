@@ -195,14 +195,59 @@ impl RateLimiter {
         estimated: Tokens,
         now_ms: u64,
     ) -> Result<Acquire, RateLimitError> {
+        Ok(self.acquire_observed(key, limit, adaptive, requests, estimated, now_ms).await?.0)
+    }
+
+    /// [`RateLimiter::acquire`], and whether `key` has an adaptive bucket now (the provider is being
+    /// slowed down); without one, an unlimited key's grants only count for a future adaptive rate.
+    pub async fn acquire_observed(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        adaptive: bool,
+        requests: u32,
+        estimated: Tokens,
+        now_ms: u64,
+    ) -> Result<(Acquire, bool), RateLimitError> {
+        self.acquire_with(key, limit, adaptive, requests, 0, estimated, now_ms).await
+    }
+
+    /// [`RateLimiter::acquire_observed`] of one request, also counting `granted_elsewhere` calls a
+    /// worker let through on its own (an unlimited key seen unslowed) for a future adaptive rate,
+    /// without taking them from any bucket.
+    pub async fn acquire_counting(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        adaptive: bool,
+        granted_elsewhere: u32,
+        estimated: Tokens,
+        now_ms: u64,
+    ) -> Result<(Acquire, bool), RateLimitError> {
+        self.acquire_with(key, limit, adaptive, 1, granted_elsewhere, estimated, now_ms).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn acquire_with(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        adaptive: bool,
+        requests: u32,
+        granted_elsewhere: u32,
+        estimated: Tokens,
+        now_ms: u64,
+    ) -> Result<(Acquire, bool), RateLimitError> {
         if limit.is_unlimited() && !adaptive {
-            return Ok(Acquire::Granted);
+            return Ok((Acquire::Granted, false));
         }
         let mut inv = self.invocation(&self.scripts.acquire, key, limit, now_ms);
         inv.arg(u8::from(adaptive));
-        inv.arg(requests).arg(estimated.input).arg(estimated.output);
-        let (granted, wait_ms): (u8, u64) = inv.invoke_async(&mut self.conn.clone()).await?;
-        Ok(if granted == 1 { Acquire::Granted } else { Acquire::Wait { retry_after: Duration::from_millis(wait_ms) } })
+        inv.arg(requests).arg(estimated.input).arg(estimated.output).arg(granted_elsewhere);
+        let (granted, wait_ms, slowed): (u8, u64, u8) = inv.invoke_async(&mut self.conn.clone()).await?;
+        let acquire =
+            if granted == 1 { Acquire::Granted } else { Acquire::Wait { retry_after: Duration::from_millis(wait_ms) } };
+        Ok((acquire, slowed == 1))
     }
 
     /// After a granted call: takes `actual - estimated` more tokens (or gives the surplus back, up to

@@ -76,14 +76,7 @@ async fn a_worker_resumed_after_its_lease_writes_nothing_and_its_call_is_counted
 
     // Every step once, in order: the paused worker's reply to step 1 was not appended.
     check_step_conversation(&after, 3).map_err(anyhow::Error::msg)?;
-    let trace: serde_json::Value = fleet
-        .http
-        .get(format!("{}/v1/sessions/{id}/trace", fleet.api))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let trace = fleet.trace(&id).await?;
     let summary = &trace["summary"];
     for field in ["input_tokens", "output_tokens", "cost_micro_usd"] {
         // The worst case the second worker's claim counted was replaced by the paused call's answer.

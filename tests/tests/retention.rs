@@ -42,6 +42,7 @@ fn new_session(tenant: Option<&str>) -> anyhow::Result<NewSession> {
             summary_max_tokens: 512,
         },
         callback_url: None,
+        first_call: None,
     })
 }
 
@@ -245,19 +246,26 @@ async fn a_daily_counter_expires_after_its_day_whoever_writes_it() -> anyhow::Re
     let tenant_key = format!("{prefix}:daily:{{tenant:acme}}:{day}");
 
     store.daily_reserve(&caps, 1_000).await?;
-    for key in [&agent_key, &tenant_key] {
+    for key in [&agent_key, &tenant_key, &format!("{agent_key}:held")] {
         let at: i64 = redis::cmd("EXPIRETIME").arg(key).query_async(&mut conn).await?;
         assert_eq!(at, end_of_day_plus_margin as i64, "{key} expires two days after its day");
     }
-    // A counter written without an expiry (by an older version) gets one at its next settle.
+    // A counter written without an expiry (by an older version) gets one at its next write.
     let _: i64 = redis::cmd("PERSIST").arg(&agent_key).query_async(&mut conn).await?;
-    store.daily_settle(&caps, -400).await?;
+    store.daily_settle(&caps, 1_000, 600).await?;
+    // What the worker holds (its allowance, the correction) is written back.
+    store.flush().await?;
     let at: i64 = redis::cmd("EXPIRETIME").arg(&agent_key).query_async(&mut conn).await?;
     assert_eq!(at, end_of_day_plus_margin as i64);
     assert_eq!(store.daily_spend("support", "acme", day).await?, (600, 600));
+    for key in [&agent_key, &tenant_key] {
+        let held: i64 = redis::cmd("GET").arg(format!("{key}:held")).query_async(&mut conn).await?;
+        assert_eq!(held, 0, "{key}: nothing is held once the call is settled and the allowance given back");
+    }
     // A settle never makes a counter that is not there (it would have no reservation behind it).
     let yesterday = DailyCaps { day: day - 1, ..caps };
-    store.daily_settle(&yesterday, 5).await?;
+    store.daily_settle(&yesterday, 0, 5).await?;
+    store.flush().await?;
     let n: i64 = redis::cmd("EXISTS")
         .arg(format!("{prefix}:daily:{{agent:support}}:{}", day - 1))
         .query_async(&mut conn)

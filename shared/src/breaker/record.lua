@@ -7,8 +7,10 @@
 -- the stage). A failure that brings the stage's failures to `failure rate` reopens it; a success
 -- once the stage has lasted its interval moves to the next stage, or closes the breaker after the
 -- last one. Open: nothing counts (the call started before it opened).
+-- Successes of plain calls a worker has not reported one by one (it batches them while the breaker is
+-- closed) come as a count with the next report, and are counted in the closed window with it.
 -- KEYS: breaker   ARGV: now ms, trial gen (0: a plain call), success (0|1), failure rate, min calls,
---   window ms, buckets, cool-down ms, ramp interval ms, stages, key ttl ms
+--   window ms, buckets, cool-down ms, ramp interval ms, stages, key ttl ms, batched successes
 local key = KEYS[1]
 local now, gen, success = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local rate, min_calls = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -27,7 +29,7 @@ end
 if state == 'closed' then
   local width = math.max(1, math.floor(window / buckets))
   local cur = math.floor(now / width)
-  redis.call('HINCRBY', key, 'n' .. string.format('%.0f', cur), 1)
+  redis.call('HINCRBY', key, 'n' .. string.format('%.0f', cur), 1 + (tonumber(ARGV[12]) or 0))
   if not success then redis.call('HINCRBY', key, 'f' .. string.format('%.0f', cur), 1) end
   local all = redis.call('HGETALL', key)
   local calls, fails, stale = 0, 0, {}

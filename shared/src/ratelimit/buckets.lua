@@ -29,7 +29,8 @@ end
 local adaptive = tonumber(stored[6])
 if adaptive then bucket(4, adaptive, math.max(1, adaptive / 30)) end
 
--- Writes the levels back (and, when asked, counts one grant); the key expires once every bucket
+-- Writes the levels back (and, when asked, counts the grants: ARGV[9], the requests of this call, and
+-- ARGV[12], those a worker let through on its own since its last call); the key expires once every bucket
 -- would be full again anyway, and at least a minute after the last write.
 local function save(grant)
   local args, refill_ms = {'ts', string.format('%.0f', math.max(now, ts))}, 0
@@ -47,12 +48,13 @@ local function save(grant)
       args[#args + 1] = 'g0'
       args[#args + 1] = string.format('%.0f', now)
     end
+    local granted = (tonumber(ARGV[9]) or 1) + (tonumber(ARGV[12]) or 0)
     if gw == win then
-      gc = gc + 1
+      gc = gc + granted
     else
       args[#args + 1] = 'gp'
       args[#args + 1] = (gw == win - 1) and gc or 0
-      gc = 1
+      gc = granted
     end
     args[#args + 1] = 'gw'
     args[#args + 1] = string.format('%.0f', win)

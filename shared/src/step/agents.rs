@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{BudgetConfig, Config, OnModelFailure, Price, ProviderConfig, WaitConfig};
+use crate::budget::CallShape;
+use crate::config::{AgentConfig, BudgetConfig, Config, OnModelFailure, Price, ProviderConfig, WaitConfig};
 use crate::domain::{MicroUsd, Name, SessionStatus, TenantId};
-use crate::llm::Provider;
+use crate::llm::{CacheSpec, Provider};
 use crate::tools::{ToolLimits, ToolSet, ToolSetupError};
 
 /// An agent as the engine runs it: config resolved, tools built, prices known.
@@ -27,6 +28,10 @@ pub struct Agent {
     pub tools: ToolSet,
     /// The model's price.
     pub price: Price,
+    /// What its calls are planned from.
+    pub shape: CallShape,
+    /// Its prompt-cache breakpoints: `None` when its calls mark none.
+    pub cache: Option<CacheSpec>,
     /// The agent's budget settings (limits, daily cap, what to do at the cap).
     pub budget: BudgetConfig,
     /// What to do when the model cannot be reached.
@@ -62,16 +67,20 @@ impl Agents {
     pub fn build(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ToolSetupError> {
         let mut agents = HashMap::new();
         for (name, a) in &cfg.agents {
+            let tools = ToolSet::build(&a.tools, &cfg.tools, env, tool_limits(cfg))?;
+            // Config validation rejects an agent whose model has no price.
+            let price = cfg.price(&a.model).copied().unwrap_or(FREE);
             let agent = Agent {
+                shape: CallShape::new(&a.system_prompt, tools.definitions().get(), a.max_tokens, &price, a.cache_ttl()),
+                cache: a.cache_ttl().map(|ttl| CacheSpec { ttl, min_tokens: price.min_cache_tokens() }),
                 name: name.clone(),
                 model: a.model.clone(),
                 provider: a.provider,
                 system: a.system_prompt.clone(),
                 max_tokens: a.max_tokens,
                 pool: a.pool.clone(),
-                tools: ToolSet::build(&a.tools, &cfg.tools, env, tool_limits(cfg))?,
-                // Config validation rejects an agent whose model has no price.
-                price: cfg.price(&a.model).copied().unwrap_or(FREE),
+                tools,
+                price,
                 budget: a.budget.clone(),
                 on_model_failure: a.on_model_failure,
                 human_wait: a.human_wait,
@@ -113,6 +122,14 @@ impl Agents {
     }
 }
 
+/// The shape of the calls of agent `a` of `cfg`, as the worker plans them (the dispatcher plans a
+/// session's first call with it). `None` when its tool definitions do not serialize.
+pub fn call_shape(cfg: &Config, a: &AgentConfig) -> Option<CallShape> {
+    let definitions = crate::tools::definitions(&a.tools, &cfg.tools).ok()?;
+    let price = cfg.price(&a.model).copied().unwrap_or(FREE);
+    Some(CallShape::new(&a.system_prompt, definitions.get(), a.max_tokens, &price, a.cache_ttl()))
+}
+
 fn tool_limits(cfg: &Config) -> ToolLimits {
     ToolLimits {
         max_inline_wait: Duration::from_millis(cfg.worker.max_inline_retry_ms),
@@ -121,4 +138,4 @@ fn tool_limits(cfg: &Config) -> ToolLimits {
     }
 }
 
-const FREE: Price = Price { input: 0.0, output: 0.0, cache_write: None, cache_read: None };
+const FREE: Price = Price::new(0.0, 0.0);

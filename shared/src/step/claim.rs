@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -94,11 +94,24 @@ pub(super) struct Lease {
     /// When the last successful renewal was sent, in ms since `started`.
     renewed_ms: AtomicU64,
     lost: CancellationToken,
+    /// A model call was started under this lease: its reservation must stay until reconciled.
+    called: AtomicBool,
 }
 
 impl Lease {
     fn new(token: String, ttl: Duration) -> Self {
-        Self { token, ttl, started: Instant::now(), renewed_ms: AtomicU64::new(0), lost: CancellationToken::new() }
+        let (renewed_ms, lost, called) = (AtomicU64::new(0), CancellationToken::new(), AtomicBool::new(false));
+        Self { token, ttl, started: Instant::now(), renewed_ms, lost, called }
+    }
+
+    /// Notes that the step's model call starts now.
+    pub(super) fn calling(&self) {
+        self.called.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the step started a model call.
+    pub(super) fn called(&self) -> bool {
+        self.called.load(Ordering::Relaxed)
     }
 
     /// The token the claim took the lease with.
@@ -113,24 +126,31 @@ impl Lease {
         self.lost.is_cancelled() || self.started.elapsed().saturating_sub(renewed) >= self.ttl
     }
 
-    /// Runs `call` (a model or tool call) unless the lease is lost first: then the call is dropped,
-    /// which cancels its HTTP request. A call that finished is never dropped for a loss noticed in
-    /// the same instant: its usage must still be counted.
+    /// Runs `call` (a model or tool call) unless the lease is lost first: then the call gets
+    /// [`LOST_LEASE_GRACE`] to finish, and is dropped after it, which cancels its HTTP request. A
+    /// call that was sent is billed whatever happens: one whose answer is arriving (already in the
+    /// socket of a worker that was paused, still in the HTTP/2 connection's buffers) must be
+    /// counted, not thrown away.
     pub(super) async fn guard<F: Future>(&self, call: F) -> Result<F::Output, StoreError> {
         if self.is_lost() {
             return Err(StoreError::LeaseLost);
         }
+        tokio::pin!(call);
         tokio::select! {
             biased;
-            out = call => Ok(out),
-            _ = self.lost.cancelled() => Err(StoreError::LeaseLost),
+            out = &mut call => return Ok(out),
+            _ = self.lost.cancelled() => {}
         }
+        tokio::time::timeout(LOST_LEASE_GRACE, call).await.map_err(|_| StoreError::LeaseLost)
     }
 
     fn renewed(&self, sent: Duration) {
         self.renewed_ms.store(sent.as_millis() as u64, Ordering::Relaxed);
     }
 }
+
+/// How long a call in flight may still finish once its step's lease is lost.
+const LOST_LEASE_GRACE: Duration = Duration::from_secs(2);
 
 /// The renewal of a lease, while the step holds it.
 pub(super) struct LeaseHold {

@@ -9,6 +9,15 @@ use crate::domain::{Name, SessionId, StepMessage};
 use crate::store::Attempt;
 use crate::telemetry::metric;
 
+/// The lease a finished step gives back.
+#[derive(Clone, Copy)]
+struct Release<'a> {
+    id: &'a SessionId,
+    token: &'a str,
+    /// The step made no model call: drop the reservation held for it.
+    unused: bool,
+}
+
 impl Engine {
     /// Settles the delivery of a step that held the lease, by what its phases left to do.
     pub(super) async fn finish(
@@ -17,30 +26,32 @@ impl Engine {
         pool: &Name,
         token: &str,
         next: Result<Next, StepError>,
+        unused: bool,
     ) -> Disposition {
+        let release = Release { id: &msg.session_id, token, unused };
         match next {
-            Ok(Next::Publish(step)) => self.publish_next(msg, pool, token, step).await,
+            Ok(Next::Publish(step)) => self.publish_next(msg, pool, release, step).await,
             // A phase never leaves tools to run for `finish`; treat it as nothing to do.
             Ok(Next::Nothing | Next::Tools(..)) => {
-                self.release(&msg.session_id, token, 0).await;
+                self.release(release, 0).await;
                 metric::step_handled("done");
                 Disposition::Ack
             }
             Ok(Next::Postpone(after, why)) => {
-                self.release(&msg.session_id, token, 0).await;
+                self.release(release, 0).await;
                 metric::step_handled("postponed");
                 self.later(msg, pool, after, why).await
             }
             Err(StepError::Retry { after, reason, tried }) => {
                 // The count goes into the session under the lease; the message only mirrors it.
                 let attempt = Attempt { step: msg.step, count: tried };
-                self.release_for_retry(&msg.session_id, token, attempt).await;
+                self.release_for_retry(release, attempt).await;
                 metric::retry(reason);
                 let retry = StepMessage { attempt: tried, ..msg.clone() };
                 self.later(&retry, pool, after, reason).await
             }
             Err(StepError::Unknown(e)) => {
-                self.release(&msg.session_id, token, 0).await;
+                self.release(release, 0).await;
                 self.later(msg, pool, Duration::from_secs(1), &e.to_string()).await
             }
             Err(StepError::LeaseLost) => {
@@ -54,17 +65,17 @@ impl Engine {
         }
     }
 
-    async fn publish_next(&self, msg: &StepMessage, pool: &Name, token: &str, next: u32) -> Disposition {
+    async fn publish_next(&self, msg: &StepMessage, pool: &Name, release: Release<'_>, next: u32) -> Disposition {
         let next_msg = StepMessage { session_id: msg.session_id.clone(), step: next, attempt: 0 };
         match self.publisher.publish_step(pool, &next_msg, None).await {
             Ok(()) => {
-                self.release(&msg.session_id, token, next).await;
+                self.release(release, next).await;
                 metric::step_handled("advanced");
                 Disposition::Ack
             }
             Err(e) => {
                 warn!(error = %e, "publishing the next step failed; the redelivery will publish it");
-                self.release(&msg.session_id, token, 0).await;
+                self.release(release, 0).await;
                 Disposition::Requeue
             }
         }
@@ -116,15 +127,15 @@ impl Engine {
         }
     }
 
-    async fn release(&self, id: &SessionId, token: &str, published: u32) {
-        if let Err(e) = self.store.release(id, token, published, None).await {
+    async fn release(&self, r: Release<'_>, published: u32) {
+        if let Err(e) = self.store.release(r.id, r.token, published, None, r.unused).await {
             warn!(error = %e, "releasing the lease failed; it will expire");
         }
     }
 
     /// Releases the lease and records the step's tries so far in the session.
-    async fn release_for_retry(&self, id: &SessionId, token: &str, attempt: Attempt) {
-        if let Err(e) = self.store.release(id, token, 0, Some(attempt)).await {
+    async fn release_for_retry(&self, r: Release<'_>, attempt: Attempt) {
+        if let Err(e) = self.store.release(r.id, r.token, 0, Some(attempt), r.unused).await {
             warn!(error = %e, "releasing the lease failed; it will expire and this try is not counted");
         }
     }

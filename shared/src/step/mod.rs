@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tracing::{Instrument, info_span};
 
-pub use self::agents::{Agent, Agents};
+pub use self::agents::{Agent, Agents, call_shape};
 use self::claim::{Claimed, Lease};
 use self::ctx::{StepCtx, Timings};
 use crate::amqp::StepPublisher;
@@ -134,6 +134,14 @@ impl Engine {
         }
     }
 
+    /// Writes what the store holds in-process (the daily counters' allowances); at shutdown, once
+    /// no step runs.
+    pub async fn flush(&self) {
+        if let Err(e) = self.store.flush().await {
+            tracing::warn!(error = %e, "writing back the daily allowances failed; the caps stay stricter until the day ends");
+        }
+    }
+
     /// Handles one delivery of the step queue of `pool`. A body over
     /// [`MAX_STEP_MESSAGE_BYTES`](crate::amqp::MAX_STEP_MESSAGE_BYTES) is dead-lettered unread.
     pub async fn handle(&self, body: &[u8], pool: &Name) -> Disposition {
@@ -163,8 +171,10 @@ impl Engine {
         let timings = Timings::default();
         let next = self.phases(&msg, *state, &timings, hold.lease()).await;
         timings.record();
+        // Without a model call, the reservation the claim (or the plan) held is given back.
+        let unused_reservation = !hold.lease().called();
         hold.stop().await;
-        self.finish(&msg, pool, &token, next).await
+        self.finish(&msg, pool, &token, next, unused_reservation).await
     }
 
     /// The model phase and its checkpoint, then the tool phase and its checkpoint, from wherever

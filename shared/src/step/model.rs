@@ -1,18 +1,19 @@
 //! The model phase of a step: plan the call against the budget, reserve its worst case (in the
-//! session and in the fleet-wide daily caps), call the model, reconcile the reservation with the
-//! actual usage, then checkpoint the reply.
+//! session and in the fleet-wide daily caps), call the model, then reconcile the reservation with
+//! the actual usage and checkpoint the reply in one write.
 //!
-//! Reconciling comes before the checkpoint and is not fenced: a call that was billed is counted
-//! even when its checkpoint is lost. A crash between the call and the reconciliation leaves the
-//! reservation open; the next claim of the session counts it at its worst case, once.
+//! The session's reservation is usually already held: the checkpoint that made this step current
+//! planned its call, and the claim took that worst case under the lease (`SessionState::planned`).
+//! Only when this step's own plan differs is it reserved again. Reconciling is not fenced: a call
+//! that was billed is counted even when its checkpoint is refused. A crash between the call and the
+//! checkpoint leaves the reservation open; the next claim of the session counts it at its worst
+//! case, once.
 
 use std::time::{Duration, Instant};
 
-use serde_json::value::RawValue;
-
 use super::{Next, StepCtx, StepError};
 use crate::breaker::BreakerConfig;
-use crate::budget::{self, LimitHit, Plan, Rates, Reservation, SUMMARY_PROMPT, Spent};
+use crate::budget::{self, Bill, LimitHit, Plan, Reservation, SUMMARY_PROMPT};
 use crate::config::{OnDailyCap, OnModelFailure, ProviderConfig, RateLimit};
 use crate::domain::{MicroUsd, Phase, TenantId};
 use crate::failpoint;
@@ -20,17 +21,23 @@ use crate::guard::{Admission, Gate, Outcome, Pass, RateGate, WaitFor};
 use crate::lifecycle::Ending;
 use crate::llm::{self, Block, CallSpec, LlmError, ModelReply, StopReason, ToolUse, Usage};
 use crate::ratelimit::Tokens;
-use crate::store::{CallUsage, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, UsageTotals};
+use crate::store::{
+    CallUsage, DailyCap, DailyCaps, DailyVerdict, ModelCommit, ModelOutcome, SessionState, UsageTotals,
+};
 use crate::telemetry::{TraceRecord, metric, now_ms, summarize};
 
 /// Model call attempts per step when the provider answers 529 (overloaded) or 429 (rate limited),
 /// counted with the other failed attempts. A storm only slows sessions down: at 30 % overload, 1000
 /// steps fail one in ~10^23 times. (`worker.max_model_attempts` bounds the other failures.)
 const MAX_OVERLOAD_ATTEMPTS: u32 = 50;
+/// How long a step waits while a daily cap's room is only held by other calls' reservations before
+/// it counts the cap as reached: a live call holds its reservation at most its timeout (120 s by
+/// default); what a dead worker held is only given back when the day ends.
+const HELD_ROOM_WAIT: Duration = Duration::from_secs(120);
 
 /// One planned model call.
 struct Call {
-    messages: Vec<Box<RawValue>>,
+    messages: llm::MessagePlan,
     max_tokens: u32,
     reserve: Reservation,
     /// Set for the final summary call: the limit that was reached.
@@ -45,19 +52,13 @@ impl StepCtx<'_> {
             Ok(m) => m,
             Err(why) => return self.fail_llm(why.to_string()).await,
         };
-        let spent = Spent {
-            steps: self.msg.step.saturating_sub(1),
-            tokens: state.usage.total_tokens(),
-            cost: MicroUsd::new(state.usage.cost_micro_usd),
-        };
-        let input = budget::estimate_input_tokens(self.request_bytes(&state.messages));
-        let rates = Rates::of(&self.agent.price);
-        match budget::plan(&state.meta.limits, &spent, self.msg.step, input, self.agent.max_tokens, rates) {
+        let plan = self.plan(&state.meta.limits, &state.usage, self.msg.step, state.conversation_bytes);
+        match plan {
             Plan::Call { max_tokens, reserve } => {
                 self.call(state, Call { messages, max_tokens, reserve, summary: None }).await
             }
             Plan::Summarize { max_tokens, reserve, hit } => {
-                let messages = match with_summary_prompt(messages) {
+                let messages = match with_summary_prompt(&state.messages) {
                     Ok(m) => m,
                     Err(e) => return self.fail_llm(format!("unreadable conversation: {e}")).await,
                 };
@@ -70,22 +71,29 @@ impl StepCtx<'_> {
         }
     }
 
-    fn request_bytes(&self, messages: &[String]) -> usize {
-        let tools = self.agent.tools.definitions().get().len();
-        messages.iter().map(String::len).sum::<usize>() + self.agent.system.len() + tools + 256
+    /// The call of `step` against the session's limits, with `usage` spent so far and a
+    /// conversation of `conversation_bytes`.
+    fn plan(&self, limits: &budget::Limits, usage: &UsageTotals, step: u32, conversation_bytes: usize) -> Plan {
+        self.agent.shape.plan(limits, &usage.spent_before(step), step, conversation_bytes)
     }
 
-    fn daily_caps<'s>(&'s self, state: &'s SessionState) -> DailyCaps<'s> {
+    /// The worst case of the call of `step`, for the checkpoint that makes it current (`None`: no
+    /// call fits, the step ends the session).
+    pub(super) fn plan_next(&self, usage: &UsageTotals, step: u32, conversation_bytes: usize) -> Option<Reservation> {
+        self.agent.shape.worst_case(&self.meta.limits, &usage.spent_before(step), step, conversation_bytes)
+    }
+
+    fn daily_caps(&self) -> DailyCaps<'_> {
         DailyCaps {
             agent: self.agent.name.as_str(),
-            tenant: state.meta.tenant.as_ref(),
+            tenant: self.meta.tenant.as_ref(),
             day: now_ms() / 86_400_000,
             agent_cap: self.agent.budget.daily_cap_usd.and_then(|c| MicroUsd::from_usd(c).ok()).map(MicroUsd::get),
-            tenant_cap: state.meta.tenant.as_ref().and_then(|t| self.engine.agents.tenant_cap(t)),
+            tenant_cap: self.meta.tenant.as_ref().and_then(|t| self.engine.agents.tenant_cap(t)),
         }
     }
 
-    async fn call(&self, state: SessionState, call: Call) -> Result<Next, StepError> {
+    async fn call(&self, mut state: SessionState, call: Call) -> Result<Next, StepError> {
         let provider = self.engine.agents.provider(self.agent.provider);
         let breaker_cfg = provider.breaker();
         let gate = self.gate(&provider, &breaker_cfg, &call);
@@ -99,16 +107,27 @@ impl StepCtx<'_> {
                 return Ok(Next::Postpone(after, "waiting for the provider rate limit"));
             }
         };
-        let caps = self.daily_caps(&state);
+        let caps = self.daily_caps();
         let verdict = self.engine.store.daily_reserve(&caps, call.reserve.cost).await?;
-        if verdict != DailyVerdict::Reserved {
-            return self.daily_cap_reached(&state, verdict).await;
+        if let DailyVerdict::Refused { cap, held } = verdict {
+            // Room held by other calls in flight comes back within seconds: wait for it, a while.
+            if held && now_ms().saturating_sub(state.meta.updated_ms) < HELD_ROOM_WAIT.as_millis() as u64 {
+                return Ok(Next::Postpone(
+                    Duration::from_secs(1),
+                    "waiting for daily-cap room held by calls in flight",
+                ));
+            }
+            return self.daily_cap_reached(&state, cap).await;
         }
-        let reservation = ulid::Ulid::new().to_string();
-        if let Err(e) = self.engine.store.reserve(&self.fence(), &reservation, &call.reserve).await {
+        // The reservation is held under the lease token: by the claim when it was planned as this
+        // step's plan is, else now.
+        let reservation = self.lease.token();
+        if state.planned != Some(call.reserve)
+            && let Err(e) = self.engine.store.reserve(&self.fence(), reservation, &call.reserve).await
+        {
             // No call is made: give the daily reservation back (best effort; a failure only makes
             // the cap stricter until the day ends).
-            let _ = self.engine.store.daily_settle(&caps, -(call.reserve.cost as i64)).await;
+            let _ = self.engine.store.daily_settle(&caps, call.reserve.cost, 0).await;
             return Err(e.into());
         }
         let spec = CallSpec {
@@ -117,12 +136,22 @@ impl StepCtx<'_> {
             max_tokens: call.max_tokens,
             tools: (!self.agent.tools.is_empty()).then(|| self.agent.tools.definitions()),
             tool_choice: call.summary.map(|_| "none"),
+            cache: self.agent.cache,
         };
         let started = Instant::now();
+        self.lease.calling();
+        let body = self.engine.llm.request_body(self.agent.provider, &spec, call.messages.over(&state.messages));
+        if !self.agent.tools.has_session_rules() {
+            // The body holds the conversation now: while thousands of calls wait on the model, each
+            // holds one copy of it, not two. (Approval rules over the session's calls read it later.)
+            state.messages = Vec::new();
+        }
         // A lost lease cancels the call: its reservation stays open, and the claim that took the
         // lease counts it at its worst case (it may have been billed).
-        let reply =
-            self.lease.guard(self.engine.llm.create_message(self.agent.provider, &spec, &call.messages)).await?;
+        let reply = match body {
+            Ok(body) => self.lease.guard(self.engine.llm.send(body)).await?,
+            Err(e) => Err(e),
+        };
         let took = started.elapsed();
         metric::phase_duration("llm", took);
         self.timings.add(took);
@@ -133,12 +162,10 @@ impl StepCtx<'_> {
         match reply {
             Ok(reply) => {
                 failpoint::hit("after_model_call");
-                self.reconcile(&state, &caps, &reservation, &call, &reply, took).await?;
-                failpoint::hit("after_model_reconcile");
-                self.model_replied(state, reply, call.summary).await
+                self.model_replied(state, &caps, &call, reply, took).await
             }
             Err(e) => {
-                self.settle_failed_call(&caps, &reservation, &call, &e, took).await?;
+                self.settle_failed_call(&caps, reservation, &call, &e, took).await?;
                 self.model_failed(e, took).await
             }
         }
@@ -181,43 +208,6 @@ impl StepCtx<'_> {
         self.engine.guard.report(gate, pass, &outcome, now_ms()).await;
     }
 
-    async fn reconcile(
-        &self,
-        state: &SessionState,
-        caps: &DailyCaps<'_>,
-        reservation: &str,
-        call: &Call,
-        reply: &ModelReply,
-        took: Duration,
-    ) -> Result<(), StepError> {
-        let cost = budget::cost(&self.agent.price, &reply.usage);
-        let agent = self.agent.name.as_str();
-        metric::model_call(agent, &self.agent.model, reply.stop_reason.label(), took);
-        metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.get());
-        let u = &reply.usage;
-        metric::cache_tokens(agent, &self.agent.model, u.cache_read_input_tokens, u.cache_creation_input_tokens);
-        let trace = TraceRecord {
-            input_summary: format!("{} messages, max_tokens {}", call.messages.len(), call.max_tokens),
-            output_summary: format!("stop_reason={} {}", reply.stop_reason.as_str(), summarize(&reply.text(), 200)),
-            input_tokens: reply.usage.input_tokens,
-            output_tokens: reply.usage.output_tokens,
-            cost_usd: cost.as_usd(),
-            cost_micro_usd: cost.get(),
-            duration_ms: took.as_millis() as u64,
-            success: true,
-            ..self.trace(if call.summary.is_some() { "summary_call" } else { "model_call" })
-        }
-        .emit();
-        let usage = CallUsage { usage: reply.usage, cost_micro_usd: cost.get(), trace: &trace };
-        // `None`: another worker already counted this call's worst case (we had lost the lease).
-        if let Some(totals) = self.engine.store.reconcile(self.id(), reservation, &usage).await? {
-            let delta = cost.get() as i64 - call.reserve.cost as i64;
-            self.engine.store.daily_settle(caps, delta).await?;
-            self.maybe_alert(state, &totals).await;
-        }
-        Ok(())
-    }
-
     /// An API error was certainly not billed: drop the reservation. Anything else (a timeout, an
     /// unreadable 2xx) may have been: count its worst case.
     async fn settle_failed_call(
@@ -241,14 +231,14 @@ impl StepCtx<'_> {
         .emit();
         if e.is_unbilled() {
             self.engine.store.cancel_reservation(self.id(), reservation, &trace).await?;
-            self.engine.store.daily_settle(caps, -(call.reserve.cost as i64)).await?;
+            self.engine.store.daily_settle(caps, call.reserve.cost, 0).await?;
         } else {
             let usage = Usage {
                 input_tokens: call.reserve.input_tokens,
                 output_tokens: call.reserve.output_tokens,
                 ..Default::default()
             };
-            let worst = CallUsage { usage, cost_micro_usd: call.reserve.cost, trace: &trace };
+            let worst = CallUsage { usage, cost_micro_usd: call.reserve.cost, bill: None, trace: &trace };
             self.engine.store.reconcile(self.id(), reservation, &worst).await?;
         }
         Ok(())
@@ -258,8 +248,7 @@ impl StepCtx<'_> {
         if state.meta.alerted.is_some() {
             return;
         }
-        let spent =
-            Spent { steps: self.msg.step, tokens: totals.total_tokens(), cost: MicroUsd::new(totals.cost_micro_usd) };
+        let spent = totals.spent_before(self.msg.step + 1);
         let Some(limit) = budget::alert_crossed(&state.meta.limits, &spent) else { return };
         match self.engine.store.mark_alert(&self.fence(), limit).await {
             Ok(true) => {
@@ -280,23 +269,56 @@ impl StepCtx<'_> {
         }
     }
 
-    /// Checkpoints the reply: what the model decided, and the messages to append.
+    /// The call's bill and trace record, with its metrics.
+    fn priced(&self, call: &Call, reply: &ModelReply, took: Duration) -> (Bill, String) {
+        let bill = budget::bill(&self.agent.price, &reply.usage);
+        let cost = bill.total();
+        let agent = self.agent.name.as_str();
+        metric::model_call(agent, &self.agent.model, reply.stop_reason.label(), took);
+        metric::model_usage(agent, &self.agent.model, reply.usage.input_tokens, reply.usage.output_tokens, cost.get());
+        let u = &reply.usage;
+        metric::cache_tokens(agent, &self.agent.model, u.cache_read_input_tokens, u.cache_creation_input_tokens);
+        metric::cost_by_kind(agent, &self.agent.model, &bill);
+        let trace = TraceRecord {
+            input_summary: format!("{} messages, max_tokens {}", call.messages.len(), call.max_tokens),
+            output_summary: format!("stop_reason={} {}", reply.stop_reason.as_str(), summarize(&reply.text(), 200)),
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+            cost_usd: cost.as_usd(),
+            cost_micro_usd: cost.get(),
+            cost_parts: Some(bill),
+            duration_ms: took.as_millis() as u64,
+            success: true,
+            ..self.trace(if call.summary.is_some() { "summary_call" } else { "model_call" })
+        }
+        .emit();
+        (bill, trace)
+    }
+
+    /// Reconciles the call and checkpoints the reply, in one write: what the model decided, and
+    /// the messages to append. Then settles the daily caps with what the call really cost.
     async fn model_replied(
         &self,
         mut state: SessionState,
+        caps: &DailyCaps<'_>,
+        call: &Call,
         reply: ModelReply,
-        summary: Option<LimitHit>,
+        took: Duration,
     ) -> Result<Next, StepError> {
-        let blocks = reply.blocks();
-        let text = llm::text_of(&blocks);
-        let calls: Vec<ToolUse> = blocks
-            .into_iter()
+        let (bill, trace) = self.priced(call, &reply, took);
+        let cost = bill.total();
+        let text = llm::text_of(reply.block_views());
+        let calls: Vec<ToolUse> = reply
+            .block_views()
+            .iter()
             .filter_map(|b| match b {
-                Block::ToolUse(t) => Some(t),
+                Block::ToolUse(t) => Some(t.clone()),
                 _ => None,
             })
             .collect();
-        let (decision, nudge) = match summary {
+        let (decision, nudge) = match call.summary {
             Some(hit) => {
                 let ending = Ending::Exhausted { limit: hit.label(), reason: hit.to_string(), summary: Some(text) };
                 (Decision::End(ending), None)
@@ -304,16 +326,32 @@ impl StepCtx<'_> {
             None => decide(&reply.stop_reason, !calls.is_empty(), text),
         };
         let assistant = reply.assistant_message();
-        let mut messages: Vec<String> = summary.map(|_| llm::user_message(SUMMARY_PROMPT)).into_iter().collect();
+        let mut messages: Vec<String> = call.summary.map(|_| llm::user_message(SUMMARY_PROMPT)).into_iter().collect();
         messages.push(assistant.clone());
         messages.extend(nudge.map(llm::user_message));
-        let commit = ModelCommit { messages, outcome: decision.outcome() };
-        if !self.engine.store.commit_model(&self.fence(), &commit, now_ms()).await? {
+        let usage = CallUsage { usage: reply.usage, cost_micro_usd: cost.get(), bill: Some(bill), trace: &trace };
+        // What the session will have spent once this call is counted, for the next step's plan.
+        let mut after = state.usage;
+        after.add_call(&usage);
+        let next = matches!(decision, Decision::Next).then(|| {
+            let appended: usize = messages.iter().map(String::len).sum();
+            self.plan_next(&after, self.msg.step + 1, state.conversation_bytes + appended)
+        });
+        let commit = ModelCommit { messages, outcome: decision.outcome(), next: next.flatten() };
+        let done = self.engine.store.commit_model(&self.fence(), &usage, &commit, now_ms()).await?;
+        // `None`: another worker already counted this call's worst case (we had lost the lease).
+        if let Some(totals) = done.totals {
+            self.engine.store.daily_settle(caps, call.reserve.cost, cost.get()).await?;
+            self.maybe_alert(&state, &totals).await;
+            state.usage = totals;
+        }
+        failpoint::hit("after_model_checkpoint");
+        if !done.checkpoint.applied()? {
             return Ok(Next::Nothing);
         }
         match decision {
             Decision::Tools => {
-                state.messages.push(assistant);
+                state.append(assistant);
                 state.meta.phase = Phase::Tools;
                 Ok(Next::Tools(Box::new(state), calls))
             }
@@ -358,10 +396,10 @@ impl StepCtx<'_> {
         self.settle(Phase::Llm, Ending::Failed { reason, result: String::new() }).await
     }
 
-    async fn daily_cap_reached(&self, state: &SessionState, verdict: DailyVerdict) -> Result<Next, StepError> {
-        let who = match verdict {
-            DailyVerdict::TenantCap => format!("tenant `{}`", state.meta.tenant.as_ref().map_or("", TenantId::as_str)),
-            _ => format!("agent `{}`", self.agent.name),
+    async fn daily_cap_reached(&self, state: &SessionState, cap: DailyCap) -> Result<Next, StepError> {
+        let who = match cap {
+            DailyCap::Tenant => format!("tenant `{}`", state.meta.tenant.as_ref().map_or("", TenantId::as_str)),
+            DailyCap::Agent => format!("agent `{}`", self.agent.name),
         };
         let why = format!("the daily spend cap of {who} is reached");
         metric::daily_cap_reached(self.agent.name.as_str());
@@ -372,11 +410,11 @@ impl StepCtx<'_> {
     }
 }
 
-/// The conversation with the summary prompt added to its last user message (or as a new one), so
-/// the roles still alternate.
-fn with_summary_prompt(mut messages: Vec<Box<RawValue>>) -> Result<Vec<Box<RawValue>>, serde_json::Error> {
+/// The summary call's messages: the conversation with the summary prompt added to its last user
+/// message (or as a new one), so the roles still alternate. Only the last message is read.
+fn with_summary_prompt(stored: &[String]) -> Result<llm::MessagePlan, serde_json::Error> {
     let prompt = serde_json::json!({ "type": "text", "text": SUMMARY_PROMPT });
-    let last: Option<serde_json::Value> = messages.last().map(|m| serde_json::from_str(m.get())).transpose()?;
+    let last: Option<serde_json::Value> = stored.last().map(|m| serde_json::from_str(m)).transpose()?;
     match last {
         Some(mut last) if last["role"] == "user" => {
             let content = match last["content"].take() {
@@ -385,12 +423,10 @@ fn with_summary_prompt(mut messages: Vec<Box<RawValue>>) -> Result<Vec<Box<RawVa
                 _ => Vec::new(),
             };
             last["content"] = serde_json::Value::Array(content.into_iter().chain([prompt]).collect());
-            messages.pop();
-            messages.push(serde_json::value::to_raw_value(&last)?);
+            Ok(llm::MessagePlan::ending_with(stored.len() - 1, last.to_string()))
         }
-        _ => messages.push(RawValue::from_string(llm::user_message(SUMMARY_PROMPT))?),
+        _ => Ok(llm::MessagePlan::ending_with(stored.len(), llm::user_message(SUMMARY_PROMPT))),
     }
-    Ok(messages)
 }
 
 /// A stored message that is not JSON.
@@ -401,12 +437,13 @@ struct NotJson {
     source: serde_json::Error,
 }
 
-fn raw_messages(stored: &[String]) -> Result<Vec<Box<RawValue>>, NotJson> {
-    stored
-        .iter()
-        .enumerate()
-        .map(|(index, m)| RawValue::from_string(m.clone()).map_err(|source| NotJson { index, source }))
-        .collect()
+/// The call's messages: the stored ones as they are, each checked to be JSON first (a scan that
+/// copies nothing), since the client writes them into the request verbatim.
+fn raw_messages(stored: &[String]) -> Result<llm::MessagePlan, NotJson> {
+    for (index, message) in stored.iter().enumerate() {
+        serde_json::from_str::<serde::de::IgnoredAny>(message).map_err(|source| NotJson { index, source })?;
+    }
+    Ok(llm::MessagePlan::stored(stored.len()))
 }
 
 /// What a model reply decides for the session.
@@ -548,19 +585,32 @@ mod tests {
 
     #[test]
     fn the_summary_prompt_joins_the_last_user_message() {
-        let msgs = [
+        let stored: Vec<String> = [
             r#"{"role":"user","content":"goal"}"#,
             r#"{"role":"assistant","content":[{"type":"text","text":"x"}]}"#,
             r#"{"role":"user","content":[{"type":"tool_result","tool_use_id":"a","content":"r"}]}"#,
-        ];
-        let raw: Vec<Box<RawValue>> =
-            msgs.iter().map(|m| RawValue::from_string((*m).to_owned()).expect("json")).collect();
-        let out = with_summary_prompt(raw).expect("joins");
+        ]
+        .map(str::to_owned)
+        .into();
+        let plan = with_summary_prompt(&stored).expect("joins");
+        let out: Vec<&str> = plan.over(&stored).iter().collect();
         assert_eq!(out.len(), 3);
-        let last: serde_json::Value = serde_json::from_str(out[2].get()).expect("json");
+        assert_eq!(out[..2], [stored[0].as_str(), stored[1].as_str()], "the rest goes as stored");
+        let last: serde_json::Value = serde_json::from_str(out[2]).expect("json");
         assert_eq!(last["content"][0]["type"], "tool_result");
         assert_eq!(last["content"][1]["text"], SUMMARY_PROMPT);
-        let after_assistant = with_summary_prompt(out[..2].to_vec()).expect("appends");
-        assert_eq!(after_assistant.len(), 3);
+        let after_assistant = with_summary_prompt(&stored[..2]).expect("appends");
+        let out: Vec<&str> = after_assistant.over(&stored[..2]).iter().collect();
+        assert_eq!(out[..2], [stored[0].as_str(), stored[1].as_str()]);
+        assert_eq!(out[2], llm::user_message(SUMMARY_PROMPT));
+    }
+
+    #[test]
+    fn a_stored_message_that_is_not_json_is_named() {
+        let stored: Vec<String> =
+            [r#"{"role":"user","content":"goal"}"#, r#"{"role":"assistant","content":[}"#].map(str::to_owned).into();
+        let e = raw_messages(&stored).expect_err("not json");
+        assert!(e.to_string().starts_with("stored message 1 is not JSON: "), "{e}");
+        assert_eq!(raw_messages(&stored[..1]).expect("json").len(), 1);
     }
 }

@@ -1,7 +1,9 @@
 //! The tool phase of a step: run every `tool_use` not yet in the ledger, each behind its tool's
 //! fleet-wide circuit breaker, write each result to the ledger the moment it exists, then append all
-//! `tool_result`s in one fenced checkpoint.
+//! `tool_result`s in one fenced checkpoint. The result that finishes last goes into the ledger with
+//! that checkpoint, in the same write: a step with one tool call writes once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Next, StepCtx, StepError};
@@ -9,7 +11,7 @@ use crate::domain::Phase;
 use crate::guard::{Admission, Gate, Outcome};
 use crate::lifecycle::Ending;
 use crate::llm::{self, Block, ToolOutcome, ToolUse};
-use crate::store::SessionState;
+use crate::store::{SessionState, ToolCommit, ToolRecord};
 use crate::telemetry::{TraceRecord, metric, now_ms, summary_of};
 use crate::tools::{Health, ToolRun};
 
@@ -28,15 +30,20 @@ impl StepCtx<'_> {
             return self.pause_for_approval(call, why).await;
         }
         let started = Instant::now();
-        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c, &session))).await;
+        let left = AtomicUsize::new(pending.len());
+        let runs = futures::future::join_all(pending.iter().map(|c| self.run_tool(c, &session, &left))).await;
         metric::phase_duration("tools", started.elapsed());
         self.timings.add(started.elapsed());
+        let (usage, conversation_bytes) = (state.usage, state.conversation_bytes);
         let mut ledger = state.ledger;
         let mut escalation = None;
         let mut approval = None;
         let mut later: Option<Duration> = None;
+        let mut held = Vec::new();
         for (call, run) in pending.into_iter().zip(runs) {
-            match run? {
+            let (run, record) = run?;
+            held.extend(record);
+            match run {
                 ToolRun::Done(outcome, _) => {
                     ledger.insert(call.id.clone(), outcome);
                 }
@@ -47,6 +54,12 @@ impl StepCtx<'_> {
                 ToolRun::NeedsApproval { tool, reason } => {
                     approval = approval.or(Some((ToolUse { name: tool, ..call.clone() }, reason)));
                 }
+            }
+        }
+        if escalation.is_some() || approval.is_some() || later.is_some() {
+            // No checkpoint: the result held for it goes into the ledger now.
+            for r in &held {
+                self.engine.store.record_tool(&self.fence(), &r.tool_use_id, &r.outcome, &r.trace).await?;
             }
         }
         if let Some(escalation) = escalation {
@@ -69,7 +82,9 @@ impl StepCtx<'_> {
             })
             .collect();
         let user = llm::tool_results_message(&ordered);
-        let applied = self.engine.store.commit_tools(&self.fence(), &user, now_ms()).await?;
+        let next = self.plan_next(&usage, self.msg.step + 1, conversation_bytes + user.len());
+        let commit = ToolCommit { user_message: &user, results: &held, next };
+        let applied = self.engine.store.commit_tools(&self.fence(), &commit, now_ms()).await?;
         Ok(if applied { Next::Publish(self.msg.step + 1) } else { Next::Nothing })
     }
 
@@ -111,7 +126,14 @@ impl StepCtx<'_> {
         self.settle(Phase::Tools, Ending::Failed { reason, result: String::new() }).await
     }
 
-    async fn run_tool(&self, call: &ToolUse, session: &[ToolUse]) -> Result<ToolRun, StepError> {
+    /// Runs one call and traces it. Its result goes into the ledger at once, unless it is the last of
+    /// the step's calls to finish (`left` counts them down): that one is returned for the checkpoint.
+    async fn run_tool(
+        &self,
+        call: &ToolUse,
+        session: &[ToolUse],
+        left: &AtomicUsize,
+    ) -> Result<(ToolRun, Option<ToolRecord>), StepError> {
         let key = format!("{}:{}", self.id(), call.id);
         let started = Instant::now();
         // A lost lease cancels the call; the next holder runs it again under the same key.
@@ -126,7 +148,8 @@ impl StepCtx<'_> {
             }
             run => run,
         };
-        let ToolRun::Done(outcome, _) = &run else { return Ok(run) };
+        let last = left.fetch_sub(1, Ordering::AcqRel) == 1;
+        let ToolRun::Done(outcome, _) = &run else { return Ok((run, None)) };
         let took = started.elapsed();
         let known = self.agent.tools.contains(&call.name).then_some(call.name.as_str());
         metric::tool_call(known, !outcome.is_error, took);
@@ -140,8 +163,12 @@ impl StepCtx<'_> {
             ..self.trace("tool_call")
         }
         .emit();
+        if last {
+            let record = ToolRecord { tool_use_id: call.id.clone(), outcome: outcome.clone(), trace };
+            return Ok((run, Some(record)));
+        }
         self.engine.store.record_tool(&self.fence(), &call.id, outcome, &trace).await?;
-        Ok(run)
+        Ok((run, None))
     }
 
     /// Runs the call behind its tool's circuit breaker. While the breaker is open the fallback tool

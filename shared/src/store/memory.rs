@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Attempt, CallUsage, Claim, DailyCaps, DailyVerdict, Fence, Meta, ModelCommit, ModelOutcome, NewSession,
-    SessionState, StepEnd, StepStore, StoreError, UsageTotals,
+    Attempt, CallUsage, Checkpoint, Claim, DailyCap, DailyCaps, DailyVerdict, Fence, Meta, ModelCheckpoint,
+    ModelCommit, ModelOutcome, NewSession, SessionState, StepEnd, StepStore, StoreError, ToolCommit, UsageTotals,
 };
 use crate::budget::Reservation;
 use crate::domain::{Phase, SessionId, SessionStatus, StepMessage};
@@ -31,6 +31,8 @@ struct Session {
     orphans: BTreeMap<String, Reservation>,
     lease: Option<(String, Instant)>,
     trace: Vec<String>,
+    /// The worst case a checkpoint planned for the call of a later step (`resv_next`).
+    planned: Option<(u32, Reservation)>,
 }
 
 #[derive(Debug, Default)]
@@ -38,7 +40,8 @@ struct State {
     sessions: HashMap<SessionId, Session>,
     active: HashMap<SessionId, u64>,
     waiting: HashMap<SessionId, u64>,
-    daily: HashMap<String, u64>,
+    /// Daily counters: spent and held (reserved by calls not settled).
+    daily: HashMap<String, (u64, u64)>,
     /// Writes that will fail with an unknown outcome: by method name, whether the write applies.
     faults: Vec<(&'static str, bool)>,
 }
@@ -113,6 +116,7 @@ impl MemoryStore {
             orphans: BTreeMap::new(),
             lease: None,
             trace: Vec::new(),
+            planned: new.first_call.map(|r| (1, r)),
         };
         st.sessions.insert(new.id.clone(), session);
         st.active.insert(new.id.clone(), now_ms);
@@ -165,7 +169,7 @@ impl MemoryStore {
 
     /// The daily spend counted for `agent` on `day`, micro-USD.
     pub fn daily_agent_spend(&self, agent: &str, day: u64) -> u64 {
-        self.lock().daily.get(&format!("{day}:agent:{agent}")).copied().unwrap_or(0)
+        self.lock().daily.get(&format!("{day}:agent:{agent}")).map_or(0, |(spent, held)| spent + held)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -228,6 +232,35 @@ fn take_reservation(s: &mut Session, rid: &str) -> Option<Taken> {
     u.model_calls = u.model_calls.saturating_sub(1);
     u.unreconciled_calls = u.unreconciled_calls.saturating_sub(1);
     Some(Taken::Orphan)
+}
+
+/// Replaces the reservation `rid` with the call's actual usage, once (reconcile.lua); the totals.
+fn reconcile(st: &mut State, id: &SessionId, rid: &str, call: &CallUsage<'_>) -> Option<UsageTotals> {
+    let s = st.sessions.get_mut(id)?;
+    let taken = take_reservation(s, rid)?;
+    s.usage.add_call(call);
+    s.trace.push(superseding(call.trace, rid, taken));
+    Some(s.usage)
+}
+
+/// Appends the model's reply and moves the session on (the checkpoint half of commit_model.lua).
+fn commit_reply(s: &mut Session, step: u32, c: &ModelCommit, now_ms: u64) {
+    s.msgs.extend(c.messages.iter().cloned());
+    s.meta.updated_ms = now_ms;
+    s.meta.attempt = 0;
+    match &c.outcome {
+        ModelOutcome::Tools => s.meta.phase = Phase::Tools,
+        ModelOutcome::Next => {
+            s.meta.step = step + 1;
+            s.planned = c.next.map(|r| (step + 1, r));
+        }
+        ModelOutcome::Done { status, result, error } => {
+            s.meta.phase = Phase::Done;
+            s.meta.status = *status;
+            s.meta.result = Some(result.clone());
+            s.meta.error = Some(error.clone());
+        }
+    }
 }
 
 /// The trace record, marked as superseding the claim's worst-case record of `rid` when it was taken
@@ -305,12 +338,17 @@ impl StepStore for MemoryStore {
                 s.trace.push(record);
                 s.orphans.insert(rid, r);
             }
-            Claim::Run(Box::new(SessionState {
-                meta: s.meta.clone(),
-                messages: s.msgs.clone(),
-                ledger: s.ledger.clone(),
-                usage: s.usage,
-            }))
+            let planned = s.planned.filter(|(step, _)| *step == n && s.meta.phase == Phase::Llm).map(|(_, r)| r);
+            if let Some(r) = planned {
+                s.resv.insert(token.to_owned(), r);
+            }
+            Claim::Run(Box::new(SessionState::loaded(
+                s.meta.clone(),
+                s.msgs.clone(),
+                s.ledger.clone(),
+                s.usage,
+                planned,
+            )))
         })
     }
 
@@ -333,9 +371,13 @@ impl StepStore for MemoryStore {
         token: &str,
         published: u32,
         retry: Option<Attempt>,
+        unused_reservation: bool,
     ) -> Result<(), StoreError> {
         self.write("release", |st| {
             let Some(s) = st.sessions.get_mut(id) else { return };
+            if unused_reservation {
+                s.resv.remove(token);
+            }
             if lease_live(s) == Some(token)
                 && let Some(a) = retry.filter(|a| a.step == s.meta.step)
             {
@@ -365,19 +407,7 @@ impl StepStore for MemoryStore {
         reservation_id: &str,
         call: &CallUsage<'_>,
     ) -> Result<Option<UsageTotals>, StoreError> {
-        self.write("reconcile", |st| {
-            let s = st.sessions.get_mut(id)?;
-            let taken = take_reservation(s, reservation_id)?;
-            let u = &mut s.usage;
-            u.input_tokens += call.usage.input_tokens;
-            u.output_tokens += call.usage.output_tokens;
-            u.cache_creation_input_tokens += call.usage.cache_creation_input_tokens;
-            u.cache_read_input_tokens += call.usage.cache_read_input_tokens;
-            u.cost_micro_usd += call.cost_micro_usd;
-            u.model_calls += 1;
-            s.trace.push(superseding(call.trace, reservation_id, taken));
-            Some(s.usage)
-        })
+        self.write("reconcile", |st| reconcile(st, id, reservation_id, call))
     }
 
     async fn cancel_reservation(&self, id: &SessionId, reservation_id: &str, trace: &str) -> Result<(), StoreError> {
@@ -407,51 +437,53 @@ impl StepStore for MemoryStore {
         self.write("daily_reserve", |st| {
             let keys =
                 [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant_key())];
-            let limits = [(caps.agent_cap, DailyVerdict::AgentCap), (caps.tenant_cap, DailyVerdict::TenantCap)];
-            for (key, (cap, verdict)) in keys.iter().zip(limits) {
-                let spent = st.daily.get(key).copied().unwrap_or(0);
-                if cap.is_some_and(|cap| spent + amount > cap) {
-                    return verdict;
+            let limits = [(caps.agent_cap, DailyCap::Agent), (caps.tenant_cap, DailyCap::Tenant)];
+            for (key, (cap, which)) in keys.iter().zip(limits) {
+                let (spent, held) = st.daily.get(key).copied().unwrap_or_default();
+                if let Some(cap) = cap.filter(|&cap| spent + held + amount > cap) {
+                    return DailyVerdict::Refused { cap: which, held: spent + amount <= cap };
                 }
             }
             for key in keys {
-                *st.daily.entry(key).or_default() += amount;
+                st.daily.entry(key).or_default().1 += amount;
             }
             DailyVerdict::Reserved
         })
     }
 
-    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, reserved: u64, spent: u64) -> Result<(), StoreError> {
         self.write("daily_settle", |st| {
             for key in
                 [format!("{}:agent:{}", caps.day, caps.agent), format!("{}:tenant:{}", caps.day, caps.tenant_key())]
             {
-                if let Some(v) = st.daily.get_mut(&key) {
-                    *v = v.saturating_add_signed(delta);
+                if let Some((s, held)) = st.daily.get_mut(&key) {
+                    *s += spent;
+                    *held = held.saturating_sub(reserved);
                 }
             }
         })
     }
 
-    async fn commit_model(&self, at: &Fence<'_>, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_model(
+        &self,
+        at: &Fence<'_>,
+        call: &CallUsage<'_>,
+        c: &ModelCommit,
+        now_ms: u64,
+    ) -> Result<ModelCheckpoint, StoreError> {
         let step = at.step;
         self.write("commit_model", |st| {
-            let Some(s) = leased(st, at)?.filter(|s| fenced(s, step, Phase::Llm)) else { return Ok(false) };
-            s.msgs.extend(c.messages.iter().cloned());
-            s.meta.updated_ms = now_ms;
-            s.meta.attempt = 0;
-            match &c.outcome {
-                ModelOutcome::Tools => s.meta.phase = Phase::Tools,
-                ModelOutcome::Next => s.meta.step = step + 1,
-                ModelOutcome::Done { status, result, error } => {
-                    s.meta.phase = Phase::Done;
-                    s.meta.status = *status;
-                    s.meta.result = Some(result.clone());
-                    s.meta.error = Some(error.clone());
+            let totals = reconcile(st, at.id, at.token, call);
+            let checkpoint = match leased(st, at) {
+                Err(_) => Checkpoint::LeaseLost,
+                Ok(Some(s)) if fenced(s, step, Phase::Llm) => {
+                    commit_reply(s, step, c, now_ms);
+                    Checkpoint::Applied
                 }
-            }
-            Ok(true)
-        })?
+                Ok(_) => Checkpoint::Moved,
+            };
+            ModelCheckpoint { totals, checkpoint }
+        })
     }
 
     async fn record_tool(
@@ -470,15 +502,20 @@ impl StepStore for MemoryStore {
         })?
     }
 
-    async fn commit_tools(&self, at: &Fence<'_>, user: &str, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_tools(&self, at: &Fence<'_>, c: &ToolCommit<'_>, now_ms: u64) -> Result<bool, StoreError> {
         let step = at.step;
         self.write("commit_tools", |st| {
             let Some(s) = leased(st, at)?.filter(|s| fenced(s, step, Phase::Tools)) else { return Ok(false) };
-            s.msgs.push(user.to_owned());
+            for r in c.results {
+                s.ledger.entry(r.tool_use_id.clone()).or_insert_with(|| r.outcome.clone());
+                s.trace.push(r.trace.clone());
+            }
+            s.msgs.push(c.user_message.to_owned());
             s.meta.step = step + 1;
             s.meta.phase = Phase::Llm;
             s.meta.updated_ms = now_ms;
             s.meta.attempt = 0;
+            s.planned = c.next.map(|r| (step + 1, r));
             Ok(true)
         })?
     }

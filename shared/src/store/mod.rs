@@ -4,6 +4,7 @@
 //! worker that lost its lease, or a duplicate message, can never apply a step twice. Messages are
 //! appended, never rewritten: a step's write cost does not grow with the conversation.
 
+mod daily;
 pub mod durability;
 mod memory;
 mod redis;
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use thiserror::Error;
 
-use crate::budget::{Limits, Reservation};
+use crate::budget::{Bill, Limits, Reservation};
 use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId};
 use crate::llm::{ToolOutcome, Usage};
 
@@ -134,6 +135,9 @@ pub struct NewSession {
     pub limits: Limits,
     /// Where this session's events are POSTed, if anywhere.
     pub callback_url: Option<String>,
+    /// The worst case of the first step's call, as its worker will plan it (its claim holds it);
+    /// `None` when not known here (the worker then reserves it itself).
+    pub first_call: Option<Reservation>,
 }
 
 /// What a step needs: the session as the step found it.
@@ -147,6 +151,31 @@ pub struct SessionState {
     pub ledger: HashMap<String, ToolOutcome>,
     /// Usage so far, open reservations of dead workers included.
     pub usage: UsageTotals,
+    /// The worst case of this step's model call as the previous checkpoint planned it, which the
+    /// claim now holds under the lease token; `None` when nothing was planned for this step.
+    pub planned: Option<Reservation>,
+    /// The conversation's size in bytes, kept when the messages themselves are let go.
+    pub conversation_bytes: usize,
+}
+
+impl SessionState {
+    /// The state as loaded: `messages` and their size.
+    pub fn loaded(
+        meta: Meta,
+        messages: Vec<String>,
+        ledger: HashMap<String, ToolOutcome>,
+        usage: UsageTotals,
+        planned: Option<Reservation>,
+    ) -> Self {
+        let conversation_bytes = messages.iter().map(String::len).sum();
+        Self { meta, messages, ledger, usage, planned, conversation_bytes }
+    }
+
+    /// Appends a message to the conversation (as its checkpoint did in the store).
+    pub fn append(&mut self, message: String) {
+        self.conversation_bytes += message.len();
+        self.messages.push(message);
+    }
 }
 
 /// What a step message means, decided atomically with taking the lease.
@@ -245,6 +274,62 @@ pub struct ModelCommit {
     pub messages: Vec<String>,
     /// What comes next.
     pub outcome: ModelOutcome,
+    /// For [`ModelOutcome::Next`]: the worst case of the next step's call, which its claim holds.
+    pub next: Option<Reservation>,
+}
+
+/// Whether a fenced checkpoint applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// It applied.
+    Applied,
+    /// The session had moved past this step or phase: nothing was written.
+    Moved,
+    /// This worker no longer holds the lease: nothing was written.
+    LeaseLost,
+}
+
+impl Checkpoint {
+    /// True when applied, false when the session moved on, [`StoreError::LeaseLost`] when fenced out.
+    pub fn applied(self) -> Result<bool, StoreError> {
+        match self {
+            Self::Applied => Ok(true),
+            Self::Moved => Ok(false),
+            Self::LeaseLost => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+/// What the model checkpoint did: the call's reconciliation, then the fenced checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelCheckpoint {
+    /// The usage totals after the call; `None` when it had already been counted (another worker's
+    /// claim took over after this one lost its lease, and counted the reservation already).
+    pub totals: Option<UsageTotals>,
+    /// Whether the reply was checkpointed.
+    pub checkpoint: Checkpoint,
+}
+
+/// One tool call's result, for the ledger, with its trace record.
+#[derive(Debug, Clone)]
+pub struct ToolRecord {
+    /// The `tool_use_id`.
+    pub tool_use_id: String,
+    /// The result.
+    pub outcome: ToolOutcome,
+    /// The trace record (JSON).
+    pub trace: String,
+}
+
+/// The tool phase's checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolCommit<'a> {
+    /// The user message with every `tool_result`, in `tool_use` order.
+    pub user_message: &'a str,
+    /// Results not yet in the ledger: the checkpoint records them (the first write wins).
+    pub results: &'a [ToolRecord],
+    /// The worst case of the next step's call, which its claim holds.
+    pub next: Option<Reservation>,
 }
 
 /// A reconciled call: its usage and cost, and its trace record.
@@ -254,8 +339,22 @@ pub struct CallUsage<'a> {
     pub usage: Usage,
     /// Cost, micro-USD.
     pub cost_micro_usd: u64,
+    /// The cost by kind of token, summing to `cost_micro_usd`; `None` for a call counted at its
+    /// worst case (its usage is unknown).
+    pub bill: Option<Bill>,
     /// The trace record (JSON).
     pub trace: &'a str,
+}
+
+impl CallUsage<'_> {
+    /// The cost as the usage scripts take it: `total`, or `total:input:output:cache write:cache
+    /// read` with the bill.
+    pub(crate) fn cost_arg(&self) -> String {
+        match self.bill {
+            Some(b) => format!("{}:{}:{}:{}:{}", self.cost_micro_usd, b.input, b.output, b.cache_write, b.cache_read),
+            None => self.cost_micro_usd.to_string(),
+        }
+    }
 }
 
 /// The fleet-wide daily counters a call is reserved against.
@@ -285,10 +384,23 @@ impl DailyCaps<'_> {
 pub enum DailyVerdict {
     /// Reserved.
     Reserved,
-    /// The agent's daily cap is in the way.
-    AgentCap,
-    /// The tenant's daily cap is in the way.
-    TenantCap,
+    /// Refused by a cap.
+    Refused {
+        /// The cap in the way.
+        cap: DailyCap,
+        /// What is spent would leave room: the cap is only held by reservations (calls in flight,
+        /// workers' allowances), which give it back within seconds unless their worker died.
+        held: bool,
+    },
+}
+
+/// One of the two daily caps of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DailyCap {
+    /// The agent's.
+    Agent,
+    /// The tenant's.
+    Tenant,
 }
 
 /// A session as the API shows it.
@@ -315,6 +427,9 @@ pub struct UsageTotals {
     pub cache_read_input_tokens: u64,
     /// Cost in micro-USD.
     pub cost_micro_usd: u64,
+    /// Of the cost, that of reconciled calls by kind of token. What the parts do not cover is the
+    /// worst case of calls whose usage is unknown ([`UsageTotals::unreconciled_calls`]).
+    pub cost_parts: Bill,
     /// Model calls made (including ones whose checkpoint was lost).
     pub model_calls: u64,
     /// Calls whose worker died before their usage was known: counted at their reserved worst case.
@@ -328,6 +443,31 @@ impl UsageTotals {
     pub fn total_tokens(&self) -> u64 {
         self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
     }
+
+    /// What the session has spent before step `step`, for planning its call.
+    pub fn spent_before(&self, step: u32) -> crate::budget::Spent {
+        crate::budget::Spent {
+            steps: step.saturating_sub(1),
+            tokens: self.total_tokens(),
+            cost: crate::domain::MicroUsd::new(self.cost_micro_usd),
+        }
+    }
+
+    /// Counts one reconciled call, as the model checkpoint does.
+    pub fn add_call(&mut self, call: &CallUsage<'_>) {
+        let usage = &call.usage;
+        self.input_tokens += usage.input_tokens;
+        self.output_tokens += usage.output_tokens;
+        self.cache_creation_input_tokens += usage.cache_creation_input_tokens;
+        self.cache_read_input_tokens += usage.cache_read_input_tokens;
+        self.cost_micro_usd += call.cost_micro_usd;
+        if let Some(b) = call.bill {
+            let p = &mut self.cost_parts;
+            (p.input, p.output) = (p.input + b.input, p.output + b.output);
+            (p.cache_write, p.cache_read) = (p.cache_write + b.cache_write, p.cache_read + b.cache_read);
+        }
+        self.model_calls += 1;
+    }
 }
 
 /// What a worker needs to run a step: claim and lease, the budget's reservations, the fenced
@@ -340,20 +480,23 @@ pub trait StepStore: Send + Sync {
     /// Extends our lease; false when it is no longer ours.
     async fn renew(&self, id: &SessionId, token: &str, lease_ms: u64) -> Result<bool, StoreError>;
     /// Releases our lease and marks `published` (0 for none) as in the broker. A step that will be
-    /// tried again records its next `attempt` with it, only while the lease is still ours.
+    /// tried again records its next `attempt` with it, only while the lease is still ours. With
+    /// `unused_reservation`, the step made no model call: the reservation held under `token` (by the
+    /// claim or by [`StepStore::reserve`]) is dropped.
     async fn release(
         &self,
         id: &SessionId,
         token: &str,
         published: u32,
         retry: Option<Attempt>,
+        unused_reservation: bool,
     ) -> Result<(), StoreError>;
     /// Marks `step` as in the broker (after its publish was confirmed), without a lease.
     async fn mark_published(&self, id: &SessionId, step: u32) -> Result<(), StoreError> {
-        self.release(id, "", step, None).await
+        self.release(id, "", step, None, false).await
     }
-    /// Holds a call's worst case before it is made; [`StoreError::LeaseLost`] when the lease is not
-    /// ours (and the call must not be made).
+    /// Holds a call's worst case before it is made, replacing any held under the same id;
+    /// [`StoreError::LeaseLost`] when the lease is not ours (and the call must not be made).
     async fn reserve(&self, at: &Fence<'_>, reservation_id: &str, r: &Reservation) -> Result<(), StoreError>;
     /// Replaces the reservation with the call's actual usage, once, also when another worker's claim
     /// counted it at its worst case meanwhile (this worker had lost its lease); the new totals, or
@@ -370,10 +513,25 @@ pub trait StepStore: Send + Sync {
     async fn mark_alert(&self, at: &Fence<'_>, limit: &str) -> Result<bool, StoreError>;
     /// Reserves `amount` micro-USD against the daily caps, atomically across the fleet.
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError>;
-    /// Corrects the daily spend by `delta` micro-USD.
-    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError>;
-    /// The model phase's checkpoint; false when the step or phase moved on.
-    async fn commit_model(&self, at: &Fence<'_>, commit: &ModelCommit, now_ms: u64) -> Result<bool, StoreError>;
+    /// Settles a daily reservation of `reserved` micro-USD by what was `spent` (0 for a call that
+    /// was not billed). The store may write it later, with other corrections ([`StepStore::flush`]
+    /// writes everything held).
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, reserved: u64, spent: u64) -> Result<(), StoreError>;
+    /// Writes what the store holds in-process (the daily counters' unspent allowances and pending
+    /// corrections); at shutdown, and wherever a test reads a counter.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The model phase's checkpoint, in one write: reconciles the call's reservation (held under
+    /// the lease token) with `call`'s actual usage (not fenced, like [`StepStore::reconcile`]), then
+    /// appends the reply (fenced).
+    async fn commit_model(
+        &self,
+        at: &Fence<'_>,
+        call: &CallUsage<'_>,
+        commit: &ModelCommit,
+        now_ms: u64,
+    ) -> Result<ModelCheckpoint, StoreError>;
     /// Records a tool's outcome in the ledger (first write wins) with its trace record.
     async fn record_tool(
         &self,
@@ -382,8 +540,9 @@ pub trait StepStore: Send + Sync {
         outcome: &ToolOutcome,
         trace: &str,
     ) -> Result<(), StoreError>;
-    /// The tool phase's checkpoint; false when the step or phase moved on.
-    async fn commit_tools(&self, at: &Fence<'_>, user_message: &str, now_ms: u64) -> Result<bool, StoreError>;
+    /// The tool phase's checkpoint, with the results not yet in the ledger; false when the step or
+    /// phase moved on.
+    async fn commit_tools(&self, at: &Fence<'_>, commit: &ToolCommit<'_>, now_ms: u64) -> Result<bool, StoreError>;
     /// Ends or pauses the session at this step and `phase`; false when the step or phase moved on.
     async fn end_step(&self, at: &Fence<'_>, phase: Phase, end: &StepEnd, now_ms: u64) -> Result<bool, StoreError>;
     /// Moves the session into the listing indexes of its status; a no-op when they are current. An

@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use redis::{Cmd, Script, Value};
 
+use super::daily::{DailyCounters, Taken};
 use super::{
-    AdminStore, Attempt, CallUsage, CancelOutcome, Claim, DailyCaps, DailyVerdict, Fence, ListFilter, Meta,
-    ModelCommit, ModelOutcome, NewSession, ResumeOutcome, SessionState, SessionView, StepEnd, StepStore, StoreError,
-    UsageTotals,
+    AdminStore, Attempt, CallUsage, CancelOutcome, Checkpoint, Claim, DailyCap, DailyCaps, DailyVerdict, Fence,
+    ListFilter, Meta, ModelCheckpoint, ModelCommit, ModelOutcome, NewSession, ResumeOutcome, SessionState, SessionView,
+    StepEnd, StepStore, StoreError, ToolCommit, UsageTotals,
 };
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
@@ -75,8 +76,6 @@ struct Scripts {
     reconcile: Script,
     cancel_reservation: Script,
     mark_alert: Script,
-    daily_reserve: Script,
-    daily_settle: Script,
     resume: Script,
     cancel: Script,
     expire: Script,
@@ -87,7 +86,7 @@ impl Scripts {
     fn load() -> Self {
         Self {
             claim: Script::new(include_str!("lua/claim.lua")),
-            commit_model: Script::new(include_str!("lua/commit_model.lua")),
+            commit_model: Script::new(concat!(include_str!("lua/orphan.lua"), include_str!("lua/commit_model.lua"))),
             commit_tools: Script::new(include_str!("lua/commit_tools.lua")),
             end_step: Script::new(include_str!("lua/end_step.lua")),
             record_tool: Script::new(include_str!("lua/record_tool.lua")),
@@ -102,8 +101,6 @@ impl Scripts {
                 include_str!("lua/cancel_reservation.lua")
             )),
             mark_alert: Script::new(include_str!("lua/mark_alert.lua")),
-            daily_reserve: Script::new(include_str!("lua/daily_reserve.lua")),
-            daily_settle: Script::new(include_str!("lua/daily_settle.lua")),
             resume: Script::new(include_str!("lua/resume.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             expire: Script::new(include_str!("lua/expire.lua")),
@@ -118,6 +115,7 @@ pub struct RedisStore {
     prefix: String,
     scripts: Scripts,
     retention_ms: u64,
+    daily: DailyCounters,
 }
 
 /// How long a finished session is kept unless [`RedisStore::with_retention_ms`] says otherwise.
@@ -148,7 +146,14 @@ impl RedisStore {
     /// Connects to the server or cluster `cfg` names (retrying with backoff).
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, StoreError> {
         let conn = RedisConn::connect(cfg).await?;
-        Ok(Self { conn, prefix: cfg.key_prefix.clone(), scripts: Scripts::load(), retention_ms: DEFAULT_RETENTION_MS })
+        let daily = DailyCounters::new(conn.clone());
+        Ok(Self {
+            conn,
+            prefix: cfg.key_prefix.clone(),
+            scripts: Scripts::load(),
+            retention_ms: DEFAULT_RETENTION_MS,
+            daily,
+        })
     }
 
     /// Keeps finished sessions for `ms` (`[sessions] retention_ms`) instead of 30 days.
@@ -171,19 +176,9 @@ impl RedisStore {
         daily_keys(&self.prefix, agent, tenant, day)
     }
 
-    /// Takes `amount` from the daily counter `key` unless that crosses `cap`; true when taken.
-    async fn daily_take(&self, key: &str, amount: u64, cap: Option<u64>, expiry_s: u64) -> Result<bool, StoreError> {
-        let cap = cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
-        let mut inv = self.scripts.daily_reserve.key(key);
-        let refused: i64 = inv.arg(amount).arg(cap).arg(expiry_s).invoke_async(&mut self.conn()).await?;
-        Ok(refused == 0)
-    }
-
-    /// Corrects the daily counter `key` by `delta`, if it exists.
-    async fn daily_correct(&self, key: &str, delta: i64, expiry_s: u64) -> Result<(), StoreError> {
-        let mut inv = self.scripts.daily_settle.key(key);
-        let _: i64 = inv.arg(delta).arg(expiry_s).invoke_async(&mut self.conn()).await?;
-        Ok(())
+    /// Takes `amount` from the daily counter `key` unless that crosses `cap`.
+    async fn daily_take(&self, key: &str, amount: u64, cap: Option<u64>, expiry_s: u64) -> Result<Taken, StoreError> {
+        self.daily.take(key, amount, cap, expiry_s).await
     }
 
     /// The index of every session from before the listing indexes, scored by creation time: the
@@ -288,44 +283,49 @@ impl StepStore for RedisStore {
         token: &str,
         published: u32,
         retry: Option<Attempt>,
+        unused_reservation: bool,
     ) -> Result<(), StoreError> {
         let k = self.keys(id);
         let attempt = retry.map(|a| a.to_string()).unwrap_or_default();
-        let _: i64 = self
-            .scripts
-            .release
-            .key(&k.lease)
-            .key(&k.meta)
-            .arg(token)
-            .arg(published)
-            .arg(attempt)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let unused = if unused_reservation { token } else { "" };
+        let mut inv = self.scripts.release.key(&k.lease);
+        inv.key(&k.meta).key(&k.resv).arg(token).arg(published).arg(attempt).arg(unused);
+        let _: i64 = inv.invoke_async(&mut self.conn()).await?;
         Ok(())
     }
 
-    async fn commit_model(&self, at: &Fence<'_>, c: &ModelCommit, now_ms: u64) -> Result<bool, StoreError> {
-        let (id, step) = (at.id, at.step);
-        let k = self.keys(id);
+    async fn commit_model(
+        &self,
+        at: &Fence<'_>,
+        call: &CallUsage<'_>,
+        c: &ModelCommit,
+        now_ms: u64,
+    ) -> Result<ModelCheckpoint, StoreError> {
+        let k = self.keys(at.id);
         let (mode, status, result, error) = match &c.outcome {
             ModelOutcome::Tools => ("tools", "", "", ""),
             ModelOutcome::Next => ("next", "", "", ""),
             ModelOutcome::Done { status, result, error } => ("done", status.as_str(), result.as_str(), error.as_str()),
         };
-        let mut inv = self.scripts.commit_model.key(&k.meta);
-        inv.key(&k.msgs).key(&k.lease).arg(step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms);
-        inv.arg(at.token).arg(c.messages.len());
+        let u = &call.usage;
+        let mut inv = self.scripts.commit_model.key(&k.usage);
+        inv.key(&k.resv).key(&k.trace).key(&k.meta).key(&k.msgs).key(&k.lease);
+        inv.arg(at.token).arg(u.input_tokens).arg(u.output_tokens).arg(u.cache_creation_input_tokens);
+        inv.arg(u.cache_read_input_tokens).arg(call.cost_arg()).arg(call.trace);
+        inv.arg(at.step).arg(mode).arg(status).arg(result).arg(error).arg(now_ms).arg(at.token);
+        inv.arg(c.next.as_ref().map(reservation_text).unwrap_or_default()).arg(c.messages.len());
         for m in &c.messages {
             inv.arg(m);
         }
-        fenced(inv.invoke_async(&mut self.conn()).await?)
+        let (applied, totals): (i64, Vec<(String, u64)>) = inv.invoke_async(&mut self.conn()).await?;
+        let totals = (!totals.is_empty()).then(|| parse_usage(&totals.into_iter().collect()));
+        Ok(ModelCheckpoint { totals, checkpoint: checkpoint(applied) })
     }
 
     async fn reserve(&self, at: &Fence<'_>, reservation_id: &str, r: &Reservation) -> Result<(), StoreError> {
-        let value = format!("{}|{}|{}", r.cost, r.input_tokens, r.output_tokens);
         let k = self.keys(at.id);
         let mut inv = self.scripts.reserve.key(&k.resv);
-        inv.key(&k.lease).arg(reservation_id).arg(value).arg(at.token);
+        inv.key(&k.lease).arg(reservation_id).arg(reservation_text(r)).arg(at.token);
         fenced(inv.invoke_async(&mut self.conn()).await?).map(drop)
     }
 
@@ -348,7 +348,7 @@ impl StepStore for RedisStore {
             .arg(u.output_tokens)
             .arg(u.cache_creation_input_tokens)
             .arg(u.cache_read_input_tokens)
-            .arg(call.cost_micro_usd)
+            .arg(call.cost_arg())
             .arg(call.trace)
             .invoke_async(&mut self.conn())
             .await?;
@@ -380,40 +380,46 @@ impl StepStore for RedisStore {
     async fn daily_reserve(&self, caps: &DailyCaps<'_>, amount: u64) -> Result<DailyVerdict, StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
         let expiry = daily_expiry_s(caps.day);
-        // Two counters in two slots, so two scripts, at once. One taken while the other was refused
-        // (or failed) is given back; until then it only makes its cap stricter, never looser.
+        // Two counters in two slots: two reservations, at once. One taken while the other was
+        // refused (or failed) is given back; until then it only makes its cap stricter.
         let (agent, tenant) = futures::join!(
             self.daily_take(&agent_key, amount, caps.agent_cap, expiry),
             self.daily_take(&tenant_key, amount, caps.tenant_cap, expiry),
         );
-        if matches!((&agent, &tenant), (Ok(true), Ok(true))) {
+        if matches!((&agent, &tenant), (Ok(Taken::Yes), Ok(Taken::Yes))) {
             return Ok(DailyVerdict::Reserved);
         }
-        let give_back = -i64::try_from(amount).unwrap_or(i64::MAX);
         for (key, taken) in [(&agent_key, &agent), (&tenant_key, &tenant)] {
-            if matches!(taken, Ok(true))
-                && let Err(e) = self.daily_correct(key, give_back, expiry).await
-            {
-                tracing::warn!(error = %e, "giving back a daily reservation failed; the cap is stricter until the day ends");
+            if matches!(taken, Ok(Taken::Yes)) {
+                self.daily.correct(key, amount, 0, expiry);
             }
         }
-        Ok(if !agent? {
-            DailyVerdict::AgentCap
-        } else if !tenant? {
-            DailyVerdict::TenantCap
-        } else {
-            DailyVerdict::Reserved
-        })
+        let refused = |cap, taken| match taken {
+            Taken::Yes => None,
+            Taken::Spent => Some(DailyVerdict::Refused { cap, held: false }),
+            Taken::Held => Some(DailyVerdict::Refused { cap, held: true }),
+        };
+        let (agent, tenant) = (agent?, tenant?);
+        // A spent cap is the answer over a held one: the session cannot go on today either way.
+        let verdicts = [refused(DailyCap::Agent, agent), refused(DailyCap::Tenant, tenant)];
+        Ok(verdicts
+            .iter()
+            .flatten()
+            .copied()
+            .min_by_key(|v| matches!(v, DailyVerdict::Refused { held: true, .. }))
+            .unwrap_or(DailyVerdict::Reserved))
     }
 
-    async fn daily_settle(&self, caps: &DailyCaps<'_>, delta: i64) -> Result<(), StoreError> {
+    async fn daily_settle(&self, caps: &DailyCaps<'_>, reserved: u64, spent: u64) -> Result<(), StoreError> {
         let (agent_key, tenant_key) = self.daily_keys(caps.agent, caps.tenant_key(), caps.day);
         let expiry = daily_expiry_s(caps.day);
-        let (agent, tenant) = futures::join!(
-            self.daily_correct(&agent_key, delta, expiry),
-            self.daily_correct(&tenant_key, delta, expiry)
-        );
-        agent.and(tenant)
+        self.daily.correct(&agent_key, reserved, spent, expiry);
+        self.daily.correct(&tenant_key, reserved, spent, expiry);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.daily.flush().await
     }
 
     async fn record_tool(
@@ -430,10 +436,16 @@ impl StepStore for RedisStore {
         fenced(inv.invoke_async(&mut self.conn()).await?).map(drop)
     }
 
-    async fn commit_tools(&self, at: &Fence<'_>, user_message: &str, now_ms: u64) -> Result<bool, StoreError> {
+    async fn commit_tools(&self, at: &Fence<'_>, c: &ToolCommit<'_>, now_ms: u64) -> Result<bool, StoreError> {
         let k = self.keys(at.id);
         let mut inv = self.scripts.commit_tools.key(&k.meta);
-        inv.key(&k.msgs).key(&k.lease).arg(at.step).arg(user_message).arg(now_ms).arg(at.token);
+        inv.key(&k.msgs).key(&k.lease).key(&k.ledger).key(&k.trace);
+        inv.arg(at.step).arg(c.user_message).arg(now_ms).arg(at.token);
+        inv.arg(c.next.as_ref().map(reservation_text).unwrap_or_default()).arg(c.results.len());
+        for r in c.results {
+            let outcome = serde_json::to_string(&r.outcome).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            inv.arg(&r.tool_use_id).arg(outcome).arg(&r.trace);
+        }
         fenced(inv.invoke_async(&mut self.conn()).await?)
     }
 
@@ -560,6 +572,9 @@ impl AdminStore for RedisStore {
         inv.key(&k.msgs).key(&k.usage).arg(goal);
         for (f, v) in fields {
             inv.arg(f).arg(v);
+        }
+        if let Some(r) = &new.first_call {
+            inv.arg("resv_next").arg(format!("1|{}", reservation_text(r)));
         }
         let created: i64 = inv.invoke_async(&mut self.conn()).await?;
         // Also when it existed: a retry of a create whose indexing failed indexes it now.
@@ -913,10 +928,31 @@ fn matches_filter(m: &Meta, f: &ListFilter) -> bool {
 
 /// A fenced script's answer: 1 applied, 0 fenced out by step and phase, -1 the lease is not ours.
 fn fenced(reply: i64) -> Result<bool, StoreError> {
+    checkpoint(reply).applied()
+}
+
+fn checkpoint(reply: i64) -> Checkpoint {
     match reply {
-        -1 => Err(StoreError::LeaseLost),
-        n => Ok(n == 1),
+        -1 => Checkpoint::LeaseLost,
+        1 => Checkpoint::Applied,
+        _ => Checkpoint::Moved,
     }
+}
+
+/// A reservation as the scripts store it: `cost|input|output`.
+fn reservation_text(r: &Reservation) -> String {
+    format!("{}|{}|{}", r.cost, r.input_tokens, r.output_tokens)
+}
+
+/// A stored `cost|input|output`; `None` for anything else.
+fn parse_reservation(text: &str) -> Option<Reservation> {
+    let mut parts = text.split('|').map(str::parse::<u64>);
+    let r = Reservation {
+        cost: parts.next()?.ok()?,
+        input_tokens: parts.next()?.ok()?,
+        output_tokens: parts.next()?.ok()?,
+    };
+    parts.next().is_none().then_some(r)
 }
 
 fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
@@ -946,12 +982,8 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim, StoreError> {
             let messages: Vec<String> = next_as(&mut it)?;
             let ledger: HashMap<String, String> = next_as(&mut it)?;
             let usage: HashMap<String, u64> = next_as(&mut it)?;
-            let state = SessionState {
-                meta: parse_meta(&meta)?,
-                messages,
-                ledger: parse_ledger(ledger)?,
-                usage: parse_usage(&usage),
-            };
+            let (meta, ledger, usage) = (parse_meta(&meta)?, parse_ledger(ledger)?, parse_usage(&usage));
+            let state = SessionState::loaded(meta, messages, ledger, usage, parse_reservation(&detail));
             Claim::Run(Box::new(state))
         }
         other => return Err(StoreError::Corrupt(format!("unknown claim verdict `{other}`"))),
@@ -1021,6 +1053,12 @@ fn parse_usage(u: &HashMap<String, u64>) -> UsageTotals {
         cache_creation_input_tokens: get("cache_creation_input_tokens"),
         cache_read_input_tokens: get("cache_read_input_tokens"),
         cost_micro_usd: get("cost_micro_usd"),
+        cost_parts: crate::budget::Bill {
+            input: get("cost_input_micro_usd"),
+            output: get("cost_output_micro_usd"),
+            cache_write: get("cost_cache_write_micro_usd"),
+            cache_read: get("cost_cache_read_micro_usd"),
+        },
         model_calls: get("model_calls"),
         unreconciled_calls: get("unreconciled_calls"),
         model_errors: get("model_errors"),

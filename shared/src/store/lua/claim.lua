@@ -64,5 +64,17 @@ for i = 1, #orphans, 2 do
     redis.call('HDEL', resv, orphans[i])
   end
 end
-return {'run', '', redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger),
+-- The worst case of this step's model call, as the checkpoint that made the step current planned it
+-- (`resv_next`, "<step>|cost|input|output"): held under our token from now on, so a call made under
+-- this lease is covered without another round trip. The worker compares it with its own plan and
+-- reserves again when they differ (a changed price, an orphan counted just now).
+local planned = ''
+if redis.call('HGET', meta, 'phase') == 'llm' then
+  local s, value = string.match(redis.call('HGET', meta, 'resv_next') or '', '^(%d+)|(%d+|%d+|%d+)$')
+  if tonumber(s) == n then
+    redis.call('HSET', resv, ARGV[2], value)
+    planned = value
+  end
+end
+return {'run', planned, redis.call('HGETALL', meta), redis.call('LRANGE', msgs, 0, -1), redis.call('HGETALL', ledger),
   redis.call('HGETALL', usage)}

@@ -1,7 +1,11 @@
 -- Gives the lease back (only our own) and notes that the successor step is in the broker. A step
 -- that will be tried again records its attempt count here, under the lease: the count lives in the
 -- session, never in the (forgeable) message.
--- KEYS: lease, meta   ARGV: token, published step (0 for none), attempt "<step>:<n>" ('' for none)
+-- The reservation the claim held for a model call this step never made is dropped (whoever holds
+-- the lease now: no call was made under it).
+-- KEYS: lease, meta, resv   ARGV: token, published step (0 for none), attempt "<step>:<n>" ('' for
+-- none), reservation to drop ('' for none)
+if ARGV[4] and ARGV[4] ~= '' then redis.call('HDEL', KEYS[3], ARGV[4]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if ARGV[3] and ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'attempt', ARGV[3]) end
   redis.call('DEL', KEYS[1])
