@@ -85,10 +85,20 @@ pub struct TraceRecord<'a> {
     pub input_tokens: u64,
     /// Output tokens (model calls).
     pub output_tokens: u64,
+    /// Input tokens written to the prompt cache (model calls; not part of `input_tokens`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the prompt cache (model calls; not part of `input_tokens`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_read_input_tokens: u64,
     /// Cost in USD (model calls).
     pub cost_usd: f64,
     /// Cost in micro-USD, exact: the trace's sum equals the session's recorded cost.
     pub cost_micro_usd: u64,
+    /// The cost by kind of token, micro-USD, summing to `cost_micro_usd` (reconciled model calls;
+    /// absent for a call counted at its worst case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_parts: Option<crate::budget::Bill>,
     /// How long the action took.
     pub duration_ms: u64,
     /// Whether it succeeded.
@@ -118,6 +128,10 @@ impl TraceRecord<'_> {
         otel::record_span(record);
         json
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 static REDACTION: std::sync::OnceLock<Redaction> = std::sync::OnceLock::new();
@@ -206,13 +220,24 @@ pub enum MetricsError {
     AlreadyInstalled,
 }
 
+/// The buckets of `agentfleet_step_overhead_seconds`. Its targets are a p50 of 2 ms and a p99 of
+/// 10 ms (docs/BENCHMARKS.md), below or at the first of the other histograms' buckets (5 ms), so
+/// it has buckets of its own from 0.25 ms: a quantile interpolated in them is off by at most one
+/// bucket's width, 1 ms or less up to 5 ms.
+const OVERHEAD_SECONDS: [f64; 18] = [
+    0.000_25, 0.000_5, 0.000_75, 0.001, 0.001_5, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015, 0.02, 0.05, 0.1,
+    0.5, 1.0, 5.0,
+];
+
 /// Installs the Prometheus recorder with explicit buckets, serving `/metrics` on `listen`.
 pub fn install_metrics(
     listen: Option<std::net::SocketAddr>,
 ) -> Result<metrics_exporter_prometheus::PrometheusHandle, MetricsError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-    let builder = PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?;
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full("agentfleet_step_overhead_seconds".into()), &OVERHEAD_SECONDS)?;
     match listen {
         Some(addr) => {
             let builder = builder.with_http_listener(addr);
@@ -234,7 +259,7 @@ pub fn install_metrics(
 /// Typed metric helpers: every metric name and label lives here.
 pub mod metric {
     /// Every metric with its help text, so `/metrics` carries `# HELP` for each (promtool asks).
-    const HELP: [(&str, &str, char); 33] = [
+    const HELP: [(&str, &str, char); 34] = [
         ("agentfleet_step_messages_total", "Step messages handled, by what they turned out to be.", 'c'),
         ("agentfleet_step_phase_duration_seconds", "Time in one phase of a step (llm, tools).", 'h'),
         ("agentfleet_step_duration_seconds", "Time to handle one step message.", 'h'),
@@ -245,6 +270,11 @@ pub mod metric {
         ("agentfleet_model_output_tokens_total", "Output tokens billed.", 'c'),
         ("agentfleet_model_cache_tokens_total", "Prompt-cache tokens billed, by kind (read, write).", 'c'),
         ("agentfleet_cost_micro_usd_total", "Model spend in micro-USD, by agent and model.", 'c'),
+        (
+            "agentfleet_cost_by_kind_micro_usd_total",
+            "Model spend of reconciled calls in micro-USD, by agent, model and kind of token (input, output, cache_write, cache_read).",
+            'c',
+        ),
         ("agentfleet_tool_calls_total", "Tool calls by tool and outcome.", 'c'),
         ("agentfleet_tool_call_duration_seconds", "Tool call latency, retries included.", 'h'),
         ("agentfleet_sessions_created_total", "Sessions created, by agent.", 'c'),
@@ -368,6 +398,20 @@ pub mod metric {
     /// A call refused because its circuit breaker is open.
     pub fn breaker_rejected(name: &str) {
         metrics::counter!("agentfleet_breaker_rejections_total", "breaker" => name.to_owned()).increment(1);
+    }
+
+    /// A reconciled call's cost by kind of token.
+    pub fn cost_by_kind(agent: &str, model: &str, bill: &crate::budget::Bill) {
+        let kinds = [
+            ("input", bill.input),
+            ("output", bill.output),
+            ("cache_write", bill.cache_write),
+            ("cache_read", bill.cache_read),
+        ];
+        for (kind, n) in kinds {
+            let labels = [("agent", agent.to_owned()), ("model", model.to_owned()), ("kind", kind.to_owned())];
+            metrics::counter!("agentfleet_cost_by_kind_micro_usd_total", &labels).increment(n);
+        }
     }
 
     /// Cache tokens of a model call, by kind (`read`, `write`).

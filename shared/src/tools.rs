@@ -178,6 +178,22 @@ pub fn escalate_definition() -> ToolConfig {
     }
 }
 
+/// The Messages API `tools` array of the tools `names`, as sent.
+pub fn definitions(names: &[Name], defs: &BTreeMap<Name, ToolConfig>) -> Result<Box<RawValue>, serde_json::Error> {
+    let definitions: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            let def = defs.get(name).cloned().unwrap_or_else(escalate_definition);
+            serde_json::json!({
+                "name": name.as_str(),
+                "description": def.description,
+                "input_schema": def.input_schema,
+            })
+        })
+        .collect();
+    serde_json::value::to_raw_value(&definitions)
+}
+
 impl ToolSet {
     /// Builds the tools `names` from `defs`, reading header values from `env`.
     pub fn build(
@@ -187,18 +203,12 @@ impl ToolSet {
         limits: ToolLimits,
     ) -> Result<Self, ToolSetupError> {
         let mut tools = HashMap::new();
-        let mut definitions = Vec::new();
         for name in names {
             let def = defs.get(name).cloned().unwrap_or_else(escalate_definition);
             let err = |problem: ToolProblem| ToolSetupError { tool: name.to_string(), problem };
             let validator =
                 jsonschema::validator_for(&def.input_schema).map_err(|e| err(ToolProblem::Schema(e.to_string())))?;
             let handler = build_handler(name, &def.handler, env).map_err(err)?;
-            definitions.push(serde_json::json!({
-                "name": name.as_str(),
-                "description": def.description,
-                "input_schema": def.input_schema,
-            }));
             let tool = Tool {
                 validator,
                 handler,
@@ -214,7 +224,7 @@ impl ToolSet {
             };
             tools.insert(name.to_string(), tool);
         }
-        let definitions = serde_json::value::to_raw_value(&definitions)
+        let definitions = definitions(names, defs)
             .map_err(|e| ToolSetupError { tool: "(all)".into(), problem: ToolProblem::Definitions(e) })?;
         Ok(Self { tools, definitions, limits })
     }

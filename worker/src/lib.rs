@@ -116,8 +116,10 @@ impl Worker {
             grace: Duration::from_millis(self.cfg.worker.shutdown_grace_ms),
             consuming: self.consuming,
         };
+        let engine = self.engine.clone();
         let steps = Steps { engine: self.engine, topology: self.topology, pools: self.cfg.worker.pools };
         consumer::run(settings, Arc::new(steps), shutdown).await;
+        engine.flush().await;
         info!("worker stopped");
         Ok(())
     }

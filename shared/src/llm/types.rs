@@ -2,11 +2,18 @@
 //! back ([`ModelReply`], its blocks and [`Usage`]), how it fails ([`LlmError`]), and the stored
 //! messages built from them.
 
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fmt;
 use std::time::Duration;
 
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
 use thiserror::Error;
+
+use crate::domain::Provider;
 
 /// A failed model call, classified so the step can decide: retry later, or fail the session.
 #[derive(Debug, Error)]
@@ -125,6 +132,8 @@ pub struct CallSpec<'a> {
     /// `tool_choice` type: `None` for the default (`auto`), `Some("none")` to forbid tool use while
     /// the definitions stay (the conversation may hold `tool_use` blocks, which need them).
     pub tool_choice: Option<&'a str>,
+    /// Prompt-cache breakpoints to mark (Messages API): `None` for none.
+    pub cache: Option<super::CacheSpec>,
 }
 
 /// One content block exactly as received.
@@ -145,6 +154,11 @@ pub struct Usage {
     /// Input tokens read from the cache.
     #[serde(default, deserialize_with = "null_as_zero")]
     pub cache_read_input_tokens: u64,
+    /// Of `cache_creation_input_tokens`, those written with the 1-hour TTL (the rest were written
+    /// with the 5-minute one). Read from the API's `cache_creation` breakdown, or, without one,
+    /// from the TTL the call asked for.
+    #[serde(default, skip_serializing)]
+    pub cache_creation_1h_input_tokens: u64,
 }
 
 /// The most tokens one count of one call may hold. No model reads or writes four billion tokens in
@@ -256,35 +270,222 @@ pub struct ToolUse {
     pub input: serde_json::Value,
 }
 
+impl Block {
+    /// Reads the view of a raw block; a block that does not parse as a known type is `Other`.
+    pub fn view(raw: &RawValue) -> Block {
+        serde_json::from_str(raw.get()).unwrap_or(Block::Other)
+    }
+
+    /// The views of a reply's `content` array, read in one pass that decodes every string of every
+    /// block, known or not: a lone surrogate escape (`"\ud800"`) passes a raw scan, but would be
+    /// stored, shown and sent back as text that no JSON reader accepts.
+    pub(crate) fn read_all(content: &RawValue) -> Result<Vec<Block>, LlmError> {
+        let reading = Cell::new(None);
+        let mut de = serde_json::Deserializer::from_str(content.get());
+        BlockList { reading: &reading }.deserialize(&mut de).map_err(|e| match reading.get() {
+            Some(i) => LlmError::Decode(format!("content block {i} is not valid JSON text: {e}")),
+            None => LlmError::Decode(format!("content is not a list of blocks: {e}")),
+        })
+    }
+}
+
+/// The blocks of a `content` array; `reading` holds the index of the block being read.
+struct BlockList<'r> {
+    reading: &'r Cell<Option<usize>>,
+}
+
+impl<'de> DeserializeSeed<'de> for BlockList<'_> {
+    type Value = Vec<Block>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Block>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BlockList<'_> {
+    type Value = Vec<Block>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of content blocks")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Block>, A::Error> {
+        let mut blocks = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        self.reading.set(Some(0));
+        while let Some(block) = seq.next_element()? {
+            blocks.push(block);
+            self.reading.set(Some(blocks.len()));
+        }
+        Ok(blocks)
+    }
+}
+
+impl<'de> Deserialize<'de> for Block {
+    /// Any JSON value: an object of a known `type` with the fields it needs is its view, anything
+    /// else `Other`. Only text that is not JSON is an error.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Block, D::Error> {
+        d.deserialize_any(BlockVisitor)
+    }
+}
+
+/// The fields a view is made of; every other field is read (so checked) and dropped.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum BlockView {
-    Text {
-        text: String,
-    },
-    ToolUse(ToolUse),
+#[serde(field_identifier, rename_all = "snake_case")]
+enum BlockField {
+    Type,
+    Text,
+    Id,
+    Name,
+    Input,
     #[serde(other)]
     Other,
 }
 
-impl Block {
-    /// Reads the view of a raw block; a block that does not parse as a known type is `Other`.
-    pub fn view(raw: &RawValue) -> Block {
-        match serde_json::from_str::<BlockView>(raw.get()) {
-            Ok(BlockView::Text { text }) => Block::Text(text),
-            Ok(BlockView::ToolUse(t)) => Block::ToolUse(t),
-            Ok(BlockView::Other) | Err(_) => Block::Other,
+/// The values of a block's [`BlockField`]s, as found.
+#[derive(Default)]
+struct BlockFields {
+    kind: Option<Value>,
+    text: Option<Value>,
+    id: Option<Value>,
+    name: Option<Value>,
+    input: Option<Value>,
+}
+
+impl BlockFields {
+    /// The view: `text` and `tool_use` blocks with fields of the right types, else `Other`.
+    fn view(self) -> Block {
+        let Self { kind, text, id, name, input } = self;
+        match (kind.as_ref().and_then(Value::as_str), text, id, name) {
+            (Some("text"), Some(Value::String(text)), _, _) => Block::Text(text),
+            (Some("tool_use"), _, Some(Value::String(id)), Some(Value::String(name))) => {
+                Block::ToolUse(ToolUse { id, name, input: input.unwrap_or_default() })
+            }
+            _ => Block::Other,
         }
     }
 }
 
-/// A model's answer.
+struct BlockVisitor;
+
+impl<'de> Visitor<'de> for BlockVisitor {
+    type Value = Block;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a content block")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Block, A::Error> {
+        let mut fields = BlockFields::default();
+        while let Some(field) = map.next_key()? {
+            let slot = match field {
+                BlockField::Type => &mut fields.kind,
+                BlockField::Text => &mut fields.text,
+                BlockField::Id => &mut fields.id,
+                BlockField::Name => &mut fields.name,
+                BlockField::Input => &mut fields.input,
+                BlockField::Other => {
+                    map.next_value::<Checked>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(fields.view())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Block, A::Error> {
+        CheckedVisitor.visit_seq(seq).map(|_| Block::Other)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Block, E> {
+        Ok(Block::Other)
+    }
+}
+
+/// Any JSON value, read and dropped. Unlike [`de::IgnoredAny`], which only scans, it decodes every
+/// string (keys too), so text that is not valid JSON is an error; it allocates nothing.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+}
+
+/// A model's answer, read once: the views of its blocks for the fleet to act on, and the assistant
+/// message to store, made of the `content` array exactly as received.
 #[derive(Debug)]
 pub struct ModelReply {
     /// The API's message id.
     pub id: String,
-    /// The content blocks exactly as received.
-    pub content: Vec<RawBlock>,
+    /// `{"role":"assistant","content":[…]}`, the content as received.
+    message: String,
+    /// The views of the content blocks, in order.
+    blocks: Vec<Block>,
     /// Why the model stopped.
     pub stop_reason: StopReason,
     /// Token counts.
@@ -293,20 +494,89 @@ pub struct ModelReply {
     pub rate_headers: crate::ratelimit::RateHeaders,
 }
 
+/// What comes before the content array in a stored assistant message.
+const ASSISTANT_PREFIX: &str = r#"{"role":"assistant","content":"#;
+
 impl ModelReply {
-    /// The parsed views of the content blocks, in order.
+    /// A reply whose `content` array is the JSON text `content`, and `blocks` its views.
+    pub(crate) fn new(id: String, content: &str, blocks: Vec<Block>, stop_reason: StopReason, usage: Usage) -> Self {
+        let mut message = String::with_capacity(ASSISTANT_PREFIX.len() + content.len() + 1);
+        message.push_str(ASSISTANT_PREFIX);
+        message.push_str(content);
+        message.push('}');
+        Self { id, message, blocks, stop_reason, usage, rate_headers: Default::default() }
+    }
+
+    /// The views of the content blocks, in order.
+    pub fn block_views(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// A copy of the views of the content blocks (no parse: they were read with the reply).
     pub fn blocks(&self) -> Vec<Block> {
-        self.content.iter().map(|b| Block::view(b)).collect()
+        self.blocks.clone()
     }
 
     /// All text blocks joined with newlines.
     pub fn text(&self) -> String {
-        text_of(&self.blocks())
+        text_of(&self.blocks)
+    }
+
+    /// The `content` array exactly as received.
+    pub fn content(&self) -> &str {
+        &self.message[ASSISTANT_PREFIX.len()..self.message.len() - 1]
     }
 
     /// The assistant message to append to the conversation: the content as received.
     pub fn assistant_message(&self) -> String {
-        assistant_message(&self.content)
+        self.message.clone()
+    }
+}
+
+/// A model call's request body, written before the call is sent. It owns its bytes and borrows
+/// nothing, so the conversation it was written from can be dropped before the call is awaited.
+#[derive(Debug)]
+pub struct RequestBody {
+    bytes: Vec<u8>,
+    dialect: Dialect,
+}
+
+/// Whose API a body is written for, and what reading its reply needs.
+#[derive(Debug)]
+pub(crate) enum Dialect {
+    /// The Messages API: the TTL the call's cache breakpoints asked for, if it has any.
+    Anthropic {
+        /// The TTL.
+        cache: Option<crate::config::CacheTtl>,
+    },
+    /// Chat completions: the tool call ids the conversation already uses, so a reply's ids can be
+    /// kept unique.
+    OpenAi {
+        /// The ids.
+        used_ids: HashSet<String>,
+    },
+}
+
+impl RequestBody {
+    pub(crate) fn new(bytes: Vec<u8>, dialect: Dialect) -> Self {
+        Self { bytes, dialect }
+    }
+
+    /// The provider the body is written for.
+    pub fn provider(&self) -> Provider {
+        match self.dialect {
+            Dialect::Anthropic { .. } => Provider::Anthropic,
+            Dialect::OpenAi { .. } => Provider::Openai,
+        }
+    }
+
+    /// The body's bytes (JSON).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn into_parts(self) -> (Vec<u8>, Dialect) {
+        (self.bytes, self.dialect)
     }
 }
 
@@ -329,17 +599,6 @@ pub(crate) async fn read_body(response: reqwest::Response) -> Result<Vec<u8>, Ll
         Some(cut) if success => Err(too_long(cut.describe(cap))),
         _ => Ok(body.bytes),
     }
-}
-
-/// The HTTP client of a model API: a whole-call timeout of `timeout_ms`, 10 s to connect, and
-/// enough idle connections kept for the steps in flight.
-pub fn http_client(timeout_ms: u64) -> Result<reqwest::Client, LlmError> {
-    reqwest::Client::builder()
-        .timeout(Duration::from_millis(timeout_ms))
-        .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| LlmError::Request(e.to_string()))
 }
 
 /// All text blocks of `blocks` joined with newlines.
@@ -385,9 +644,13 @@ pub fn tool_results_message(results: &[(String, ToolOutcome)]) -> String {
     serde_json::json!({ "role": "user", "content": blocks }).to_string()
 }
 
-/// A plain user text message.
+/// A plain user text message, as one text block (an empty text as an empty string). A block, not
+/// a string, so that a prompt-cache marker on it never changes how the rest of it is written.
 pub fn user_message(text: &str) -> String {
-    serde_json::json!({ "role": "user", "content": text }).to_string()
+    if text.is_empty() {
+        return r#"{"role":"user","content":""}"#.to_owned();
+    }
+    serde_json::json!({ "role": "user", "content": [{ "type": "text", "text": text }] }).to_string()
 }
 
 /// What a tool call produced, as the model will see it.

@@ -70,11 +70,12 @@ use std::fmt;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 pub use crate::config::OpenAiConfig;
 
-use super::types::{CallSpec, LlmError, ModelReply};
+use super::conversation::Conversation;
+use super::transport::{Connections, STREAMS_PER_CONNECTION};
+use super::types::{CallSpec, Dialect, LlmError, ModelReply, RequestBody};
 use errors::{parse_error, retry_after};
 use request::prepare;
 use response::parse_reply;
@@ -100,7 +101,7 @@ pub fn invalid_arguments(input: &Value) -> Option<&str> {
 /// A chat-completions client. Cheap to clone; one per process.
 #[derive(Clone)]
 pub struct OpenAiClient {
-    http: reqwest::Client,
+    http: Connections,
     url: String,
     headers: HeaderMap,
 }
@@ -116,28 +117,50 @@ impl fmt::Debug for OpenAiClient {
 }
 
 impl OpenAiClient {
-    /// A client for the configured endpoint; fails on a base URL that is not `http(s)://…` or a key
-    /// that cannot be a header value.
+    /// A client for the configured endpoint, with room for as many calls at once as one HTTP/2
+    /// connection carries; fails on a base URL that is not `http(s)://…` or a key that cannot be a
+    /// header value.
     pub fn new(cfg: &OpenAiConfig) -> Result<Self, LlmError> {
+        Self::with_capacity(cfg, STREAMS_PER_CONNECTION)
+    }
+
+    /// A client for the configured endpoint, with room for `calls_in_flight` calls at once.
+    pub fn with_capacity(cfg: &OpenAiConfig, calls_in_flight: usize) -> Result<Self, LlmError> {
         let url = chat_url(&cfg.base_url)?;
-        let http = super::types::http_client(cfg.timeout_ms)?;
+        let http = Connections::new(cfg.http, cfg.timeout_ms, calls_in_flight)?;
         Ok(Self { http, url, headers: headers(cfg.api_key.as_ref())? })
     }
 
     /// Sends the conversation (stored Anthropic format) and returns the model's reply as canonical
-    /// Anthropic-format blocks.
-    pub async fn create_message(
+    /// Anthropic-format blocks: [`Self::request_body`], then [`Self::send`].
+    pub async fn create_message<'m>(
         &self,
         spec: &CallSpec<'_>,
-        messages: &[Box<RawValue>],
+        messages: impl Into<Conversation<'m>>,
     ) -> Result<ModelReply, LlmError> {
+        let body = self.request_body(spec, messages.into())?;
+        self.send(body).await
+    }
+
+    /// The chat-completions request body of a call: each stored message is read and translated
+    /// (see the module docs).
+    pub fn request_body(&self, spec: &CallSpec<'_>, messages: Conversation<'_>) -> Result<RequestBody, LlmError> {
         let prepared = prepare(spec, messages)?;
-        let body = serde_json::to_vec(&prepared.body).map_err(|e| LlmError::Request(e.to_string()))?;
+        let bytes = serde_json::to_vec(&prepared.body).map_err(|e| LlmError::Request(e.to_string()))?;
+        Ok(RequestBody::new(bytes, Dialect::OpenAi { used_ids: prepared.used_ids }))
+    }
+
+    /// Sends a request body written by [`Self::request_body`] and returns the model's reply.
+    pub async fn send(&self, body: RequestBody) -> Result<ModelReply, LlmError> {
+        let (bytes, Dialect::OpenAi { used_ids }) = body.into_parts() else {
+            return Err(LlmError::Request("a request body written for another provider".into()));
+        };
         let response = self
             .http
+            .next()
             .post(&self.url)
             .headers(self.headers.clone())
-            .body(body)
+            .body(bytes)
             .send()
             .await
             .map_err(|e| LlmError::transport(&e))?;
@@ -145,7 +168,7 @@ impl OpenAiClient {
         let retry_after = retry_after(response.headers());
         let bytes = crate::llm::types::read_body(response).await?;
         if status.is_success() {
-            parse_reply(&bytes, prepared.used_ids)
+            parse_reply(&bytes, used_ids)
         } else {
             Err(parse_error(status.as_u16(), &bytes, retry_after))
         }
@@ -188,19 +211,19 @@ mod tests {
         // Step 1: the goal goes out, a tool call comes back and is stored the way the engine stores it.
         let tools = tools();
         let spec = spec(Some(&tools));
-        let mut messages = vec![raw(&user_message("[steps=2]"))];
-        let first = prepare(&spec, &messages).expect("prepares");
+        let mut messages = vec![user_message("[steps=2]")];
+        let first = prepare(&spec, Conversation::new(&messages)).expect("prepares");
         let call = tool_call("call_x", "search_knowledge_base", r#"{"query":"step 1 of 2"}"#);
         let sent = json!({"role": "assistant", "content": "Step 1 of 2.", "tool_calls": [call]});
         let reply1 = parse_reply(completion(sent.clone(), json!("stop")).to_string().as_bytes(), first.used_ids)
             .expect("parses");
         assert_eq!(reply1.stop_reason, StopReason::ToolUse);
-        messages.push(raw(&reply1.assistant_message()));
+        messages.push(reply1.assistant_message());
         let ids: Vec<(String, ToolOutcome)> =
             tool_uses(&reply1).into_iter().map(|t| (t.id, ToolOutcome::ok("found"))).collect();
-        messages.push(raw(&tool_results_message(&ids)));
+        messages.push(tool_results_message(&ids));
         // Step 2: the stored reply replays as the message the server sent.
-        let second = prepare(&spec, &messages).expect("prepares");
+        let second = prepare(&spec, Conversation::new(&messages)).expect("prepares");
         let body = serde_json::to_value(&second.body).expect("json");
         assert_eq!(body["messages"][2], sent);
         assert_eq!(body["messages"][3], json!({"role": "tool", "tool_call_id": "call_x", "content": "found"}));
@@ -218,7 +241,7 @@ mod tests {
     fn invalid_arguments_replay_as_json() {
         let message = json!({"content": null, "tool_calls": [tool_call("c1", "t", "{not json")]});
         let reply = reply(&completion(message, json!("tool_calls")));
-        let messages = [raw(&user_message("go")), raw(&reply.assistant_message())];
+        let messages = [user_message("go"), reply.assistant_message()];
         let body = request(&spec(None), &messages);
         let arguments = body["messages"][2]["tool_calls"][0]["function"]["arguments"].as_str().expect("text");
         let parsed: Value = serde_json::from_str(arguments).expect("valid JSON");

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::super::conversation::Conversation;
 use super::super::types::{CallSpec, LlmError};
 
 #[derive(Debug, Serialize)]
@@ -141,14 +142,14 @@ pub(super) struct Prepared<'a> {
     pub(super) used_ids: HashSet<String>,
 }
 
-pub(super) fn prepare<'a>(spec: &CallSpec<'a>, messages: &[Box<RawValue>]) -> Result<Prepared<'a>, LlmError> {
+pub(super) fn prepare<'a>(spec: &CallSpec<'a>, messages: Conversation<'_>) -> Result<Prepared<'a>, LlmError> {
     let mut out = Vec::with_capacity(messages.len() + 1);
     if !spec.system.is_empty() {
         out.push(ChatMessage::System { content: spec.system.to_owned() });
     }
     let mut used_ids = HashSet::new();
-    for (i, raw) in messages.iter().enumerate() {
-        let stored: StoredMessage = serde_json::from_str(raw.get())
+    for (i, text) in messages.iter().enumerate() {
+        let stored: StoredMessage = serde_json::from_str(text)
             .map_err(|e| LlmError::Request(format!("stored message {i} is not a Messages API message: {e}")))?;
         match stored.role {
             StoredRole::User => push_user(stored.content, &mut out),
@@ -270,19 +271,19 @@ mod tests {
     #[test]
     fn stored_conversation_becomes_chat_messages() {
         let messages = [
-            raw(&user_message("Find the refund policy.")),
-            raw(
+            stored(&user_message("Find the refund policy.")),
+            stored(
                 r#"{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"c2ln"},{"type":"text","text":"Looking."},{"type":"tool_use","id":"toolu_1","name":"search_knowledge_base","input":{"query":"refund"}},{"type":"tool_use","id":"toolu_2","name":"no_params","input":{}}]}"#,
             ),
-            raw(&tool_results_message(&[
+            stored(&tool_results_message(&[
                 ("toolu_1".into(), ToolOutcome::ok("30 days")),
                 ("toolu_2".into(), ToolOutcome::error("timed out")),
             ])),
-            raw(
+            stored(
                 r#"{"role":"user","content":[{"type":"text","text":"Also:"},{"type":"image","source":{}},{"type":"text","text":"be quick"}]}"#,
             ),
-            raw(r#"{"role":"assistant","content":[{"type":"redacted_thinking","data":"x"}]}"#),
-            raw(
+            stored(r#"{"role":"assistant","content":[{"type":"redacted_thinking","data":"x"}]}"#),
+            stored(
                 r#"{"role":"user","content":[{"type":"tool_result","tool_use_id":"t9","content":[{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}]}]}"#,
             ),
         ];
@@ -317,8 +318,8 @@ mod tests {
     #[test]
     fn tool_only_turns_send_null_content() {
         let messages = [
-            raw(&user_message("go")),
-            raw(&assistant_message(&[raw(r#"{"type":"tool_use","id":"a","name":"t","input":null}"#)])),
+            stored(&user_message("go")),
+            stored(&assistant_message(&[raw(r#"{"type":"tool_use","id":"a","name":"t","input":null}"#)])),
         ];
         let body = request(&spec(None), &messages);
         assert_eq!(
@@ -329,7 +330,7 @@ mod tests {
 
     #[test]
     fn no_tools_means_no_tool_choice() {
-        let messages = [raw(&user_message("hi"))];
+        let messages = [stored(&user_message("hi"))];
         let no_system = CallSpec { system: "", ..spec(None) };
         let body = request(&no_system, &messages);
         assert_eq!(
@@ -344,7 +345,7 @@ mod tests {
     #[test]
     fn tool_choice_follows_the_spec() {
         let tools = tools();
-        let messages = [raw(&user_message("hi"))];
+        let messages = [stored(&user_message("hi"))];
         for (anthropic, openai) in
             [(None, "auto"), (Some("auto"), "auto"), (Some("none"), "none"), (Some("any"), "required")]
         {
@@ -358,17 +359,17 @@ mod tests {
     #[test]
     fn unreadable_input_is_a_request_error() {
         let bad = [
-            raw(r#"{"role":"system","content":"x"}"#),
-            raw(r#"{"role":"user"}"#),
-            raw(r#"[1,2]"#),
-            raw(r#"{"role":"assistant","content":[{"type":"tool_use","name":"t"}]}"#),
+            stored(r#"{"role":"system","content":"x"}"#),
+            stored(r#"{"role":"user"}"#),
+            stored(r#"[1,2]"#),
+            stored(r#"{"role":"assistant","content":[{"type":"tool_use","name":"t"}]}"#),
         ];
         for message in bad {
-            let err = prepare(&spec(None), std::slice::from_ref(&message)).expect_err("rejected");
+            let err = prepare(&spec(None), Conversation::new(std::slice::from_ref(&message))).expect_err("rejected");
             assert!(matches!(&err, LlmError::Request(m) if m.starts_with("stored message 0")), "{err}");
         }
         let not_tools = raw(r#"{"name":"t"}"#);
-        let err = prepare(&spec(Some(&not_tools)), &[raw(&user_message("hi"))]).expect_err("rejected");
+        let err = prepare(&spec(Some(&not_tools)), Conversation::new(&[user_message("hi")])).expect_err("rejected");
         assert!(matches!(err, LlmError::Request(_)));
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::super::types::{LlmError, ModelReply, RawBlock, StopReason, Usage};
+use super::super::types::{Block, LlmError, ModelReply, StopReason, ToolUse, Usage};
 use super::INVALID_ARGUMENTS_KEY;
 use super::errors::error_message;
 use super::request::parts_text;
@@ -79,17 +79,14 @@ pub(super) fn parse_reply(bytes: &[u8], mut used_ids: HashSet<String>) -> Result
     let text = message.content.as_ref().map(content_text).filter(|t| !t.is_empty()).or_else(|| refusal.clone());
     let calls = message.tool_calls.unwrap_or_default();
     let shape = Shape { has_text: text.is_some(), has_calls: !calls.is_empty(), refused: refusal.is_some() };
-    let mut content = Vec::with_capacity(calls.len() + 1);
-    if let Some(text) = text {
-        content.push(raw_block(&CanonicalBlock::Text { text: &text })?);
-    }
-    for call in calls {
-        content.push(tool_use_block(call, &mut used_ids)?);
-    }
+    let mut blocks = Vec::with_capacity(calls.len() + 1);
+    blocks.extend(text.map(Block::Text));
+    blocks.extend(calls.into_iter().map(|call| Block::ToolUse(tool_use(call, &mut used_ids))));
+    let content = canonical_content(&blocks)?;
     let id = body.id.filter(|id| !id.is_empty()).unwrap_or_else(|| format!("chatcmpl-{}", ulid::Ulid::new()));
     let stop_reason = stop_reason(choice.finish_reason.as_deref(), shape);
     let usage = usage(body.usage.as_ref()).credible()?;
-    Ok(ModelReply { id, content, stop_reason, usage, rate_headers: Default::default() })
+    Ok(ModelReply::new(id, &content, blocks, stop_reason, usage))
 }
 
 fn no_choices(error: Option<&Value>) -> String {
@@ -116,17 +113,25 @@ enum CanonicalBlock<'a> {
     ToolUse { id: &'a str, name: &'a str, input: &'a Value },
 }
 
-fn raw_block(block: &CanonicalBlock<'_>) -> Result<RawBlock, LlmError> {
-    serde_json::value::to_raw_value(block).map_err(|e| LlmError::Decode(e.to_string()))
+/// The `content` array of `blocks` as the Messages API writes it: what is stored and replayed.
+fn canonical_content(blocks: &[Block]) -> Result<String, LlmError> {
+    let canonical: Vec<CanonicalBlock<'_>> = blocks
+        .iter()
+        .filter_map(|block| match block {
+            Block::Text(text) => Some(CanonicalBlock::Text { text }),
+            Block::ToolUse(t) => Some(CanonicalBlock::ToolUse { id: &t.id, name: &t.name, input: &t.input }),
+            Block::Other => None,
+        })
+        .collect();
+    serde_json::to_string(&canonical).map_err(|e| LlmError::Decode(e.to_string()))
 }
 
-/// One tool call as a canonical `tool_use` block.
-fn tool_use_block(call: ReplyToolCall, used_ids: &mut HashSet<String>) -> Result<RawBlock, LlmError> {
+/// One tool call as a `tool_use` view.
+fn tool_use(call: ReplyToolCall, used_ids: &mut HashSet<String>) -> ToolUse {
     let function = call.function.unwrap_or_default();
     let id = unique_id(call.id, used_ids);
     let input = parse_arguments(function.arguments);
-    let name = function.name.unwrap_or_default();
-    raw_block(&CanonicalBlock::ToolUse { id: &id, name: &name, input: &input })
+    ToolUse { id, name: function.name.unwrap_or_default(), input }
 }
 
 /// The given id when usable and new in this conversation, else `call_<ulid>`; noted as used.
@@ -182,8 +187,8 @@ fn usage(usage: Option<&Value>) -> Usage {
     Usage {
         input_tokens: prompt - cached,
         output_tokens: count(usage.and_then(|u| u.get("completion_tokens"))),
-        cache_creation_input_tokens: 0,
         cache_read_input_tokens: cached,
+        ..Usage::default()
     }
 }
 
@@ -204,12 +209,16 @@ mod tests {
         let reply = reply(&completion(message, json!("tool_calls")));
         assert_eq!(reply.id, "chatcmpl-1");
         assert_eq!(reply.stop_reason, StopReason::ToolUse);
-        assert_eq!(reply.content[0].get(), r#"{"type":"text","text":"Checking."}"#);
         assert!(
-            reply.content[1]
-                .get()
-                .starts_with(r#"{"type":"tool_use","id":"call_a","name":"search_knowledge_base","input":"#)
+            reply.content().starts_with(
+                r#"[{"type":"text","text":"Checking."},{"type":"tool_use","id":"call_a","name":"search_knowledge_base","input":"#
+            ),
+            "{}",
+            reply.content()
         );
+        let stored = crate::llm::stored_content(&reply.assistant_message()).expect("stored");
+        let views: Vec<Block> = stored.iter().map(|b| Block::view(b)).collect();
+        assert_eq!(views, reply.block_views(), "the stored blocks read as the reply's views");
         assert_eq!(reply.text(), "Checking.");
         let uses = tool_uses(&reply);
         assert_eq!((uses[0].id.as_str(), uses[0].name.as_str()), ("call_a", "search_knowledge_base"));
@@ -217,7 +226,7 @@ mod tests {
         assert_eq!((uses[1].id.as_str(), &uses[1].input), ("call_b", &json!({})));
         assert_eq!(
             reply.usage,
-            Usage { input_tokens: 40, output_tokens: 7, cache_creation_input_tokens: 0, cache_read_input_tokens: 60 }
+            Usage { input_tokens: 40, output_tokens: 7, cache_read_input_tokens: 60, ..Usage::default() }
         );
     }
 
@@ -227,7 +236,7 @@ mod tests {
             let message = json!({"role": "assistant", "content": null, "tool_calls": [tool_call("c", "t", "{}")]});
             let reply = reply(&completion(message, finish.clone()));
             assert_eq!(reply.stop_reason, StopReason::ToolUse, "{finish}");
-            assert_eq!(reply.content.len(), 1, "null content gives no text block");
+            assert_eq!(reply.block_views().len(), 1, "null content gives no text block");
         }
     }
 
@@ -247,7 +256,8 @@ mod tests {
             assert_eq!(reply(&completion(text.clone(), finish.clone())).stop_reason, expected, "{finish}");
         }
         let empty = reply(&completion(json!({"role": "assistant", "content": ""}), json!(null)));
-        assert_eq!((empty.stop_reason, empty.content.len()), (StopReason::Other("null".into()), 0));
+        assert_eq!(empty.content(), "[]");
+        assert_eq!((empty.stop_reason.clone(), empty.block_views().len()), (StopReason::Other("null".into()), 0));
         let empty_tool_calls = json!({"role": "assistant", "content": null, "tool_calls": []});
         assert_eq!(reply(&completion(empty_tool_calls, json!("stop"))).stop_reason, StopReason::EndTurn);
         let refused = reply(&completion(json!({"content": null, "refusal": "I can't."}), json!("stop")));
@@ -260,7 +270,7 @@ mod tests {
             {"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]});
         let reply = reply(&completion(message, json!("stop")));
         assert_eq!(reply.text(), "a\nb");
-        assert_eq!(reply.content.len(), 1);
+        assert_eq!(reply.block_views().len(), 1);
     }
 
     #[test]

@@ -7,9 +7,15 @@ use serde_json::{Value, json};
 
 use super::request::prepare;
 use super::response::parse_reply;
-use crate::llm::{Block, CallSpec, ModelReply, ToolUse};
+use crate::llm::{Block, CallSpec, Conversation, ModelReply, ToolUse};
+
 pub(super) fn raw(text: &str) -> Box<RawValue> {
     RawValue::from_string(text.to_owned()).expect("raw json")
+}
+
+/// A stored message: its JSON text.
+pub(super) fn stored(text: &str) -> String {
+    text.to_owned()
 }
 
 pub(super) fn tools() -> Box<RawValue> {
@@ -21,12 +27,12 @@ pub(super) fn tools() -> Box<RawValue> {
 }
 
 pub(super) fn spec<'a>(tools: Option<&'a RawValue>) -> CallSpec<'a> {
-    CallSpec { model: "qwen3:8b", system: "Be brief.", max_tokens: 256, tools, tool_choice: None }
+    CallSpec { model: "qwen3:8b", system: "Be brief.", max_tokens: 256, tools, tool_choice: None, cache: None }
 }
 
 /// The request body as JSON.
-pub(super) fn request(spec: &CallSpec<'_>, messages: &[Box<RawValue>]) -> Value {
-    serde_json::to_value(&prepare(spec, messages).expect("prepares").body).expect("serialises")
+pub(super) fn request(spec: &CallSpec<'_>, messages: &[String]) -> Value {
+    serde_json::to_value(&prepare(spec, Conversation::new(messages)).expect("prepares").body).expect("serialises")
 }
 
 pub(super) fn reply(body: &Value) -> ModelReply {
@@ -47,8 +53,8 @@ pub(super) fn tool_call(id: &str, name: &str, arguments: &str) -> Value {
 }
 
 pub(super) fn tool_uses(reply: &ModelReply) -> Vec<ToolUse> {
-    let uses = reply.blocks().into_iter().filter_map(|b| match b {
-        Block::ToolUse(t) => Some(t),
+    let uses = reply.block_views().iter().filter_map(|b| match b {
+        Block::ToolUse(t) => Some(t.clone()),
         _ => None,
     });
     uses.collect()
