@@ -32,6 +32,8 @@ pub(crate) struct Session {
 pub(crate) struct Usage {
     pub(crate) input_tokens: u64,
     pub(crate) output_tokens: u64,
+    pub(crate) cache_creation_input_tokens: u64,
+    pub(crate) cache_read_input_tokens: u64,
     pub(crate) total_tokens: u64,
     pub(crate) cost_usd: f64,
     pub(crate) model_calls: u64,

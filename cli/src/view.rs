@@ -36,8 +36,12 @@ fn step(s: &Session) -> String {
 
 fn usage(s: &Session) -> String {
     let u = &s.usage;
+    let cached = match (u.cache_read_input_tokens, u.cache_creation_input_tokens) {
+        (0, 0) => String::new(),
+        (read, written) => format!(", {} cache read, {} cache written", thousands(read), thousands(written)),
+    };
     format!(
-        "{} tokens ({} in, {} out), {} model call{}, {}",
+        "{} tokens ({} in{cached}, {} out), {} model call{}, {}",
         thousands(u.total_tokens),
         thousands(u.input_tokens),
         thousands(u.output_tokens),
@@ -195,12 +199,13 @@ pub(crate) fn timeline(trace: &serde_json::Value) -> String {
     let mut lines: Vec<String> = records.iter().map(|r| timeline_line(r, start)).collect();
     let s = &trace["summary"];
     lines.push(format!(
-        "total: {} steps, {} model calls, {} tool calls, {} in / {} out tokens, ${:.4}, {} ms, {} errors",
+        "total: {} steps, {} model calls, {} tool calls, {} in / {} out tokens{}, ${:.4}, {} ms, {} errors",
         s["steps"],
         s["model_calls"],
         s["tool_calls"],
         s["input_tokens"],
         s["output_tokens"],
+        cached(s),
         s["cost_usd"].as_f64().unwrap_or(0.0),
         s["duration_ms"],
         s["errors"]
@@ -212,6 +217,15 @@ pub(crate) fn timeline(trace: &serde_json::Value) -> String {
     lines.join("\n")
 }
 
+/// The prompt-cache tokens of a record or summary, `" (cache R read, W written)"`, or nothing.
+fn cached(r: &serde_json::Value) -> String {
+    let n = |field: &str| r[field].as_u64().unwrap_or(0);
+    match (n("cache_read_input_tokens"), n("cache_creation_input_tokens")) {
+        (0, 0) => String::new(),
+        (read, written) => format!(" (cache {read} read, {written} written)"),
+    }
+}
+
 fn timeline_line(r: &serde_json::Value, start: u64) -> String {
     let at = r["ts_ms"].as_u64().unwrap_or(start).saturating_sub(start);
     let mark = if r["success"] == true { "✓" } else { "✗" };
@@ -220,7 +234,9 @@ fn timeline_line(r: &serde_json::Value, start: u64) -> String {
         None => r["action"].as_str().unwrap_or("?").to_owned(),
     };
     let tokens = match (r["input_tokens"].as_u64(), r["output_tokens"].as_u64()) {
-        (Some(i), Some(o)) if i + o > 0 => format!("  {i}/{o} tok ${:.4}", r["cost_usd"].as_f64().unwrap_or(0.0)),
+        (Some(i), Some(o)) if i + o > 0 => {
+            format!("  {i}/{o} tok{} ${:.4}", cached(r), r["cost_usd"].as_f64().unwrap_or(0.0))
+        }
         _ => String::new(),
     };
     let detail = r["error"].as_str().or(r["output_summary"].as_str()).unwrap_or("");
@@ -240,6 +256,9 @@ mod timeline_tests {
             "records": [
                 {"ts_ms": 1000, "step": 1, "action": "model_call", "success": true, "input_tokens": 10, "output_tokens": 5,
                  "cost_usd": 0.0001, "duration_ms": 20, "output_summary": "stop_reason=tool_use"},
+                {"ts_ms": 1010, "step": 2, "action": "model_call", "success": true, "input_tokens": 3, "output_tokens": 5,
+                 "cache_read_input_tokens": 1200, "cache_creation_input_tokens": 40, "cost_usd": 0.0001,
+                 "duration_ms": 20, "output_summary": "stop_reason=end_turn"},
                 {"ts_ms": 1030, "step": 1, "action": "tool_call", "tool_name": "lookup", "success": false, "duration_ms": 3,
                  "error": "Invalid input"}
             ],
@@ -249,6 +268,7 @@ mod timeline_tests {
         let text = timeline(&trace);
         assert!(text.contains("+     0 ms  step   1  ✓ model_call"), "{text}");
         assert!(text.contains("+    30 ms  step   1  ✗ tool_call lookup"), "{text}");
+        assert!(text.contains("3/5 tok (cache 1200 read, 40 written) $0.0001"), "{text}");
         assert!(text.contains("Invalid input"));
         assert!(text.contains("total: 1 steps, 1 model calls, 1 tool calls, 10 in / 5 out tokens"), "{text}");
         assert!(text.contains("tools: lookup ×1"));

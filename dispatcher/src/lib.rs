@@ -53,6 +53,8 @@ pub struct AppState {
     redis: agentfleet::redis_conn::RedisConn,
     /// Set at SIGTERM: `/readyz` answers 503 from then on.
     draining: Arc<AtomicBool>,
+    /// Each agent's call shape, to plan a session's first call as its worker will.
+    shapes: Arc<std::collections::HashMap<Name, agentfleet::budget::CallShape>>,
 }
 
 /// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
@@ -111,7 +113,13 @@ impl Dispatcher {
         let breakers = agentfleet::breaker::Breakers::new(store.connection(), cfg.redis.key_prefix.clone());
         let redis = store.connection();
         let draining = Arc::default();
+        let shapes = cfg
+            .agents
+            .iter()
+            .filter_map(|(name, a)| Some((name.clone(), agentfleet::step::call_shape(&cfg, a)?)))
+            .collect();
         let state = AppState {
+            shapes: Arc::new(shapes),
             cfg: Arc::new(cfg),
             store: Arc::new(store),
             publisher: Arc::new(publisher),

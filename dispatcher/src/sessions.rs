@@ -149,8 +149,13 @@ pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created,
         }
         id = existing;
     }
+    // A fresh id is a new session; only an idempotency key can name one that exists already.
+    let exists = match &req.idempotency_key {
+        Some(_) => s.store.meta(&id).await.map_err(|e| ApiError::unavailable(&e))?.is_some(),
+        None => false,
+    };
     if let Some(tenant) = &req.tenant
-        && s.store.meta(&id).await.map_err(|e| ApiError::unavailable(&e))?.is_none()
+        && !exists
     {
         limits::admit_live(s, tenant, &id).await?;
     }
@@ -171,7 +176,12 @@ fn fingerprint(req: &Valid) -> String {
 }
 
 async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
+    let goal_bytes = agentfleet::llm::user_message(&req.input).len();
+    let first_call = s.shapes.get(&req.agent).and_then(|shape| {
+        shape.worst_case(&req.limits, &agentfleet::store::UsageTotals::default().spent_before(1), 1, goal_bytes)
+    });
     let new = NewSession {
+        first_call,
         id: id.clone(),
         agent: req.agent.clone(),
         tenant: req.tenant.clone(),
@@ -186,14 +196,22 @@ async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Cre
     if !created && view.meta.agent != req.agent {
         return Err(ApiError::conflict("idempotency_key: already used for a session of another agent"));
     }
-    if view.meta.status == SessionStatus::Queued && view.meta.published < 1 {
-        publish_first_step(s, &id, &req.pool).await?;
-    }
-    if created {
-        metric::session_created(req.agent.as_str());
-        let summary = agentfleet::telemetry::summarize(&req.input, 200);
-        event(s, &view.meta, &id, "session.created", &summary).await;
-    }
+    // The first step and the `session.created` event go out at once: each waits for its confirm.
+    let first_step = async {
+        if view.meta.status == SessionStatus::Queued && view.meta.published < 1 {
+            publish_first_step(s, &id, &req.pool).await?;
+        }
+        Ok::<(), ApiError>(())
+    };
+    let announced = async {
+        if created {
+            metric::session_created(req.agent.as_str());
+            let summary = agentfleet::telemetry::summarize(&req.input, 200);
+            event(s, &view.meta, &id, "session.created", &summary).await;
+        }
+    };
+    let (first_step, ()) = tokio::join!(first_step, announced);
+    first_step?;
     Ok(Created { id, status: view.meta.status, created })
 }
 
@@ -424,12 +442,25 @@ pub(crate) struct SessionUsage {
     total_tokens: u64,
     cost_micro_usd: u64,
     cost_usd: f64,
+    /// The cost by kind of token; the parts add up to `cost_micro_usd`.
+    cost_breakdown: CostBreakdown,
     model_calls: u64,
     /// Calls whose usage was lost with their worker, counted at their reserved worst case.
     unreconciled_calls: u64,
     model_errors: u64,
     /// Steps done.
     steps: u32,
+}
+
+/// A session's cost by kind of token, micro-USD: plain input, prompt-cache writes and reads, output,
+/// and the worst case of calls whose usage was lost with their worker. They add up to the cost.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CostBreakdown {
+    input_micro_usd: u64,
+    cache_write_micro_usd: u64,
+    cache_read_micro_usd: u64,
+    output_micro_usd: u64,
+    unreconciled_micro_usd: u64,
 }
 
 /// A session's budget limits.
@@ -481,6 +512,13 @@ fn usage(v: &SessionView, steps: u32) -> SessionUsage {
         total_tokens: u.total_tokens(),
         cost_micro_usd: u.cost_micro_usd,
         cost_usd: usd(u.cost_micro_usd),
+        cost_breakdown: CostBreakdown {
+            input_micro_usd: u.cost_parts.input,
+            cache_write_micro_usd: u.cost_parts.cache_write,
+            cache_read_micro_usd: u.cost_parts.cache_read,
+            output_micro_usd: u.cost_parts.output,
+            unreconciled_micro_usd: u.cost_micro_usd.saturating_sub(u.cost_parts.total().get()),
+        },
         model_calls: u.model_calls,
         unreconciled_calls: u.unreconciled_calls,
         model_errors: u.model_errors,

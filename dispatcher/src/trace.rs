@@ -77,6 +77,8 @@ pub(crate) fn summarize(records: &[Value], step: u32) -> Value {
         "tool_calls": calls("tool_call"),
         "input_tokens": sum("input_tokens"),
         "output_tokens": sum("output_tokens"),
+        "cache_creation_input_tokens": sum("cache_creation_input_tokens"),
+        "cache_read_input_tokens": sum("cache_read_input_tokens"),
         "cost_micro_usd": sum("cost_micro_usd"),
         "cost_usd": sum("cost_micro_usd") as f64 / 1_000_000.0,
         "duration_ms": last.map_or(0, |l| l.saturating_sub(first)),

@@ -15,7 +15,7 @@ use std::fmt;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::{BudgetConfig, Price};
+use crate::config::{BudgetConfig, CacheTtl, Price};
 use crate::domain::MicroUsd;
 use crate::llm::Usage;
 
@@ -251,9 +251,9 @@ pub enum Plan {
 
 /// Prices per token, micro-USD, for the worst case of a call.
 ///
-/// Input is priced at the plain input price: the fleet sends no `cache_control`, so no call can
-/// write to the prompt cache (cache reads are cheaper still). Whoever adds prompt caching must price
-/// input at the cache-write rate here.
+/// With prompt caching on, any input token may be written to the cache, at the cache-write price
+/// of the call's TTL (1.25 × or 2 × the input price): the worst case prices all input so, also
+/// when the cache then misses. Cache reads are cheaper still.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rates {
     input: f64,
@@ -261,9 +261,11 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// The worst-case per-token rates of `price`.
-    pub fn of(price: &Price) -> Self {
-        Self { input: price.input, output: price.output }
+    /// The worst-case per-token rates of `price`, for calls that write to the prompt cache with
+    /// `cache` (`None`: calls that never write to it).
+    pub fn of(price: &Price, cache: Option<CacheTtl>) -> Self {
+        let input = cache.map_or(price.input, |ttl| price.input.max(price.cache_write(ttl)));
+        Self { input, output: price.output }
     }
 
     fn cost(&self, input: u64, output: u64) -> u64 {
@@ -271,21 +273,102 @@ impl Rates {
     }
 }
 
-/// The cost of a call's usage at `price`, rounded up to the micro-dollar. Cache writes default to
-/// 1.25 × and cache reads to 0.1 × the input price.
+/// What one call cost, micro-USD, by kind of token. Each part is rounded up to the micro-dollar on
+/// its own, and the call's cost is their sum, so that a session's cost, its parts and its trace
+/// records add up exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Bill {
+    /// Plain (uncached) input tokens.
+    pub input: u64,
+    /// Output tokens.
+    pub output: u64,
+    /// Input tokens written to the prompt cache.
+    pub cache_write: u64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read: u64,
+}
+
+impl Bill {
+    /// The call's cost: the sum of the parts.
+    pub fn total(&self) -> MicroUsd {
+        MicroUsd::new(self.input + self.output + self.cache_write + self.cache_read)
+    }
+}
+
+/// The bill of a call's usage at `price`. Cache writes are priced by their TTL (the 1-hour part at
+/// `cache_write_1h`, the rest at `cache_write`), reads at `cache_read`.
+pub fn bill(price: &Price, usage: &Usage) -> Bill {
+    // micro-USD, rounded to the pico-dollar first so that float noise (0.1 × 3.0 is 0.30000000000000004)
+    // does not round a whole number up.
+    let part = |usd_per_mtok: f64, tokens: u64| ((usd_per_mtok * tokens as f64 * 1e6).round() / 1e6).ceil() as u64;
+    let written_1h = usage.cache_creation_1h_input_tokens.min(usage.cache_creation_input_tokens);
+    let written_5m = usage.cache_creation_input_tokens - written_1h;
+    Bill {
+        input: part(price.input, usage.input_tokens),
+        output: part(price.output, usage.output_tokens),
+        cache_write: part(price.cache_write(CacheTtl::FiveMinutes), written_5m)
+            + part(price.cache_write(CacheTtl::OneHour), written_1h),
+        cache_read: part(price.cache_read(), usage.cache_read_input_tokens),
+    }
+}
+
+/// The cost of a call's usage at `price`: the total of its [`bill`].
 pub fn cost(price: &Price, usage: &Usage) -> MicroUsd {
-    let per_token = |usd_per_mtok: f64, tokens: u64| usd_per_mtok * tokens as f64; // micro-USD
-    let total = per_token(price.input, usage.input_tokens)
-        + per_token(price.output, usage.output_tokens)
-        + per_token(price.cache_write.unwrap_or(price.input * 1.25), usage.cache_creation_input_tokens)
-        + per_token(price.cache_read.unwrap_or(price.input * 0.1), usage.cache_read_input_tokens);
-    MicroUsd::new(total.ceil() as u64)
+    bill(price, usage).total()
 }
 
 /// An upper estimate of a request's input tokens from its size in bytes: about one token per three
 /// bytes (English runs nearer four; code, JSON and non-Latin text nearer three), plus framing.
 pub fn estimate_input_tokens(request_bytes: usize) -> u64 {
     request_bytes as u64 / 3 + 16
+}
+
+/// What an agent's calls are planned from besides the session: the request bytes that do not
+/// depend on the conversation (system prompt, tool definitions, framing), the output cap and the
+/// prices. The worker plans each call with it; the checkpoint before a step (and the dispatcher,
+/// for a session's first step) plans the same call ahead, so that the step's claim can hold its
+/// worst case without a round trip of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallShape {
+    /// Request bytes besides the conversation.
+    pub fixed_bytes: usize,
+    /// The agent's `max_tokens` per call.
+    pub max_tokens: u32,
+    /// Its model's worst-case rates.
+    pub rates: Rates,
+}
+
+/// Request framing counted besides the system prompt, the tools and the conversation: the body's
+/// other fields, and up to four prompt-cache markers with the system prompt as a block.
+const FRAMING_BYTES: usize = 512;
+
+impl CallShape {
+    /// The shape of an agent with this system prompt, these tool definitions (as sent), output cap
+    /// and price, whose calls write to the prompt cache with `cache` (`None`: never).
+    pub fn new(system: &str, tool_definitions: &str, max_tokens: u32, price: &Price, cache: Option<CacheTtl>) -> Self {
+        let fixed_bytes = system.len() + tool_definitions.len() + FRAMING_BYTES;
+        Self { fixed_bytes, max_tokens, rates: Rates::of(price, cache) }
+    }
+
+    /// The call of `step`, with `spent` so far and a conversation of `conversation_bytes`.
+    pub fn plan(&self, limits: &Limits, spent: &Spent, step: u32, conversation_bytes: usize) -> Plan {
+        let input = estimate_input_tokens(self.fixed_bytes + conversation_bytes);
+        plan(limits, spent, step, input, self.max_tokens, self.rates)
+    }
+
+    /// The worst case of that call; `None` when none fits (the step ends the session).
+    pub fn worst_case(
+        &self,
+        limits: &Limits,
+        spent: &Spent,
+        step: u32,
+        conversation_bytes: usize,
+    ) -> Option<Reservation> {
+        match self.plan(limits, spent, step, conversation_bytes) {
+            Plan::Call { reserve, .. } | Plan::Summarize { reserve, .. } => Some(reserve),
+            Plan::Stop { .. } => None,
+        }
+    }
 }
 
 /// Plans the call of step `step`, whose request is about `input` tokens.
@@ -392,7 +475,7 @@ mod tests {
     }
 
     fn sonnet() -> Rates {
-        Rates::of(&Price { input: 3.0, output: 15.0, cache_write: None, cache_read: None })
+        Rates::of(&Price::new(3.0, 15.0), None)
     }
 
     #[test]
@@ -401,6 +484,44 @@ mod tests {
         let usage = Usage { input_tokens: 1_000, output_tokens: 100, ..Default::default() };
         // 1000 × 3 + 100 × 15 = 4500 micro-USD
         assert_eq!(cost(&sonnet, &usage), MicroUsd::new(4_500));
+    }
+
+    #[test]
+    fn a_bill_adds_up_and_prices_cache_tokens_by_kind() {
+        let price = Price::new(3.0, 15.0);
+        let usage = Usage {
+            input_tokens: 100,
+            output_tokens: 10,
+            cache_creation_input_tokens: 1_000,
+            cache_creation_1h_input_tokens: 400,
+            cache_read_input_tokens: 5_000,
+        };
+        let b = bill(&price, &usage);
+        // 100 × 3; 10 × 15; 600 × 3.75 + 400 × 6; 5000 × 0.3.
+        assert_eq!(b, Bill { input: 300, output: 150, cache_write: 2_250 + 2_400, cache_read: 1_500 });
+        assert_eq!(cost(&price, &usage), MicroUsd::new(300 + 150 + 4_650 + 1_500));
+    }
+
+    #[test]
+    fn the_worst_case_with_caching_prices_all_input_as_a_cache_write() {
+        let price = Price::new(3.0, 15.0);
+        let input = 2_000;
+        for (ttl, rate) in [(CacheTtl::FiveMinutes, 3.75), (CacheTtl::OneHour, 6.0)] {
+            let Plan::Call { reserve, max_tokens } =
+                plan(&limits(), &Spent::default(), 1, input, 256, Rates::of(&price, Some(ttl)))
+            else {
+                panic!("expected a call")
+            };
+            // A total miss: the whole input written to the cache, and the whole output.
+            let miss = Usage {
+                cache_creation_input_tokens: input,
+                cache_creation_1h_input_tokens: if ttl == CacheTtl::OneHour { input } else { 0 },
+                output_tokens: u64::from(max_tokens),
+                ..Usage::default()
+            };
+            assert!(cost(&price, &miss).get() <= reserve.cost, "{ttl:?}: {reserve:?}");
+            assert_eq!(reserve.cost, (input as f64 * rate + 256.0 * 15.0).ceil() as u64);
+        }
     }
 
     #[test]

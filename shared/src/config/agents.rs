@@ -30,6 +30,16 @@ pub struct AgentConfig {
     /// `max_tokens` of each model call. Default 1024.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+    /// Prompt caching (Anthropic): `auto` (default) marks cache breakpoints on the stable prefix
+    /// (tool definitions, system prompt) and on the conversation, so each step pays about a tenth
+    /// of the input price for what the step before it sent; `off` sends none. OpenAI-compatible
+    /// servers cache on their own either way.
+    #[serde(default)]
+    pub prompt_cache: PromptCache,
+    /// How long a cached prefix lives after its last use: `5m` (default; writing costs 1.25 × the
+    /// input price) or `1h` (2 ×).
+    #[serde(default)]
+    pub prompt_cache_ttl: CacheTtl,
     /// Budget limits.
     #[serde(default)]
     pub budget: BudgetConfig,
@@ -48,6 +58,49 @@ pub struct AgentConfig {
     /// `callback_url`. Default none.
     #[serde(default)]
     pub webhook_url: Option<String>,
+}
+
+/// Whether an agent's calls mark prompt-cache breakpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptCache {
+    /// Breakpoints on the last tool definition, the system prompt and the conversation's newest
+    /// messages, where the prefix is long enough for the model to cache.
+    #[default]
+    Auto,
+    /// No breakpoints: every input token at the plain input price.
+    Off,
+}
+
+/// The lifetime of a prompt-cache entry after its last use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum CacheTtl {
+    /// Five minutes: writes cost 1.25 × the input price.
+    #[default]
+    #[serde(rename = "5m")]
+    FiveMinutes,
+    /// One hour: writes cost 2 × the input price.
+    #[serde(rename = "1h")]
+    OneHour,
+}
+
+impl CacheTtl {
+    /// The API's `ttl` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FiveMinutes => "5m",
+            Self::OneHour => "1h",
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The TTL its calls write to the prompt cache with, `None` when they never do: caching `off`,
+    /// or an OpenAI-compatible provider (which caches on its own, without a write price).
+    pub fn cache_ttl(&self) -> Option<CacheTtl> {
+        (self.provider == Provider::Anthropic && self.prompt_cache == PromptCache::Auto)
+            .then_some(self.prompt_cache_ttl)
+    }
 }
 
 /// A wait for people, with its deadline.
@@ -118,7 +171,8 @@ pub struct BudgetConfig {
     pub daily_cap_usd: Option<f64>,
     /// What a session does when a daily cap (the agent's or its tenant's) is reached: `pause`
     /// (retried every 10 minutes, so it resumes the next day or once the cap is raised) or `fail`.
-    /// Default `pause`.
+    /// Only a cap that is spent counts: while its room is held by the reservations of calls in
+    /// flight, the step waits for it (up to 2 minutes). Default `pause`.
     pub on_daily_cap: OnDailyCap,
 }
 

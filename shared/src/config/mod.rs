@@ -24,15 +24,17 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use thiserror::Error;
 
-pub use agents::{AgentConfig, BudgetConfig, OnDailyCap, OnDeadline, OnModelFailure, TenantConfig, WaitConfig};
+pub use agents::{
+    AgentConfig, BudgetConfig, CacheTtl, OnDailyCap, OnDeadline, OnModelFailure, PromptCache, TenantConfig, WaitConfig,
+};
 pub use auth::{AuthConfig, Role, TenantDefaults, TokenConfig};
 pub use infra::{
     AmqpConfig, DeadLettersConfig, DispatcherConfig, OtlpConfig, RedisConfig, RedisTarget, SessionsConfig,
     TelemetryConfig, WebhooksConfig, WorkerConfig,
 };
 pub use providers::{
-    AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, OpenAiConfig, Price, ProviderConfig, RAMP, RateLimit,
-    default_prices,
+    AdaptiveRate, AnthropicConfig, AuthStyle, BreakerConfig, DEFAULT_MIN_CACHE_TOKENS, HttpVersion, OpenAiConfig,
+    Price, ProviderConfig, RAMP, RateLimit, default_prices,
 };
 pub use tools::{ESCALATE_TO_HUMAN, HandlerConfig, ToolConfig};
 
@@ -507,6 +509,26 @@ mod tests {
         assert_eq!(cfg.anthropic.version, "2023-06-01");
         assert_eq!(cfg.anthropic.auth, AuthStyle::XApiKey);
         assert!(cfg.anthropic.api_key.is_none());
+    }
+
+    #[test]
+    fn model_clients_speak_auto_http_unless_told_and_a_bad_version_names_the_field() {
+        let cfg = parse(MINIMAL).expect("valid");
+        assert_eq!((cfg.anthropic.http, cfg.openai.http), (HttpVersion::Auto, HttpVersion::Auto));
+        let told = format!("{MINIMAL}\n[anthropic]\nhttp = \"http2\"\n\n[openai]\nhttp = \"http1\"\n");
+        let cfg = parse(&told).expect("valid");
+        assert_eq!((cfg.anthropic.http, cfg.openai.http), (HttpVersion::Http2, HttpVersion::Http1));
+        assert!(format!("{:?}", cfg.anthropic).contains("http: Http2"));
+        for bad in ["\"h2\"", "\"HTTP2\"", "2"] {
+            let e = parse(&format!("{MINIMAL}\n[anthropic]\nhttp = {bad}\n")).expect_err(bad);
+            assert_eq!(e.field, "anthropic.http", "{e}");
+        }
+        let e = parse(&format!("{MINIMAL}\n[openai]\nhttp = \"h2c\"\n")).expect_err("h2c");
+        assert_eq!(
+            e.to_string(),
+            "config error in test.toml: field `openai.http`: unknown variant `h2c`, expected one of `auto`, `http1`, \
+             `http2`"
+        );
     }
 
     #[test]

@@ -21,6 +21,24 @@ pub enum AuthStyle {
     Bearer,
 }
 
+/// The HTTP version a model client speaks.
+///
+/// Over HTTP/2 the calls in flight share a few connections as concurrent streams, instead of one
+/// connection each: fewer handshakes, sockets and idle connections for the same load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    /// HTTP/2 when the server offers it in the TLS handshake (ALPN), else HTTP/1.1; a cleartext
+    /// `http://` endpoint gets HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only: offered alone in the TLS handshake, and spoken from the first byte on a cleartext
+    /// `http://` endpoint (prior knowledge, `h2c`). A server without HTTP/2 fails every call.
+    Http2,
+}
+
 /// Anthropic Messages API settings.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +54,8 @@ pub struct AnthropicConfig {
     pub version: String,
     /// Request timeout. Default 120000 ms.
     pub timeout_ms: u64,
+    /// The HTTP version: `auto`, `http1` or `http2` ([`HttpVersion`]). Default `auto`.
+    pub http: HttpVersion,
 }
 
 impl fmt::Debug for AnthropicConfig {
@@ -45,6 +65,7 @@ impl fmt::Debug for AnthropicConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .field("auth", &self.auth)
             .field("version", &self.version)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -57,6 +78,7 @@ impl Default for AnthropicConfig {
             auth: AuthStyle::XApiKey,
             version: "2023-06-01".into(),
             timeout_ms: 120_000,
+            http: HttpVersion::Auto,
         }
     }
 }
@@ -75,11 +97,19 @@ pub struct OpenAiConfig {
     pub api_key: Option<SecretString>,
     /// Request timeout. Default 300000 ms: local models on modest hardware answer slowly.
     pub timeout_ms: u64,
+    /// The HTTP version: `auto`, `http1` or `http2` ([`HttpVersion`]). Default `auto` (HTTP/1.1 on
+    /// the usual cleartext endpoint of a local server).
+    pub http: HttpVersion,
 }
 
 impl Default for OpenAiConfig {
     fn default() -> Self {
-        Self { base_url: "http://127.0.0.1:11434/v1".into(), api_key: None, timeout_ms: 300_000 }
+        Self {
+            base_url: "http://127.0.0.1:11434/v1".into(),
+            api_key: None,
+            timeout_ms: 300_000,
+            http: HttpVersion::Auto,
+        }
     }
 }
 
@@ -89,6 +119,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("base_url", &self.base_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .field("timeout_ms", &self.timeout_ms)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -293,23 +324,63 @@ pub struct Price {
     pub input: f64,
     /// Output tokens.
     pub output: f64,
-    /// Cache-write input tokens. Default 1.25 × input.
+    /// Input tokens written to the prompt cache with the 5-minute TTL. Default 1.25 × input.
     pub cache_write: Option<f64>,
-    /// Cache-read input tokens. Default 0.1 × input.
+    /// Input tokens written to the prompt cache with the 1-hour TTL. Default 2 × input.
+    pub cache_write_1h: Option<f64>,
+    /// Input tokens read from the prompt cache. Default 0.1 × input.
     pub cache_read: Option<f64>,
+    /// The shortest prefix, in tokens, the model caches: a breakpoint on a shorter one is not
+    /// sent. Default 1024 (the built-in entries carry each model's own).
+    pub min_cache_tokens: Option<u32>,
 }
 
-/// Prices of the current Anthropic models and of the ids the seed design used.
+/// The shortest cacheable prefix of a model without its own `min_cache_tokens`.
+pub const DEFAULT_MIN_CACHE_TOKENS: u32 = 1024;
+
+impl Price {
+    /// A price of `input` and `output` USD per million tokens, with the default cache prices.
+    pub const fn new(input: f64, output: f64) -> Self {
+        Self { input, output, cache_write: None, cache_write_1h: None, cache_read: None, min_cache_tokens: None }
+    }
+
+    /// USD per million input tokens written to the cache with `ttl`.
+    pub fn cache_write(&self, ttl: super::CacheTtl) -> f64 {
+        match ttl {
+            super::CacheTtl::FiveMinutes => self.cache_write.unwrap_or(self.input * 1.25),
+            super::CacheTtl::OneHour => self.cache_write_1h.unwrap_or(self.input * 2.0),
+        }
+    }
+
+    /// USD per million input tokens read from the cache.
+    pub fn cache_read(&self) -> f64 {
+        self.cache_read.unwrap_or(self.input * 0.1)
+    }
+
+    /// The shortest prefix the model caches, in tokens.
+    pub fn min_cache_tokens(&self) -> u32 {
+        self.min_cache_tokens.unwrap_or(DEFAULT_MIN_CACHE_TOKENS)
+    }
+}
+
+/// Prices of the current Anthropic models and of the ids the seed design used, with the shortest
+/// prefix each caches. Cache writes cost 1.25 × (5 minutes) or 2 × (1 hour) the input price, and
+/// reads 0.1 ×, the defaults of [`Price`].
 pub fn default_prices() -> BTreeMap<String, Price> {
-    let p = |input, output| Price { input, output, cache_write: None, cache_read: None };
+    let p = |input, output, min_cache_tokens| Price {
+        min_cache_tokens: Some(min_cache_tokens),
+        ..Price::new(input, output)
+    };
     [
-        ("claude-haiku-4-20250514", p(0.80, 4.0)),
-        ("claude-sonnet-4-20250514", p(3.0, 15.0)),
-        ("claude-opus-4-20250514", p(15.0, 75.0)),
-        ("claude-haiku-4-5", p(1.0, 5.0)),
-        ("claude-sonnet-4-5", p(3.0, 15.0)),
-        ("claude-opus-4-1", p(15.0, 75.0)),
-        ("claude-opus-4-5", p(5.0, 25.0)),
+        ("claude-haiku-4-20250514", p(0.80, 4.0, 2048)),
+        ("claude-sonnet-4-20250514", p(3.0, 15.0, 1024)),
+        ("claude-opus-4-20250514", p(15.0, 75.0, 1024)),
+        ("claude-haiku-4-5", p(1.0, 5.0, 4096)),
+        ("claude-sonnet-4-5", p(3.0, 15.0, 1024)),
+        ("claude-sonnet-4-6", p(3.0, 15.0, 2048)),
+        ("claude-opus-4-1", p(15.0, 75.0, 1024)),
+        ("claude-opus-4-5", p(5.0, 25.0, 4096)),
+        ("claude-opus-4-6", p(5.0, 25.0, 4096)),
     ]
     .into_iter()
     .map(|(m, p)| (m.to_owned(), p))
@@ -317,6 +388,6 @@ pub fn default_prices() -> BTreeMap<String, Price> {
 }
 
 pub(super) fn check_price(price: &Price) -> Result<(), Problem> {
-    let all = [Some(price.input), Some(price.output), price.cache_write, price.cache_read];
+    let all = [Some(price.input), Some(price.output), price.cache_write, price.cache_write_1h, price.cache_read];
     if all.into_iter().flatten().all(|p| p.is_finite() && p >= 0.0) { Ok(()) } else { Err(Problem::NegativePrice) }
 }
