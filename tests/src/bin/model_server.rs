@@ -48,8 +48,9 @@ impl Args {
             rate_529: self.rate_529,
             rate_500: self.rate_500,
             retry_after_s: self.retry_after_s,
+            cache_misses: false,
         };
-        ModelServerConfig { api_key: self.api_key.clone(), faults }
+        ModelServerConfig { api_key: self.api_key.clone(), faults, record_requests: false }
     }
 }
 

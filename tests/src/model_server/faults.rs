@@ -29,11 +29,22 @@ pub struct Faults {
     pub rate_500: f64,
     /// The `retry-after` seconds sent with a 429. Default 1.
     pub retry_after_s: u64,
+    /// Every lookup in the prompt cache misses (as after an eviction): each call writes its whole
+    /// prefix again, the most a call with breakpoints can cost. Default false.
+    pub cache_misses: bool,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Self { latency_ms: 0, latency_jitter_ms: 0, rate_429: 0.0, rate_529: 0.0, rate_500: 0.0, retry_after_s: 1 }
+        Self {
+            latency_ms: 0,
+            latency_jitter_ms: 0,
+            rate_429: 0.0,
+            rate_529: 0.0,
+            rate_500: 0.0,
+            retry_after_s: 1,
+            cache_misses: false,
+        }
     }
 }
 

@@ -1,23 +1,28 @@
 //! The HTTP surface: `POST /v1/messages` and the `/admin` endpoints.
 //!
 //! `/v1/messages` reads as its steps: count, validate, delay, maybe inject a fault, play the script,
-//! answer. Every response, including 404s and admin answers, carries a `request-id: req_<ulid>`.
+//! read and write the prompt cache, answer. Every response, including 404s and admin answers,
+//! carries a `request-id: req_<ulid>`.
 
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, JsonRejection};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use super::cache::CacheStore;
 use super::error::{ApiError, ErrorKind};
 use super::faults::Faults;
+use super::recorded::{CacheUsage, RequestLog};
 use super::stats::{GoalRecorder, ModelStats, StatsRecorder};
 use super::validate::{self, Validated};
 use super::{ModelServerConfig, response, script};
+use crate::serve::Connections;
 
 /// The largest request body accepted, as the real API's 32 MB.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -27,20 +32,40 @@ const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) struct AppState {
     api_key: Option<String>,
     faults: RwLock<Faults>,
-    pub(crate) stats: StatsRecorder,
+    stats: StatsRecorder,
     pub(crate) by_goal: GoalRecorder,
+    connections: Arc<Connections>,
+    /// The prompt cache: the one state answers depend on.
+    cache: CacheStore,
+    /// Whether answered requests are kept in `log`.
+    record_requests: bool,
+    pub(crate) log: RequestLog,
 }
 
 impl AppState {
-    pub(crate) fn new(config: ModelServerConfig) -> Self {
+    /// The state of a server whose listener counts into `connections`.
+    pub(crate) fn new(config: ModelServerConfig, connections: Arc<Connections>) -> Self {
         let faults = RwLock::new(config.faults.clamped());
-        Self { api_key: config.api_key, faults, stats: StatsRecorder::default(), by_goal: GoalRecorder::default() }
+        let (stats, by_goal) = (StatsRecorder::default(), GoalRecorder::default());
+        let (cache, log) = (CacheStore::default(), RequestLog::default());
+        let record_requests = config.record_requests;
+        Self { api_key: config.api_key, faults, stats, by_goal, connections, cache, record_requests, log }
     }
 
-    /// Zeroes the counters and the bills.
+    /// The counters, with the connections and the live cache entries as they are now.
+    pub(crate) fn stats(&self) -> ModelStats {
+        let mut stats = self.stats.snapshot();
+        stats.connections = self.connections.snapshot();
+        stats.cache.entries = u64::try_from(self.cache.live_entries(Instant::now())).unwrap_or(u64::MAX);
+        stats
+    }
+
+    /// Zeroes the counters and the bills, and empties the prompt cache and the request log.
     pub(crate) fn reset(&self) {
         self.stats.reset();
         self.by_goal.reset();
+        self.cache.clear();
+        self.log.clear();
     }
 
     /// The faults in force now.
@@ -77,6 +102,16 @@ async fn messages(
     state.stats.request();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     state.stats.arrived(now);
+    if let Ok(bytes) = &body {
+        state.stats.received(bytes.len());
+    }
+    if let Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::UnknownBodyError(e))) = &body {
+        // The client went away while sending (a killed worker): nobody reads the answer, and the
+        // request was never whole enough to be judged valid or not.
+        tracing::info!(error = %e, "request body cut off");
+        state.stats.cut_off();
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     let response = match validate::validate(&headers, body, state.api_key.as_deref()) {
         Ok(valid) => answer(&state, &valid).await,
         Err(error) => reject(&state, error),
@@ -110,15 +145,21 @@ async fn answer(state: &AppState, valid: &Validated) -> Response {
         last_tool_result: valid.request.last_tool_result(),
         tool_choice: &valid.tool_choice,
     };
-    let (response, usage) = response::success(valid, &script::play(&context));
-    state.stats.billed(usage.input_tokens, usage.output_tokens);
-    state.by_goal.billed(&goal, usage.input_tokens, usage.output_tokens);
+    let turn = script::play(&context);
+    let total = response::total_input_tokens(valid);
+    let cache = state.cache.apply(&valid.cache, total, Instant::now(), faults.cache_misses);
+    let (response, usage) = response::success(valid, &turn, &cache);
+    state.stats.billed(&usage, &cache);
+    state.by_goal.billed(&goal, &usage);
+    if state.record_requests {
+        state.log.record(&goal, &valid.body, CacheUsage::from(&usage));
+    }
     response
 }
 
 /// `GET /admin/stats`.
 async fn stats(State(state): State<Arc<AppState>>) -> Json<ModelStats> {
-    Json(state.stats.snapshot())
+    Json(state.stats())
 }
 
 /// `POST /admin/faults` with a [`Faults`] body.
@@ -132,7 +173,7 @@ async fn set_faults(
     Ok(Json(faults))
 }
 
-/// `POST /admin/reset`: zeroes the stats.
+/// `POST /admin/reset`: zeroes the stats and empties the prompt cache.
 async fn reset(State(state): State<Arc<AppState>>) -> StatusCode {
     state.reset();
     StatusCode::NO_CONTENT

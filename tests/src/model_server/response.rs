@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::cache::CacheOutcome;
 use super::script::{ContentBlock, Turn};
 use super::validate::Validated;
 
@@ -33,19 +34,30 @@ struct MessageBody<'a> {
     container: Option<()>,
 }
 
-/// Token counts, derived from sizes so tests can predict them.
+/// Token counts, derived from sizes and the prompt cache so tests can predict them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub(crate) struct Usage {
     pub(crate) input_tokens: u64,
     pub(crate) cache_creation_input_tokens: u64,
     pub(crate) cache_read_input_tokens: u64,
+    pub(crate) cache_creation: CacheCreation,
     pub(crate) output_tokens: u64,
     pub(crate) service_tier: &'static str,
 }
 
+/// `cache_creation_input_tokens` split by the TTL of the entries written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct CacheCreation {
+    pub(crate) ephemeral_5m_input_tokens: u64,
+    pub(crate) ephemeral_1h_input_tokens: u64,
+}
+
 /// The 200 response for a validated request and the turn its script produced.
-pub(crate) fn success(valid: &Validated, turn: &Turn) -> (Response, Usage) {
-    let mut usage = usage(valid, &turn.content);
+///
+/// `cache` is what the prompt cache did for it ([`super::cache::CacheStore::apply`] with
+/// [`total_input_tokens`]).
+pub(crate) fn success(valid: &Validated, turn: &Turn, cache: &CacheOutcome) -> (Response, Usage) {
+    let mut usage = usage(valid, &turn.content, cache);
     // Like the real API, output never exceeds `max_tokens`: the turn is cut there.
     let cut = usage.output_tokens > valid.request.max_tokens;
     usage.output_tokens = usage.output_tokens.min(valid.request.max_tokens);
@@ -64,16 +76,30 @@ pub(crate) fn success(valid: &Validated, turn: &Turn) -> (Response, Usage) {
     ((StatusCode::OK, rate_limit_headers(usage.input_tokens), Json(body)).into_response(), usage)
 }
 
-/// `input_tokens` = ceil(body bytes / 4); cached = system bytes / 4 when anything is cached;
-/// `output_tokens` = ceil(content JSON bytes / 4), at least 1.
-pub(crate) fn usage(valid: &Validated, content: &[ContentBlock]) -> Usage {
-    let system_bytes = valid.request.system.as_deref().map_or(0, str::len);
-    let cached = if valid.cache_control_blocks > 0 { system_bytes / 4 } else { 0 };
+/// The request's whole input, cached or not: `T = ceil(body bytes / 4)`.
+pub(crate) fn total_input_tokens(valid: &Validated) -> u64 {
+    to_u64(valid.body_bytes.div_ceil(4))
+}
+
+/// The usage of an answer. With `T` = [`total_input_tokens`]:
+/// - `cache_read_input_tokens` = the tokens of the longest cached prefix found (0 without a hit),
+/// - `cache_creation_input_tokens` = the tokens written to the cache past it (0 when nothing was),
+///   split by TTL in `cache_creation`,
+/// - `input_tokens` = `T` minus both (the cache caps them so they never exceed `T`),
+/// - `output_tokens` = ceil(content JSON bytes / 4), at least 1.
+///
+/// A request without `cache_control` reads and writes nothing: all of `T` is `input_tokens`.
+pub(crate) fn usage(valid: &Validated, content: &[ContentBlock], cache: &CacheOutcome) -> Usage {
     let content_bytes = serde_json::to_vec(content).map_or(0, |bytes| bytes.len());
+    let creation = cache.creation();
     Usage {
-        input_tokens: to_u64(valid.body_bytes.div_ceil(4)),
-        cache_creation_input_tokens: 0,
-        cache_read_input_tokens: to_u64(cached),
+        input_tokens: total_input_tokens(valid).saturating_sub(cache.read).saturating_sub(creation),
+        cache_creation_input_tokens: creation,
+        cache_read_input_tokens: cache.read,
+        cache_creation: CacheCreation {
+            ephemeral_5m_input_tokens: cache.creation_5m,
+            ephemeral_1h_input_tokens: cache.creation_1h,
+        },
         output_tokens: to_u64(content_bytes.div_ceil(4)).max(1),
         service_tier: "standard",
     }
@@ -128,10 +154,11 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model_server::cache::CachePlan;
     use crate::model_server::request::{Block, Message, MessagesRequest, Role};
     use crate::model_server::tools::ToolSet;
 
-    fn validated(system: Option<&str>, cache_control_blocks: usize, body_bytes: usize) -> Validated {
+    fn validated(system: Option<&str>, body_bytes: usize) -> Validated {
         let messages = vec![Message { role: Role::User, blocks: vec![Block::Text("hi".to_owned())] }];
         let request =
             MessagesRequest { model: "m".to_owned(), max_tokens: 10, system: system.map(str::to_owned), messages };
@@ -139,8 +166,9 @@ mod tests {
             request,
             tools: ToolSet::default(),
             tool_choice: "absent".to_owned(),
-            cache_control_blocks,
+            cache: CachePlan::default(),
             body_bytes,
+            body: axum::body::Bytes::new(),
         }
     }
 
@@ -149,24 +177,30 @@ mod tests {
     }
 
     #[test]
-    fn usage_follows_sizes() {
-        let usage = usage(&validated(Some("12345678"), 1, 401), &text("x"));
-        assert_eq!(usage.input_tokens, 101);
-        assert_eq!(usage.cache_read_input_tokens, 2);
+    fn usage_follows_sizes_and_the_cache() {
+        let cache = CacheOutcome { breakpoints: true, read: 40, creation_5m: 20, creation_1h: 10, wrote: true };
+        let usage = usage(&validated(None, 401), &text("x"), &cache);
+        assert_eq!(usage.input_tokens, 101 - 40 - 30);
+        assert_eq!((usage.cache_read_input_tokens, usage.cache_creation_input_tokens), (40, 30));
+        assert_eq!(
+            usage.cache_creation,
+            CacheCreation { ephemeral_5m_input_tokens: 20, ephemeral_1h_input_tokens: 10 }
+        );
         let content_bytes = serde_json::to_vec(&text("x")).expect("json").len();
         assert_eq!(usage.output_tokens, to_u64(content_bytes.div_ceil(4)));
     }
 
     #[test]
     fn nothing_is_cached_without_cache_control() {
-        assert_eq!(usage(&validated(Some("12345678"), 0, 4), &[]).cache_read_input_tokens, 0);
-        assert_eq!(usage(&validated(None, 0, 4), &[]).output_tokens, 1);
+        let usage = usage(&validated(Some("12345678"), 4), &[], &CacheOutcome::default());
+        assert_eq!((usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens), (1, 0, 0));
+        assert_eq!(usage.output_tokens, 1);
     }
 
     #[tokio::test]
     async fn body_fields_come_in_api_order() {
         let turn = Turn { content: text("hi"), stop_reason: "end_turn".to_owned(), stop_sequence: None };
-        let (response, _) = success(&validated(None, 0, 8), &turn);
+        let (response, _) = success(&validated(None, 8), &turn, &CacheOutcome::default());
         assert!(response.headers().contains_key("anthropic-ratelimit-requests-reset"));
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
         let body = std::str::from_utf8(&bytes).expect("utf8");
@@ -178,7 +212,9 @@ mod tests {
             "\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]",
             "\"stop_reason\":\"end_turn\"",
             "\"stop_sequence\":null",
-            "\"usage\":{\"input_tokens\":2,\"cache_creation_input_tokens\":0",
+            "\"usage\":{\"input_tokens\":2,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,",
+            "\"cache_creation\":{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":0},",
+            "\"output_tokens\":",
             "\"service_tier\":\"standard\"}",
             "\"container\":null}",
         ];

@@ -1,4 +1,5 @@
-//! Tool definitions and `tool_choice`, validation rules 5 and 6, plus the `cache_control` limit.
+//! Tool definitions and `tool_choice`, validation rules 5 and 6, plus `cache_control` values and their
+//! limit (where they may sit and in what order is [`super::cache`]'s).
 //!
 //! Client tools need a name matching `^[a-zA-Z0-9_-]{1,64}$`, unique, and an object `input_schema`.
 //! Server tools (a `type` other than `custom`, e.g. `web_search_20250305`) only need a name. Because
@@ -9,6 +10,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
+use super::cache::Ttl;
 use super::error::ApiError;
 use super::fields::{Object, array, invalid_at, is_identifier, join, object, required, required_str};
 
@@ -88,53 +90,30 @@ pub(crate) fn check_tool_choice(body: &Object) -> Result<String, ApiError> {
     }
 }
 
-/// Every `cache_control` is `{"type": "ephemeral", ...}` and there are at most four of them.
-///
-/// Returns how many there are.
-pub(crate) fn check_cache_control(body: &Object) -> Result<usize, ApiError> {
-    let mut count = 0;
-    for (path, holder) in cache_control_holders(body) {
-        if let Some(value) = holder.get("cache_control") {
-            check_cache_control_value(value, &join(&path, "cache_control"))?;
-            count += 1;
-        }
+/// A `cache_control` value: `{"type": "ephemeral"}` with an optional `ttl` of `"5m"` (the default)
+/// or `"1h"`. Returns its TTL.
+pub(crate) fn cache_control_ttl(value: &Value, path: &str) -> Result<Ttl, ApiError> {
+    let control = object(value, path)?;
+    if required_str(control, "type", path)? != "ephemeral" {
+        return Err(invalid_at(&join(path, "type"), "Input should be 'ephemeral'"));
     }
+    match control.get("ttl") {
+        None | Some(Value::Null) => Ok(Ttl::FiveMinutes),
+        Some(Value::String(ttl)) if ttl == "5m" => Ok(Ttl::FiveMinutes),
+        Some(Value::String(ttl)) if ttl == "1h" => Ok(Ttl::OneHour),
+        Some(_) => Err(invalid_at(&join(path, "ttl"), "Input should be '5m' or '1h'")),
+    }
+}
+
+/// At most four blocks may carry `cache_control`.
+pub(crate) fn check_breakpoint_count(count: usize) -> Result<(), ApiError> {
     if count > MAX_CACHE_CONTROL_BLOCKS {
         let message = format!(
             "A maximum of {MAX_CACHE_CONTROL_BLOCKS} blocks with cache_control may be provided. Found {count}."
         );
         return Err(ApiError::invalid(message));
     }
-    Ok(count)
-}
-
-fn check_cache_control_value(value: &Value, path: &str) -> Result<(), ApiError> {
-    let control = object(value, path)?;
-    if required_str(control, "type", path)? != "ephemeral" {
-        return Err(invalid_at(&join(path, "type"), "Input should be 'ephemeral'"));
-    }
     Ok(())
-}
-
-/// The objects that may carry `cache_control`: system blocks, message blocks and tools, with paths.
-///
-/// Runs after the shapes were validated, so anything that is not the expected list is skipped.
-fn cache_control_holders(body: &Object) -> Vec<(String, &Object)> {
-    let mut holders = objects_in(body.get("system"), "system");
-    holders.extend(objects_in(body.get("tools"), "tools"));
-    let messages = body.get("messages").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    for (i, message) in messages.iter().enumerate() {
-        let path = format!("messages.{i}.content");
-        holders.extend(objects_in(message.get("content"), &path));
-    }
-    holders
-}
-
-/// The objects of a list, each with its path.
-fn objects_in<'a>(value: Option<&'a Value>, path: &str) -> Vec<(String, &'a Object)> {
-    let items = value.and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let objects = items.iter().enumerate().filter_map(|(i, item)| Some((join(path, i), item.as_object()?)));
-    objects.collect()
 }
 
 #[cfg(test)]
@@ -209,15 +188,18 @@ mod tests {
     }
 
     #[test]
-    fn cache_control_is_counted_and_limited() {
-        let block = json!({"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}});
-        let body = json!({"system": [block.clone()], "messages": [{"role": "user", "content": [block.clone()]}]});
-        assert_eq!(check_cache_control(body.as_object().expect("object")).expect("two"), 2);
-        let five = json!({"system": [block.clone(), block.clone(), block.clone(), block.clone(), block]});
-        let err = check_cache_control(five.as_object().expect("object")).expect_err("five");
-        assert!(err.message.contains("maximum of 4"));
-        let wrong = json!({"tools": [{"name": "a", "cache_control": {"type": "forever"}}]});
-        let err = check_cache_control(wrong.as_object().expect("object")).expect_err("type");
+    fn cache_control_values_and_count() {
+        let ttl = |value: Value| cache_control_ttl(&value, "tools.0.cache_control");
+        assert_eq!(ttl(json!({"type": "ephemeral"})).expect("default"), Ttl::FiveMinutes);
+        assert_eq!(ttl(json!({"type": "ephemeral", "ttl": "5m"})).expect("5m"), Ttl::FiveMinutes);
+        assert_eq!(ttl(json!({"type": "ephemeral", "ttl": "1h"})).expect("1h"), Ttl::OneHour);
+        let err = ttl(json!({"type": "forever"})).expect_err("type");
         assert_eq!(err.message, "tools.0.cache_control.type: Input should be 'ephemeral'");
+        let err = ttl(json!({"type": "ephemeral", "ttl": "10m"})).expect_err("ttl");
+        assert_eq!(err.message, "tools.0.cache_control.ttl: Input should be '5m' or '1h'");
+        assert!(ttl(json!({"type": "ephemeral", "ttl": 300})).is_err());
+        assert!(check_breakpoint_count(4).is_ok());
+        let err = check_breakpoint_count(5).expect_err("five");
+        assert_eq!(err.message, "A maximum of 4 blocks with cache_control may be provided. Found 5.");
     }
 }

@@ -1,13 +1,14 @@
 //! The validation pipeline: rules 1 to 8 in order, the first failure wins.
 //!
-//! Each rule lives with its subject (`headers`, `request`, `tools`, `conversation`); this module only
-//! runs them in the documented order and bundles what passed into a [`Validated`] request.
+//! Each rule lives with its subject (`headers`, `request`, `tools`, `cache`, `conversation`); this
+//! module only runs them in the documented order and bundles what passed into a [`Validated`] request.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
+use super::cache::CachePlan;
 use super::error::{ApiError, ErrorKind};
 use super::request::{self, MessagesRequest};
 use super::tools::{self, ToolSet};
@@ -20,10 +21,12 @@ pub(crate) struct Validated {
     pub(crate) tools: ToolSet,
     /// The `tool_choice` type, or `"absent"`.
     pub(crate) tool_choice: String,
-    /// How many blocks carry `cache_control`.
-    pub(crate) cache_control_blocks: usize,
+    /// The request's `cache_control` breakpoints and prompt prefixes.
+    pub(crate) cache: CachePlan,
     /// The request body's size in bytes.
     pub(crate) body_bytes: usize,
+    /// The request body as received.
+    pub(crate) body: Bytes,
 }
 
 /// Runs rules 1 to 8 on one request.
@@ -37,11 +40,11 @@ pub(crate) fn validate(
     let body = request::parse_body(&bytes)?;
     let request = request::parse(&body)?;
     let tools = tools::parse_tools(&body)?;
-    let cache_control_blocks = tools::check_cache_control(&body)?;
+    let cache = CachePlan::read(&body, &request.model)?;
     let tool_choice = tools::check_tool_choice(&body)?;
     conversation::check_tool_pairing(&request.messages, &tools)?;
     conversation::check_thinking(&request.messages)?;
-    Ok(Validated { request, tools, tool_choice, cache_control_blocks, body_bytes: bytes.len() })
+    Ok(Validated { request, tools, tool_choice, cache, body_bytes: bytes.len(), body: bytes })
 }
 
 /// Checks a stored conversation as the API would check a request that carries it (the message
@@ -123,6 +126,16 @@ mod tests {
         let unanswered = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [call]}, {"role": "user", "content": "?"}]);
         assert!(check_conversation(&unanswered, &["search"]).is_err());
         assert!(check_conversation(&json!([]), &[]).is_err());
+    }
+
+    #[test]
+    fn cache_control_is_checked_with_the_plan() {
+        let mut marked = body();
+        marked["system"] = json!([{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1d"}}]);
+        let err = run(&good_headers(), &marked).expect_err("ttl");
+        assert_eq!(err.message, "system.0.cache_control.ttl: Input should be '5m' or '1h'");
+        marked["system"][0]["cache_control"]["ttl"] = json!("1h");
+        assert!(run(&good_headers(), &marked).is_ok());
     }
 
     #[test]
