@@ -204,14 +204,19 @@ check_port_free() {
 # The config the fleet runs with: a copy of the chosen file in .run/, with the ports changed and the
 # demo's own queue prefix (unless the file sets one). A prefix of its own keeps the demo's queues
 # apart from a fleet's on the same broker, and from queues an earlier release declared with other
-# arguments under the default prefix.
+# arguments under the default prefix. With the scripted model server (no ANTHROPIC_API_KEY), the
+# workers speak HTTP/2 to it without TLS (`http = "http2"`, unless the file sets `http`), as they
+# do to the real API over TLS.
 fleet_config() {
-    local prefix=()
+    local prefix=() http=()
     grep -q '^prefix *=' "$CONFIG" || prefix=(-e "/^\[amqp\]/a prefix = \"$DEMO_PREFIX\"")
+    if [[ -z "${ANTHROPIC_API_KEY:-}" ]] && ! grep -q '^http *=' "$CONFIG"; then
+        http=(-e '/^\[anthropic\]/a http = "http2"')
+    fi
     sed -e "s#127\.0\.0\.1:8091/#127.0.0.1:$TOOL_SERVER_PORT/#g" \
         -e "s#^listen = \"[^\"]*\"#listen = \"127.0.0.1:$DISPATCHER_PORT\"#" \
         -e "s#^ops_listen = \"[^\"]*\"#ops_listen = \"127.0.0.1:$OPS_PORT\"#" \
-        "${prefix[@]}" "$CONFIG" >"$RUN_DIR/agentfleet.toml"
+        "${prefix[@]}" "${http[@]}" "$CONFIG" >"$RUN_DIR/agentfleet.toml"
     printf '%s' "$RUN_DIR/agentfleet.toml"
 }
 

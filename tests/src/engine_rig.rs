@@ -127,6 +127,7 @@ impl EngineRig {
             metadata: serde_json::json!({}),
             limits,
             callback_url: None,
+            first_call: None,
         };
         anyhow::ensure!(self.store.create(&new, 1), "the session existed");
         Ok(id)

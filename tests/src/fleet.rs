@@ -88,6 +88,22 @@ pub struct FleetOptions {
     pub tenant_defaults: String,
     /// `[auth.amqp_users]`: RabbitMQ users and their tenants (default: `guest` publishes for `acme`).
     pub amqp_users: Vec<(String, String)>,
+    /// The model clients' `http` setting (`[anthropic]`, and `[openai]` in a [`TestFleet`]). Default
+    /// `http2`: the scripted servers speak HTTP/2 without TLS, so many calls in flight share a few
+    /// connections, as they do with the real API. `http1` for a stand-in that speaks only HTTP/1.1.
+    pub model_http: String,
+    /// A model server to use instead of the fleet's own (whose handle, [`TestFleet::model`], then
+    /// sees no traffic): the benchmark runs every fleet against the same server processes.
+    pub model_url: Option<String>,
+    /// A tool server to use instead of the fleet's own ([`TestFleet::tools`]).
+    pub tool_url: Option<String>,
+    /// Whether the fleet's own model server keeps the request bodies it answers
+    /// ([`ModelServer::recorded`]). Default off: a benchmark would keep thousands.
+    pub record_model_requests: bool,
+    /// The `support` agent's system prompt.
+    pub system_prompt: String,
+    /// More `key = value` lines for `[agents.support]` (e.g. `prompt_cache = "off"`).
+    pub agent_config: String,
 }
 
 /// An API token of a test fleet.
@@ -174,6 +190,12 @@ impl Default for FleetOptions {
             tokens: Vec::new(),
             tenant_defaults: "daily_cap_usd = 1000.0\nmax_live_sessions = 100000".into(),
             amqp_users: vec![("guest".into(), "acme".into())],
+            model_http: "http2".into(),
+            model_url: None,
+            tool_url: None,
+            record_model_requests: false,
+            system_prompt: "You are a support agent.".into(),
+            agent_config: String::new(),
         }
     }
 }
@@ -186,9 +208,9 @@ pub struct TestFleet {
     pub config_path: PathBuf,
     /// The parsed config.
     pub config: Config,
-    /// The scripted model.
+    /// The scripted model (idle when [`FleetOptions::model_url`] names another).
     pub model: ModelServer,
-    /// The tool server.
+    /// The tool server (idle when [`FleetOptions::tool_url`] names another).
     pub tools: ToolServer,
     /// The scripted OpenAI-compatible server (agent `local`).
     pub openai: crate::openai_server::OpenAiServer,
@@ -212,12 +234,16 @@ impl TestFleet {
         let prefix = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
         let dir = std::env::temp_dir().join("agentfleet-tests").join(&prefix);
         std::fs::create_dir_all(&dir)?;
-        let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, ModelServerConfig::default()).await?;
+        let model_config = ModelServerConfig { record_requests: opts.record_model_requests, ..Default::default() };
+        let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, model_config).await?;
         let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
         let openai = crate::openai_server::OpenAiServer::start(TcpListener::bind("127.0.0.1:0").await?).await?;
-        let extra = format!("{}\n[openai]\nbase_url = \"{}\"\n{LOCAL_AGENT}", opts.extra_config, openai.base_url());
+        let openai_table = format!("[openai]\nbase_url = \"{}\"\nhttp = \"{}\"\n", openai.base_url(), opts.model_http);
+        let extra = format!("{}\n{openai_table}{LOCAL_AGENT}", opts.extra_config);
         let opts = FleetOptions { extra_config: extra, ..opts };
-        let config_text = config_text(&prefix, &opts, &model.base_url(), &tools.base_url());
+        let model_url = opts.model_url.clone().unwrap_or_else(|| model.base_url());
+        let tool_url = opts.tool_url.clone().unwrap_or_else(|| tools.base_url());
+        let config_text = config_text(&prefix, &opts, &model_url, &tool_url);
         let config_path = dir.join("agentfleet.toml");
         std::fs::write(&config_path, &config_text)?;
         let env = opts.env.clone();
@@ -386,13 +412,23 @@ impl TestFleet {
         Ok(SessionId::parse(id)?)
     }
 
+    /// `GET /v1/sessions/{id}/trace`: the session's records and their summary.
+    pub async fn trace(&self, id: &SessionId) -> anyhow::Result<Value> {
+        self.get_json(&format!("/v1/sessions/{id}/trace")).await
+    }
+
     /// `GET /v1/sessions/{id}`.
     pub async fn session(&self, id: &SessionId) -> anyhow::Result<Value> {
-        let r = self.http.get(format!("{}/v1/sessions/{id}", self.api)).send().await?;
+        self.get_json(&format!("/v1/sessions/{id}")).await
+    }
+
+    /// `GET path` of the API as JSON; an error naming the status unless it is 2xx.
+    async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self.http.get(format!("{}{path}", self.api)).send().await?;
         let status = r.status();
         let v: Value = r.json().await?;
         if !status.is_success() {
-            bail!("GET /v1/sessions/{id} answered {status}: {v}");
+            bail!("GET {path} answered {status}: {v}");
         }
         Ok(v)
     }
@@ -736,6 +772,7 @@ key_prefix = "{prefix}"
 
 [anthropic]
 base_url = "{model_url}"
+http = "{model_http}"
 
 [worker]
 concurrency = {concurrency}
@@ -779,9 +816,10 @@ approval_rule = "amount > 100"
 
 [agents.support]
 model = "claude-sonnet-4-5"
-system_prompt = "You are a support agent."
+system_prompt = {system_prompt}
 tools = ["search_knowledge_base", "lookup_customer", "escalate_to_human", "issue_refund"]
 budget = {{ max_steps = {max_steps} }}
+{agent_extra}
 
 {extra}
 "#,
@@ -799,6 +837,9 @@ budget = {{ max_steps = {max_steps} }}
         dead_letters_extra = o.dead_letters_config,
         tokens = tokens_toml(&o.tokens),
         tenant_defaults = o.tenant_defaults,
+        model_http = o.model_http,
+        system_prompt = serde_json::Value::from(o.system_prompt.as_str()),
+        agent_extra = o.agent_config,
     )
 }
 

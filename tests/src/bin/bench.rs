@@ -1,211 +1,327 @@
-//! `agentfleet-bench`: step throughput and worker cost of a whole fleet on this machine.
+//! `agentfleet-bench`: the figures of docs/BENCHMARKS.md, one run at a time. `scripts/bench.sh`
+//! runs them all, with the reference before each, and prints the summary.
 //!
-//! It starts a fleet the way the integration tests do — real RabbitMQ and Redis, worker processes
-//! running the real worker CLI, an in-process dispatcher, the scripted model and the tool server —
-//! submits `--sessions` sessions of `--steps` steps each (every step but the last is a model call
-//! and one tool call) and measures, over the run:
+//! - `steps`: steps/s and the cost of a step (worker CPU, Redis, RabbitMQ), then the overhead at
+//!   half load;
+//! - `memory`: sessions in flight against a slow model;
+//! - `intake`: sessions created per second over HTTP, by `wrk`;
+//! - `reference`: the bare step protocol, measured the same way;
+//! - `report`: the summary of a folder of results.
 //!
-//! - steps per second, from the first submission until the last session ended;
-//! - worker CPU per step (user + system time of the worker processes, from `/proc`);
-//! - the workers' peak resident memory;
-//! - the CPU of this process (dispatcher, model and tool servers) and of redis-server and RabbitMQ.
-//!
-//! Build and run it in release mode (see `docs/BENCHMARKS.md`):
-//! `cargo build --release -p agentfleet-tests --bins && target/release/agentfleet-bench`.
+//! Build and run it in release mode: `cargo build --release -p agentfleet-tests --bins`.
 
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use agentfleet_tests::fleet::{FleetOptions, TestFleet};
-use agentfleet_tests::model_server::Faults;
-use anyhow::{Context as _, bail};
-use clap::Parser;
-use futures::StreamExt as _;
-use serde_json::json;
+use agentfleet_tests::bench::intake::{self, IntakeOptions};
+use agentfleet_tests::bench::load::Shape;
+use agentfleet_tests::bench::memory::{self, MemoryOptions};
+use agentfleet_tests::bench::reference::{self, ReferenceOptions};
+use agentfleet_tests::bench::report::{Machine, Summary};
+use agentfleet_tests::bench::steps::{self, StepsOptions};
+use agentfleet_tests::bench::{FleetSetup, cache};
+use agentfleet_tests::fleet::redis_url;
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
 
-/// Measures steps per second and worker CPU per step.
+/// mimalloc, as in the shipped binaries: this process runs the dispatcher.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The fleet's benchmarks (docs/BENCHMARKS.md).
 #[derive(Debug, Parser)]
 #[command(name = "agentfleet-bench", about)]
-struct Args {
-    /// Sessions in the measured run.
-    #[arg(long, default_value_t = 2_000)]
-    sessions: u32,
-    /// Steps per session.
-    #[arg(long, default_value_t = 5)]
-    steps: u32,
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Steps/s and the cost of a step with a fixed number of sessions live, then the
+    /// orchestration overhead at half that load, then Redis round trips under MONITOR.
+    Steps(StepsArgs),
+    /// Many sessions waiting on a slow model in one worker: memory, throughput, connections.
+    Memory(MemoryArgs),
+    /// Sessions created per second over HTTP, measured by wrk against the dispatcher.
+    Intake(IntakeArgs),
+    /// The bare step protocol (steploop-proto), with the same counters read around it.
+    Reference(ReferenceArgs),
+    /// The summary of a folder of results, as markdown (printed) and JSON.
+    Report(ReportArgs),
+    /// Dollars per session with prompt caching `auto` and `off`, on the same sessions.
+    Cache(CacheArgs),
+}
+
+/// `cache`: the same sessions with prompt caching on and off.
+#[derive(Debug, Args)]
+struct CacheArgs {
+    /// Sessions per `[steps=12]` workload.
+    #[arg(long, default_value_t = 40)]
+    sessions: u64,
+    /// Sessions of the demo's goals.
+    #[arg(long, default_value_t = 24)]
+    demo_sessions: u64,
+    /// The demo's config, for its system prompt.
+    #[arg(long, default_value = "deploy/local/agentfleet.toml")]
+    demo_config: PathBuf,
+    /// Worker processes (two, so that consecutive steps of a session run in different workers).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Write the result here as JSON (it is printed either way), and the table beside it (`.md`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The fleet of a run.
+#[derive(Debug, Args)]
+struct FleetArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Steps in flight per worker (`worker.concurrency`).
     #[arg(long, default_value_t = 256)]
     concurrency: u16,
-    /// Sessions created at once through the HTTP API.
-    #[arg(long, default_value_t = 64)]
-    submitters: usize,
-    /// Sessions run first and not measured (connections, queues, caches).
-    #[arg(long, default_value_t = 100)]
-    warmup: u32,
-    /// The scripted model's delay before each answer, in ms: with it, `--concurrency` steps can be
-    /// waiting on the model at once, which measures memory per session in flight.
-    #[arg(long, default_value_t = 0)]
-    model_latency_ms: u64,
-    /// Longest the measured run may take, in seconds.
-    #[arg(long, default_value_t = 600)]
-    timeout_s: u64,
-    /// Print the result as one JSON object.
+    /// A running model server (`agentfleet-model-server`); default: one in this process.
     #[arg(long)]
-    json: bool,
+    model_url: Option<String>,
+    /// A running tool server (`agentfleet-tool-server`); default: one in this process.
+    #[arg(long)]
+    tool_url: Option<String>,
+    /// Write the result here as JSON (it is printed either way).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
-/// CPU seconds (user + system) of a process so far, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
-    (ticks(11) + ticks(12)) / USER_HZ
-}
-
-/// The unit of `/proc/<pid>/stat` times: Linux reports them in USER_HZ, 100 on every mainstream
-/// architecture whatever the kernel's own tick rate.
-const USER_HZ: f64 = 100.0;
-
-/// Peak resident memory of a process in MiB (`VmHWM`).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Pids of every process whose command name is `name`.
-fn pids_named(name: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name))
-        .collect()
-}
-
-/// CPU seconds of a group of processes.
-#[derive(Clone)]
-struct Group {
-    pids: Vec<u32>,
-}
-
-impl Group {
-    fn cpu(&self) -> f64 {
-        self.pids.iter().map(|p| cpu_seconds(*p)).sum()
+impl FleetArgs {
+    fn setup(&self) -> FleetSetup {
+        FleetSetup {
+            workers: self.workers,
+            concurrency: self.concurrency,
+            model_url: self.model_url.clone(),
+            tool_url: self.tool_url.clone(),
+        }
     }
 }
 
-struct Run {
-    /// Until every session was created.
-    submit: Duration,
-    wall: Duration,
-    steps: u64,
-    sessions: u32,
+/// The sessions of a run.
+#[derive(Debug, Args)]
+struct ShapeArgs {
+    /// Steps per session (their mean with --vary).
+    #[arg(long, default_value_t = 5)]
+    steps: u32,
+    /// Sessions of 1..=2·steps−1 steps, spread as the reference's --vary spreads them.
+    #[arg(long)]
+    vary: bool,
+    /// Filler bytes in each session's first message (a long conversation from the first step).
+    #[arg(long, default_value_t = 0)]
+    pad_bytes: usize,
+}
+
+impl ShapeArgs {
+    fn shape(&self) -> Shape {
+        Shape { steps: self.steps, vary: self.vary, pad_bytes: self.pad_bytes }
+    }
+}
+
+#[derive(Debug, Args)]
+struct StepsArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// A name for the result (`3kb`, `10kb`).
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// Sessions kept live (a new one as one ends).
+    #[arg(long, default_value_t = 1_000)]
+    live: u64,
+    /// Sessions being submitted at once, at most.
+    #[arg(long, default_value_t = 64)]
+    submitters: usize,
+    /// Seconds before the measured window.
+    #[arg(long, default_value_t = 5)]
+    warmup_s: u64,
+    /// Seconds of the measured window.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Seconds of the overhead window at half load (0: skip it).
+    #[arg(long, default_value_t = 10)]
+    half_load_s: u64,
+    /// Sessions of the Redis MONITOR census (0: skip it).
+    #[arg(long, default_value_t = 100)]
+    census_sessions: u64,
+    /// Longest wait for the sessions to end, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// Sessions, all submitted at once.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: u64,
+    /// Sessions being submitted at once, at most.
+    #[arg(long, default_value_t = 128)]
+    submitters: usize,
+    /// The model's delay before each answer, in ms.
+    #[arg(long, default_value_t = 2_000)]
+    model_latency_ms: u64,
+    /// Longest wait for the sessions to end, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+struct IntakeArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// wrk's connections.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// wrk's threads.
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+}
+
+#[derive(Debug, Args)]
+struct ReferenceArgs {
+    /// The steploop-proto binary.
+    #[arg(long)]
+    binary: PathBuf,
+    /// The model server both runs use.
+    #[arg(long)]
+    model_url: String,
+    /// The tool server both runs use.
+    #[arg(long)]
+    tool_url: String,
+    /// A name for the result (`3kb`, `10kb`).
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// Longest it may run, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Write the result here as JSON (it is printed either way).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Its own arguments, after `--`.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// The folder of results; summary.md and summary.json are written there.
+    dir: PathBuf,
+    /// The date of the run, as it should read.
+    #[arg(long)]
+    date: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let fleet = TestFleet::start(FleetOptions {
-        workers: args.workers,
-        concurrency: args.concurrency,
-        lease_ms: 30_000,
-        max_steps: args.steps + 5,
-        ..Default::default()
-    })
-    .await?;
-    fleet.model.set_faults(Faults { latency_ms: args.model_latency_ms, ..Default::default() });
-    let outcome = measure(&fleet, &args).await;
-    fleet.cleanup().await?;
-    outcome
+    let cli = Cli::parse();
+    // On SIGTERM (a bounded run's timeout) or SIGINT the run is dropped, and with it the fleet,
+    // whose worker processes are killed on drop: none is left consuming.
+    tokio::select! {
+        done = run(cli.command) => done,
+        () = agentfleet::shutdown::shutdown_signal() => anyhow::bail!("stopped by a signal"),
+    }
 }
 
-async fn measure(fleet: &TestFleet, args: &Args) -> anyhow::Result<()> {
-    fleet.wait_ready(Duration::from_secs(30)).await?;
-    if args.warmup > 0 {
-        run_batch(fleet, args, args.warmup, "warmup").await?;
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Steps(a) => {
+            let o = StepsOptions {
+                label: a.label.clone(),
+                setup: a.fleet.setup(),
+                shape: a.shape.shape(),
+                live: a.live,
+                submitters: a.submitters,
+                warmup: Duration::from_secs(a.warmup_s),
+                window: Duration::from_secs(a.seconds),
+                half_load: Duration::from_secs(a.half_load_s),
+                census_sessions: a.census_sessions,
+                drain_timeout: Duration::from_secs(a.timeout_s),
+            };
+            emit(&steps::run(&o).await?, a.fleet.out.as_ref())
+        }
+        Command::Memory(a) => {
+            let o = MemoryOptions {
+                setup: a.fleet.setup(),
+                shape: a.shape.shape(),
+                sessions: a.sessions,
+                submitters: a.submitters,
+                model_latency: Duration::from_millis(a.model_latency_ms),
+                drain_timeout: Duration::from_secs(a.timeout_s),
+            };
+            emit(&memory::run(&o).await?, a.fleet.out.as_ref())
+        }
+        Command::Intake(a) => {
+            let o = IntakeOptions {
+                duration: Duration::from_secs(a.seconds),
+                connections: a.connections,
+                threads: a.threads,
+            };
+            emit(&intake::run(&a.fleet.setup(), &o).await?, a.fleet.out.as_ref())
+        }
+        Command::Reference(a) => {
+            let o = ReferenceOptions {
+                label: a.label.clone(),
+                binary: a.binary.clone(),
+                args: a.args.clone(),
+                model_url: a.model_url.clone(),
+                tool_url: a.tool_url.clone(),
+                redis_url: redis_url(),
+                timeout: Duration::from_secs(a.timeout_s),
+            };
+            emit(&reference::run(&o).await?, a.out.as_ref())
+        }
+        Command::Report(a) => report(&a).await,
+        Command::Cache(a) => {
+            let o = cache::CacheOptions {
+                sessions: a.sessions,
+                demo_sessions: a.demo_sessions,
+                demo_config: a.demo_config.clone(),
+                workers: a.workers,
+            };
+            let result = cache::run(&o).await?;
+            let table = cache::markdown(&result);
+            println!("{table}");
+            if let Some(out) = &a.out {
+                std::fs::write(out.with_extension("md"), &table)?;
+            }
+            emit(&result, a.out.as_ref())
+        }
     }
-    let workers = Group { pids: fleet.worker_pids() };
-    let me = Group { pids: vec![std::process::id()] };
-    let redis = Group { pids: pids_named("redis-server") };
-    let rabbit = Group { pids: pids_named("beam.smp") };
-    let before = [workers.cpu(), me.cpu(), redis.cpu(), rabbit.cpu()];
-    let run = run_batch(fleet, args, args.sessions, "run").await?;
-    let after = [workers.cpu(), me.cpu(), redis.cpu(), rabbit.cpu()];
-    let used: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-    let secs = run.wall.as_secs_f64();
-    let rss: f64 = workers.pids.iter().map(|p| peak_rss_mib(*p)).fold(0.0, f64::max);
-    let result = json!({
-        "sessions": run.sessions,
-        "steps_per_session": args.steps,
-        "steps": run.steps,
-        "workers": args.workers,
-        "concurrency_per_worker": args.concurrency,
-        "model_latency_ms": args.model_latency_ms,
-        "wall_s": round(secs, 3),
-        // With a model latency above this, every session was waiting on the model at once.
-        "submit_s": round(run.submit.as_secs_f64(), 3),
-        "steps_per_s": round(run.steps as f64 / secs, 0),
-        "worker_cpu_us_per_step": round(used[0] * 1e6 / run.steps as f64, 0),
-        "worker_cpu_cores": round(used[0] / secs, 2),
-        "worker_peak_rss_mib": round(rss, 1),
-        "bench_process_cpu_cores": round(used[1] / secs, 2),
-        "redis_cpu_cores": round(used[2] / secs, 2),
-        "rabbitmq_cpu_cores": round(used[3] / secs, 2),
-    });
-    if args.json {
-        println!("{result}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+}
+
+/// Prints `result` as JSON, and writes it to `out`.
+fn emit(result: &impl serde::Serialize, out: Option<&PathBuf>) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(result)?;
+    if let Some(out) = out {
+        std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
     }
+    println!("{json}");
     Ok(())
 }
 
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
-}
-
-/// Submits `n` sessions, waits until none is live, and checks that every one completed.
-async fn run_batch(fleet: &TestFleet, args: &Args, n: u32, label: &str) -> anyhow::Result<Run> {
-    let started = Instant::now();
-    let body = json!({ "agent": "support", "input": format!("[steps={}] benchmark", args.steps) });
-    let created: Vec<anyhow::Result<_>> =
-        futures::stream::iter(0..n).map(|_| fleet.submit_json(&body)).buffer_unordered(args.submitters).collect().await;
-    let ids = created.into_iter().collect::<anyhow::Result<Vec<_>>>().context("submitting")?;
-    let submit = started.elapsed();
-    let mut redis = fleet.redis().await?;
-    let active = format!("{}:active", fleet.config.redis.key_prefix);
-    let deadline = started + Duration::from_secs(args.timeout_s);
-    loop {
-        let live: u64 = redis::cmd("ZCARD").arg(&active).query_async(&mut redis).await?;
-        if live == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{label}: {live} sessions still live after {} s", args.timeout_s);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let wall = started.elapsed();
-    let mut steps = 0;
-    for id in &ids {
-        let status: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(format!("{}:{{{id}}}:meta", fleet.config.redis.key_prefix))
-            .arg("status")
-            .arg("step")
-            .query_async(&mut redis)
-            .await?;
-        if status.first().cloned().flatten().as_deref() != Some("completed") {
-            bail!("{label}: session {id} ended {:?}, not completed", status.first());
-        }
-        steps += status.get(1).cloned().flatten().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    }
-    Ok(Run { submit, wall, steps, sessions: n })
+async fn report(a: &ReportArgs) -> anyhow::Result<()> {
+    let date = match &a.date {
+        Some(d) => d.clone(),
+        None => String::from_utf8_lossy(&std::process::Command::new("date").output()?.stdout).trim().to_owned(),
+    };
+    let summary = Summary::read(&a.dir, Machine::here(date, &redis_url()).await)?;
+    let md = summary.markdown();
+    std::fs::write(a.dir.join("summary.md"), &md)?;
+    std::fs::write(a.dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    print!("{md}");
+    Ok(())
 }

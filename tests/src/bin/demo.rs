@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use agentfleet_tests::demo_goals::{GOALS, Goal};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use serde::Deserialize;
@@ -51,73 +52,6 @@ struct Args {
     prepare_queues: Option<std::path::PathBuf>,
 }
 
-/// A customer request: a short label for the table and the message the agent gets.
-struct Goal {
-    label: &'static str,
-    text: &'static str,
-}
-
-/// Realistic support requests. Refunds and requests for a person are meant to be escalated.
-const GOALS: &[Goal] = &[
-    Goal {
-        label: "Password reset",
-        text: "I forgot my password and the reset email never arrives. Can you help me get back into my account?",
-    },
-    Goal {
-        label: "Invoice seat count",
-        text: "Question about invoice INV-2291: why were we charged for 12 seats when we only have 9 users? \
-               My email is dana.reyes@northwind.example.",
-    },
-    Goal {
-        label: "API 500 errors",
-        text: "Since this morning our integration gets HTTP 500 errors from POST /v2/orders (request id \
-               req_8f2c41). Is something wrong on your side?",
-    },
-    Goal {
-        label: "Plan upgrade",
-        text: "We would like to upgrade from Starter to Pro in the middle of our billing cycle. How is the \
-               price prorated? I am ops@brightpath.example.",
-    },
-    Goal {
-        label: "Refund request",
-        text: "I was billed twice this month for the same subscription and I want a refund for the duplicate \
-               charge.",
-    },
-    Goal {
-        label: "Wants a person",
-        text: "This is the third time I am writing about the same problem. Please let me talk to a human.",
-    },
-    Goal {
-        label: "Outage report",
-        text: "The dashboard has been unreachable for 20 minutes in eu-west; every page times out. Is there \
-               an outage?",
-    },
-    Goal {
-        label: "Two-factor for org",
-        text: "How do I require two-factor authentication for everyone in my organisation?",
-    },
-    Goal {
-        label: "Rate limited (429)",
-        text: "Your API keeps answering 429 Too Many Requests although we are far below our quota. \
-               Account: lee@fastfreight.example.",
-    },
-    Goal {
-        label: "Billing address",
-        text: "Please change the billing address on our future invoices to our new office: 12 Rue de la \
-               Republique, 69002 Lyon, France.",
-    },
-    Goal {
-        label: "Angry, wants manager",
-        text: "I am very unhappy with how our outage was handled last week. I want to speak to your manager \
-               about our contract.",
-    },
-    Goal {
-        label: "Data export",
-        text: "Can I export all my project data to CSV before we cancel our subscription? Contact: \
-               sam.ortiz@lumen.example.",
-    },
-];
-
 /// Where a session stands, as `GET /v1/sessions/{id}` reports it (only the fields shown here).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -141,8 +75,17 @@ impl View {
 struct Usage {
     input_tokens: u64,
     output_tokens: u64,
+    cache_read_input_tokens: u64,
+    cache_creation_input_tokens: u64,
     cost_usd: f64,
     steps: Option<u64>,
+}
+
+impl Usage {
+    /// Every input token: plain, written to the prompt cache, and read from it.
+    fn all_input(&self) -> u64 {
+        self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+    }
 }
 
 /// The answer to `POST /v1/sessions`.
@@ -391,10 +334,11 @@ fn print_outcome(tracked: &Tracked) {
     };
     let usage = &view.usage;
     println!(
-        "{mark} {id} {:<16} {:>2} steps  {:>7} in / {:>6} out tokens  ${:.4}  {}",
+        "{mark} {id} {:<16} {:>2} steps  {:>7} in ({:>6} cached) / {:>6} out tokens  ${:.4}  {}",
         view.status,
         view.steps(),
-        thousands(usage.input_tokens),
+        thousands(usage.all_input()),
+        thousands(usage.cache_read_input_tokens),
         thousands(usage.output_tokens),
         usage.cost_usd,
         quoted(tracked.goal.text, 40),
@@ -416,20 +360,21 @@ fn print_progress(sessions: &[Tracked]) {
 
 fn print_table(sessions: &[Tracked]) {
     println!(
-        "\n{:<4} {:<28} {:<22} {:<24} {:>5} {:>9} {:>8} {:>9}",
-        "#", "session", "goal", "outcome", "steps", "in tok", "out tok", "cost"
+        "\n{:<4} {:<28} {:<22} {:<24} {:>5} {:>9} {:>9} {:>8} {:>9}",
+        "#", "session", "goal", "outcome", "steps", "in tok", "cached", "out tok", "cost"
     );
-    println!("{}", "─".repeat(116));
+    println!("{}", "─".repeat(126));
     for s in sessions {
         let usage = s.view.as_ref().map(|v| &v.usage);
         println!(
-            "{:<4} {:<28} {:<22} {:<24} {:>5} {:>9} {:>8} {:>9}",
+            "{:<4} {:<28} {:<22} {:<24} {:>5} {:>9} {:>9} {:>8} {:>9}",
             s.n,
             s.id.as_deref().unwrap_or("-"),
             truncate(s.goal.label, 22),
             truncate(&s.outcome(), 24),
             s.view.as_ref().map_or(0, View::steps),
-            thousands(usage.map_or(0, |u| u.input_tokens)),
+            thousands(usage.map_or(0, Usage::all_input)),
+            thousands(usage.map_or(0, |u| u.cache_read_input_tokens)),
             thousands(usage.map_or(0, |u| u.output_tokens)),
             format!("${:.4}", usage.map_or(0.0, |u| u.cost_usd)),
         );
@@ -442,6 +387,7 @@ struct Totals {
     sessions: usize,
     steps: u64,
     input_tokens: u64,
+    cached_tokens: u64,
     output_tokens: u64,
     cost_usd: f64,
 }
@@ -451,7 +397,8 @@ impl Totals {
         self.sessions += 1;
         if let Some(v) = &s.view {
             self.steps += v.steps();
-            self.input_tokens += v.usage.input_tokens;
+            self.input_tokens += v.usage.all_input();
+            self.cached_tokens += v.usage.cache_read_input_tokens;
             self.output_tokens += v.usage.output_tokens;
             self.cost_usd += v.usage.cost_usd;
         }
@@ -459,10 +406,11 @@ impl Totals {
 
     fn print(&self, label: &str) {
         println!(
-            "{label:<24} {:>8} {:>6} {:>10} {:>9} {:>10}",
+            "{label:<24} {:>8} {:>6} {:>10} {:>10} {:>9} {:>10}",
             self.sessions,
             self.steps,
             thousands(self.input_tokens),
+            thousands(self.cached_tokens),
             thousands(self.output_tokens),
             format!("${:.4}", self.cost_usd)
         );
@@ -476,12 +424,15 @@ fn print_totals(sessions: &[Tracked]) {
         by_outcome.entry(s.outcome()).or_default().add(s);
         all.add(s);
     }
-    println!("\n{:<24} {:>8} {:>6} {:>10} {:>9} {:>10}", "outcome", "sessions", "steps", "in tok", "out tok", "cost");
-    println!("{}", "─".repeat(72));
+    println!(
+        "\n{:<24} {:>8} {:>6} {:>10} {:>10} {:>9} {:>10}",
+        "outcome", "sessions", "steps", "in tok", "cached", "out tok", "cost"
+    );
+    println!("{}", "─".repeat(83));
     for (outcome, totals) in &by_outcome {
         totals.print(outcome);
     }
-    println!("{}", "─".repeat(72));
+    println!("{}", "─".repeat(83));
     all.print("total");
 }
 
