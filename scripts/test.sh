@@ -14,6 +14,10 @@ step() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 step "services (RabbitMQ, Redis)"
 bash scripts/services.sh
 
+# Queues of test fleets whose run was killed before its cleanup (older than 2 h): hundreds of them
+# slow a broker's start and can exhaust its file descriptors.
+python3 scripts/stale-test-queues.py
+
 # Tools the tests use and never install themselves: promtool (Debian's `prometheus` package) for
 # tests/tests/observability_promtool.rs, openapi-spec-validator for tests/tests/openapi.rs, schemathesis
 # for tests/tests/schemathesis.rs.

@@ -19,7 +19,7 @@ use agentfleet::config::{AnthropicConfig, Config, HandlerConfig, OpenAiConfig, T
 use agentfleet::domain::{Name, SessionId, StepMessage};
 use agentfleet::llm::types::MAX_TOKENS_PER_CALL;
 use agentfleet::llm::{
-    AnthropicClient, Block, CallSpec, LlmError, ModelReply, OpenAiClient, RawBlock, stored_content, user_message,
+    AnthropicClient, Block, CallSpec, LlmError, ModelReply, OpenAiClient, stored_content, user_message,
 };
 use agentfleet::tools::{Health, ToolLimits, ToolRun, ToolSet, escalate_definition};
 use agentfleet_tests::fleet::{ADMIN_TOKEN, FleetOptions, TestFleet, config_text};
@@ -28,7 +28,6 @@ use axum::http::{HeaderName, HeaderValue, Response, StatusCode};
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
-use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -703,16 +702,18 @@ fn check_reply(reply: &ModelReply) -> Result<(), TestCaseError> {
     let value: Value = serde_json::from_str(&stored).map_err(|e| TestCaseError::fail(format!("{e}: {stored}")))?;
     prop_assert_eq!(&value["role"], "assistant");
     let back = stored_content(&stored).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(back.len(), reply.content.len());
+    prop_assert_eq!(back.len(), reply.block_views().len());
+    let views: Vec<Block> = back.iter().map(|b| Block::view(b)).collect();
+    prop_assert_eq!(views.as_slice(), reply.block_views(), "a stored block reads as the reply's view");
     Ok(())
 }
 
 fn call_spec() -> CallSpec<'static> {
-    CallSpec { model: "m", system: "s", max_tokens: 100, tools: None, tool_choice: None }
+    CallSpec { model: "m", system: "s", max_tokens: 100, tools: None, tool_choice: None, cache: None }
 }
 
-fn conversation() -> Vec<RawBlock> {
-    vec![RawValue::from_string(user_message("hi")).expect("json")]
+fn conversation() -> Vec<String> {
+    vec![user_message("hi")]
 }
 
 #[test]
@@ -730,7 +731,7 @@ fn anthropic_responses_never_panic_and_every_refusal_says_why() {
     run(600, model_case(anthropic_reply()), |canned| {
         let status = canned.status;
         server.set(canned);
-        check_model_result(rt.block_on(client.create_message(&call_spec(), &messages)), status)
+        check_model_result(rt.block_on(client.create_message(&call_spec(), &messages[..])), status)
     });
 }
 
@@ -776,7 +777,7 @@ fn openai_reply() -> impl Strategy<Value = String> {
 /// The client's promises about tool calls: unique, portable ids and object inputs.
 fn check_tool_calls(reply: &ModelReply) -> Result<(), TestCaseError> {
     let mut ids = std::collections::HashSet::new();
-    for block in reply.blocks() {
+    for block in reply.block_views() {
         if let Block::ToolUse(call) = block {
             let portable = (1..=128).contains(&call.id.len())
                 && call.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
@@ -798,7 +799,7 @@ fn openai_responses_never_panic_and_every_refusal_says_why() {
     run(600, model_case(openai_reply()), |canned| {
         let status = canned.status;
         server.set(canned);
-        let result = rt.block_on(client.create_message(&call_spec(), &messages));
+        let result = rt.block_on(client.create_message(&call_spec(), &messages[..]));
         if let Ok(reply) = &result {
             check_tool_calls(reply)?;
         }

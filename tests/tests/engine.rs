@@ -236,19 +236,28 @@ async fn the_tries_of_a_step_are_the_sessions_not_the_messages() -> anyhow::Resu
     Ok(())
 }
 
+/// A step's last tool result goes into the ledger with the tool checkpoint: when that write is lost,
+/// nothing of the step is recorded, and the redelivery runs the call again (under the same
+/// idempotency key). A result that is in the ledger, though, is never run again: it is what the
+/// conversation gets.
 #[tokio::test]
 async fn a_tool_already_in_the_ledger_is_not_run_again() -> anyhow::Result<()> {
     let rig = start().await?;
     let id = rig.session("support", "[steps=2] ledger", None)?;
-    // The tool checkpoint's outcome is unknown: the tool ran and its result is in the ledger.
     rig.store.fail_next("commit_tools", false);
     assert_eq!(rig.deliver(&id, 1).await?, Disposition::Ack);
     let s = rig.snapshot(&id)?;
-    assert_eq!((s.meta.step, s.meta.phase, s.ledger.len()), (1, Phase::Tools, 1));
+    assert_eq!((s.meta.step, s.meta.phase, s.ledger.len()), (1, Phase::Tools, 0), "the checkpoint was lost");
     assert_eq!(rig.tools.stats().calls_total, 1);
-    // A result recorded by an earlier delivery is what the conversation gets.
-    let tool_use_id = s.ledger.keys().next().cloned().unwrap_or_default();
-    rig.store.put_ledger(&id, &tool_use_id, ToolOutcome::error("ignored: the first write wins"));
+    // An earlier delivery recorded the call's result.
+    let assistant: serde_json::Value = serde_json::from_str(&s.messages[1])?;
+    let tool_use_id = assistant["content"]
+        .as_array()
+        .and_then(|blocks| blocks.iter().find(|b| b["type"] == "tool_use"))
+        .and_then(|b| b["id"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no tool_use in {assistant}"))?
+        .to_owned();
+    rig.store.put_ledger(&id, &tool_use_id, ToolOutcome::ok("recorded by an earlier delivery"));
     let (copy, _) = rig.published().pop().ok_or_else(|| anyhow::anyhow!("no copy"))?;
     rig.sent.sent().steps.clear();
     assert_eq!(copy.step, 1);
@@ -259,7 +268,7 @@ async fn a_tool_already_in_the_ledger_is_not_run_again() -> anyhow::Result<()> {
     assert_eq!((s.meta.step, s.meta.phase), (2, Phase::Llm));
     let results: serde_json::Value = serde_json::from_str(&s.messages[2])?;
     assert_eq!(results["content"][0]["tool_use_id"], tool_use_id.as_str());
-    assert!(!results["content"][0]["is_error"].as_bool().unwrap_or(false), "the ledger's first result is used");
+    assert_eq!(results["content"][0]["content"], "recorded by an earlier delivery", "the ledger's result is used");
     rig.stop().await;
     Ok(())
 }

@@ -10,7 +10,7 @@ use futures::future::try_join_all;
 use serde_json::{Value, json};
 
 async fn trace(fleet: &TestFleet, id: &SessionId) -> anyhow::Result<Value> {
-    Ok(fleet.http.get(format!("{}/v1/sessions/{id}/trace", fleet.api)).send().await?.json().await?)
+    fleet.trace(id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

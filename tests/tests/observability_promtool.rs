@@ -15,7 +15,7 @@ use futures::future::try_join_all;
 use serde_json::{Value, json};
 
 /// The panels operators of the fleet look at (matched by title).
-const REQUIRED_PANELS: [&str; 13] = [
+const REQUIRED_PANELS: [&str; 14] = [
     "Session success rate",
     "Average steps per session",
     "Cost per session (USD)",
@@ -28,6 +28,7 @@ const REQUIRED_PANELS: [&str; 13] = [
     "Breaker states",
     "Queue depth",
     "Budget exhaustions",
+    "Prompt cache hit ratio",
     "Escalations waiting",
 ];
 

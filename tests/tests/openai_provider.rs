@@ -33,26 +33,32 @@ struct Harness {
 impl Harness {
     async fn start() -> Result<Self> {
         let server = OpenAiServer::start_with_api_key(TcpListener::bind("127.0.0.1:0").await?, API_KEY).await?;
-        let config =
-            OpenAiConfig { base_url: server.base_url(), api_key: Some(API_KEY.to_owned().into()), timeout_ms: 10_000 };
+        let config = OpenAiConfig { api_key: Some(API_KEY.to_owned().into()), ..client_config(&server) };
         let client = OpenAiClient::new(&config)?;
         Ok(Self { server, client, tools: RawValue::from_string(TOOLS.to_owned())? })
     }
 
     fn spec(&self) -> CallSpec<'_> {
-        CallSpec { model: "qwen3:8b", system: SYSTEM, max_tokens: 512, tools: Some(&self.tools), tool_choice: None }
+        CallSpec {
+            model: "qwen3:8b",
+            system: SYSTEM,
+            max_tokens: 512,
+            tools: Some(&self.tools),
+            tool_choice: None,
+            cache: None,
+        }
     }
 
     /// One model call on the stored conversation; the reply is appended as the engine appends it.
-    async fn step(&self, spec: &CallSpec<'_>, messages: &mut Vec<Box<RawValue>>) -> Result<ModelReply> {
-        let reply = self.client.create_message(spec, messages).await?;
-        messages.push(raw(reply.assistant_message())?);
+    async fn step(&self, spec: &CallSpec<'_>, messages: &mut Vec<String>) -> Result<ModelReply> {
+        let reply = self.client.create_message(spec, &messages[..]).await?;
+        messages.push(reply.assistant_message());
         Ok(reply)
     }
 
     /// Plays the goal until a reply calls no tool; returns every reply and the stored conversation.
-    async fn converse(&self, goal: &str) -> Result<(Vec<ModelReply>, Vec<Box<RawValue>>)> {
-        let mut messages = vec![raw(user_message(goal))?];
+    async fn converse(&self, goal: &str) -> Result<(Vec<ModelReply>, Vec<String>)> {
+        let mut messages = vec![user_message(goal)];
         let mut replies = Vec::new();
         for _ in 0..10 {
             let reply = self.step(&self.spec(), &mut messages).await?;
@@ -61,14 +67,10 @@ impl Harness {
             if uses.is_empty() {
                 return Ok((replies, messages));
             }
-            messages.push(raw(tool_results_message(&run_tools(&uses)))?);
+            messages.push(tool_results_message(&run_tools(&uses)));
         }
         bail!("the conversation did not end")
     }
-}
-
-fn raw(json: String) -> Result<Box<RawValue>> {
-    Ok(RawValue::from_string(json)?)
 }
 
 fn tool_uses(reply: &ModelReply) -> Vec<ToolUse> {
@@ -144,13 +146,13 @@ async fn invalid_arguments_reach_the_runner_and_the_model() -> Result<()> {
 }
 
 /// Two tool turns of `[steps=5]`, stored, then the budget nudge.
-async fn two_tool_turns_then_nudge(harness: &Harness) -> Result<Vec<Box<RawValue>>> {
-    let mut messages = vec![raw(user_message("[steps=5]"))?];
+async fn two_tool_turns_then_nudge(harness: &Harness) -> Result<Vec<String>> {
+    let mut messages = vec![user_message("[steps=5]")];
     for _ in 0..2 {
         let reply = harness.step(&harness.spec(), &mut messages).await?;
-        messages.push(raw(tool_results_message(&run_tools(&tool_uses(&reply))))?);
+        messages.push(tool_results_message(&run_tools(&tool_uses(&reply))));
     }
-    messages.push(raw(user_message("Budget limit reached. Summarize what you have accomplished so far."))?);
+    messages.push(user_message("Budget limit reached. Summarize what you have accomplished so far."));
     Ok(messages)
 }
 
@@ -181,16 +183,16 @@ async fn errors_are_classified() -> Result<()> {
 
     let wrong_key = OpenAiConfig { api_key: Some("sk-wrong".to_owned().into()), ..client_config(&harness.server) };
     let error = OpenAiClient::new(&wrong_key)?
-        .create_message(&harness.spec(), &[raw(user_message("hi"))?])
+        .create_message(&harness.spec(), &[user_message("hi")])
         .await
         .expect_err("wrong key");
     assert!(matches!(&error, LlmError::Api { status: 401, kind, .. } if kind == "invalid_request_error"), "{error}");
     assert!(!error.is_retryable());
 
     let unanswered = [
-        raw(user_message("[steps=3]"))?,
-        raw(r#"{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"search_knowledge_base","input":{}}]}"#.to_owned())?,
-        raw(user_message("never mind"))?,
+        user_message("[steps=3]"),
+        r#"{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"search_knowledge_base","input":{}}]}"#.to_owned(),
+        user_message("never mind"),
     ];
     let error = harness.client.create_message(&harness.spec(), &unanswered).await.expect_err("unanswered call");
     let LlmError::Api { status, kind, message, .. } = &error else { bail!("not an API error: {error}") };
@@ -200,8 +202,8 @@ async fn errors_are_classified() -> Result<()> {
     let closed = TcpListener::bind("127.0.0.1:0").await?;
     let base_url = format!("http://{}/v1", closed.local_addr()?);
     drop(closed);
-    let unreachable = OpenAiClient::new(&OpenAiConfig { base_url, api_key: None, timeout_ms: 5_000 })?;
-    let error = unreachable.create_message(&harness.spec(), &[raw(user_message("hi"))?]).await.expect_err("closed");
+    let unreachable = OpenAiClient::new(&OpenAiConfig { base_url, timeout_ms: 5_000, ..OpenAiConfig::default() })?;
+    let error = unreachable.create_message(&harness.spec(), &[user_message("hi")]).await.expect_err("closed");
     assert!(matches!(error, LlmError::Transport { .. }) && error.is_retryable(), "{error}");
 
     let stats = harness.server.stats();
@@ -210,5 +212,5 @@ async fn errors_are_classified() -> Result<()> {
 }
 
 fn client_config(server: &OpenAiServer) -> OpenAiConfig {
-    OpenAiConfig { base_url: server.base_url(), api_key: None, timeout_ms: 10_000 }
+    OpenAiConfig { base_url: server.base_url(), timeout_ms: 10_000, ..OpenAiConfig::default() }
 }

@@ -2,7 +2,12 @@
 //! assistant content echoed back unchanged, every `tool_use` answered with a `tool_result` built from
 //! a real tool-server call keyed by the `tool_use` id.
 
+use std::time::{Duration, Instant};
+
+use agentfleet::config::{AnthropicConfig, HttpVersion};
+use agentfleet::llm::{AnthropicClient, CallSpec, StopReason, user_message};
 use agentfleet_tests::model_server::{Faults, ModelServer, ModelServerConfig, ModelStats};
+use agentfleet_tests::serve::ConnectionStats;
 use agentfleet_tests::tool_server::{Behaviour, ToolBehaviour, ToolServer, ToolServerConfig, ToolStats};
 use anyhow::{Context as _, Result, ensure};
 use reqwest::StatusCode;
@@ -20,7 +25,8 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Result<Self> {
-        let model_config = ModelServerConfig { api_key: Some(API_KEY.to_owned()), faults: Faults::default() };
+        let model_config =
+            ModelServerConfig { api_key: Some(API_KEY.to_owned()), faults: Faults::default(), record_requests: false };
         let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, model_config).await?;
         let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
         Ok(Self { model, tools, http: reqwest::Client::new() })
@@ -171,7 +177,11 @@ async fn response_has_the_api_shape() -> Result<()> {
     assert_eq!(body["content"][0]["type"], "thinking");
     assert!(body["content"][2]["id"].as_str().is_some_and(|id| id.starts_with("toolu_")));
     assert!(body.as_object().is_some_and(|o| o.contains_key("container")));
-    assert_eq!(body["usage"]["cache_read_input_tokens"], json!("You are a support agent.".len() / 4));
+    // The cached system prompt is far below the minimum cacheable length: nothing is read or written.
+    assert_eq!(
+        (&body["usage"]["cache_read_input_tokens"], &body["usage"]["cache_creation_input_tokens"]),
+        (&json!(0), &json!(0))
+    );
     assert!(body["usage"]["output_tokens"].as_u64().is_some_and(|n| n >= 1));
     Ok(())
 }
@@ -301,7 +311,9 @@ async fn injected_429_carries_retry_after() -> Result<()> {
     assert_eq!(stats.status_counts.get(&429), Some(&1));
     let reset = h.http.post(format!("{}/admin/reset", h.model.base_url())).send().await?;
     assert!(reset.status().is_success());
-    assert_eq!(h.model.stats(), ModelStats::default());
+    let after = h.model.stats();
+    assert!(after.connections.accepted >= 1, "a reset leaves the connections: {:?}", after.connections);
+    assert_eq!(ModelStats { connections: ConnectionStats::default(), ..after }, ModelStats::default());
     let bad = h.http.post(format!("{}/admin/faults", h.model.base_url())).json(&json!({"rate_500": 2})).send().await?;
     api_error(bad, 400, "invalid_request_error").await?;
     Ok(())
@@ -350,5 +362,58 @@ async fn tool_server_counts_keys_and_injects_failures() -> Result<()> {
     let reset = h.http.post(format!("{}/admin/reset", h.tools.base_url())).send().await?;
     assert!(reset.status().is_success());
     assert_eq!(h.tools.stats(), ToolStats::default());
+    Ok(())
+}
+
+/// The fleet's own model client over HTTP/2 without TLS (`http = "http2"`, as the test fleet runs):
+/// calls in flight at once share a few connections, as streams, and none waits for another.
+#[tokio::test]
+async fn calls_in_flight_share_a_few_http2_connections() -> Result<()> {
+    const CALLS: usize = 500;
+    const LATENCY: Duration = Duration::from_millis(1_000);
+    let faults = Faults { latency_ms: LATENCY.as_millis() as u64, ..Faults::default() };
+    let config = ModelServerConfig { api_key: Some(API_KEY.to_owned()), faults, record_requests: false };
+    let model = ModelServer::start(TcpListener::bind("127.0.0.1:0").await?, config).await?;
+    let cfg = AnthropicConfig {
+        base_url: model.base_url(),
+        api_key: Some(API_KEY.to_owned().into()),
+        http: HttpVersion::Http2,
+        ..AnthropicConfig::default()
+    };
+    let client = AnthropicClient::with_capacity(&cfg, CALLS)?;
+    let spec = CallSpec {
+        model: "claude-test",
+        system: "Be brief.",
+        max_tokens: 256,
+        tools: None,
+        tool_choice: None,
+        cache: None,
+    };
+    let conversation = [user_message("[steps=1] hello")];
+    let started = Instant::now();
+    let replies = futures::future::join_all((0..CALLS).map(|_| client.create_message(&spec, &conversation))).await;
+    let took = started.elapsed();
+    for reply in replies {
+        ensure!(reply?.stop_reason == StopReason::EndTurn);
+    }
+    let stats = model.stats();
+    ensure!(stats.answered_total == CALLS as u64 && stats.invalid_total == 0, "{:?}", stats.invalid_reasons);
+    let connections = stats.connections;
+    ensure!((1..=5).contains(&connections.accepted), "{CALLS} calls over {connections:?}");
+    ensure!(connections.open == connections.accepted, "the connections stay open for the next calls");
+    ensure!(took < LATENCY * 8, "{CALLS} calls of {LATENCY:?} each took {took:?}: they did not run at once");
+    Ok(())
+}
+
+/// The tool server speaks HTTP/2 without TLS as well as HTTP/1.1.
+#[tokio::test]
+async fn the_tool_server_speaks_http2_without_tls() -> Result<()> {
+    let tools = ToolServer::start(TcpListener::bind("127.0.0.1:0").await?, ToolServerConfig::default()).await?;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    let url = format!("{}/tools/search_knowledge_base", tools.base_url());
+    let response = h2.post(url).header("Idempotency-Key", "k").json(&json!({"query": "refund"})).send().await?;
+    ensure!(response.version() == reqwest::Version::HTTP_2, "{:?}", response.version());
+    ensure!(response.status() == StatusCode::OK, "{}", response.status());
+    ensure!(tools.stats().calls_total == 1);
     Ok(())
 }
