@@ -72,6 +72,35 @@ pub async fn main() -> ExitCode {
     code
 }
 
+/// How long the start-up count of a system prompt may take before the estimate stands.
+const COUNT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// With an API key, counts each Anthropic agent's system prompt with the API's `count_tokens`
+/// endpoint and refuses to start when one is over the agent's `max_system_prompt_tokens`. Config
+/// validation already refused prompts whose estimate is over; where the API cannot be reached in
+/// time, that estimate stands (and a warning says so).
+async fn check_system_prompts(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.anthropic.api_key.is_none() {
+        return Ok(());
+    }
+    let client = agentfleet::llm::AnthropicClient::new(&cfg.anthropic)?;
+    for (name, agent) in cfg.agents.iter().filter(|(_, a)| a.provider == agentfleet::domain::Provider::Anthropic) {
+        match tokio::time::timeout(COUNT_TIMEOUT, client.count_tokens(&agent.model, &agent.system_prompt)).await {
+            Ok(Ok(tokens)) if tokens > u64::from(agent.max_system_prompt_tokens) => anyhow::bail!(
+                "agents.{name}.system_prompt: is {tokens} tokens (counted by the API's count_tokens), over the limit \
+                 of {}: shorten it, or allow more with `max_system_prompt_tokens`",
+                agent.max_system_prompt_tokens
+            ),
+            Ok(Ok(tokens)) => tracing::info!(agent = %name, tokens, "system prompt counted"),
+            Ok(Err(e)) => {
+                tracing::warn!(agent = %name, error = %e, "could not count the system prompt; the estimate stands")
+            }
+            Err(_) => tracing::warn!(agent = %name, "counting the system prompt timed out; the estimate stands"),
+        }
+    }
+    Ok(())
+}
+
 async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()> {
     let shutdown = shutdown_token();
     let consuming = Consuming::default();
@@ -85,6 +114,7 @@ async fn run(cfg: Config, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Resul
             Some(crate::ops::serve(addr, metrics, consuming.clone(), stop_ops.clone()).await?)
         }
     };
+    check_system_prompts(&cfg).await?;
     let ran = Worker::build(cfg, env).await?.reporting(consuming).run(shutdown).await;
     stop_ops.cancel();
     if let Some(ops) = ops {

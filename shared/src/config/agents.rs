@@ -6,6 +6,10 @@ use serde::Deserialize;
 use super::{Invalid, Problem};
 use crate::domain::{Name, Provider};
 
+fn default_max_system_prompt_tokens() -> u32 {
+    2_000
+}
+
 pub(super) fn default_pool() -> Name {
     Name::parse("default").unwrap_or_else(|_| unreachable!("`default` is a valid name"))
 }
@@ -21,6 +25,10 @@ pub struct AgentConfig {
     pub provider: Provider,
     /// The system prompt.
     pub system_prompt: String,
+    /// The largest system prompt accepted, in tokens (default 2,000): a larger one is refused at
+    /// start-up with its count. A prompt that long is resent, and paid for, at every step.
+    #[serde(default = "default_max_system_prompt_tokens")]
+    pub max_system_prompt_tokens: u32,
     /// Names of the tools (from `[tools]`) this agent may call.
     #[serde(default)]
     pub tools: Vec<Name>,

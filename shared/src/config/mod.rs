@@ -159,6 +159,18 @@ pub enum Problem {
     /// Cluster seed nodes of which some use TLS and some do not.
     #[error("the cluster's seed nodes must all use `redis://` or all `rediss://`")]
     MixedTls,
+    /// A system prompt over the agent's token limit.
+    #[error(
+        "is {tokens} tokens ({how}), over the limit of {limit}: shorten it, or allow more with `max_system_prompt_tokens`"
+    )]
+    SystemPromptTooLong {
+        /// Its size in tokens.
+        tokens: u64,
+        /// The agent's limit.
+        limit: u32,
+        /// How it was counted.
+        how: &'static str,
+    },
 }
 
 /// A field that failed validation: its dotted path (relative to where it was checked) and why.
@@ -178,6 +190,17 @@ impl Invalid {
     fn within(self, prefix: &str) -> Self {
         Self { field: format!("{prefix}.{}", self.field), problem: self.problem }
     }
+}
+
+/// How [`estimate_tokens`] counts, as error messages say it.
+pub const ESTIMATE_METHOD: &str = "estimated at one token per 4 bytes";
+
+/// An estimate of the tokens of `text` where the model's tokenizer is out of reach: one per 4 bytes
+/// of UTF-8, rounded up. English prose runs about 4 characters a token, so this is close for it and
+/// high for code or non-Latin scripts, which use more bytes per character. The workers count with
+/// the API's `count_tokens` endpoint when they have an API key.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
 }
 
 /// The whole configuration of a worker or a dispatcher.
@@ -368,6 +391,12 @@ impl Config {
         }
         if agent.human_wait.on_deadline != OnDeadline::Fail {
             return Err(Invalid::new("human_wait.on_deadline", Problem::HumanWaitMustFail));
+        }
+        let tokens = estimate_tokens(&agent.system_prompt);
+        if tokens > u64::from(agent.max_system_prompt_tokens) {
+            let problem =
+                Problem::SystemPromptTooLong { tokens, limit: agent.max_system_prompt_tokens, how: ESTIMATE_METHOD };
+            return Err(Invalid::new("system_prompt", problem));
         }
         validate_budget(&agent.budget).map_err(|e| e.within("budget"))
     }

@@ -118,6 +118,38 @@ impl AnthropicClient {
         Ok(RequestBody::new(write_body(spec, messages)?, dialect))
     }
 
+    /// The tokens of `system` for `model`, by the API's `count_tokens` endpoint: the count of a
+    /// request with that system prompt and a one-character message, so a few tokens more than the
+    /// prompt alone.
+    pub async fn count_tokens(&self, model: &str, system: &str) -> Result<u64, LlmError> {
+        #[derive(Deserialize)]
+        struct Counted {
+            input_tokens: u64,
+        }
+        let mut url = self.url.clone().map_err(LlmError::Request)?;
+        url.set_path(&format!("{}/count_tokens", url.path()));
+        let body =
+            serde_json::json!({ "model": model, "system": system, "messages": [{ "role": "user", "content": "." }] });
+        let response = self
+            .http
+            .next()
+            .post(url)
+            .headers(self.headers.clone().map_err(LlmError::Request)?)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| LlmError::transport(&e))?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let bytes = super::types::read_body(response).await?;
+        if !status.is_success() {
+            return Err(parse_error(status.as_u16(), &bytes, retry_after));
+        }
+        let counted: Counted = serde_json::from_slice(&bytes)
+            .map_err(|e| LlmError::Request(format!("count_tokens answered an unexpected body: {e}")))?;
+        Ok(counted.input_tokens)
+    }
+
     /// Sends a request body written by [`Self::request_body`] and returns the model's reply.
     pub async fn send(&self, body: RequestBody) -> Result<ModelReply, LlmError> {
         let (bytes, Dialect::Anthropic { cache }) = body.into_parts() else {
