@@ -4,9 +4,11 @@
 
 mod actions;
 mod auth;
+pub mod cli;
 mod dlq;
 mod error;
 mod gauges;
+pub mod input;
 mod intake;
 mod janitor;
 mod limits;

@@ -33,9 +33,10 @@ pub struct CreateSession {
     /// The agent to run: a name from the config.
     #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     agent: String,
-    /// The first user message; not blank, at most `max_input_bytes` (64 KiB by default).
-    #[schema(min_length = 1, pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")]
-    input: String,
+    /// The first user message: a text (not blank), or 1-20 content blocks (text and images, as
+    /// the Messages API takes them); at most `max_input_bytes` (64 KiB by default).
+    #[schema(schema_with = crate::input::schema)]
+    input: crate::input::Input,
     /// Any JSON object (at most 16 KiB), kept with the session and shown back.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -64,7 +65,7 @@ struct Valid {
     agent: Name,
     pool: Name,
     limits: Limits,
-    input: String,
+    input: crate::input::CheckedInput,
     metadata: serde_json::Value,
     idempotency_key: Option<String>,
     tenant: Option<TenantId>,
@@ -166,7 +167,7 @@ pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created,
 fn fingerprint(req: &Valid) -> String {
     let normalized = serde_json::json!({
         "agent": req.agent.as_str(),
-        "input": req.input,
+        "input": req.input.message,
         "metadata": req.metadata,
         "tenant": req.tenant.as_ref().map(TenantId::as_str),
         "callback_url": req.callback_url,
@@ -176,7 +177,7 @@ fn fingerprint(req: &Valid) -> String {
 }
 
 async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
-    let goal_bytes = agentfleet::llm::user_message(&req.input).len();
+    let goal_bytes = req.input.message.len();
     let first_call = s.shapes.get(&req.agent).and_then(|shape| {
         shape.worst_case(&req.limits, &agentfleet::store::UsageTotals::default().spent_before(1), 1, goal_bytes)
     });
@@ -185,7 +186,7 @@ async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Cre
         id: id.clone(),
         agent: req.agent.clone(),
         tenant: req.tenant.clone(),
-        input: req.input.clone(),
+        first_message: req.input.message.clone(),
         metadata: req.metadata.clone(),
         limits: req.limits,
         callback_url: req.callback_url.clone(),
@@ -206,7 +207,7 @@ async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Cre
     let announced = async {
         if created {
             metric::session_created(req.agent.as_str());
-            let summary = agentfleet::telemetry::summarize(&req.input, 200);
+            let summary = agentfleet::telemetry::summarize(&req.input.text, 200);
             event(s, &view.meta, &id, "session.created", &summary).await;
         }
     };
@@ -219,13 +220,7 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
     let agent_cfg =
         s.cfg.agent(&req.agent).ok_or_else(|| ApiError::invalid(format!("agent: no agent named `{}`", req.agent)))?;
     let agent = Name::parse(&req.agent).map_err(|e| ApiError::invalid(format!("agent: {e}")))?;
-    if req.input.trim().is_empty() {
-        return Err(ApiError::invalid("input: must not be empty"));
-    }
-    let limit = s.cfg.dispatcher.max_input_bytes;
-    if req.input.len() > limit {
-        return Err(ApiError::too_large(format!("input: is {} bytes; the limit is {limit}", req.input.len())));
-    }
+    let input = req.input.check(s.cfg.dispatcher.max_input_bytes)?;
     let metadata = serde_json::Value::Object(req.metadata.unwrap_or_default());
     if metadata.to_string().len() > MAX_METADATA_BYTES {
         return Err(ApiError::too_large(format!("metadata: the limit is {MAX_METADATA_BYTES} bytes of JSON")));
@@ -246,7 +241,7 @@ fn validate(s: &AppState, req: CreateSession) -> Result<Valid, ApiError> {
         agent,
         pool: agent_cfg.pool.clone(),
         limits: Limits::of(&agent_cfg.budget).lowered(&req.budget.unwrap_or_default()).map_err(ApiError::invalid)?,
-        input: req.input,
+        input,
         metadata,
         idempotency_key: req.idempotency_key,
         tenant,
@@ -278,10 +273,10 @@ pub(crate) struct ListQuery {
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     tenant: Option<String>,
     /// Only sessions created at or after this time (Unix ms).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
     created_after_ms: Option<u64>,
     /// Only sessions created before this time (Unix ms).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
     created_before_ms: Option<u64>,
     /// Sessions per page.
     #[param(minimum = 1, maximum = 500, default = 50)]
@@ -344,6 +339,12 @@ pub(crate) async fn list(
         Some(st) => Some(st.parse::<SessionStatus>().map_err(|e| ApiError::invalid(format!("status: {e}")))?),
         None => None,
     };
+    // The schema's maximum: JSON Schema tools read integers as signed 64-bit.
+    for (name, ms) in [("created_after_ms", q.created_after_ms), ("created_before_ms", q.created_before_ms)] {
+        if ms.is_some_and(|ms| ms > i64::MAX as u64) {
+            return Err(ApiError::invalid(format!("{name}: at most {}", i64::MAX)));
+        }
+    }
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit: must be between 1 and 500"));

@@ -123,7 +123,7 @@ impl EngineRig {
             id: id.clone(),
             agent: Name::parse(agent)?,
             tenant: None,
-            input: goal.into(),
+            first_message: agentfleet::llm::user_message(goal),
             metadata: serde_json::json!({}),
             limits,
             callback_url: None,

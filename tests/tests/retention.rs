@@ -31,7 +31,7 @@ fn new_session(tenant: Option<&str>) -> anyhow::Result<NewSession> {
         id: SessionId::generate(),
         agent: Name::parse("support")?,
         tenant: tenant.map(TenantId::parse).transpose()?,
-        input: "hello".into(),
+        first_message: agentfleet::llm::user_message("hello"),
         metadata: json!({}),
         limits: Limits {
             max_steps: 5,

@@ -143,7 +143,7 @@ async fn step_writes_do_not_grow_with_the_conversation() -> anyhow::Result<()> {
         id: id.clone(),
         agent: Name::parse("support")?,
         tenant: None,
-        input: "[steps=45] a long conversation".into(),
+        first_message: agentfleet::llm::user_message("[steps=45] a long conversation"),
         metadata: serde_json::json!({}),
         limits: Limits::of(&cfg.agent("support").ok_or_else(|| anyhow::anyhow!("no agent"))?.budget),
         callback_url: None,

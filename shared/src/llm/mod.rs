@@ -23,7 +23,7 @@ pub use conversation::{Conversation, MessagePlan};
 pub use openai::OpenAiClient;
 pub use types::{
     Block, CallSpec, LlmError, ModelReply, RawBlock, RequestBody, StopReason, ToolOutcome, ToolUse, Usage,
-    assistant_message, stored_content, text_of, tool_results_message, user_message,
+    assistant_message, stored_content, text_of, tool_results_message, user_blocks, user_message,
 };
 
 pub use crate::domain::Provider;

@@ -653,6 +653,12 @@ pub fn user_message(text: &str) -> String {
     serde_json::json!({ "role": "user", "content": [{ "type": "text", "text": text }] }).to_string()
 }
 
+/// A user message of content blocks (text and images), as the Messages API takes them. The
+/// blocks are the dispatcher's, checked there.
+pub fn user_blocks(blocks: &[serde_json::Value]) -> String {
+    serde_json::json!({ "role": "user", "content": blocks }).to_string()
+}
+
 /// What a tool call produced, as the model will see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolOutcome {

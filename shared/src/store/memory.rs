@@ -109,7 +109,7 @@ impl MemoryStore {
         };
         let session = Session {
             meta,
-            msgs: vec![crate::llm::user_message(&new.input)],
+            msgs: vec![new.first_message.clone()],
             ledger: HashMap::new(),
             usage: UsageTotals::default(),
             resv: BTreeMap::new(),

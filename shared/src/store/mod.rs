@@ -127,8 +127,9 @@ pub struct NewSession {
     pub agent: Name,
     /// The tenant, if any.
     pub tenant: Option<TenantId>,
-    /// The goal, the first user message.
-    pub input: String,
+    /// The first user message, as stored: [`crate::llm::user_message`] of a text, or
+    /// [`crate::llm::user_blocks`] of content blocks.
+    pub first_message: String,
     /// Caller metadata, a JSON object.
     pub metadata: serde_json::Value,
     /// The budget limits.

@@ -549,7 +549,7 @@ impl StepStore for RedisStore {
 impl AdminStore for RedisStore {
     async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError> {
         let k = self.keys(&new.id);
-        let goal = crate::llm::user_message(&new.input);
+        let goal = &new.first_message;
         let fields = [
             ("agent", new.agent.to_string()),
             ("tenant", new.tenant.as_ref().map_or_else(String::new, ToString::to_string)),
