@@ -83,6 +83,7 @@ impl AppState {
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/admin/stats", get(stats))
         .route("/admin/faults", post(set_faults))
         .route("/admin/reset", post(reset))
@@ -120,6 +121,21 @@ async fn messages(
     response
 }
 
+/// `POST /v1/messages/count_tokens`: the tokens of the request as this server counts them (4 bytes
+/// a token), `{"input_tokens": N}`. Not a model call: the stats do not count it.
+async fn count_tokens(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(error) = super::headers::check(&headers, state.api_key.as_deref()) {
+        return error.into_response();
+    }
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(request)) if request.contains_key("model") && request.contains_key("messages") => {
+            let tokens = (body.len() as u64).div_ceil(4);
+            axum::Json(serde_json::json!({ "input_tokens": tokens })).into_response()
+        }
+        _ => ApiError::invalid("body: expected a JSON object with `model` and `messages`").into_response(),
+    }
+}
+
 /// Counts and logs a validation failure, then answers with it.
 fn reject(state: &AppState, error: ApiError) -> Response {
     tracing::info!(reason = %error.message, "rejected request");
@@ -138,7 +154,9 @@ async fn answer(state: &AppState, valid: &Validated) -> Response {
         return injection.error(faults.retry_after_s).into_response();
     }
     let goal = valid.request.goal();
+    let tool_results = valid.request.tool_results();
     let context = script::Context {
+        tool_results: &tool_results,
         goal: &goal,
         turn: valid.request.assistant_turns(),
         tools: &valid.tools,

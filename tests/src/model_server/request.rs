@@ -83,6 +83,17 @@ impl MessagesRequest {
         self.messages.iter().filter(|m| m.role == Role::Assistant).count()
     }
 
+    /// The text of every `tool_result`, in order.
+    pub(crate) fn tool_results(&self) -> Vec<&str> {
+        let blocks = self.messages.iter().flat_map(|m| &m.blocks);
+        blocks
+            .filter_map(|block| match block {
+                Block::ToolResult { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The text of the last `tool_result` in the final message.
     pub(crate) fn last_tool_result(&self) -> Option<&str> {
         let last = self.messages.last()?;

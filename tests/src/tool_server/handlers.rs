@@ -123,6 +123,7 @@ fn run(
     match name {
         "search_knowledge_base" => tools::search_knowledge_base(&input),
         "lookup_customer" => tools::lookup_customer(&input),
+        "check_order_status" => tools::check_order_status(&input),
         "create_ticket" => tools::create_ticket(&input, &state.desk, key),
         other => Ok(tools::echo(other, input)),
     }
