@@ -113,6 +113,9 @@ pub(crate) enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Run a suite of cases through a fleet and judge each against its expectations (exit 1 when
+    /// one fails). With --config the eval starts its own fleet from that agent config.
+    Eval(Eval),
     /// Read, re-drive or discard the dead letters: messages the fleet could not process.
     #[command(subcommand)]
     Dlq(crate::dlq::Dlq),
@@ -242,4 +245,50 @@ mod tests {
         assert!(parse(&["reject", "s_1"]).is_err());
         assert!(parse(&["reject", "s_1", "--reason", "too much"]).is_ok());
     }
+}
+
+/// `eval`'s options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Eval {
+    /// The suite file (TOML: `[[cases]]` with `input` and `expect`; see docs/EVALS.md).
+    pub(crate) suite: std::path::PathBuf,
+    /// The agent config to evaluate. The eval starts its own fleet from it (the real dispatcher and
+    /// workers, under their own RabbitMQ and Redis names); without it, the cases run on the fleet
+    /// at --url.
+    #[arg(long)]
+    pub(crate) config: Option<std::path::PathBuf>,
+    /// The agent the cases run on (overrides the suite's `agent`).
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// Store the model's answers for each case in this folder.
+    #[arg(long, conflicts_with = "replay")]
+    pub(crate) record: Option<std::path::PathBuf>,
+    /// Answer the model calls from a folder written by --record: no model cost, and a request that
+    /// differs from the recorded one is reported as a mismatch.
+    #[arg(long)]
+    pub(crate) replay: Option<std::path::PathBuf>,
+    /// A report written by --out of an earlier run: name the cases that regressed or improved.
+    #[arg(long)]
+    pub(crate) baseline: Option<std::path::PathBuf>,
+    /// Write the report as JSON to this file (what --baseline reads).
+    #[arg(long)]
+    pub(crate) out: Option<std::path::PathBuf>,
+    /// Write JUnit XML to this file.
+    #[arg(long)]
+    pub(crate) junit: Option<std::path::PathBuf>,
+    /// Cases in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) concurrency: u16,
+    /// Worker processes of the eval's own fleet.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) workers: u16,
+    /// The RabbitMQ and Redis name prefix of the eval's own fleet.
+    #[arg(long, default_value = "agentfleet-eval")]
+    pub(crate) prefix: String,
+    /// The folder of `agentfleet-dispatcher` and `agentfleet-worker` (default: this binary's).
+    #[arg(long)]
+    pub(crate) bin_dir: Option<std::path::PathBuf>,
+    /// Only the cases whose id contains this, or that have it as a tag.
+    #[arg(long)]
+    pub(crate) filter: Option<String>,
 }

@@ -18,9 +18,10 @@ use crate::view;
 
 /// Runs the command line's command.
 pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
-    let api = Api::new(&args.url, args.token.as_ref().map(|t| t.0.as_str()))?;
-    let out = Output { json: args.json };
-    match args.command {
+    let Args { url, token, json, command } = args;
+    let api = Api::new(&url, token.as_ref().map(|t| t.0.as_str()))?;
+    let out = Output { json };
+    match command {
         Command::Submit(s) => submit(&api, out, s).await,
         Command::Status { id } => status(&api, out, &id).await,
         Command::List(l) => list(&api, out, &l).await,
@@ -33,6 +34,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Reject { id, reason } => reject(&api, out, &id, &reason).await,
         Command::Probe { url, timeout_ms } => probe(&url, timeout_ms).await,
         Command::Dlq(command) => crate::dlq::run(&api, out, command).await,
+        Command::Eval(e) => crate::eval::run(api, &url, out, &e).await,
     }
 }
 

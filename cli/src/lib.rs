@@ -13,6 +13,7 @@ mod api;
 mod args;
 mod commands;
 mod dlq;
+mod eval;
 mod follow;
 mod format;
 mod model;
