@@ -61,6 +61,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
 
+# The example support agent's adversarial suite (docs/EVALS.md) against the scripted model: the fleet's
+# guarantees on 60+ hostile inputs. The JUnit XML is CI's test report of it.
+step "evaluation: deploy/evals/support.toml (JUnit: target/eval/support.junit.xml)"
+bash scripts/eval.sh deploy/evals/support.toml
+
 # Redis Cluster (docs/ARCHITECTURE.md): the end-to-end, fault and dead-letter suites again, against a
 # local 3-master cluster on loopback ports 7101-7103 (scripts/redis-cluster.sh).
 step "Redis Cluster: end-to-end, fault, paused-worker, retention and dead-letter suites against 3 masters"

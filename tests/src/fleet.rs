@@ -548,27 +548,7 @@ impl TestFleet {
     }
 
     async fn delete_amqp(&self) -> anyhow::Result<()> {
-        use agentfleet::amqp::DELAY_TIERS;
-        use agentfleet::webhooks;
-        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-        let (conn, ch) = self.amqp().await?;
-        let t = agentfleet::amqp::Topology::new(&self.config.amqp.prefix, 1);
-        let mut queues = vec![t.dead(), t.requests_queue()];
-        queues.extend(self.config.worker.pools.iter().map(|p| t.step_queue(p)));
-        queues.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
-        let prefix = &self.config.amqp.prefix;
-        queues.push(webhooks::queue(prefix));
-        queues.extend(webhooks::RETRY_TIERS.iter().map(|(tier, _)| webhooks::retry_queue(prefix, tier)));
-        for q in &queues {
-            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        let mut exchanges = vec![t.steps_exchange(), t.events_exchange(), t.dead()];
-        exchanges.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
-        for e in &exchanges {
-            let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
-        }
-        let _ = conn.close(200, "done".into()).await;
-        Ok(())
+        delete_fleet_amqp(&self.config.amqp.url, &self.config.amqp.prefix, &self.config.worker.pools).await
     }
 
     async fn delete_keys(&self) -> anyhow::Result<()> {
@@ -585,6 +565,32 @@ impl Drop for TestFleet {
         }
         self.dispatcher_stop.cancel();
     }
+}
+
+/// Deletes the queues and exchanges of the fleet named `prefix` (with `pools`) on the broker at
+/// `amqp_url`: what a test fleet, or a fleet a test started as processes, declared.
+pub async fn delete_fleet_amqp(amqp_url: &str, prefix: &str, pools: &[agentfleet::domain::Name]) -> anyhow::Result<()> {
+    use agentfleet::amqp::DELAY_TIERS;
+    use agentfleet::webhooks;
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let t = agentfleet::amqp::Topology::new(prefix, 1);
+    let mut queues = vec![t.dead(), t.requests_queue()];
+    queues.extend(pools.iter().map(|p| t.step_queue(p)));
+    queues.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+    queues.push(webhooks::queue(prefix));
+    queues.extend(webhooks::RETRY_TIERS.iter().map(|(tier, _)| webhooks::retry_queue(prefix, tier)));
+    for q in &queues {
+        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let mut exchanges = vec![t.steps_exchange(), t.events_exchange(), t.dead()];
+    exchanges.extend(DELAY_TIERS.iter().map(|(tier, _)| t.delay(tier)));
+    for e in &exchanges {
+        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// An agent on the OpenAI-compatible scripted server.
@@ -636,7 +642,7 @@ impl CliRun {
 }
 
 /// A binary of this crate, built beside the test binaries by `cargo test -p agentfleet-tests`.
-fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("this binary has no folder")?;
     let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
