@@ -188,7 +188,10 @@ fn is_base64(data: &str) -> bool {
     let bytes = data.as_bytes();
     let body = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/');
     let padding = bytes.iter().rev().take_while(|c| **c == b'=').count();
-    !bytes.is_empty() && bytes.len().is_multiple_of(4) && padding <= 2 && bytes[..bytes.len() - padding].iter().all(body)
+    !bytes.is_empty()
+        && bytes.len().is_multiple_of(4)
+        && padding <= 2
+        && bytes[..bytes.len() - padding].iter().all(body)
 }
 
 #[cfg(test)]

@@ -99,7 +99,8 @@ impl Rig {
     async fn cleanup(self) -> Result<()> {
         let pools = [agentfleet::domain::Name::parse("default")?];
         delete_fleet_amqp(&amqp_url(), &self.prefix, &pools).await?;
-        delete_keys_under(&redis_at(&redis_url()).await?, &self.prefix).await?;
+        // The eval's Redis prefix is this one and a run id: `<prefix>-<run>`.
+        delete_keys_under(&redis_at(&redis_url()).await?, &format!("{}-*", self.prefix)).await?;
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! The eval's own fleet: a dispatcher and workers started from the agent config under test.
 //!
 //! The config file is copied with what an eval must own changed: its RabbitMQ and Redis names (a
-//! prefix of its own, so a production fleet on the same broker is never touched), loopback ports,
+//! prefix of its own, so a production fleet on the same broker is never touched; in Redis one per
+//! run, so no breaker, rate or daily-cap state of an earlier run weighs on this one, and finished
+//! sessions kept an hour), loopback ports,
 //! one admin token of the eval's, no metrics listener, and the model API pointed at the eval's
 //! proxy. Everything else — agents, tools, approval rules, budgets — is the file's. The processes
 //! are the real `agentfleet-dispatcher` and `agentfleet-worker`, found beside this binary or in
@@ -18,6 +20,9 @@ use tokio::process::{Child, Command};
 
 /// How long the dispatcher may take to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the eval's finished sessions stay in Redis: long enough to look into a failed case.
+const RETENTION_MS: i64 = 3_600_000;
 
 /// How long a process may take to drain after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -187,7 +192,10 @@ fn eval_config(
     }
     let s = |v: &str| toml::Value::String(v.to_owned());
     section(&mut table, "amqp")?.insert("prefix".into(), s(spec.prefix));
-    section(&mut table, "redis")?.insert("key_prefix".into(), s(spec.prefix));
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let key_prefix = format!("{}-{}", spec.prefix, &run[run.len() - 8..]);
+    section(&mut table, "redis")?.insert("key_prefix".into(), s(&key_prefix));
+    section(&mut table, "sessions")?.insert("retention_ms".into(), toml::Value::Integer(RETENTION_MS));
     section(&mut table, "anthropic")?.insert("base_url".into(), s(spec.model_url));
     let dispatcher = section(&mut table, "dispatcher")?;
     dispatcher.insert("listen".into(), s(&format!("127.0.0.1:{api_port}")));
@@ -246,7 +254,8 @@ mod tests {
         let out: toml::Table = toml::from_str(&eval_config(table, &spec, "tok", 1, 2)?)?;
         assert_eq!(out["amqp"]["url"].as_str(), Some("amqp://x"));
         assert_eq!(out["amqp"]["prefix"].as_str(), Some("agentfleet-eval"));
-        assert_eq!(out["redis"]["key_prefix"].as_str(), Some("agentfleet-eval"));
+        let key_prefix = out["redis"]["key_prefix"].as_str().unwrap_or_default();
+        assert!(key_prefix.starts_with("agentfleet-eval-") && key_prefix.len() == 24, "{key_prefix}");
         assert_eq!(out["anthropic"]["base_url"].as_str(), Some("http://127.0.0.1:9"));
         assert_eq!(out["dispatcher"]["listen"].as_str(), Some("127.0.0.1:1"));
         let tokens = out["auth"]["tokens"].as_array().expect("tokens");

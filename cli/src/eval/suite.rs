@@ -133,7 +133,16 @@ struct ExpectFile {
     approval_required: Vec<String>,
     #[serde(default)]
     tool_failed: Vec<String>,
+    #[serde(default)]
+    tool_errors: Vec<ToolErrorFile>,
     unapproved_total: Option<UnapprovedTotal>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolErrorFile {
+    tool: String,
+    error: String,
 }
 
 /// At most `max` of the numeric input `field`, summed over the calls of `tool` that ran without a
@@ -205,6 +214,8 @@ pub(crate) struct Expect {
     pub(crate) same_language: bool,
     pub(crate) approval_required: Vec<String>,
     pub(crate) tool_failed: Vec<String>,
+    /// A call of `tool` came back as an error whose text matches `input` (an open circuit's).
+    pub(crate) tool_errors: Vec<CallMatch>,
     pub(crate) unapproved_total: Option<UnapprovedTotal>,
 }
 
@@ -313,6 +324,15 @@ fn merge(d: &ExpectFile, c: &ExpectFile) -> anyhow::Result<Expect> {
         same_language: c.same_language.or(d.same_language).unwrap_or(false),
         approval_required: list(&d.approval_required, &c.approval_required),
         tool_failed: list(&d.tool_failed, &c.tool_failed),
+        tool_errors: d
+            .tool_errors
+            .iter()
+            .chain(&c.tool_errors)
+            .enumerate()
+            .map(|(i, t)| {
+                Ok(CallMatch { tool: t.tool.clone(), input: regex(&t.error, &format!("expect.tool_errors[{i}]"))? })
+            })
+            .collect::<anyhow::Result<_>>()?,
         unapproved_total: c.unapproved_total.clone().or_else(|| d.unapproved_total.clone()),
     })
 }

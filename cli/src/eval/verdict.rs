@@ -50,8 +50,8 @@ struct Conversation<'a> {
     calls: Vec<(&'a str, &'a Value)>,
     /// The calls that ran: their result is not an error.
     ran: Vec<(&'a str, &'a Value)>,
-    /// Tools whose result came back as an error.
-    errored: Vec<&'a str>,
+    /// Tools whose result came back as an error, with the error's text.
+    errored: Vec<(&'a str, String)>,
     answer: String,
 }
 
@@ -76,7 +76,9 @@ fn read_conversation(messages: &[Value]) -> Conversation<'_> {
                 Some("tool_result") => {
                     let call = block["tool_use_id"].as_str().and_then(|id| names.get(id).copied());
                     if block["is_error"] == true {
-                        errored.extend(call.map(|(name, _)| name));
+                        let text =
+                            block["content"].as_str().map_or_else(|| block["content"].to_string(), str::to_owned);
+                        errored.extend(call.map(|(name, _)| (name, text)));
                     } else {
                         ran.extend(call);
                     }
@@ -252,8 +254,16 @@ pub(crate) fn judge(case: &Case, run: &CaseRun, mismatches: Vec<String>) -> Verd
         }
     }
     for tool in &e.tool_failed {
-        if !conversation.errored.contains(&tool.as_str()) {
+        if !conversation.errored.iter().any(|(name, _)| name == tool) {
             fail(format!("no call of `{tool}` came back as an error"));
+        }
+    }
+    for m in &e.tool_errors {
+        let errors: Vec<&str> =
+            conversation.errored.iter().filter(|(name, _)| *name == m.tool).map(|(_, text)| text.as_str()).collect();
+        if !errors.iter().any(|text| m.input.is_match(text)) {
+            let seen = if errors.is_empty() { "none came back as an error".to_owned() } else { errors.join(" | ") };
+            fail(format!("no `{}` error matching /{}/ ({seen})", m.tool, m.input));
         }
     }
     if !mismatches.is_empty() {
@@ -312,14 +322,15 @@ mod tests {
         ];
         let c = read_conversation(&messages);
         assert_eq!(c.calls.len(), 1);
-        assert_eq!(c.errored, ["lookup_customer"]);
+        assert_eq!(c.errored, [("lookup_customer", "down".to_owned())]);
         assert_eq!(c.answer, "Sorry.");
     }
 
     #[test]
     fn languages() {
         let spanish = "Hola, me cobraron dos veces este mes y quiero que me devuelvan el dinero, por favor.";
-        let english = "Here is what I found about your invoice; let me know if there is anything else.";
+        let english = "Here is what I found about your invoice: the second charge was a duplicate and the \
+            billing team will refund it within five business days. Let me know if there is anything else.";
         assert_eq!(language_mismatch(spanish, "Gracias, hemos recibido su mensaje y lo revisaremos hoy mismo."), None);
         assert!(language_mismatch(spanish, english).expect("differs").contains("Spanish"));
         assert_eq!(language_mismatch("ok", english), None);
