@@ -756,7 +756,14 @@ mod example_tests {
         let tools: Vec<&str> = support.tools.iter().map(Name::as_str).collect();
         assert_eq!(
             tools,
-            ["search_knowledge_base", "lookup_customer", "create_ticket", "issue_refund", "escalate_to_human"]
+            [
+                "search_knowledge_base",
+                "lookup_customer",
+                "check_order_status",
+                "create_ticket",
+                "issue_refund",
+                "escalate_to_human"
+            ]
         );
     }
 }
