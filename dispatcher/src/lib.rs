@@ -7,6 +7,7 @@ mod auth;
 pub mod cli;
 mod dlq;
 mod error;
+mod events;
 mod gauges;
 pub mod input;
 mod intake;
@@ -57,6 +58,8 @@ pub struct AppState {
     draining: Arc<AtomicBool>,
     /// Each agent's call shape, to plan a session's first call as its worker will.
     shapes: Arc<std::collections::HashMap<Name, agentfleet::budget::CallShape>>,
+    /// The event streams that may be open at once (the `events` module).
+    event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
@@ -128,6 +131,7 @@ impl Dispatcher {
             metrics,
             redis,
             draining,
+            event_streams: events::slots(),
         };
         Ok(Self { listener, ops_listener, state, breakers })
     }
@@ -249,6 +253,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/reject", post(actions::reject))
         .route("/v1/escalations", get(actions::escalations))
         .route("/v1/sessions/{id}/trace", get(trace::trace))
+        .route("/v1/sessions/{id}/events", get(events::events))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/redrive", post(dlq::redrive_many))
         .route("/v1/dlq/{id}", get(dlq::show).delete(dlq::discard))
@@ -304,6 +309,7 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         ("post", "/v1/sessions/{id}/reject"),
         ("get", "/v1/escalations"),
         ("get", "/v1/sessions/{id}/trace"),
+        ("get", "/v1/sessions/{id}/events"),
         ("get", "/v1/dlq"),
         ("post", "/v1/dlq/redrive"),
         ("get", "/v1/dlq/{id}"),

@@ -41,6 +41,7 @@ use crate::AppState;
         crate::actions::reject,
         crate::actions::escalations,
         crate::trace::trace,
+        crate::events::events,
         crate::dlq::list,
         crate::dlq::show,
         crate::dlq::redrive_one,

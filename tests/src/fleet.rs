@@ -367,6 +367,13 @@ impl TestFleet {
         self.dispatcher_stop.cancel();
     }
 
+    /// Starts another dispatcher on this fleet's config (as a second replica); its API base URL and
+    /// the token that stops it.
+    pub async fn another_dispatcher(&self) -> anyhow::Result<(String, CancellationToken)> {
+        let (api, _ops, stop) = start_dispatcher(self.config.clone()).await?;
+        Ok((api, stop))
+    }
+
     /// SIGTERMs worker `i` and waits for it to exit; returns its exit status.
     pub fn stop_worker(&mut self, i: usize) -> anyhow::Result<std::process::ExitStatus> {
         let Some(mut child) = self.workers.get_mut(i).and_then(Option::take) else {
@@ -573,7 +580,7 @@ pub async fn delete_fleet_amqp(amqp_url: &str, prefix: &str, pools: &[agentfleet
     use agentfleet::amqp::DELAY_TIERS;
     use agentfleet::webhooks;
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
+    let conn = agentfleet::amqp::connect(amqp_url, "test-cleanup").await?;
     let ch = conn.create_channel().await?;
     let t = agentfleet::amqp::Topology::new(prefix, 1);
     let mut queues = vec![t.dead(), t.requests_queue()];

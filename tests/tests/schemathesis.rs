@@ -26,7 +26,7 @@ struct Target {
     authorization: Option<String>,
     /// Which operations: `--include-tag operations` for the ops listener, `--exclude-tag operations`
     /// for the API's.
-    filter: [&'static str; 2],
+    filter: &'static [&'static str],
 }
 
 /// Fails, naming the fix, when schemathesis cannot run (`bash scripts/test.sh` installs it).
@@ -71,7 +71,7 @@ async fn schemathesis(target: &Target) -> anyhow::Result<(bool, String)> {
         "none",
         "--no-color",
     ];
-    args.extend(target.filter);
+    args.extend(target.filter.iter().copied());
     let header = target.authorization.as_ref().map(|a| format!("Authorization: {a}"));
     if let Some(h) = &header {
         args.extend(["--header", h]);
@@ -97,13 +97,15 @@ async fn schemathesis_finds_no_failure_in_the_api() -> anyhow::Result<()> {
         schema_url: schema_url.clone(),
         base_url: fleet.api.clone(),
         authorization: Some(format!("Bearer {}", agentfleet_tests::fleet::ADMIN_TOKEN)),
-        filter: ["--exclude-tag", "operations"],
+        // The event stream of a session that never ends (this fleet has no workers) never ends
+        // either, and schemathesis reads a stream to its end: tests/tests/events.rs covers it.
+        filter: &["--exclude-tag", "operations", "--exclude-path", "/v1/sessions/{id}/events"],
     };
     let ops = Target {
         schema_url,
         base_url: fleet.ops.clone(),
         authorization: None,
-        filter: ["--include-tag", "operations"],
+        filter: &["--include-tag", "operations"],
     };
     for target in [api, ops] {
         let (passed, printed) = schemathesis(&target).await?;

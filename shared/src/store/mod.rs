@@ -19,7 +19,7 @@ use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId
 use crate::llm::{ToolOutcome, Usage};
 
 pub use self::memory::{MemoryStore, Snapshot};
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, trace_key};
 
 /// A store operation that failed.
 #[derive(Debug, Error)]

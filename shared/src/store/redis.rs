@@ -62,6 +62,12 @@ impl Keys {
     }
 }
 
+/// The key of session `id`'s trace stream under the key prefix `prefix`, for readers that follow
+/// it on a connection of their own (`XREAD BLOCK`).
+pub fn trace_key(prefix: &str, id: &SessionId) -> String {
+    Keys::new(prefix, id).trace
+}
+
 struct Scripts {
     claim: Script,
     commit_model: Script,
