@@ -15,6 +15,9 @@ use serde_json::Value;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one event stream may stay open before it is opened again (from its last event).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How much of a body that is not the API's error shape to quote.
 const QUOTE_BYTES: usize = 200;
 
@@ -132,6 +135,28 @@ impl Api {
     pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Value, ApiError> {
         let request = self.http.request(Method::DELETE, self.url(segments));
         answer(request.send().await.map_err(ApiError::Transport)?, self.token_sent).await
+    }
+
+    /// Opens `GET /v1/sessions/{id}/events` (after `last_event_id`): the response, to read as a
+    /// stream of Server-Sent Events, or the API's error. The stream may stay open for as long as the
+    /// session runs, so only the connection and the first byte are bounded.
+    pub(crate) async fn events(&self, id: &str, last_event_id: Option<&str>) -> Result<reqwest::Response, ApiError> {
+        let mut request = self
+            .http
+            .request(Method::GET, self.url(&["v1", "sessions", id, "events"]))
+            .header("accept", "text/event-stream")
+            .timeout(STREAM_TIMEOUT);
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last);
+        }
+        let response = request.send().await.map_err(ApiError::Transport)?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(answer(response, self.token_sent).await.err().unwrap_or_else(|| ApiError::Malformed {
+            status: StatusCode::BAD_GATEWAY,
+            detail: "an error status with a success body".into(),
+        }))
     }
 
     /// `GET /v1/sessions/{id}`.

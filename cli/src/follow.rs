@@ -1,15 +1,20 @@
-//! Following a session (`submit --wait`, `watch`): poll it until it stops moving by itself.
+//! Following a session (`submit --wait`, `watch`) until it stops moving by itself.
 //!
-//! The API has no push channel for clients, so this polls `GET /v1/sessions/{id}` every
-//! [`POLL`] and prints a line only when the step or the status changed — and, for `watch`, each new
-//! message of the conversation. A dispatcher that briefly does not answer (a restart, a 503) is
-//! retried for a while rather than ending the watch.
+//! It reads the session's event stream (`GET /v1/sessions/{id}/events`, Server-Sent Events): each
+//! trace record arrives as it is written, and the session is read again then, to print a line when
+//! the step or the status changed — and, for `watch`, each new message of the conversation. A
+//! dropped stream (a dispatcher restart) is opened again from its last event with `Last-Event-ID`;
+//! a dispatcher without the stream is polled every [`POLL`] instead. A dispatcher that briefly does
+//! not answer is retried for a while rather than ending the watch.
 
 use std::time::Duration;
 
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
+use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::api::Api;
+use crate::api::{Api, ApiError};
 use crate::format;
 use crate::model::{Session, is_settled, read};
 use crate::output::Output;
@@ -20,10 +25,65 @@ const POLL: Duration = Duration::from_millis(300);
 /// Consecutive failed polls tolerated before giving up (about 15 s with the back-off).
 const MAX_FAILURES: u32 = 15;
 
-/// Polls session `id` until it is settled, printing progress (and messages with `messages`); returns
-/// the last document.
+/// Follows session `id` until it is settled, printing progress (and messages with `messages`);
+/// returns the last document.
 pub(crate) async fn follow(api: &Api, out: Output, id: &str, messages: bool) -> anyhow::Result<Value> {
     let mut seen = Seen { messages, ..Seen::default() };
+    // Where it stands now, then what happens next.
+    let v = poll(api, id).await?;
+    let s: Session = read(&v)?;
+    for line in seen.news(&s) {
+        out.progress(&line)?;
+    }
+    if is_settled(&s.status) {
+        return Ok(v);
+    }
+    let mut last_event: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let response = match api.events(id, last_event.as_deref()).await {
+            Ok(response) => response,
+            // A dispatcher without the stream (an older one): poll.
+            Err(ApiError::Answered { status: StatusCode::NOT_FOUND, .. }) => {
+                return poll_until_settled(api, out, id, seen).await;
+            }
+            Err(e) if e.is_transient() && failures < MAX_FAILURES => {
+                failures += 1;
+                tokio::time::sleep(POLL * failures.min(5)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if response.status() == StatusCode::NO_CONTENT {
+            return poll(api, id).await;
+        }
+        let mut events = response.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { break };
+            failures = 0;
+            if !event.id.is_empty() {
+                last_event = Some(event.id.clone());
+            }
+            let v = poll(api, id).await?;
+            let s: Session = read(&v)?;
+            for line in seen.news(&s) {
+                out.progress(&line)?;
+            }
+            if event.event == "session.ended" || is_settled(&s.status) {
+                return Ok(v);
+            }
+        }
+        // The stream ended without the session's end: a dispatcher going away. Open it again.
+        failures += 1;
+        if failures > MAX_FAILURES {
+            anyhow::bail!("the event stream of {id} kept closing");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls session `id` every [`POLL`] until it is settled.
+async fn poll_until_settled(api: &Api, out: Output, id: &str, mut seen: Seen) -> anyhow::Result<Value> {
     loop {
         let v = poll(api, id).await?;
         let s: Session = read(&v)?;
