@@ -27,6 +27,11 @@ use tokio::net::TcpListener;
 /// The inline-sleep histogram every worker serves.
 const INLINE_SLEEP: &str = "agentfleet_inline_retry_sleep_seconds";
 
+/// The fleet-sized load tests of this file run one at a time: each sizes its deadline for a
+/// machine of two cores to itself, and two of them at once starve each other's workers (one
+/// CI run saw the adaptive rate hold the model-fault run far past its three minutes).
+static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 // ---------------------------------------------------------------------------------------------
 // 1. The tool breaker is one breaker for the whole fleet.
 // ---------------------------------------------------------------------------------------------
@@ -129,6 +134,7 @@ async fn five_failures_anywhere_open_the_tool_breaker_for_the_whole_fleet() -> a
 /// breaker opened a dozen times in this run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_complete_through_model_api_faults() -> anyhow::Result<()> {
+    let _alone = LOAD.lock().await;
     let started = Instant::now();
     let opts = FleetOptions {
         workers: 3,
@@ -199,6 +205,7 @@ async fn sessions_complete_through_model_api_faults() -> anyhow::Result<()> {
 /// rate took effect. (`max_model_attempts` stays at its default: overloads have their own bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overload_storm_slows_the_fleet_down_and_never_opens_the_breaker() -> anyhow::Result<()> {
+    let _alone = LOAD.lock().await;
     let opts = FleetOptions { workers: 2, concurrency: 32, ..Default::default() };
     let fleet = TestFleet::start(opts).await?;
     fleet.model.set_faults(Faults { rate_529: 0.30, ..Default::default() });
@@ -273,6 +280,7 @@ async fn print_failed_attempt_runs(fleet: &TestFleet, ids: &[SessionId]) -> anyh
 /// window at the model holds more than 600 + 50 requests, and some window comes close to the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_keeps_under_the_requests_per_minute_limit() -> anyhow::Result<()> {
+    let _alone = LOAD.lock().await;
     const RUN: Duration = Duration::from_secs(70);
     let extra =
         "[providers.anthropic.rate_limits.\"claude-sonnet-4-5\"]\nrequests_per_minute = 600\nburst_seconds = 5\n";
