@@ -30,12 +30,8 @@ const MAX_FAILURES: u32 = 15;
 pub(crate) async fn follow(api: &Api, out: Output, id: &str, messages: bool) -> anyhow::Result<Value> {
     let mut seen = Seen { messages, ..Seen::default() };
     // Where it stands now, then what happens next.
-    let v = poll(api, id).await?;
-    let s: Session = read(&v)?;
-    for line in seen.news(&s) {
-        out.progress(&line)?;
-    }
-    if is_settled(&s.status) {
+    let (v, settled) = refresh(api, out, id, &mut seen).await?;
+    if settled {
         return Ok(v);
     }
     let mut last_event: Option<String> = None;
@@ -64,12 +60,8 @@ pub(crate) async fn follow(api: &Api, out: Output, id: &str, messages: bool) -> 
             if !event.id.is_empty() {
                 last_event = Some(event.id.clone());
             }
-            let v = poll(api, id).await?;
-            let s: Session = read(&v)?;
-            for line in seen.news(&s) {
-                out.progress(&line)?;
-            }
-            if event.event == "session.ended" || is_settled(&s.status) {
+            let (v, settled) = refresh(api, out, id, &mut seen).await?;
+            if settled || event.event == "session.ended" {
                 return Ok(v);
             }
         }
@@ -85,16 +77,23 @@ pub(crate) async fn follow(api: &Api, out: Output, id: &str, messages: bool) -> 
 /// Polls session `id` every [`POLL`] until it is settled.
 async fn poll_until_settled(api: &Api, out: Output, id: &str, mut seen: Seen) -> anyhow::Result<Value> {
     loop {
-        let v = poll(api, id).await?;
-        let s: Session = read(&v)?;
-        for line in seen.news(&s) {
-            out.progress(&line)?;
-        }
-        if is_settled(&s.status) {
+        let (v, settled) = refresh(api, out, id, &mut seen).await?;
+        if settled {
             return Ok(v);
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Reads session `id` once and prints what is new since `seen`: the document, and whether the
+/// session is settled.
+async fn refresh(api: &Api, out: Output, id: &str, seen: &mut Seen) -> anyhow::Result<(Value, bool)> {
+    let v = poll(api, id).await?;
+    let s: Session = read(&v)?;
+    for line in seen.news(&s) {
+        out.progress(&line)?;
+    }
+    Ok((v, is_settled(&s.status)))
 }
 
 /// One `GET`, retried while the failure may be transient.
