@@ -317,20 +317,21 @@ impl FleetGuard {
             (false, Some(true)) => Signal::Success,
             _ => return,
         };
-        {
-            // A success while no adaptive rate exists changes nothing; an overload ends the belief.
+        let uncounted = {
+            // A success while no adaptive rate exists changes nothing; an overload ends the belief,
+            // and the grants made here under it are counted with it.
             let mut local = self.local();
             let unslowed = local.unslowed.contains_key(&rate.key);
             match signal {
                 Signal::Success if unslowed => return,
                 Signal::Overload => {
-                    local.unslowed.remove(&rate.key);
                     *local.overloads.entry(rate.key.clone()).or_default() += 1;
+                    local.unslowed.remove(&rate.key).map_or(0, |(_, grants)| grants)
                 }
-                Signal::Success => {}
+                Signal::Success => 0,
             }
-        }
-        match self.limiter.adapt(&rate.key, rate.limit, adaptive, signal, now_ms).await {
+        };
+        match self.limiter.adapt_counting(&rate.key, rate.limit, adaptive, signal, uncounted, now_ms).await {
             Ok(rpm) => {
                 if signal == Signal::Overload {
                     tracing::debug!(

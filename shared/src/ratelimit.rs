@@ -300,6 +300,20 @@ impl RateLimiter {
         signal: Signal,
         now_ms: u64,
     ) -> Result<Option<f64>, RateLimitError> {
+        self.adapt_counting(key, limit, adaptive, signal, 0, now_ms).await
+    }
+
+    /// [`RateLimiter::adapt`], counting `uncounted` grants this worker let through on its own since
+    /// its last call first, so an overload measures the rate the fleet really had.
+    pub async fn adapt_counting(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        adaptive: &AdaptiveRate,
+        signal: Signal,
+        uncounted: u32,
+        now_ms: u64,
+    ) -> Result<Option<f64>, RateLimitError> {
         let rate: String = self
             .scripts
             .adapt
@@ -311,6 +325,7 @@ impl RateLimiter {
             .arg(adaptive.decrease)
             .arg(adaptive.increase)
             .arg(u64::try_from(ADAPTIVE_TTL.as_millis()).unwrap_or(u64::MAX))
+            .arg(uncounted)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(rate.parse::<f64>().ok())

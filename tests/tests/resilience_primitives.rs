@@ -491,9 +491,11 @@ async fn overloads_shrink_the_rate_to_its_floor_and_successes_grow_it_back() -> 
     assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, Acquire::Granted);
     assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, wait_ms(1_000));
 
-    // Each success adds 5 % of the starting rate (150 a minute); back at 3 000 the bucket is gone.
+    // The 90 grants at `now` counted too: 590 in this window and the one before, which span 10 s,
+    // is 3 540 a minute, and the overloads after them raised the starting rate to it. Each success
+    // adds 5 % of it (177 a minute); back at 3 540 the bucket is gone.
     let rate = adapt_n(&rl, key, &unlimited, Signal::Success, 19, t1).await?;
-    assert!(close_to(rate, 60.0 + 19.0 * 150.0), "{rate:?}");
+    assert!(close_to(rate, 60.0 + 19.0 * 177.0), "{rate:?}");
     assert_eq!(adapt_n(&rl, key, &unlimited, Signal::Success, 1, t1).await?, None);
     for _ in 0..500 {
         assert_eq!(rl.acquire(key, &unlimited, true, 1, Tokens::default(), t1).await?, Acquire::Granted);
@@ -507,6 +509,23 @@ async fn overloads_shrink_the_rate_to_its_floor_and_successes_grow_it_back() -> 
     }
     let rate = adapt_n(&rl, fresh, &unlimited, Signal::Overload, 1, t1 + 500).await?;
     assert!(close_to(rate, 1_800.0 * 0.9), "{rate:?}");
+
+    // Grants a worker let through on its own count with its overload, and those another worker
+    // counts later raise the starting rate at the next overload: a busy fleet's first 529 must not
+    // hold it at the fraction of its rate that Redis had seen.
+    let busy = "anthropic:claude-busy";
+    for i in 0..10 {
+        assert_eq!(rl.acquire(busy, &unlimited, true, 1, Tokens::default(), t1 + i).await?, Acquire::Granted);
+    }
+    let adaptive = AdaptiveRate::default();
+    let rate = rl.adapt_counting(busy, &unlimited, &adaptive, Signal::Overload, 50, t1 + 10).await?;
+    assert!(close_to(rate, 3_600.0 * 0.9), "60 grants in the first second: {rate:?}");
+    let late = rl.acquire_counting(busy, &unlimited, true, 40, Tokens::default(), t1 + 20).await?;
+    assert_eq!(late, (Acquire::Granted, true));
+    let rate = rl.adapt_counting(busy, &unlimited, &adaptive, Signal::Overload, 0, t1 + 30).await?;
+    assert!(close_to(rate, 3_600.0 * 0.81), "the rate shrinks from where it was: {rate:?}");
+    let rate = rl.adapt(busy, &unlimited, &adaptive, Signal::Success, t1 + 40).await?;
+    assert!(close_to(rate, 3_600.0 * 0.81 + 303.0), "5 % of 101 grants a second: {rate:?}");
 
     // With requests_per_minute configured, the rate starts from it; the configured bucket stays.
     let limit = RateLimit { requests_per_minute: Some(nz(600)?), ..Default::default() };
