@@ -69,6 +69,9 @@ pub(crate) enum Command {
         /// The session id.
         id: String,
     },
+    /// Start a new session from a step of another: its conversation as that step began, the last
+    /// user message replaced if asked, a fresh budget; prints the new id (with --wait, follows it).
+    Fork(Fork),
     /// Cancel a session (at once when it waits, else at its next step boundary).
     Cancel {
         /// The session id.
@@ -150,6 +153,31 @@ pub(crate) struct Submit {
     pub(crate) wait: bool,
     /// The goal; read from stdin when absent or `-`.
     pub(crate) goal: Option<String>,
+}
+
+/// `agentfleet fork`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Fork {
+    /// The session to fork.
+    pub(crate) id: String,
+    /// The step to run again, from 1 (as `agentfleet trace` numbers them).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) from_step: u32,
+    /// A new text for the last user message before that step (its tool results are kept).
+    #[arg(long)]
+    pub(crate) message: Option<String>,
+    /// Run the fork with another agent.
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// Lower the agent's step limit for the fork.
+    #[arg(long)]
+    pub(crate) max_steps: Option<u32>,
+    /// Lower the agent's cost limit for the fork, in US dollars.
+    #[arg(long)]
+    pub(crate) max_cost_usd: Option<f64>,
+    /// Follow the fork until it ends or waits for people; the exit code says how it stopped.
+    #[arg(long)]
+    pub(crate) wait: bool,
 }
 
 /// `agentfleet list`.

@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::Exit;
 use crate::api::Api;
-use crate::args::{Args, Command, List, Submit};
+use crate::args::{Args, Command, Fork, List, Submit};
 use crate::follow::follow;
 use crate::model::{Escalation, Page, Session, Summary, read};
 use crate::output::Output;
@@ -26,6 +26,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Exit> {
         Command::Status { id } => status(&api, out, &id).await,
         Command::List(l) => list(&api, out, &l).await,
         Command::Watch { id } => finish(&api, out, &id, true).await,
+        Command::Fork(f) => fork(&api, out, &f).await,
         Command::Cancel { id } => cancel(&api, out, &id).await,
         Command::Escalations => escalations(&api, out).await,
         Command::Trace { id } => trace(&api, out, &id).await,
@@ -50,14 +51,34 @@ async fn probe(url: &str, timeout_ms: u64) -> anyhow::Result<Exit> {
 async fn submit(api: &Api, out: Output, s: Submit) -> anyhow::Result<Exit> {
     let goal = text_or_stdin(s.goal.as_deref(), "goal").await?;
     let created = api.post(&["v1", "sessions"], Some(&submit_body(&s, goal))).await?;
+    started(api, out, &created, s.wait).await
+}
+
+/// Prints the id of a session just created, or with `wait` follows it to the end.
+async fn started(api: &Api, out: Output, created: &Value, wait: bool) -> anyhow::Result<Exit> {
     let id = created["id"].as_str().context("the API answered no session id")?;
-    if !s.wait {
-        out.document(&created)?;
+    if !wait {
+        out.document(created)?;
         out.line(id)?;
         return Ok(Exit::Success);
     }
     out.progress(id)?;
     finish(api, out, id, false).await
+}
+
+async fn fork(api: &Api, out: Output, f: &Fork) -> anyhow::Result<Exit> {
+    let mut body = Map::new();
+    body.insert("from_step".into(), f.from_step.into());
+    insert(&mut body, "replace_last_user_message", f.message.clone());
+    insert(&mut body, "agent", f.agent.clone());
+    let mut budget = Map::new();
+    insert(&mut budget, "max_steps", f.max_steps);
+    insert(&mut budget, "max_cost_usd", f.max_cost_usd);
+    if !budget.is_empty() {
+        body.insert("budget".into(), budget.into());
+    }
+    let created = api.post(&["v1", "sessions", &f.id, "fork"], Some(&Value::Object(body))).await?;
+    started(api, out, &created, f.wait).await
 }
 
 /// The body of `POST /v1/sessions`, with only the options given.

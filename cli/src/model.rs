@@ -23,7 +23,15 @@ pub(crate) struct Session {
     pub(crate) cancel_requested: bool,
     pub(crate) usage: Usage,
     pub(crate) remaining: Option<Remaining>,
+    pub(crate) forked_from: Option<ForkedFrom>,
     pub(crate) messages: Vec<Value>,
+}
+
+/// The session and step a fork came from.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ForkedFrom {
+    pub(crate) session: String,
+    pub(crate) step: u64,
 }
 
 /// A session's usage so far.

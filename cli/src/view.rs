@@ -22,6 +22,9 @@ pub(crate) fn status(s: &Session, now_ms: u64) -> Vec<String> {
         lines.push(field("left", &left));
     }
     lines.push(field("updated", &ago(now_ms, s.updated_at_ms)));
+    if let Some(origin) = &s.forked_from {
+        lines.push(field("fork of", &format!("{} at step {}", origin.session, origin.step)));
+    }
     let mut outcome = outcome(s).into_iter();
     lines.extend(outcome.next());
     lines.extend(outcome.map(|l| field("", &l)));

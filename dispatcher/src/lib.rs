@@ -8,11 +8,13 @@ pub mod cli;
 mod dlq;
 mod error;
 mod events;
+mod fork;
 mod gauges;
 pub mod input;
 mod intake;
 mod janitor;
 mod limits;
+mod live;
 mod openapi;
 mod session_ref;
 pub mod sessions;
@@ -58,8 +60,10 @@ pub struct AppState {
     draining: Arc<AtomicBool>,
     /// Each agent's call shape, to plan a session's first call as its worker will.
     shapes: Arc<std::collections::HashMap<Name, agentfleet::budget::CallShape>>,
-    /// The event streams that may be open at once (the `events` module).
+    /// The event streams that may be open at once (the `events` and `live` modules).
     event_streams: Arc<tokio::sync::Semaphore>,
+    /// The lifecycle events of every session, for `GET /v1/events` (the `live` module).
+    live: Arc<live::Hub>,
 }
 
 /// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
@@ -123,9 +127,11 @@ impl Dispatcher {
             .iter()
             .filter_map(|(name, a)| Some((name.clone(), agentfleet::step::call_shape(&cfg, a)?)))
             .collect();
+        let cfg = Arc::new(cfg);
         let state = AppState {
             shapes: Arc::new(shapes),
-            cfg: Arc::new(cfg),
+            live: live::Hub::new(cfg.clone()),
+            cfg,
             store: Arc::new(store),
             publisher: Arc::new(publisher),
             metrics,
@@ -193,6 +199,11 @@ impl Dispatcher {
         tasks.spawn(dlq::run(s.clone(), stop.clone()));
         let gauges = gauges::Gauges { cfg: s.cfg.clone(), store: s.store.clone(), breakers: self.breakers.clone() };
         tasks.spawn(gauges.run(stop.clone()));
+        let (live, stopped) = (s.live.clone(), stop.clone());
+        tasks.spawn(async move {
+            stopped.cancelled().await;
+            live.stop();
+        });
         tasks.close();
         tasks
     }
@@ -248,12 +259,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))
         .route("/v1/sessions/{id}/cancel", post(actions::cancel))
+        .route("/v1/sessions/{id}/fork", post(fork::fork))
         .route("/v1/sessions/{id}/reply", post(actions::reply))
         .route("/v1/sessions/{id}/approve", post(actions::approve))
         .route("/v1/sessions/{id}/reject", post(actions::reject))
         .route("/v1/escalations", get(actions::escalations))
         .route("/v1/sessions/{id}/trace", get(trace::trace))
         .route("/v1/sessions/{id}/events", get(events::events))
+        .route("/v1/events", get(live::events))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/redrive", post(dlq::redrive_many))
         .route("/v1/dlq/{id}", get(dlq::show).delete(dlq::discard))
@@ -304,12 +317,14 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         ("get", "/v1/sessions"),
         ("get", "/v1/sessions/{id}"),
         ("post", "/v1/sessions/{id}/cancel"),
+        ("post", "/v1/sessions/{id}/fork"),
         ("post", "/v1/sessions/{id}/reply"),
         ("post", "/v1/sessions/{id}/approve"),
         ("post", "/v1/sessions/{id}/reject"),
         ("get", "/v1/escalations"),
         ("get", "/v1/sessions/{id}/trace"),
         ("get", "/v1/sessions/{id}/events"),
+        ("get", "/v1/events"),
         ("get", "/v1/dlq"),
         ("post", "/v1/dlq/redrive"),
         ("get", "/v1/dlq/{id}"),

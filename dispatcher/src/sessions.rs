@@ -85,9 +85,9 @@ pub struct Created {
 /// The answer to `POST /v1/sessions`.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct SessionCreated {
-    id: SessionId,
+    pub(crate) id: SessionId,
     /// `queued` when new; a replayed request shows the session's status now.
-    status: SessionStatus,
+    pub(crate) status: SessionStatus,
 }
 
 /// Creates a session and queues its first step.
@@ -160,7 +160,19 @@ pub async fn create_session(s: &AppState, req: CreateSession) -> Result<Created,
     {
         limits::admit_live(s, tenant, &id).await?;
     }
-    store_and_queue(s, &req, id.clone()).instrument(session_span("session.create", &id)).await
+    let new = NewSession {
+        first_call: None,
+        id: id.clone(),
+        agent: req.agent.clone(),
+        tenant: req.tenant.clone(),
+        messages: vec![req.input.message.clone()],
+        origin: None,
+        metadata: req.metadata.clone(),
+        limits: req.limits,
+        callback_url: req.callback_url.clone(),
+    };
+    let summary = agentfleet::telemetry::summarize(&req.input.text, 200);
+    store_and_queue(s, new, &req.pool, &summary).instrument(session_span("session.create", &id)).await
 }
 
 /// The SHA-256 of a validated request, so a replayed idempotency key with another body is told apart.
@@ -176,39 +188,36 @@ fn fingerprint(req: &Valid) -> String {
     hex::encode(Sha256::digest(normalized.to_string().as_bytes()))
 }
 
-async fn store_and_queue(s: &AppState, req: &Valid, id: SessionId) -> Result<Created, ApiError> {
-    let goal_bytes = req.input.message.len();
-    let first_call = s.shapes.get(&req.agent).and_then(|shape| {
-        shape.worst_case(&req.limits, &agentfleet::store::UsageTotals::default().spent_before(1), 1, goal_bytes)
-    });
-    let new = NewSession {
-        first_call,
-        id: id.clone(),
-        agent: req.agent.clone(),
-        tenant: req.tenant.clone(),
-        first_message: req.input.message.clone(),
-        metadata: req.metadata.clone(),
-        limits: req.limits,
-        callback_url: req.callback_url.clone(),
-    };
+/// Stores a new session (its first step's worst case planned here when the agent's shape is
+/// known), then queues its first step and announces it with `summary`, unless a request before
+/// this one did. Also the way a fork starts.
+pub(crate) async fn store_and_queue(
+    s: &AppState,
+    mut new: NewSession,
+    pool: &Name,
+    summary: &str,
+) -> Result<Created, ApiError> {
+    let bytes = new.messages.iter().map(String::len).sum();
+    let spent = agentfleet::store::UsageTotals::default().spent_before(1);
+    new.first_call = s.shapes.get(&new.agent).and_then(|shape| shape.worst_case(&new.limits, &spent, 1, bytes));
+    let id = new.id.clone();
     let created = s.store.create(&new, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     s.store.activate(&id, now_ms()).await.map_err(|e| ApiError::unavailable(&e))?;
     let view = load(s, &id).await?;
-    if !created && view.meta.agent != req.agent {
+    if !created && view.meta.agent != new.agent {
         return Err(ApiError::conflict("idempotency_key: already used for a session of another agent"));
     }
     // The first step and the `session.created` event go out at once: each waits for its confirm.
     let first_step = async {
         if view.meta.status == SessionStatus::Queued && view.meta.published < 1 {
-            publish_first_step(s, &id, &req.pool).await?;
+            publish_first_step(s, &id, pool).await?;
         }
         Ok::<(), ApiError>(())
     };
     let announced = async {
         if created {
-            metric::session_created(req.agent.as_str());
-            let summary = agentfleet::telemetry::summarize(&req.input.text, 200);
-            event(s, &view.meta, &id, "session.created", &summary).await;
+            metric::session_created(new.agent.as_str());
+            event(s, &view.meta, &id, "session.created", summary).await;
         }
     };
     let (first_step, ()) = tokio::join!(first_step, announced);
@@ -427,9 +436,19 @@ pub(crate) struct SessionDetail {
     remaining: Remaining,
     /// The limit whose alert threshold was crossed, once one was.
     budget_alert: Option<String>,
+    /// The session and step this one was forked from; null unless it is a fork.
+    forked_from: Option<ForkedFrom>,
     /// The conversation, as Messages API messages (`role`, `content`).
     #[schema(value_type = Vec<Object>)]
     messages: Vec<Box<RawValue>>,
+}
+
+/// Where a fork came from: its conversation is `session`'s as `step` began.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ForkedFrom {
+    session: SessionId,
+    /// From 1.
+    step: u32,
 }
 
 /// What a session has used so far.
@@ -499,6 +518,7 @@ fn render(id: &SessionId, v: &SessionView) -> SessionDetail {
         limits: limits(&m.limits),
         remaining: remaining(v, steps_used),
         budget_alert: m.alerted.clone(),
+        forked_from: m.origin.as_ref().map(|o| ForkedFrom { session: o.session.clone(), step: o.step }),
         messages,
     }
 }

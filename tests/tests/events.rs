@@ -119,3 +119,100 @@ async fn the_stream_obeys_tokens_and_tenants() -> Result<()> {
     ensure!(missing.status() == 404, "{}", missing.status());
     fleet.cleanup().await
 }
+
+/// Opens `GET /v1/events?{query}` as `client`: once the answer's headers came, the stream is live
+/// (the dispatcher answers after its queue is bound).
+async fn open_live(api: &str, client: &reqwest::Client, query: &str) -> Result<reqwest::Response> {
+    let response = client.get(format!("{api}/v1/events?{query}")).send().await?;
+    ensure!(response.status() == 200, "GET /v1/events?{query}: {}", response.status());
+    Ok(response)
+}
+
+/// Reads an open stream until `done` says the events so far are enough.
+async fn read_until(response: reqwest::Response, done: impl Fn(&[Event]) -> bool) -> Result<Vec<Event>> {
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    let reading = async {
+        while !done(&events) {
+            let event = stream.next().await.context("the stream ended")??;
+            events.push(event);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(READ_TIMEOUT, reading).await.context("the events did not come in time")??;
+    Ok(events)
+}
+
+fn session_of(event: &Event) -> String {
+    serde_json::from_str::<serde_json::Value>(&event.data)
+        .ok()
+        .and_then(|v| v["session_id"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `GET /v1/events`: every session of the caller's tenant, live, filtered by agent and kind; an
+/// admin sees every tenant, and nobody else sees another tenant's sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_stream_carries_every_session_of_the_tenant_and_no_other() -> Result<()> {
+    let tokens = vec![
+        TestToken::new("acme", "acme", &["submit", "read"]),
+        TestToken::new("globex", "globex", &["submit", "read"]),
+    ];
+    let fleet = TestFleet::start(FleetOptions { workers: 1, tokens, ..FleetOptions::default() }).await?;
+    let (acme, globex) = (fleet.client("acme"), fleet.client("globex"));
+    let submit = |client: reqwest::Client, goal: &'static str| {
+        let url = format!("{}/v1/sessions", fleet.api);
+        async move {
+            let body = serde_json::json!({ "agent": "support", "input": goal });
+            let created: serde_json::Value = client.post(url).json(&body).send().await?.json().await?;
+            anyhow::Ok(created["id"].as_str().context("no id")?.to_owned())
+        }
+    };
+
+    // The streams are open before the sessions start: a session created first would be missed.
+    let completed = |n: usize| move |e: &[Event]| e.iter().filter(|e| e.event == "session.completed").count() >= n;
+    let acme_all = tokio::spawn(read_until(open_live(&fleet.api, &acme, "").await?, completed(2)));
+    let acme_done = tokio::spawn(read_until(
+        open_live(&fleet.api, &acme, "kind=session.completed&agent=support").await?,
+        completed(2),
+    ));
+    let globex_all = tokio::spawn(read_until(open_live(&fleet.api, &globex, "").await?, completed(1)));
+    let admin = tokio::spawn(read_until(open_live(&fleet.api, &fleet.http, "tenant=globex").await?, completed(1)));
+
+    let a1 = submit(acme.clone(), "[steps=2] acme one").await?;
+    let a2 = submit(acme.clone(), "[steps=1] acme two").await?;
+    let g1 = submit(globex.clone(), "[steps=1] globex one").await?;
+
+    let acme_events = acme_all.await??;
+    let mine = [a1.as_str(), a2.as_str()];
+    ensure!(
+        acme_events.iter().all(|e| mine.contains(&session_of(e).as_str())),
+        "only acme's sessions: {acme_events:?}"
+    );
+    for id in mine {
+        let kinds: Vec<&str> = acme_events.iter().filter(|e| session_of(e) == id).map(|e| e.event.as_str()).collect();
+        ensure!(
+            kinds.first() == Some(&"session.created") && kinds.last() == Some(&"session.completed"),
+            "{id}: {kinds:?}"
+        );
+    }
+    let done = acme_done.await??;
+    ensure!(done.iter().all(|e| e.event == "session.completed"), "{done:?}");
+    let mut ids: Vec<String> = done.iter().map(session_of).collect();
+    ids.sort();
+    let mut want = mine.map(str::to_owned).to_vec();
+    want.sort();
+    ensure!(ids == want, "{ids:?} vs {want:?}");
+    for events in [globex_all.await??, admin.await??] {
+        ensure!(events.iter().all(|e| session_of(e) == g1), "only globex's session: {events:?}");
+    }
+
+    // Refused: no token, another tenant named by a non-admin, a kind that is none.
+    let anonymous = reqwest::Client::new().get(format!("{}/v1/events", fleet.api)).send().await?;
+    ensure!(anonymous.status() == 401, "{}", anonymous.status());
+    let other = acme.get(format!("{}/v1/events?tenant=globex", fleet.api)).send().await?;
+    ensure!(other.status() == 403, "{}", other.status());
+    let bad = acme.get(format!("{}/v1/events?kind=completed", fleet.api)).send().await?;
+    ensure!(bad.status() == 400, "{}", bad.status());
+    fleet.cleanup().await
+}

@@ -31,7 +31,8 @@ fn new_session(tenant: Option<&str>) -> anyhow::Result<NewSession> {
         id: SessionId::generate(),
         agent: Name::parse("support")?,
         tenant: tenant.map(TenantId::parse).transpose()?,
-        first_message: agentfleet::llm::user_message("hello"),
+        messages: vec![agentfleet::llm::user_message("hello")],
+        origin: None,
         metadata: json!({}),
         limits: Limits {
             max_steps: 5,

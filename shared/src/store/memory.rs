@@ -106,10 +106,11 @@ impl MemoryStore {
             callback_url: new.callback_url.clone(),
             cancel_requested: false,
             attempt: 0,
+            origin: new.origin.clone(),
         };
         let session = Session {
             meta,
-            msgs: vec![new.first_message.clone()],
+            msgs: new.messages.clone(),
             ledger: HashMap::new(),
             usage: UsageTotals::default(),
             resv: BTreeMap::new(),

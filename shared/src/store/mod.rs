@@ -116,6 +116,30 @@ pub struct Meta {
     pub cancel_requested: bool,
     /// Tries of the current step in its current phase (0 for the first).
     pub attempt: u32,
+    /// The session and step it was forked from, if it was.
+    pub origin: Option<Origin>,
+}
+
+/// Where a forked session came from: its conversation is `session`'s as `step` began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The session forked.
+    pub session: SessionId,
+    /// The step it was forked from, from 1.
+    pub step: u32,
+}
+
+impl Origin {
+    /// As stored in the meta hash: `<session id>/<step>`.
+    pub fn text(&self) -> String {
+        format!("{}/{}", self.session, self.step)
+    }
+
+    /// [`Origin::text`] read back.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (session, step) = text.split_once('/')?;
+        Some(Self { session: SessionId::parse(session).ok()?, step: step.parse().ok()? })
+    }
 }
 
 /// A new session to store.
@@ -127,9 +151,12 @@ pub struct NewSession {
     pub agent: Name,
     /// The tenant, if any.
     pub tenant: Option<TenantId>,
-    /// The first user message, as stored: [`crate::llm::user_message`] of a text, or
-    /// [`crate::llm::user_blocks`] of content blocks.
-    pub first_message: String,
+    /// The conversation it starts with, as stored: the first user message
+    /// ([`crate::llm::user_message`] of a text, or [`crate::llm::user_blocks`] of content blocks),
+    /// or a forked session's messages up to the step it was forked from, ending with a user turn.
+    pub messages: Vec<String>,
+    /// The session and step it was forked from, if it was.
+    pub origin: Option<Origin>,
     /// Caller metadata, a JSON object.
     pub metadata: serde_json::Value,
     /// The budget limits.

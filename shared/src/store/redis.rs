@@ -22,8 +22,8 @@ use redis::{Cmd, Script, Value};
 use super::daily::{DailyCounters, Taken};
 use super::{
     AdminStore, Attempt, CallUsage, CancelOutcome, Checkpoint, Claim, DailyCap, DailyCaps, DailyVerdict, Fence,
-    ListFilter, Meta, ModelCheckpoint, ModelCommit, ModelOutcome, NewSession, ResumeOutcome, SessionState, SessionView,
-    StepEnd, StepStore, StoreError, ToolCommit, UsageTotals,
+    ListFilter, Meta, ModelCheckpoint, ModelCommit, ModelOutcome, NewSession, Origin, ResumeOutcome, SessionState,
+    SessionView, StepEnd, StepStore, StoreError, ToolCommit, UsageTotals,
 };
 use crate::budget::{Limits, Reservation};
 use crate::config::RedisConfig;
@@ -555,7 +555,6 @@ impl StepStore for RedisStore {
 impl AdminStore for RedisStore {
     async fn create(&self, new: &NewSession, now_ms: u64) -> Result<bool, StoreError> {
         let k = self.keys(&new.id);
-        let goal = &new.first_message;
         let fields = [
             ("agent", new.agent.to_string()),
             ("tenant", new.tenant.as_ref().map_or_else(String::new, ToString::to_string)),
@@ -573,9 +572,10 @@ impl AdminStore for RedisStore {
             ("updated_ms", now_ms.to_string()),
             ("metadata", new.metadata.to_string()),
             ("callback_url", new.callback_url.clone().unwrap_or_default()),
+            ("origin", new.origin.as_ref().map(Origin::text).unwrap_or_default()),
         ];
         let mut inv = self.scripts.create.key(&k.meta);
-        inv.key(&k.msgs).key(&k.usage).arg(goal);
+        inv.key(&k.msgs).key(&k.usage).arg(new.messages.len()).arg(&new.messages);
         for (f, v) in fields {
             inv.arg(f).arg(v);
         }
@@ -1048,6 +1048,7 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<Meta, StoreError> {
         attempt: Attempt::parse(get("attempt"))
             .filter(|a| Some(a.step) == get("step").parse().ok())
             .map_or(0, |a| a.count),
+        origin: Origin::parse(get("origin")),
     })
 }
 
