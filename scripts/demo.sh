@@ -299,6 +299,7 @@ print_keep_help() {
     curl -s -H "authorization: Bearer \$AGENTFLEET_TOKEN" $DISPATCHER_URL/v1/sessions/<id>   # status, usage, messages
     curl -s $OPS_URL/metrics | grep ^agentfleet_
     tail -f .run/worker-1.log                          # JSON logs, one trace record per action
+    # the operator console: $DISPATCHER_URL/console (sign in with the token above)
 EOF
 }
 
@@ -323,6 +324,7 @@ main() {
     await_ready
 
     say "running the demo: $DEMO_SESSIONS sessions"
+    info "watch them in the console: $DISPATCHER_URL/console (sign in with the token $AGENTFLEET_TOKEN)"
     local rc=0
     "$BIN/agentfleet-demo" --url "$DISPATCHER_URL" --ops-url "$OPS_URL" --count "$DEMO_SESSIONS" --timeout-s "$DEMO_TIMEOUT_S" || rc=$?
     summarize_logs

@@ -49,6 +49,18 @@ python3 -m schemathesis.cli --version >/dev/null || {
     exit 1
 }
 
+# The console's browser test (tests/tests/console_browser.rs) drives Debian's Chromium through
+# chromedriver; Ubuntu's `chromium` is a snap stub, so there the two must come from elsewhere.
+step "chromium and chromedriver"
+command -v chromedriver >/dev/null ||
+    (as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver >/dev/null 2>&1 ||
+        (as_root env DEBIAN_FRONTEND=noninteractive apt-get update &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver))
+command -v chromedriver >/dev/null || {
+    echo "chromedriver is still missing after installing Debian's chromium and chromium-driver packages" >&2
+    exit 1
+}
+
 step "Kubernetes manifests (deploy/k8s)"
 bash scripts/k8s-validate.sh
 

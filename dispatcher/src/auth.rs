@@ -7,6 +7,10 @@
 //!
 //! A caller sees only its own tenant's sessions: another tenant's session answers 404 exactly like
 //! a missing one. An `admin` token has every role and sees every tenant.
+//!
+//! A request without an `Authorization` header may instead carry the console's session cookie
+//! (see the `console` module): the caller is then the token that signed in, and any request but a
+//! GET must carry the session's CSRF token in `X-CSRF-Token`.
 
 use agentfleet::config::{Role, TokenConfig};
 use agentfleet::domain::{Name, TenantId};
@@ -61,6 +65,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        if !parts.headers.contains_key(AUTHORIZATION)
+            && let Some(sid) = crate::console::cookie(&parts.headers)
+        {
+            return crate::console::caller(parts, s, sid).await;
+        }
         let presented = bearer(parts)?;
         let auth = &s.cfg.auth;
         if auth.tokens.is_empty() {
@@ -71,6 +80,23 @@ impl FromRequestParts<AppState> for Caller {
         let token = find(&auth.tokens, presented).ok_or_else(|| ApiError::unauthorized("unknown bearer token"))?;
         Ok(Self::of(token, auth.rate_of(token)))
     }
+}
+
+/// The caller of the configured token `presented` is, if any.
+pub(crate) fn caller_of(s: &AppState, presented: &str) -> Option<Caller> {
+    let token = find(&s.cfg.auth.tokens, presented)?;
+    Some(Caller::of(token, s.cfg.auth.rate_of(token)))
+}
+
+/// The caller of the configured token whose SHA-256 is `hash`, if it is still configured.
+pub(crate) fn caller_by_hash(s: &AppState, hash: &[u8]) -> Option<Caller> {
+    let token = s.cfg.auth.tokens.iter().find(|t| bool::from(t.hash.as_slice().ct_eq(hash)))?;
+    Some(Caller::of(token, s.cfg.auth.rate_of(token)))
+}
+
+/// The SHA-256 of a presented token, as configured tokens are kept.
+pub(crate) fn hash_of(presented: &str) -> [u8; 32] {
+    Sha256::digest(presented.as_bytes()).into()
 }
 
 /// The token of `Authorization: Bearer <token>`.

@@ -32,6 +32,7 @@ pub(crate) struct Fork {
     /// One past the last answered step forks a session whose last turn is the user's (a failed
     /// or waiting step).
     #[schema(minimum = 1, maximum = 100000)]
+    #[serde(deserialize_with = "whole_step")]
     from_step: u32,
     /// A new text for the last user message before that step. Tool results in that message are
     /// kept (the model asked for them); its text and images are replaced.
@@ -44,6 +45,12 @@ pub(crate) struct Fork {
     /// Lower budget limits for the fork; its usage starts at zero either way.
     #[serde(default)]
     budget: Option<Overrides>,
+}
+
+/// A step number: a whole number, as JSON Schema's `integer` allows it (`2.0` too).
+fn whole_step<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    use serde::de::Error as _;
+    agentfleet::budget::whole(d)?.ok_or_else(|| D::Error::custom("invalid value: null, expected a whole number"))
 }
 
 /// Forks a session from a step into a new session, which runs at once.

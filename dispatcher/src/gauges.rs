@@ -20,6 +20,8 @@ pub(crate) struct Gauges {
     pub(crate) cfg: Arc<Config>,
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) breakers: Breakers,
+    /// Where the readings are kept for `GET /v1/fleet`.
+    pub(crate) readings: crate::fleet::Shared,
 }
 
 impl Gauges {
@@ -43,11 +45,16 @@ impl Gauges {
         if let Ok(waiting) = self.store.waiting(None, 100_000).await {
             metric::waiting_sessions(waiting.len());
         }
+        let mut read = Vec::new();
         for name in self.breaker_names() {
             if let Ok(state) = self.breakers.state(&name, now_ms()).await {
                 metric::breaker_state(&name, state.status.gauge());
+                read.push(crate::fleet::BreakerState::new(name, state.status.as_str()));
             }
         }
+        let mut readings = self.readings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        readings.breakers = read;
+        readings.at_ms = now_ms();
     }
 
     /// Every breaker the config implies: one per HTTP tool, one per provider in use.
@@ -73,10 +80,13 @@ impl Gauges {
         queues.sort();
         queues.dedup();
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let mut read = Vec::new();
         for q in queues {
             let info = ch.queue_declare(q.as_str().into(), passive, FieldTable::default()).await?;
             metric::queue(&q, info.message_count(), info.consumer_count());
+            read.push(crate::fleet::QueueDepth::new(q, info.message_count(), info.consumer_count()));
         }
+        self.readings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).queues = read;
         Ok(())
     }
 }

@@ -5,9 +5,11 @@
 mod actions;
 mod auth;
 pub mod cli;
+mod console;
 mod dlq;
 mod error;
 mod events;
+mod fleet;
 mod fork;
 mod gauges;
 pub mod input;
@@ -64,6 +66,8 @@ pub struct AppState {
     event_streams: Arc<tokio::sync::Semaphore>,
     /// The lifecycle events of every session, for `GET /v1/events` (the `live` module).
     live: Arc<live::Hub>,
+    /// What the gauges read last, for `GET /v1/fleet`.
+    readings: fleet::Shared,
 }
 
 /// The two listeners a dispatcher serves: the API, and the operations endpoints (`/healthz`,
@@ -131,6 +135,7 @@ impl Dispatcher {
         let state = AppState {
             shapes: Arc::new(shapes),
             live: live::Hub::new(cfg.clone()),
+            readings: fleet::Shared::default(),
             cfg,
             store: Arc::new(store),
             publisher: Arc::new(publisher),
@@ -197,7 +202,12 @@ impl Dispatcher {
         tasks.spawn(webhooks::run(s.cfg.clone(), s.store.clone(), stop.clone()));
         tasks.spawn(intake::run(s.clone(), stop.clone()));
         tasks.spawn(dlq::run(s.clone(), stop.clone()));
-        let gauges = gauges::Gauges { cfg: s.cfg.clone(), store: s.store.clone(), breakers: self.breakers.clone() };
+        let gauges = gauges::Gauges {
+            cfg: s.cfg.clone(),
+            store: s.store.clone(),
+            breakers: self.breakers.clone(),
+            readings: s.readings.clone(),
+        };
         tasks.spawn(gauges.run(stop.clone()));
         let (live, stopped) = (s.live.clone(), stop.clone());
         tasks.spawn(async move {
@@ -266,11 +276,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/escalations", get(actions::escalations))
         .route("/v1/sessions/{id}/trace", get(trace::trace))
         .route("/v1/sessions/{id}/events", get(events::events))
-        .route("/v1/events", get(live::events))
+        .route("/v1/events", get(live::tenant_events))
+        .route("/v1/fleet", get(fleet::fleet))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/redrive", post(dlq::redrive_many))
         .route("/v1/dlq/{id}", get(dlq::show).delete(dlq::discard))
         .route("/v1/dlq/{id}/redrive", post(dlq::redrive_one))
+        .merge(console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(move |req, next| within(timeout_ms, req, next)))
@@ -325,6 +337,7 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         ("get", "/v1/sessions/{id}/trace"),
         ("get", "/v1/sessions/{id}/events"),
         ("get", "/v1/events"),
+        ("get", "/v1/fleet"),
         ("get", "/v1/dlq"),
         ("post", "/v1/dlq/redrive"),
         ("get", "/v1/dlq/{id}"),

@@ -217,7 +217,7 @@ impl Filter {
         (status = 503, description = "RabbitMQ is down, or too many streams are open", body = crate::error::ErrorBody),
     )
 )]
-pub(crate) async fn events(
+pub(crate) async fn tenant_events(
     caller: Caller,
     State(s): State<AppState>,
     Query(q): Query<EventsQuery>,

@@ -43,7 +43,8 @@ use crate::AppState;
         crate::actions::escalations,
         crate::trace::trace,
         crate::events::events,
-        crate::live::events,
+        crate::live::tenant_events,
+        crate::fleet::fleet,
         crate::dlq::list,
         crate::dlq::show,
         crate::dlq::redrive_one,
@@ -59,6 +60,7 @@ use crate::AppState;
     tags(
         (name = "sessions", description = "Create, list, show and cancel sessions"),
         (name = "escalations", description = "Sessions that wait for a human reply or an approval"),
+        (name = "fleet", description = "How the fleet is doing: steps per second, queues, breakers, spend today"),
         (name = "dead letters", description = "Messages that could not be processed: read, re-drive or discard them"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
@@ -83,6 +85,7 @@ pub(crate) fn document(cfg: &Config) -> Value {
     let generic = schemas["CreateSession"].take();
     let variants: Vec<Value> = cfg.agents.iter().map(|(name, agent)| for_agent(&generic, cfg, name, agent)).collect();
     schemas["CreateSession"] = json!({ "description": generic["description"], "oneOf": variants });
+    fork(&mut schemas["Fork"], cfg);
     // An approval's body is optional (absent or empty), but never `null`, which utoipa's
     // `Option<Approve>` would allow.
     let approve = &mut doc["paths"]["/v1/sessions/{id}/approve"]["post"]["requestBody"];
@@ -121,6 +124,29 @@ fn for_agent(generic: &Value, cfg: &Config, name: &Name, agent: &AgentConfig) ->
     props["budget"] = budget(&Limits::of(&agent.budget));
     callback_url(&mut schema, cfg);
     schema
+}
+
+/// The body of `POST /v1/sessions/{id}/fork`: the agents there are, and a `budget` every agent
+/// takes (each limit at most the smallest agent's), since the fork's agent may be the original's.
+fn fork(schema: &mut Value, cfg: &Config) {
+    let tightest = cfg.agents.values().map(|a| Limits::of(&a.budget)).reduce(|a, b| Limits {
+        max_steps: a.max_steps.min(b.max_steps),
+        max_cost: a.max_cost.min(b.max_cost),
+        max_cost_per_step: a.max_cost_per_step.min(b.max_cost_per_step),
+        max_tokens: a.max_tokens.min(b.max_tokens),
+        alert_permille: a.alert_permille.min(b.alert_permille),
+        summary_max_tokens: a.summary_max_tokens.min(b.summary_max_tokens),
+    });
+    let props = &mut schema["properties"];
+    if let Some(limits) = tightest {
+        props["budget"] = budget(&limits);
+        props["budget"]["description"] = json!("Lower budget limits for the fork; each at most its agent's own.");
+    }
+    let agents: Vec<&str> = cfg.agents.keys().map(Name::as_str).collect();
+    props["agent"]["enum"] = json!(agents);
+    let text = &mut props["replace_last_user_message"];
+    text["maxLength"] = json!(cfg.dispatcher.max_input_bytes);
+    text["pattern"] = json!("\\S");
 }
 
 /// `callback_url` as the config allows it: it must start with a tenant's `callback_prefixes`, so the

@@ -321,6 +321,9 @@ pub(crate) struct SessionSummary {
     result: Option<String>,
     /// Why it failed or stopped.
     error: Option<String>,
+    /// What it has cost so far, in US dollars (in a list; `usage` has it in full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
 }
 
 /// Lists sessions, newest first, filtered and paged.
@@ -369,7 +372,13 @@ pub(crate) async fn list(
         agentfleet::store::StoreError::Corrupt(_) => ApiError::invalid("cursor: not a cursor from this API"),
         other => ApiError::unavailable(&other),
     })?;
-    let sessions = rows.iter().map(|(id, m)| summary(id, m)).collect();
+    let ids: Vec<SessionId> = rows.iter().map(|(id, _)| id.clone()).collect();
+    let costs = s.store.costs(&ids).await.map_err(|e| ApiError::unavailable(&e))?;
+    let sessions = rows
+        .iter()
+        .zip(costs)
+        .map(|((id, m), cost)| SessionSummary { cost_usd: Some(usd(cost)), ..summary(id, m) })
+        .collect();
     Ok(axum::Json(SessionList { sessions, next_cursor: next }))
 }
 
@@ -384,6 +393,7 @@ fn summary(id: &SessionId, m: &Meta) -> SessionSummary {
         updated_at_ms: m.updated_ms,
         result: m.result.clone(),
         error: m.error.clone(),
+        cost_usd: None,
     }
 }
 

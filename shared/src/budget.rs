@@ -65,7 +65,7 @@ pub struct Overrides {
 
 /// A whole number, also when written with a fraction of zero (`25.0`): JSON Schema counts that an
 /// integer, so a client that writes it so is not refused.
-fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: TryFrom<u64>,

@@ -135,6 +135,17 @@ async fn submit_wait_list_cancel_and_errors() -> anyhow::Result<()> {
     assert!(run.stdout.contains("step 3  completed"), "{run:?}");
     assert_eq!(lines.last(), Some("Done after 3 steps."), "{run:?}");
 
+    // Fork it from step 2 with --wait: the fork runs the two steps left and says where it came from.
+    let run = cli.run(&["fork", &id, "--from-step", "2", "--wait"]).await?.ok()?;
+    let fork = run.stdout.lines().next().context("no fork id")?.to_owned();
+    assert!(fork.starts_with("s_") && fork != id, "{run:?}");
+    assert_eq!(run.stdout.lines().last(), Some("Done after 3 steps."), "{run:?}");
+    let status = cli.run(&["status", &fork]).await?.ok()?;
+    assert!(status.stdout.contains(&format!("fork of  {id} at step 2")), "{status:?}");
+    let run = cli.run(&["fork", &id, "--from-step", "7"]).await?;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("steps 1 to 3, not 7"), "the API's message: {run:?}");
+
     // A session that escalates: --wait exits 2 and says how to answer; cancel stops it at once.
     let run = cli.run(&["submit", "--agent", "support", "--wait", REFUND_GOAL]).await?;
     assert_eq!(run.code, Some(2), "{run:?}");
@@ -147,7 +158,7 @@ async fn submit_wait_list_cancel_and_errors() -> anyhow::Result<()> {
     let paged = cli.run(&["list", "--limit", "1", "--all"]).await?.ok()?;
     assert!(paged.stdout.contains(&id) && paged.stdout.contains(&waiting), "--all follows the cursor: {paged:?}");
     let filtered = cli.json(&["list", "--status", "completed"]).await?;
-    assert_eq!(filtered["sessions"].as_array().map(Vec::len), Some(1), "{filtered}");
+    assert_eq!(filtered["sessions"].as_array().map(Vec::len), Some(2), "the session and its fork: {filtered}");
 
     let cancelled = cli.run(&["cancel", &waiting]).await?.ok()?;
     assert!(cancelled.stdout.contains("cancelled"), "{cancelled:?}");

@@ -11,6 +11,7 @@ pub mod cli;
 mod ops;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use agentfleet::amqp::consumer::{self, Consuming, Handler, QueueTag, Settings};
@@ -37,7 +38,12 @@ pub struct Worker {
     engine: Arc<Engine>,
     topology: Topology,
     consuming: Consuming,
+    /// Where the pulse is written.
+    redis: agentfleet::redis_conn::RedisConn,
 }
+
+/// How often a worker writes its pulse.
+const PULSE: Duration = Duration::from_secs(5);
 
 /// A stable, readable id: the host (pod) name and the process id.
 pub fn worker_id() -> String {
@@ -55,6 +61,7 @@ impl Worker {
             .context("connecting to Redis")?
             .with_retention_ms(cfg.sessions.retention_ms);
         durability::check(&store.connection(), &cfg.redis).await.context("checking Redis durability")?;
+        let redis = store.connection();
         let agents = Agents::build(&cfg, env).context("building the agents' tools")?;
         let topology = Topology::from_config(&cfg.amqp);
         let pools = all_pools(&cfg, &agents);
@@ -87,7 +94,7 @@ impl Worker {
             agents,
             settings,
         });
-        Ok(Self { cfg, id, engine: Arc::new(engine), topology, consuming: Consuming::default() })
+        Ok(Self { cfg, id, engine: Arc::new(engine), topology, consuming: Consuming::default(), redis })
     }
 
     /// Reports whether the worker takes deliveries to `consuming` (its `/readyz`).
@@ -117,8 +124,12 @@ impl Worker {
             consuming: self.consuming,
         };
         let engine = self.engine.clone();
-        let steps = Steps { engine: self.engine, topology: self.topology, pools: self.cfg.worker.pools };
+        let handled = Arc::new(AtomicU64::new(0));
+        let key = agentfleet::store::pulse_key(&self.cfg.redis.key_prefix);
+        let pulse = tokio::spawn(pulse(self.redis, key, self.id.clone(), handled.clone(), shutdown.clone()));
+        let steps = Steps { engine: self.engine, topology: self.topology, pools: self.cfg.worker.pools, handled };
         consumer::run(settings, Arc::new(steps), shutdown).await;
+        pulse.abort();
         engine.flush().await;
         info!("worker stopped");
         Ok(())
@@ -130,6 +141,38 @@ struct Steps {
     engine: Arc<Engine>,
     topology: Topology,
     pools: Vec<Name>,
+    /// Deliveries handled, for the pulse.
+    handled: Arc<AtomicU64>,
+}
+
+/// Every [`PULSE`], writes this worker's steps per second since the last pulse into the fleet's
+/// pulse hash (field: the worker id; value: `<steps/s> <unix ms>`), which the dispatcher's
+/// `GET /v1/fleet` sums over the fresh entries. Off the step path: one write per pulse; a failed
+/// write is only logged.
+async fn pulse(
+    mut redis: agentfleet::redis_conn::RedisConn,
+    key: String,
+    id: String,
+    handled: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+) {
+    let mut last = (0, std::time::Instant::now());
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(PULSE) => {}
+        }
+        let (count, now) = (handled.load(Ordering::Relaxed), std::time::Instant::now());
+        let rate = (count - last.0) as f64 / now.duration_since(last.1).as_secs_f64().max(0.001);
+        last = (count, now);
+        let value = format!("{rate:.2} {}", agentfleet::telemetry::now_ms());
+        let written: redis::RedisResult<()> =
+            redis::pipe().hset(&key, &id, value).ignore().pexpire(&key, 60_000).ignore().query_async(&mut redis).await;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "writing the pulse failed");
+        }
+    }
+    let _: redis::RedisResult<()> = redis::cmd("HDEL").arg(&key).arg(&id).query_async(&mut redis).await;
 }
 
 impl Handler for Steps {
@@ -142,6 +185,7 @@ impl Handler for Steps {
 
     /// Runs the step and settles the delivery as the engine decided.
     async fn handle(&self, delivery: Delivery, queue: &QueueTag<Name>, _link: &()) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
         let result = match self.engine.handle(&delivery.data, &queue.key).await {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
             Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,

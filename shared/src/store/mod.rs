@@ -19,7 +19,7 @@ use crate::domain::{Name, Phase, SessionId, SessionStatus, StepMessage, TenantId
 use crate::llm::{ToolOutcome, Usage};
 
 pub use self::memory::{MemoryStore, Snapshot};
-pub use self::redis::{RedisStore, trace_key};
+pub use self::redis::{RedisStore, pulse_key, trace_key};
 
 /// A store operation that failed.
 #[derive(Debug, Error)]
@@ -655,6 +655,9 @@ pub trait AdminStore: Send + Sync {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<(SessionId, Meta)>, Option<String>), StoreError>;
+
+    /// The cost so far of each session (micro-USD, 0 for one that is gone), in order.
+    async fn costs(&self, ids: &[SessionId]) -> Result<Vec<u64>, StoreError>;
 }
 
 /// Both halves: what the dispatcher holds (it also ends sessions, as a step does).

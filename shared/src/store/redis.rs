@@ -68,6 +68,12 @@ pub fn trace_key(prefix: &str, id: &SessionId) -> String {
     Keys::new(prefix, id).trace
 }
 
+/// The fleet's pulse under the key prefix `prefix`: a hash of each worker's steps per second over
+/// its last few seconds and when it said so (`<steps/s> <unix ms>`), for the dispatcher's fleet view.
+pub fn pulse_key(prefix: &str) -> String {
+    format!("{prefix}:fleet:{{pulse}}")
+}
+
 struct Scripts {
     claim: Script,
     commit_model: Script,
@@ -822,6 +828,12 @@ impl AdminStore for RedisStore {
                 redis::cmd("ZREM").arg(self.legacy_sessions_key()).arg(raw).query_async(&mut self.conn()).await?;
         }
         Ok(due.len() + legacy.len())
+    }
+
+    async fn costs(&self, ids: &[SessionId]) -> Result<Vec<u64>, StoreError> {
+        let reads = ids.iter().map(|id| Cmd::hget(self.keys(id).usage, "cost_micro_usd")).collect();
+        let costs: Vec<Option<u64>> = self.conn.query_each(reads).await?;
+        Ok(costs.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn list(
