@@ -264,3 +264,30 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(kind: &str, tenant: &str, agent: &str) -> Notice {
+        Notice { kind: kind.into(), tenant: tenant.into(), agent: agent.into(), data: String::new() }
+    }
+
+    #[test]
+    fn a_stream_keeps_its_tenant_its_agent_and_its_kinds() {
+        let acme = Filter { tenant: Some("acme".into()), agent: None, kinds: Vec::new() };
+        assert!(acme.keeps(&notice("session.created", "acme", "support")));
+        assert!(!acme.keeps(&notice("session.created", "globex", "support")));
+        let narrow = Filter {
+            tenant: Some("acme".into()),
+            agent: Some("support".into()),
+            kinds: vec!["session.completed".into(), "session.failed".into()],
+        };
+        assert!(narrow.keeps(&notice("session.failed", "acme", "support")));
+        assert!(!narrow.keeps(&notice("session.created", "acme", "support")));
+        assert!(!narrow.keeps(&notice("session.failed", "acme", "billing")));
+        // An admin that names no tenant sees them all.
+        let admin = Filter { tenant: None, agent: None, kinds: Vec::new() };
+        assert!(admin.keeps(&notice("session.created", "globex", "billing")));
+    }
+}
