@@ -16,8 +16,9 @@ use agentfleet::config::{Role, TokenConfig};
 use agentfleet::domain::{Name, TenantId};
 use agentfleet::store::Meta;
 use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -66,9 +67,9 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         if !parts.headers.contains_key(AUTHORIZATION)
-            && let Some(sid) = crate::console::cookie(&parts.headers)
+            && let Some(sid) = cookie(&parts.headers)
         {
-            return crate::console::caller(parts, s, sid).await;
+            return console_caller(parts, s, sid).await;
         }
         let presented = bearer(parts)?;
         let auth = &s.cfg.auth;
@@ -80,6 +81,61 @@ impl FromRequestParts<AppState> for Caller {
         let token = find(&auth.tokens, presented).ok_or_else(|| ApiError::unauthorized("unknown bearer token"))?;
         Ok(Self::of(token, auth.rate_of(token)))
     }
+}
+
+/// The name of the console's session cookie.
+pub(crate) const COOKIE_NAME: &str = "agentfleet_console";
+
+/// The console session id a request's cookie carries, if any.
+pub(crate) fn cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE_NAME)
+        .map(|(_, value)| value)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A signed-in console session.
+pub(crate) struct Signed {
+    pub(crate) caller: Caller,
+    pub(crate) csrf: String,
+}
+
+pub(crate) fn session_key(s: &AppState, sid: &str) -> String {
+    format!("{}:console:{{{sid}}}", s.cfg.redis.key_prefix)
+}
+
+/// The console session `sid`, if it exists and its token is still configured.
+pub(crate) async fn signed_in(s: &AppState, sid: &str) -> Result<Option<Signed>, ApiError> {
+    let (token, csrf): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg(session_key(s, sid))
+        .arg("token")
+        .arg("csrf")
+        .query_async(&mut s.redis.clone())
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    let (Some(token), Some(csrf)) = (token, csrf) else { return Ok(None) };
+    let hash = hex::decode(token).unwrap_or_default();
+    Ok(caller_by_hash(s, &hash).map(|caller| Signed { caller, csrf }))
+}
+
+/// The caller of a request that carries the console's cookie (and no bearer token): 401 when the
+/// session is gone, 403 for a request other than GET without the session's CSRF token.
+async fn console_caller(parts: &Parts, s: &AppState, sid: &str) -> Result<Caller, ApiError> {
+    let signed = signed_in(s, sid)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the console session has ended: sign in again at /console/login"))?;
+    if !matches!(parts.method, Method::GET | Method::HEAD) {
+        let sent = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !bool::from(sent.as_bytes().ct_eq(signed.csrf.as_bytes())) {
+            return Err(ApiError::forbidden("missing or wrong X-CSRF-Token: the console's requests carry its token"));
+        }
+    }
+    Ok(signed.caller)
 }
 
 /// The caller of the configured token `presented` is, if any.

@@ -17,9 +17,8 @@
 use axum::Form;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use redis::AsyncCommands as _;
@@ -27,11 +26,8 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
 
 use crate::AppState;
-use crate::auth::{Caller, caller_by_hash, caller_of, hash_of};
-use crate::error::ApiError;
+use crate::auth::{COOKIE_NAME, caller_of, cookie, hash_of, session_key as key, signed_in};
 
-/// The cookie's name.
-const COOKIE_NAME: &str = "agentfleet_console";
 /// How long a console session lasts.
 const SESSION_TTL_S: u64 = 12 * 3600;
 
@@ -51,58 +47,6 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/console/sessions/{id}", get(session_page))
         .route("/console/inbox", get(|s, h| page(s, h, "inbox", String::new())))
         .route("/console/fleet", get(|s, h| page(s, h, "fleet", String::new())))
-}
-
-/// The console session id a request's cookie carries, if any.
-pub(crate) fn cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE_NAME)
-        .map(|(_, value)| value)
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// A signed-in console session.
-struct Signed {
-    caller: Caller,
-    csrf: String,
-}
-
-fn key(s: &AppState, sid: &str) -> String {
-    format!("{}:console:{{{sid}}}", s.cfg.redis.key_prefix)
-}
-
-/// The console session `sid`, if it exists and its token is still configured.
-async fn signed_in(s: &AppState, sid: &str) -> Result<Option<Signed>, ApiError> {
-    let (token, csrf): (Option<String>, Option<String>) = redis::cmd("HMGET")
-        .arg(key(s, sid))
-        .arg("token")
-        .arg("csrf")
-        .query_async(&mut s.redis.clone())
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?;
-    let (Some(token), Some(csrf)) = (token, csrf) else { return Ok(None) };
-    let hash = hex::decode(token).unwrap_or_default();
-    Ok(caller_by_hash(s, &hash).map(|caller| Signed { caller, csrf }))
-}
-
-/// The caller of a request that carries the console's cookie (and no bearer token): 401 when the
-/// session is gone, 403 for a request other than GET without the session's CSRF token.
-pub(crate) async fn caller(parts: &Parts, s: &AppState, sid: &str) -> Result<Caller, ApiError> {
-    let signed = signed_in(s, sid)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("the console session has ended: sign in again at /console/login"))?;
-    if !matches!(parts.method, Method::GET | Method::HEAD) {
-        let sent = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !bool::from(sent.as_bytes().ct_eq(signed.csrf.as_bytes())) {
-            return Err(ApiError::forbidden("missing or wrong X-CSRF-Token: the console's requests carry its token"));
-        }
-    }
-    Ok(signed.caller)
 }
 
 fn see_other(to: &str) -> Response {
@@ -272,6 +216,7 @@ async fn page(State(s): State<AppState>, headers: HeaderMap, name: &'static str,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::header::COOKIE;
 
     #[test]
     fn the_cookie_is_found_among_others_and_must_look_like_an_id() {
