@@ -146,12 +146,13 @@ async fn pending(s: &AppState, caller: &Caller, id: &SessionId) -> Result<Pendin
     Ok(Pending { meta, kind, tool_use_id })
 }
 
-fn text(field: &str, value: &str) -> Result<(), ApiError> {
+/// Checks a person's text field: not blank, at most `limit` bytes.
+pub(crate) fn text(field: &str, value: &str, limit: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::invalid(format!("{field}: must not be empty")));
     }
-    if value.len() > MAX_TEXT_BYTES {
-        return Err(ApiError::too_large(format!("{field}: the limit is {MAX_TEXT_BYTES} bytes")));
+    if value.len() > limit {
+        return Err(ApiError::too_large(format!("{field}: the limit is {limit} bytes")));
     }
     Ok(())
 }
@@ -181,7 +182,7 @@ pub(crate) async fn reply(
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require(Role::Operate)?;
     let id = path_id(&id)?;
-    text("text", &body.text)?;
+    text("text", &body.text, MAX_TEXT_BYTES)?;
     let p = pending(&s, &caller, &id).await?;
     if p.meta.status != SessionStatus::AwaitingHuman || p.kind == "approval_timeout" {
         let hint = if p.kind.starts_with("approval") { ": use approve or reject" } else { "" };
@@ -254,7 +255,7 @@ pub(crate) async fn reject(
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require(Role::Approve)?;
     let id = path_id(&id)?;
-    text("reason", &body.reason)?;
+    text("reason", &body.reason, MAX_TEXT_BYTES)?;
     decide(&s, &caller, &id, Verdict::Reject { reason: body.reason }).await
 }
 

@@ -72,14 +72,12 @@ impl FromRequestParts<AppState> for Caller {
             return console_caller(parts, s, sid).await;
         }
         let presented = bearer(parts)?;
-        let auth = &s.cfg.auth;
-        if auth.tokens.is_empty() {
+        if s.cfg.auth.tokens.is_empty() {
             return Err(ApiError::unauthorized(
                 "no API tokens are configured on this dispatcher, so every request is refused (see [[auth.tokens]])",
             ));
         }
-        let token = find(&auth.tokens, presented).ok_or_else(|| ApiError::unauthorized("unknown bearer token"))?;
-        Ok(Self::of(token, auth.rate_of(token)))
+        caller_of(s, presented).ok_or_else(|| ApiError::unauthorized("unknown bearer token"))
     }
 }
 

@@ -83,22 +83,15 @@ pub(crate) async fn fork(
     if req.from_step == 0 {
         return Err(ApiError::invalid("from_step: steps count from 1"));
     }
-    let agent_name = req.agent.clone();
     let original = load_for(&s, &caller, &id).await?;
-    let agent = Name::parse(agent_name.as_deref().unwrap_or(original.meta.agent.as_str()))
+    let agent = Name::parse(req.agent.as_deref().unwrap_or(original.meta.agent.as_str()))
         .map_err(|e| ApiError::invalid(format!("agent: {e}")))?;
     let agent_cfg =
         s.cfg.agent(agent.as_str()).ok_or_else(|| ApiError::invalid(format!("agent: no agent named `{agent}`")))?;
     let limits = Limits::of(&agent_cfg.budget).lowered(&req.budget.unwrap_or_default()).map_err(ApiError::invalid)?;
     let mut messages = conversation_before(&original.messages, req.from_step)?;
     if let Some(text) = &req.replace_last_user_message {
-        let limit = s.cfg.dispatcher.max_input_bytes;
-        if text.trim().is_empty() {
-            return Err(ApiError::invalid("replace_last_user_message: must not be empty"));
-        }
-        if text.len() > limit {
-            return Err(ApiError::too_large(format!("replace_last_user_message: the limit is {limit} bytes")));
-        }
+        crate::actions::text("replace_last_user_message", text, s.cfg.dispatcher.max_input_bytes)?;
         if let Some(last) = messages.last_mut() {
             *last = replaced(last, text)?;
         }
