@@ -113,11 +113,7 @@ pub(crate) async fn events(
         Resume::Ended => return Ok(StatusCode::NO_CONTENT.into_response()),
         Resume::After(after) => after,
     };
-    let permit = s
-        .event_streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::unavailable(&format!("{MAX_STREAMS} event streams are open on this dispatcher")))?;
+    let permit = slot(&s)?;
     let conn = RedisConn::connect(&s.cfg.redis).await.map_err(|e| ApiError::unavailable(&e))?;
     let key = agentfleet::store::trace_key(&s.cfg.redis.key_prefix, &id);
     let block_ms = (s.cfg.redis.response_timeout_ms / 2).clamp(10, BLOCK_MS) as usize;
@@ -137,7 +133,21 @@ pub(crate) async fn events(
         let event = f.next().await?;
         Some((Ok::<_, Infallible>(event), f))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive")).into_response())
+    Ok(respond(stream))
+}
+
+/// One of the dispatcher's [`MAX_STREAMS`] event-stream slots, held while the stream is open; 503
+/// when none is free. Shared by a session's stream and the tenant's (`live`).
+pub(crate) fn slot(s: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    s.event_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::unavailable(&format!("{MAX_STREAMS} event streams are open on this dispatcher")))
+}
+
+/// The `text/event-stream` answer of `events`, with a comment every [`HEARTBEAT`] while idle.
+pub(crate) fn respond(events: impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
+    Sse::new(events).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive")).into_response()
 }
 
 /// One client's place in one session's stream.

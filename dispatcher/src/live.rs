@@ -20,8 +20,8 @@ use agentfleet::amqp::Topology;
 use agentfleet::amqp::consumer::{self, Consuming, Handler, QueueTag, Settings};
 use agentfleet::config::{Config, Role};
 use axum::extract::{Query, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::response::sse::Event;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -43,8 +43,6 @@ const CHANNEL: usize = 4096;
 const BIND_WAIT: Duration = Duration::from_secs(5);
 /// How often an idle stream checks whether the dispatcher drains.
 const TICK: Duration = Duration::from_secs(1);
-/// How often an idle stream sends a comment, so proxies keep it open.
-const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// One lifecycle event as the streams filter it.
 #[derive(Debug)]
@@ -224,16 +222,14 @@ pub(crate) async fn tenant_events(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let filter = Filter::of(&caller, q)?;
-    let permit = s.event_streams.clone().try_acquire_owned().map_err(|_| {
-        ApiError::unavailable(&format!("{} event streams are open on this dispatcher", crate::events::MAX_STREAMS))
-    })?;
+    let permit = crate::events::slot(&s)?;
     let rx = s.live.subscribe().await?;
     let listener = Listener { rx, filter, draining: s.draining.clone(), stop: s.live.stop.clone(), _permit: permit };
     let stream = futures::stream::unfold(listener, |mut l| async move {
         let event = l.next().await?;
         Some((Ok::<_, Infallible>(event), l))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive")).into_response())
+    Ok(crate::events::respond(stream))
 }
 
 /// One client's stream.
