@@ -136,7 +136,7 @@ pub(crate) async fn fleet(caller: Caller, State(s): State<AppState>) -> Result<i
         dead_letters,
         breakers: readings.breakers,
         open_breakers,
-        spend_today: spend_today(&s, &caller, now / 86_400_000).await?,
+        spend_today: spend_today(&s, &caller, agentfleet::store::utc_day(now)).await?,
         read_at_ms: readings.at_ms,
     }))
 }

@@ -171,7 +171,7 @@ async fn a_daily_refusal_tells_a_spent_cap_from_one_held_by_calls_in_flight() ->
     let cfg = RedisConfig { url: redis_url(), key_prefix: prefix.clone(), ..Default::default() };
     let (a, b) = (RedisStore::connect(&cfg).await?, RedisStore::connect(&cfg).await?);
     let tenant = TenantId::parse("acme")?;
-    let day = agentfleet::telemetry::now_ms() / 86_400_000;
+    let day = agentfleet::store::utc_day(agentfleet::telemetry::now_ms());
     let caps = DailyCaps { agent: "support", tenant: Some(&tenant), day, agent_cap: None, tenant_cap: Some(10_000) };
     let refused = |held| DailyVerdict::Refused { cap: DailyCap::Tenant, held };
 

@@ -87,7 +87,7 @@ impl StepCtx<'_> {
         DailyCaps {
             agent: self.agent.name.as_str(),
             tenant: self.meta.tenant.as_ref(),
-            day: now_ms() / 86_400_000,
+            day: crate::store::utc_day(now_ms()),
             agent_cap: self.agent.budget.daily_cap_usd.and_then(|c| MicroUsd::from_usd(c).ok()).map(MicroUsd::get),
             tenant_cap: self.meta.tenant.as_ref().and_then(|t| self.engine.agents.tenant_cap(t)),
         }

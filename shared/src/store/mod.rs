@@ -385,6 +385,11 @@ impl CallUsage<'_> {
     }
 }
 
+/// The UTC day of `now_ms`, as days since the Unix epoch: the day the daily counters count.
+pub fn utc_day(now_ms: u64) -> u64 {
+    now_ms / 86_400_000
+}
+
 /// The fleet-wide daily counters a call is reserved against.
 #[derive(Debug, Clone)]
 pub struct DailyCaps<'a> {
